@@ -1,0 +1,1 @@
+"""Benchmark helpers and the mock OpenAI-compatible upstream shared with tests and demo mode."""

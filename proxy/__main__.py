@@ -1,0 +1,5 @@
+"""``python -m proxy`` does what the ``proxy`` console script does."""
+
+from proxy.cli import main
+
+main()

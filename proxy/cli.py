@@ -1,0 +1,137 @@
+"""Command line: ``proxy serve | models | check``.
+
+The only module that reads ``os.environ``: it hands the environment to the config
+loader once. Exit codes: 0 success, 1 a provider check failed, 2 invalid configuration
+or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+import uvloop
+
+from proxy import __version__
+from proxy.config import Config, ConfigError, Overrides, load_config
+from proxy.discovery import ModelCatalog, Snapshot
+from proxy.providers import PROVIDER_TYPES, build_provider
+from proxy.server import demo_upstream_if_needed, serve
+from proxy.tasks import BackgroundTasks
+from proxy.upstream import UpstreamClient
+
+COMMANDS = ("serve", "models", "check")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proxy", description="OpenAI-compatible LLM gateway")
+    parser.add_argument("--version", action="version", version=f"proxy {__version__}")
+    commands = parser.add_subparsers(dest="command")
+    serve_cmd = commands.add_parser("serve", help="run the gateway (the default command)")
+    _config_flags(serve_cmd)
+    serve_cmd.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve_cmd.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    models_cmd = commands.add_parser("models", help="list every provider's models")
+    _config_flags(models_cmd)
+    models_cmd.add_argument("--json", action="store_true", help="print JSON")
+    check_cmd = commands.add_parser("check", help="check every provider; exit 1 if one fails")
+    _config_flags(check_cmd)
+    return parser
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (default ./proxy.yaml)")
+    parser.add_argument("--upstream", metavar="URL",
+                        help="drop-in mode: one OpenAI-compatible upstream for every model")
+    parser.add_argument("--api-key-env", metavar="NAME",
+                        help="with --upstream: env var holding the upstream key "
+                             "(default: forward the client's Authorization)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not words or words[0] not in {*COMMANDS, "-h", "--help", "--version"}:
+        words.insert(0, "serve")  # "proxy --upstream URL" means "proxy serve --upstream URL"
+    args = build_parser().parse_args(words)
+    command = args.command
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _load(args)
+    if command == "serve":
+        uvloop.run(serve(config))
+    elif command == "models":
+        sys.exit(uvloop.run(_models(config, as_json=args.json)))
+    else:
+        sys.exit(uvloop.run(_check(config)))
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides = Overrides(
+        config_path=args.config, upstream=args.upstream,
+        upstream_api_key_env=args.api_key_env,
+        host=getattr(args, "host", None), port=getattr(args, "port", None))
+    try:
+        return load_config(overrides, os.environ, PROVIDER_TYPES.keys())
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
+async def _discover(given: Config) -> Snapshot:
+    async with demo_upstream_if_needed(given) as config:
+        client = UpstreamClient(config)
+        tasks = BackgroundTasks()
+        await client.start()
+        try:
+            catalog = ModelCatalog([build_provider(p) for p in config.providers], client,
+                                   tasks, ttl=config.models_cache_ttl,
+                                   timeout=config.timeouts.discovery)
+            return await catalog.refresh()
+        finally:
+            await tasks.close()
+            await client.close()
+
+
+async def _models(config: Config, *, as_json: bool) -> int:
+    snapshot = await _discover(config)
+    if as_json:
+        print(orjson.dumps({"providers": [_status_json(s) for s in snapshot.statuses]},
+                           option=orjson.OPT_INDENT_2).decode())
+    else:
+        rows: list[tuple[str, ...]] = [("PROVIDER", "MODEL", "STATUS", "LATENCY")]
+        for s in snapshot.statuses:
+            status = "ok" if s.healthy else f"error: {s.error}"
+            for model in s.models or ("-",):
+                rows.append((s.provider, model, status, f"{s.latency_ms:.0f} ms"))
+        _print_table(rows)
+    return 0 if any(s.healthy for s in snapshot.statuses) else 1
+
+
+async def _check(config: Config) -> int:
+    snapshot = await _discover(config)
+    rows: list[tuple[str, ...]] = [("PROVIDER", "TYPE", "RESULT", "MODELS", "LATENCY")]
+    for s in snapshot.statuses:
+        result = "ok" if s.healthy else f"FAILED: {s.error}"
+        rows.append((s.provider, s.type, result, str(len(s.models)), f"{s.latency_ms:.0f} ms"))
+    _print_table(rows)
+    return 0 if all(s.healthy for s in snapshot.statuses) else 1
+
+
+def _status_json(s: object) -> dict[str, object]:
+    fields = ("provider", "type", "healthy", "latency_ms", "models", "error")
+    return {name: getattr(s, name) for name in fields}
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())

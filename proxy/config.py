@@ -1,0 +1,290 @@
+"""One frozen configuration, built once at start-up from defaults, a YAML file, the
+environment and command-line flags (each overriding the one before).
+
+The rest of the gateway receives a :class:`Config` and never reads ``os.environ``: the
+CLI hands the environment to :func:`load_config` once. Problems are collected, not raised
+one by one, so an operator sees every mistake in the file at once, each with its key path
+(``providers[1].base_url: must start with http:// or https://``); unknown keys are
+rejected (a typo must not silently become a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from proxy import validate as v
+
+DEFAULT_CONFIG_FILE = Path("proxy.yaml")
+DEMO_PROVIDER = "mock"
+
+# Providers taken from the environment when no config file and no --upstream is given.
+ENV_PROVIDERS = (
+    ("openai", "openai_compat", "OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"),
+    ("openrouter", "openai_compat", "OPENROUTER_API_KEY", None, "https://openrouter.ai/api/v1"),
+)
+
+# Environment overrides: variable -> key path in the file's structure.
+ENV_OVERRIDES = {
+    "PROXY_HOST": ("server", "host"),
+    "PROXY_PORT": ("server", "port"),
+    "PROXY_MAX_BODY_BYTES": ("server", "max_body_bytes"),
+    "PROXY_CONNECT_TIMEOUT": ("timeouts", "connect"),
+    "PROXY_READ_TIMEOUT": ("timeouts", "read"),
+    "PROXY_DISCOVERY_TIMEOUT": ("timeouts", "discovery"),
+    "PROXY_MODELS_CACHE_TTL": ("models_cache_ttl",),
+}
+
+
+class ConfigError(Exception):
+    """Raised with every problem found; the CLI prints one per line and exits 2."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. ``read`` bounds the silence between two reads, not the whole answer,
+    so a long generation that keeps streaming is never cut (STYLE.md point 10)."""
+
+    connect: float = 5.0
+    read: float = 300.0
+    discovery: float = 10.0
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The one shared upstream connection pool of a worker."""
+
+    limit: int = 1024
+    keepalive_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    type: str
+    base_url: str
+    api_key_env: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    models: tuple[str, ...] = ()
+    catch_all: bool = False
+    forward_client_auth: bool = True
+
+    @property
+    def api_key_missing(self) -> bool:
+        return self.api_key_env is not None and not self.api_key
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    timeouts: Timeouts = Timeouts()
+    pool: PoolConfig = PoolConfig()
+    models_cache_ttl: float = 300.0
+    health_cache_ttl: float = 5.0
+    providers: tuple[ProviderConfig, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    source: str = "defaults"
+
+    def provider(self, name: str) -> ProviderConfig | None:
+        return next((p for p in self.providers if p.name == name), None)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line flags; ``None`` means "not given"."""
+
+    config_path: Path | None = None
+    upstream: str | None = None
+    upstream_api_key_env: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+
+def load_config(
+    overrides: Overrides, env: Mapping[str, str], provider_types: Collection[str]
+) -> Config:
+    """Build the config; raises :class:`ConfigError` listing every problem."""
+    path = overrides.config_path or _env_path(env)
+    raw, source = _read_file(path)
+    _apply_env(raw, env)
+    if overrides.host is not None:
+        raw.setdefault("server", {})["host"] = overrides.host
+    if overrides.port is not None:
+        raw.setdefault("server", {})["port"] = overrides.port
+    if overrides.upstream is not None:
+        raw["providers"] = [upstream_provider(overrides.upstream, overrides.upstream_api_key_env)]
+        source += " + --upstream"
+    elif "providers" not in raw and source == "defaults":
+        raw["providers"] = providers_from_env(env)
+        source = "environment" if raw["providers"] else "defaults (demo upstream)"
+    return dataclasses.replace(config_from_dict(raw, env, provider_types), source=source)
+
+
+def config_from_dict(
+    raw: dict[str, Any], env: Mapping[str, str], provider_types: Collection[str]
+) -> Config:
+    """Validate an already-read config structure (what the YAML file holds)."""
+    problems: list[str] = []
+    config = _build(raw, env, provider_types, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def upstream_provider(url: str, api_key_env: str | None) -> dict[str, Any]:
+    """The ``--upstream`` drop-in: one provider that takes every model and path."""
+    entry: dict[str, Any] = {"name": "upstream", "type": "openai_compat", "base_url": url}
+    entry["catch_all"] = True
+    if api_key_env:
+        entry["api_key_env"] = api_key_env
+    return entry
+
+
+def providers_from_env(env: Mapping[str, str]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for name, type_, key_env, url_env, url in ENV_PROVIDERS:
+        if env.get(key_env):
+            base_url = env.get(url_env, url) if url_env else url
+            found.append({"name": name, "type": type_, "base_url": base_url,
+                          "api_key_env": key_env})
+    if env.get("OLLAMA_HOST"):
+        host = env["OLLAMA_HOST"]
+        base_url = host if host.startswith(("http://", "https://")) else f"http://{host}"
+        found.append({"name": "ollama", "type": "ollama", "base_url": base_url})
+    return found
+
+
+def with_demo_provider(config: Config, base_url: str) -> Config:
+    """Config served when nothing else is configured: the bundled mock upstream."""
+    demo = ProviderConfig(name=DEMO_PROVIDER, type="openai_compat", base_url=base_url,
+                          catch_all=True)
+    return dataclasses.replace(config, providers=(demo,))
+
+
+def _env_path(env: Mapping[str, str]) -> Path | None:
+    if env.get("PROXY_CONFIG"):
+        return Path(env["PROXY_CONFIG"])
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def _read_file(path: Path | None) -> tuple[dict[str, Any], str]:
+    if path is None:
+        return {}, "defaults"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file ({exc.strerror})"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+    if raw is None:
+        return {}, str(path)
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of keys"])
+    return raw, str(path)
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for variable, key_path in ENV_OVERRIDES.items():
+        if variable not in env:
+            continue
+        node = raw
+        for key in key_path[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
+        node[key_path[-1]] = v.parse_scalar(env[variable])
+
+
+def _build(
+    raw: dict[str, Any], env: Mapping[str, str], types: Collection[str], problems: list[str]
+) -> Config:
+    v.known_keys(raw, "", Config.__dataclass_fields__.keys() - {"source"}, problems)
+    server = v.section(raw.get("server"), "server", ServerConfig, problems, {
+        "host": v.string, "port": v.port, "max_body_bytes": v.positive_int})
+    timeouts = v.section(raw.get("timeouts"), "timeouts", Timeouts, problems, {
+        "connect": v.positive_number, "read": v.positive_number,
+        "discovery": v.positive_number})
+    pool = v.section(raw.get("pool"), "pool", PoolConfig, problems, {
+        "limit": v.non_negative_int, "keepalive_timeout": v.non_negative_number})
+    providers = _providers(raw.get("providers", []), env, types, problems)
+    aliases = _aliases(raw.get("aliases", {}), problems)
+    return Config(
+        server=server, timeouts=timeouts, pool=pool, providers=providers, aliases=aliases,
+        models_cache_ttl=v.check(v.non_negative_number, raw, "models_cache_ttl", "", 300.0,
+                                 problems),
+        health_cache_ttl=v.check(v.non_negative_number, raw, "health_cache_ttl", "", 5.0,
+                                 problems),
+    )
+
+
+def _providers(
+    items: Any, env: Mapping[str, str], types: Collection[str], problems: list[str]
+) -> tuple[ProviderConfig, ...]:
+    if not isinstance(items, list):
+        problems.append("providers: must be a list of providers")
+        return ()
+    built: list[ProviderConfig] = []
+    for index, item in enumerate(items):
+        provider = _provider(item, f"providers[{index}]", env, types, problems)
+        if provider is None:
+            continue
+        if any(p.name == provider.name for p in built):
+            problems.append(f"providers[{index}].name: duplicate provider name '{provider.name}'")
+        built.append(provider)
+    return tuple(built)
+
+
+def _provider(
+    item: Any, path: str, env: Mapping[str, str], types: Collection[str], problems: list[str]
+) -> ProviderConfig | None:
+    if not isinstance(item, dict):
+        problems.append(f"{path}: must be a mapping with name, type and base_url")
+        return None
+    allowed = ProviderConfig.__dataclass_fields__.keys() - {"api_key"}
+    v.known_keys(item, path, allowed, problems)
+    before = len(problems)
+    name = v.required(v.provider_name, item, "name", path, problems)
+    type_ = v.required(v.string, item, "type", path, problems)
+    if isinstance(type_, str) and type_ not in types:
+        known = ", ".join(sorted(types))
+        problems.append(f"{path}.type: unknown provider type '{type_}' (known: {known})")
+    base_url = v.required(v.url, item, "base_url", path, problems)
+    key_env = v.check(v.env_name, item, "api_key_env", path, None, problems)
+    headers: dict[str, str] = v.check(v.header_map, item, "headers", path, {}, problems)
+    models: list[str] = v.check(v.string_list, item, "models", path, [], problems)
+    catch_all = v.check(v.boolean, item, "catch_all", path, False, problems)
+    forward = v.check(v.boolean, item, "forward_client_auth", path, key_env is None, problems)
+    if len(problems) > before:
+        return None
+    return ProviderConfig(
+        name=name, type=type_, base_url=base_url.rstrip("/"), api_key_env=key_env,
+        api_key=env.get(key_env) if key_env else None, headers=MappingProxyType(dict(headers)),
+        models=tuple(models), catch_all=catch_all, forward_client_auth=forward,
+    )
+
+
+def _aliases(raw: Any, problems: list[str]) -> Mapping[str, str]:
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(t, str) and k and t for k, t in raw.items()
+    ):
+        problems.append("aliases: must map alias names to model names (strings)")
+        return MappingProxyType({})
+    return MappingProxyType(dict(raw))

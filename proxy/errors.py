@@ -1,0 +1,122 @@
+"""The gateway's error tree, and the one place it becomes an HTTP answer.
+
+Every failure a client can see is one of these, rendered with OpenAI's error shape
+``{"error": {"message", "type", "param", "code"}}`` so SDKs raise their usual exceptions::
+
+    GatewayError                      500 server_error
+    ├── InvalidRequest                400 invalid_request_error (invalid_json, missing_model, ...)
+    ├── NotFound                      404 invalid_request_error (not_found)
+    │   └── ModelNotFound             404 invalid_request_error (model_not_found)
+    ├── MethodNotAllowed              405 invalid_request_error (method_not_allowed)
+    ├── BodyTooLarge                  413 invalid_request_error (request_too_large)
+    └── UpstreamError                 502 upstream_error (upstream_error)
+        ├── UpstreamUnreachable       502 upstream_error (upstream_unreachable)
+        ├── UpstreamProtocolError     502 upstream_error (upstream_protocol_error)
+        └── UpstreamTimeout           504 upstream_error (upstream_timeout)
+
+An upstream's own error answer (a 429 from the provider, say) is not in this tree: it is
+relayed with its status and body untouched (issue #2).
+Messages never contain secrets: they are built from model names, paths and exception
+class names, never from headers or configuration values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class GatewayError(Exception):
+    """Base class: a failure the gateway reports to the client itself."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI-shaped error object."""
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"The model '{model}' does not exist or is not served by this gateway; "
+            "GET /v1/models lists the models you can use.",
+            param="model",
+        )
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+    def __init__(self, limit: int):
+        super().__init__(f"Request body is larger than this gateway's limit of {limit} bytes.")
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
+
+
+class UpstreamProtocolError(UpstreamError):
+    code = "upstream_protocol_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+def error_body(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_json(error: GatewayError) -> bytes:
+    return orjson.dumps(error.body())
+
+
+def sse_error_event(error: GatewayError) -> bytes:
+    """An SSE ``error`` event: how a stream that already sent 200 reports a failure.
+
+    The OpenAI SDK raises ``APIError`` on it, and because it is never followed by
+    ``data: [DONE]`` no client can mistake a truncated answer for a complete one.
+    """
+    return b"event: error\ndata: " + error_json(error) + b"\n\n"

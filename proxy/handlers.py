@@ -1,0 +1,126 @@
+"""Request handlers. ``proxy_handler`` is the data path, and reads top to bottom:
+read the call, route the model, let the provider prepare the upstream request, send it,
+relay the answer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotFound
+from proxy.headers import upstream_request_headers
+from proxy.providers import Call
+from proxy.state import CATALOG, CLIENT, CONFIG, REQUEST_ID, ROUTER
+from proxy.streaming import relay
+
+# Endpoints whose POST body must name a model; other /v1/ paths may omit it.
+MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "responses"})
+
+
+async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    """Every request under ``/v1/`` except the models listing."""
+    call = await read_call(request)
+    route = await request.app[ROUTER].resolve(call.model)
+    call.upstream_model = route.upstream_model
+    upstream_request = route.provider.prepare(call)
+    async with request.app[CLIENT].open(upstream_request, route.provider.name) as upstream:
+        return await relay(request, call, route.provider, upstream)
+
+
+async def read_call(request: web.Request) -> Call:
+    """The client's request, read whole (bounded by ``max_body_bytes``) and understood
+    as far as routing needs: the ``model`` and ``stream`` fields, nothing more."""
+    limit = request.app[CONFIG].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(limit)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(limit) from None
+    endpoint = request.match_info["tail"]
+    needs_model = request.method == "POST" and endpoint in MODEL_ENDPOINTS
+    payload = _json_object(body, needs_model or request.content_type == "application/json")
+    model = _model(payload, needs_model)
+    request_id = request[REQUEST_ID]
+    return Call(
+        method=request.method, endpoint=endpoint, query=request.query_string, body=body,
+        payload=payload, model=model, stream=bool(payload and payload.get("stream") is True),
+        headers=upstream_request_headers(request.headers, client_ip=request.remote,
+                                         scheme=request.scheme, request_id=request_id),
+        request_id=request_id,
+    )
+
+
+def _json_object(body: bytes, must_parse: bool) -> dict[str, Any] | None:
+    if not body or not must_parse:
+        return None
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}",
+                             code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return payload
+
+
+def _model(payload: dict[str, Any] | None, required: bool) -> str | None:
+    model = payload.get("model") if payload else None
+    if isinstance(model, str) and model:
+        return model
+    if required or model is not None:
+        raise InvalidRequest("The request must name a 'model' (a non-empty string).",
+                             code="missing_model", param="model")
+    return None
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: every provider's models, merged. Providers that failed are
+    listed under ``errors`` beside the others' models (SDKs ignore the extra key)."""
+    snapshot = await request.app[CATALOG].current()
+    body: dict[str, Any] = {"object": "list", "data": request.app[ROUTER].models(snapshot)}
+    failed = [{"provider": s.provider, "message": s.error}
+              for s in snapshot.statuses if not s.healthy]
+    if failed:
+        body["errors"] = failed
+    return json_response(body)
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model_id = request.match_info["model"]
+    snapshot = await request.app[CATALOG].current()
+    for entry in request.app[ROUTER].models(snapshot):
+        if entry["id"] == model_id:
+            return json_response(entry)
+    raise ModelNotFound(model_id)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the worker's loop answers. No upstream I/O."""
+    return json_response({"status": "ok"})
+
+
+async def health(request: web.Request) -> web.Response:
+    """Every provider probed in parallel (cached ``health_cache_ttl`` seconds); 200 when
+    at least one is healthy. Shows names, latencies and errors, never credentials."""
+    catalog = request.app[CATALOG]
+    snapshot = await catalog.fresh(request.app[CONFIG].health_cache_ttl)
+    providers = [{
+        "name": s.provider, "type": s.type, "status": "healthy" if s.healthy else "unhealthy",
+        "latency_ms": s.latency_ms, "models": len(s.models), "error": s.error,
+        "last_error": catalog.last_error(s.provider),
+        "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.checked_at)),
+    } for s in snapshot.statuses]
+    healthy = sum(1 for s in snapshot.statuses if s.healthy)
+    status = "ok" if healthy == len(providers) else "degraded" if healthy else "unavailable"
+    return json_response({"status": status, "providers": providers},
+                         status=200 if healthy else 503)
+
+
+def json_response(body: dict[str, Any], status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body),
+                        content_type="application/json")

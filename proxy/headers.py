@@ -1,0 +1,79 @@
+"""Which headers cross the gateway, in each direction.
+
+Everything end-to-end passes through unchanged, as nginx would forward it (custom
+``X-*``, ``Retry-After``, ``x-ratelimit-*``, ``openai-*``). Hop-by-hop headers, those
+named in RFC 9110 section 7.6.1 plus every header the ``Connection`` header lists, are
+dropped in both directions: they describe one connection, not the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+HOP_BY_HOP = frozenset(
+    istr(name)
+    for name in (
+        "Connection", "Keep-Alive", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
+        "Proxy-Authorization", "Proxy-Authenticate", "Proxy-Connection",
+    )
+)
+
+# Set by the gateway itself for the hop it owns: the upstream connection or the client's.
+_REQUEST_OWNED = frozenset(istr(n) for n in ("Host", "Content-Length", "Expect"))
+_RESPONSE_OWNED = frozenset(istr(n) for n in ("Date", "Server"))
+
+REQUEST_ID = istr("X-Request-ID")
+AUTHORIZATION = istr("Authorization")
+
+
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """Header names listed in ``Connection``: hop-by-hop for this message only."""
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def end_to_end(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], owned: Iterable[istr] = ()
+) -> CIMultiDict[str]:
+    """A copy of ``headers`` without hop-by-hop headers and without ``owned`` ones."""
+    drop = connection_tokens(headers)
+    skip = HOP_BY_HOP.union(owned)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name in skip or name.lower() in drop:
+            continue
+        out.add(name, value)
+    return out
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str],
+    *,
+    client_ip: str | None,
+    scheme: str,
+    request_id: str,
+) -> CIMultiDict[str]:
+    """Client headers as they go upstream, with the forwarding headers set."""
+    headers = end_to_end(incoming, _REQUEST_OWNED)
+    previous = headers.get("X-Forwarded-For")
+    if client_ip:
+        headers["X-Forwarded-For"] = f"{previous}, {client_ip}" if previous else client_ip
+    headers.setdefault("X-Forwarded-Proto", scheme)
+    headers[REQUEST_ID] = request_id
+    return headers
+
+
+def client_response_headers(upstream: CIMultiDictProxy[str], request_id: str
+                            ) -> CIMultiDict[str]:
+    """Upstream answer headers as they go to the client. ``Content-Length`` stays: the
+    body bytes are relayed untouched. The upstream's own request id (OpenAI's, say) is
+    kept as ``X-Upstream-Request-ID``: the gateway's id is the one the client sent."""
+    headers = end_to_end(upstream, _RESPONSE_OWNED)
+    upstream_id = headers.popone(REQUEST_ID, None)
+    if upstream_id is not None and upstream_id != request_id:
+        headers["X-Upstream-Request-ID"] = upstream_id
+    return headers

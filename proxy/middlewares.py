@@ -1,0 +1,80 @@
+"""The middlewares, in the order ``app.py`` lists them (outermost first).
+
+``error_middleware`` is outermost: whatever fails below it, a handler's ``GatewayError``
+or aiohttp's own ``HTTPException`` (unknown route, wrong method, body too large), leaves
+as one OpenAI-shaped error. Later issues add auth, limits and metrics after
+``request_id_middleware``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from proxy.errors import (
+    BodyTooLarge,
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    error_json,
+)
+from proxy.state import CONFIG, REQUEST_ID
+
+log = logging.getLogger("proxy.errors")
+
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
+
+
+def error_response(error: GatewayError) -> web.Response:
+    return web.Response(status=error.status, body=error_json(error),
+                        content_type="application/json")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as error:
+        return error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http_exception(request, exc))
+    except ConnectionError:
+        raise  # the client went away: there is nobody to answer
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(GatewayError("The gateway failed to handle the request."))
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return BodyTooLarge(request.app[CONFIG].server.max_body_bytes)
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound(f"No route for {request.method} {request.path}.")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
+    if exc.status < 500:
+        return InvalidRequest(exc.reason, code=f"http_{exc.status}")
+    return GatewayError(exc.reason)
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Accept the client's ``X-Request-ID`` when it is sane, else make one. It goes
+    upstream (``handlers``) and back to the client (``set_request_id_header``)."""
+    given = request.headers.get("X-Request-ID", "")
+    request[REQUEST_ID] = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
+    return await handler(request)
+
+
+async def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook: every answer, streamed or not, carries the id."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-ID"] = request_id

@@ -1,0 +1,116 @@
+"""The provider contract: everything that differs between upstream APIs lives behind it.
+
+A provider is called at four points of a request's life, in this order:
+
+1. :meth:`Provider.prepare` turns the client's :class:`Call` into an ``UpstreamRequest``
+   (URL, headers with credentials, body). Runs before any upstream I/O.
+2. :meth:`Provider.translate_headers` adapts a successful answer's headers.
+3. :meth:`Provider.translate_stream` adapts a successful answer's body, chunk by chunk,
+   as it arrives. ``openai_compat`` returns the chunks untouched.
+4. :meth:`Provider.translate_error` adapts an upstream error answer's (buffered) body.
+
+Plus :meth:`Provider.list_models` for discovery and health. Providers never touch the
+client connection, routing or the server: that is what keeps "a new provider = one
+module + one registry line" true.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.config import ProviderConfig
+from proxy.errors import UpstreamError
+from proxy.headers import AUTHORIZATION
+from proxy.upstream import UpstreamClient, UpstreamRequest
+
+
+@dataclass(slots=True)
+class Call:
+    """One client request as the handler understood it, before any provider touched it."""
+
+    method: str
+    endpoint: str  # the path after "/v1/", e.g. "chat/completions"
+    query: str  # the raw query string, "" when none
+    body: bytes
+    payload: dict[str, Any] | None  # the parsed JSON body, when it is a JSON object
+    model: str | None  # as the client sent it
+    stream: bool
+    headers: CIMultiDict[str]  # end-to-end client headers plus X-Forwarded-*, X-Request-ID
+    request_id: str
+    upstream_model: str | None = None  # set by routing
+
+    def body_for_upstream(self) -> bytes:
+        """The body to send: the client's bytes untouched unless the model name changes
+        (a ``provider/`` prefix or an alias), the only case that re-serialises."""
+        if self.payload is None or self.upstream_model in (None, self.model):
+            return self.body
+        return orjson.dumps({**self.payload, "model": self.upstream_model})
+
+
+class Provider(ABC):
+    """One configured upstream. Subclasses set ``type_name`` and implement the hooks."""
+
+    type_name: ClassVar[str]
+
+    def __init__(self, config: ProviderConfig):
+        self.config = config
+        self.name = config.name
+        self.base_url = URL(config.base_url)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} base_url={self.config.base_url!r}>"
+
+    @abstractmethod
+    def prepare(self, call: Call) -> UpstreamRequest:
+        """Build the upstream request for ``call``; raise a GatewayError to refuse it."""
+
+    def translate_headers(self, call: Call, headers: CIMultiDict[str]) -> CIMultiDict[str]:
+        return headers
+
+    def translate_stream(self, call: Call, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        return chunks
+
+    def translate_error(self, call: Call, status: int, body: bytes) -> bytes:
+        return body
+
+    @abstractmethod
+    async def list_models(self, client: UpstreamClient) -> list[str]:
+        """The model names this upstream serves, as it names them (no prefix)."""
+
+    def url(self, path: str, query: str = "") -> URL:
+        """``base_url`` joined with ``path``, keeping the base's own path prefix."""
+        joined = f"{self.config.base_url}/{path.lstrip('/')}"
+        return URL(f"{joined}?{query}" if query else joined, encoded=True)
+
+    def credential_headers(self, headers: CIMultiDict[str]) -> CIMultiDict[str]:
+        """Configured extra headers and the upstream key, replacing the client's.
+
+        The configured key always wins; without one, the client's own Authorization is
+        forwarded only when ``forward_client_auth`` allows it (the ``--upstream`` drop-in).
+        """
+        for name, value in self.config.headers.items():
+            headers[name] = value
+        if self.config.api_key:
+            headers[AUTHORIZATION] = f"Bearer {self.config.api_key}"
+        elif not self.config.forward_client_auth:
+            headers.popall(AUTHORIZATION, None)
+        return headers
+
+    def control_headers(self) -> CIMultiDict[str]:
+        """Headers for discovery and health requests (no client involved)."""
+        return self.credential_headers(CIMultiDict({"Accept": "application/json"}))
+
+
+def models_error(provider: Provider, status: int, body: Any) -> UpstreamError:
+    """The discovery error for a non-200 models answer; never echoes credentials."""
+    if status in (401, 403):
+        return UpstreamError(f"'{provider.name}' rejected the credentials (HTTP {status})",
+                             code="upstream_auth_failed")
+    return UpstreamError(f"'{provider.name}' answered the models request with HTTP {status}")

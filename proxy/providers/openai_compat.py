@@ -1,0 +1,41 @@
+"""``openai_compat``: any server that speaks OpenAI's HTTP API (OpenAI, OpenRouter,
+ModelScope, vLLM, LM Studio, llama.cpp, ...).
+
+Nothing is translated: the request path under ``/v1/`` is appended to ``base_url``, the
+client's body bytes go up untouched (unless routing renamed the model), and the answer's
+bytes come back untouched, SSE included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.providers.base import Call, Provider, models_error
+from proxy.upstream import UpstreamClient, UpstreamRequest
+
+
+class OpenAICompatProvider(Provider):
+    type_name = "openai_compat"
+
+    def prepare(self, call: Call) -> UpstreamRequest:
+        return UpstreamRequest(
+            method=call.method,
+            url=self.url(call.endpoint, call.query),
+            headers=self.credential_headers(call.headers),
+            body=call.body_for_upstream(),
+        )
+
+    async def list_models(self, client: UpstreamClient) -> list[str]:
+        status, body = await client.get_json(self.url("models"), self.control_headers(),
+                                             self.name)
+        if status != 200:
+            raise models_error(self, status, body)
+        return _model_ids(body)
+
+
+def _model_ids(body: Any) -> list[str]:
+    data = body.get("data") if isinstance(body, dict) else body
+    if not isinstance(data, list):
+        return []
+    ids = (item.get("id") if isinstance(item, dict) else None for item in data)
+    return [model for model in ids if isinstance(model, str) and model]

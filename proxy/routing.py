@@ -1,0 +1,122 @@
+"""Model name -> provider, in one documented order.
+
+1. ``provider/model``: a known provider's name as prefix; the prefix is stripped.
+2. an alias from ``aliases`` (its target is resolved by rules 1, 3, 4 and 5);
+3. a provider's static ``models`` list (first provider in config order wins);
+4. the models discovered from providers without a static list;
+5. a ``catch_all`` provider (``--upstream`` mode) takes any other name.
+
+Anything else is ``model_not_found``. Requests without a model (a ``GET /v1/files``,
+say) go to the catch-all provider, or to the only provider when there is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.discovery import ModelCatalog, Snapshot
+from proxy.errors import InvalidRequest, ModelNotFound
+from proxy.providers import Provider
+
+MODEL_CREATED = 0  # discovery does not know creation times; OpenAI's field is required
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    provider: Provider
+    upstream_model: str | None  # the name sent upstream; None for model-less requests
+
+
+class ModelRouter:
+    def __init__(self, providers: Sequence[Provider], aliases: Mapping[str, str],
+                 catalog: ModelCatalog):
+        self.providers = tuple(providers)
+        self._by_name = {p.name: p for p in providers}
+        self._aliases = dict(aliases)
+        self._catalog = catalog
+        self._static: dict[str, Provider] = {}
+        for provider in providers:
+            for model in provider.config.models:
+                self._static.setdefault(model, provider)
+        self._catch_all = next((p for p in providers if p.config.catch_all), None)
+        self._default = self._catch_all or (providers[0] if len(providers) == 1 else None)
+        self._discovering = any(_discovers(p) for p in providers)
+
+    def __repr__(self) -> str:
+        return (f"<ModelRouter providers={len(self.providers)} aliases={len(self._aliases)} "
+                f"static_models={len(self._static)}>")
+
+    async def resolve(self, model: str | None) -> Route:
+        if model is None:
+            if self._default is None:
+                raise InvalidRequest("The request must name a 'model'.", code="missing_model",
+                                     param="model")
+            return Route(self._default, None)
+        route = self._lookup(model, self._catalog.snapshot)
+        if route is None and self._discovering and self._catalog.snapshot is None:
+            route = self._lookup(model, await self._catalog.current())
+        if route is None:
+            if self._discovering:
+                self._catalog.refresh_soon()
+            raise ModelNotFound(model)
+        return route
+
+    def _lookup(self, model: str, snapshot: Snapshot | None) -> Route | None:
+        route = self._prefixed(model)
+        if route is None and model in self._aliases:
+            return self._target(self._aliases[model], snapshot)
+        return route or self._target(model, snapshot)
+
+    def _target(self, model: str, snapshot: Snapshot | None) -> Route | None:
+        """Rules 1, 3, 4 and 5: everything but aliases (an alias never names an alias)."""
+        route = self._prefixed(model) or self._known(model, snapshot)
+        if route is None and self._catch_all is not None:
+            route = Route(self._catch_all, model)
+        return route
+
+    def _prefixed(self, model: str) -> Route | None:
+        prefix, _, rest = model.partition("/")
+        provider = self._by_name.get(prefix)
+        return Route(provider, rest) if provider is not None and rest else None
+
+    def _known(self, model: str, snapshot: Snapshot | None) -> Route | None:
+        provider = self._static.get(model)
+        if provider is None and snapshot is not None:
+            provider = next((p for p in self.providers if _discovers(p) and model in
+                             _models(snapshot, p)), None)
+        return Route(provider, model) if provider is not None else None
+
+    def models(self, snapshot: Snapshot) -> list[dict[str, Any]]:
+        """``GET /v1/models`` entries, ids as a client must send them: the bare name
+        when it routes to this provider, else ``provider/model``; then the aliases."""
+        listed: dict[str, dict[str, Any]] = {}
+        for provider in self.providers:
+            for model in _served(snapshot, provider):
+                route = self._lookup(model, snapshot)
+                bare = route is not None and route.provider is provider
+                model_id = model if bare else f"{provider.name}/{model}"
+                listed.setdefault(model_id, _entry(model_id, provider.name))
+        for alias, target in self._aliases.items():
+            route = self._lookup(target, snapshot)
+            if route is not None and alias not in listed:
+                listed[alias] = _entry(alias, route.provider.name)
+        return list(listed.values())
+
+
+def _discovers(provider: Provider) -> bool:
+    return not provider.config.models and not provider.config.catch_all
+
+
+def _served(snapshot: Snapshot, provider: Provider) -> tuple[str, ...]:
+    return provider.config.models or _models(snapshot, provider)
+
+
+def _models(snapshot: Snapshot, provider: Provider) -> tuple[str, ...]:
+    status = snapshot.status(provider.name)
+    return status.models if status is not None else ()
+
+
+def _entry(model_id: str, owner: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": MODEL_CREATED, "owned_by": owner}

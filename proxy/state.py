@@ -1,0 +1,23 @@
+"""Typed keys for what a worker's app holds (aiohttp ``AppKey``/``RequestKey``).
+
+Kept apart from ``app.py`` so handlers and middlewares can name them without importing
+the module that wires them together.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.discovery import ModelCatalog
+from proxy.routing import ModelRouter
+from proxy.tasks import BackgroundTasks
+from proxy.upstream import UpstreamClient
+
+CONFIG = web.AppKey("config", Config)
+TASKS = web.AppKey("tasks", BackgroundTasks)
+CLIENT = web.AppKey("upstream_client", UpstreamClient)
+CATALOG = web.AppKey("model_catalog", ModelCatalog)
+ROUTER = web.AppKey("model_router", ModelRouter)
+
+REQUEST_ID = web.RequestKey("request_id", str)

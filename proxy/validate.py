@@ -1,0 +1,178 @@
+"""Small value validators for the config loader.
+
+Each validator takes the raw YAML value and returns the typed value or raises
+``ValueError`` with the rest of the sentence ("must be ..."); the helpers below prefix it
+with the key path, so every problem reads ``providers[1].base_url: must start with ...``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+Validator = Callable[[Any], T]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def parse_scalar(text: str) -> Any:
+    """An environment value as YAML would read it (``8080`` -> int, ``2.5`` -> float)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def known_keys(raw: Mapping[str, Any], path: str, allowed: Collection[str],
+               problems: list[str]) -> None:
+    for key in raw:
+        if key not in allowed:
+            listed = ", ".join(sorted(allowed))
+            problems.append(f"{join(path, str(key))}: unknown key (allowed: {listed})")
+
+
+def check(validator: Validator[T], raw: Mapping[str, Any], key: str, path: str, default: T,
+          problems: list[str]) -> T:
+    """Validate ``raw[key]`` if present, else return ``default``."""
+    if key not in raw:
+        return default
+    try:
+        return validator(raw[key])
+    except ValueError as exc:
+        problems.append(f"{join(path, key)}: {exc}")
+        return default
+
+
+def required(validator: Validator[T], raw: Mapping[str, Any], key: str, path: str,
+             problems: list[str]) -> Any:
+    if key not in raw or raw[key] is None:
+        problems.append(f"{join(path, key)}: is required")
+        return None
+    return check(validator, raw, key, path, None, problems)
+
+
+def section(raw: Any, path: str, cls: Callable[..., T], problems: list[str],
+            fields: Mapping[str, Validator[Any]]) -> T:
+    """A mapping of scalar settings turned into the frozen dataclass ``cls``."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: must be a mapping")
+        return cls()
+    known_keys(raw, path, fields.keys(), problems)
+    values = {}
+    for key, validator in fields.items():
+        if key in raw:
+            before = len(problems)
+            value = check(validator, raw, key, path, None, problems)
+            if len(problems) == before:
+                values[key] = value
+    return cls(**values)
+
+
+def string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number")
+    return float(value)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be an integer")
+    return value
+
+
+def positive_number(value: Any) -> float:
+    number = _number(value)
+    if number <= 0:
+        raise ValueError(f"must be greater than 0 (got {value})")
+    return number
+
+
+def non_negative_number(value: Any) -> float:
+    number = _number(value)
+    if number < 0:
+        raise ValueError(f"must not be negative (got {value})")
+    return number
+
+
+def positive_int(value: Any) -> int:
+    number = _integer(value)
+    if number <= 0:
+        raise ValueError(f"must be greater than 0 (got {value})")
+    return number
+
+
+def non_negative_int(value: Any) -> int:
+    number = _integer(value)
+    if number < 0:
+        raise ValueError(f"must not be negative (got {value})")
+    return number
+
+
+def port(value: Any) -> int:
+    number = _integer(value)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"must be a port number between 0 and 65535 (got {value})")
+    return number
+
+
+def url(value: Any) -> str:
+    text = string(value)
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
+        raise ValueError("must start with http:// or https://")
+    return text
+
+
+def provider_name(value: Any) -> str:
+    text = string(value)
+    if "/" in text or not _NAME.match(text):
+        raise ValueError(
+            "must be letters, digits, '.', '_' or '-' (no '/': it prefixes model names)")
+    return text
+
+
+def env_name(value: Any) -> str:
+    text = string(value)
+    if not _ENV_NAME.match(text):
+        raise ValueError("must be the name of an environment variable, not its value")
+    return text
+
+
+def header_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError("must map header names to string values")
+    for name, header_value in value.items():
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise ValueError(f"'{name}' is not a valid header name")
+        if not isinstance(header_value, str) or "\n" in header_value or "\r" in header_value:
+            raise ValueError(f"value of '{name}' must be a single-line string")
+    return dict(value)
+
+
+def string_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+        raise ValueError("must be a list of non-empty strings")
+    return list(value)

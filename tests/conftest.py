@@ -1,0 +1,97 @@
+"""Shared fixtures: real servers on loopback, nothing mocked but the internet.
+
+* ``start_upstream(app)`` serves a tiny aiohttp app defined in the test itself;
+* ``mock_upstream`` serves the scriptable mock from ``bench/upstream.py``;
+* ``make_config(providers, **raw)`` validates a config exactly as the YAML loader does;
+* ``start_gateway(config)`` runs the real gateway with the production runner settings
+  (``proxy.server.running``) on a free port and returns its base URL;
+* ``openai_client(url)`` is the official async SDK pointed at a gateway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from bench.upstream import OPTIONS_KEY, STATS_KEY, MockOptions, MockStats, create_app
+from proxy.config import Config, config_from_dict
+from proxy.providers import PROVIDER_TYPES
+from proxy.server import running
+
+StartUpstream = Callable[[web.Application], Awaitable[str]]
+StartGateway = Callable[[Config], Awaitable[str]]
+MakeConfig = Callable[..., Config]
+
+
+@dataclasses.dataclass
+class MockUpstream:
+    url: str  # base URL including /v1, as a provider's base_url
+    app: web.Application
+
+    @property
+    def stats(self) -> MockStats:
+        return self.app[STATS_KEY]
+
+    @property
+    def options(self) -> MockOptions:
+        return self.app[OPTIONS_KEY]
+
+
+@pytest.fixture
+async def start_upstream() -> AsyncIterator[StartUpstream]:
+    async with AsyncExitStack() as stack:
+        async def start(app: web.Application) -> str:
+            server = TestServer(app, host="127.0.0.1", port=0)
+            await stack.enter_async_context(server)
+            return str(server.make_url("")).rstrip("/")
+
+        yield start
+
+
+@pytest.fixture
+async def mock_upstream(start_upstream: StartUpstream) -> MockUpstream:
+    app = create_app(MockOptions())
+    url = await start_upstream(app)
+    return MockUpstream(url=f"{url}/v1", app=app)
+
+
+@pytest.fixture
+def make_config() -> MakeConfig:
+    def build(providers: list[dict[str, Any]], env: dict[str, str] | None = None,
+              **raw: Any) -> Config:
+        return config_from_dict({"providers": providers, **raw}, env or {},
+                                PROVIDER_TYPES.keys())
+
+    return build
+
+
+@pytest.fixture
+async def start_gateway() -> AsyncIterator[StartGateway]:
+    async with AsyncExitStack() as stack:
+        async def start(config: Config) -> str:
+            server = dataclasses.replace(config.server, host="127.0.0.1", port=0)
+            return await stack.enter_async_context(
+                running(dataclasses.replace(config, server=server)))
+
+        yield start
+
+
+@pytest.fixture
+async def openai_client() -> AsyncIterator[Callable[..., openai.AsyncOpenAI]]:
+    async with AsyncExitStack() as stack:
+        def make(gateway_url: str, **kwargs: Any) -> openai.AsyncOpenAI:
+            kwargs.setdefault("api_key", "sk-client-test")
+            kwargs.setdefault("max_retries", 0)
+            kwargs.setdefault("timeout", 10)
+            client = openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", **kwargs)
+            stack.push_async_callback(client.close)
+            return client
+
+        yield make
