@@ -41,13 +41,16 @@ async def read_call(request: web.Request) -> Call:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(limit) from None
-    endpoint = request.match_info["tail"]
+    # The path and query go upstream byte for byte as the client sent them, escapes
+    # included (``match_info`` and even yarl's raw forms are normalised).
+    raw_path, _, query = request.raw_path.partition("?")
+    endpoint = raw_path.removeprefix("/v1/")
     needs_model = request.method == "POST" and endpoint in MODEL_ENDPOINTS
     payload = _json_object(body, needs_model or request.content_type == "application/json")
     model = _model(payload, needs_model)
     request_id = request[REQUEST_ID]
     return Call(
-        method=request.method, endpoint=endpoint, query=request.query_string, body=body,
+        method=request.method, endpoint=endpoint, query=query, body=body,
         payload=payload, model=model, stream=bool(payload and payload.get("stream") is True),
         headers=upstream_request_headers(request.headers, client_ip=request.remote,
                                          scheme=request.scheme, request_id=request_id),

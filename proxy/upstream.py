@@ -16,6 +16,7 @@ never reach another), no automatic decompression (bytes pass through with their
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -64,8 +65,10 @@ def translate_exception(exc: BaseException, provider: str) -> GatewayError:
 
 
 def _os_detail(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.strerror:
-        return f": {exc.os_error.strerror.lower()}"
+    """The OS reason ("connection refused") without the address asyncio puts in
+    ``strerror``: the message must name the provider only."""
+    if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
+        return f": {os.strerror(exc.os_error.errno).lower()}"
     return ""
 
 
