@@ -13,24 +13,37 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy import handlers
+from proxy.cache import ResponseCache
 from proxy.config import Config
+from proxy.dedup import InflightRequests
 from proxy.discovery import ModelCatalog
-from proxy.middlewares import error_middleware, request_id_middleware, set_request_id_header
+from proxy.dispatch import Dispatcher
+from proxy.limits import AdaptiveLimiter, LimitSettings
+from proxy.middlewares import (
+    error_middleware,
+    request_id_middleware,
+    stamp_response,
+    timing_middleware,
+)
 from proxy.providers import build_provider
 from proxy.routing import ModelRouter
-from proxy.state import CATALOG, CLIENT, CONFIG, ROUTER, TASKS
+from proxy.state import CATALOG, CLIENT, CONFIG, DISPATCHER, ROUTER, TASKS, WORKER
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
+from proxy.workers import WorkerSpec
 
 log = logging.getLogger("proxy.app")
 
 MIDDLEWARES = (
     error_middleware,  # outermost: every failure below leaves OpenAI-shaped
+    timing_middleware,
     request_id_middleware,
 )
 
 
-def build_app(config: Config) -> web.Application:
+def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Application:
+    """``worker`` says which of the ``proxy serve --workers N`` processes this is (default:
+    the only one); it is stored under ``WORKER`` so handlers can name it and reach peers."""
     app = web.Application(middlewares=MIDDLEWARES,
                           client_max_size=config.server.max_body_bytes)
     tasks = BackgroundTasks()
@@ -40,14 +53,31 @@ def build_app(config: Config) -> web.Application:
                            timeout=config.timeouts.discovery,
                            retry_failed_after=config.health_cache_ttl)
     app[CONFIG] = config
+    app[WORKER] = worker or WorkerSpec.of(config)
     app[TASKS] = tasks
     app[CLIENT] = client
     app[CATALOG] = catalog
     app[ROUTER] = ModelRouter(providers, config.aliases, catalog)
+    app[DISPATCHER] = _dispatcher(config, client, tasks)
     app.cleanup_ctx.append(_lifecycle)
-    app.on_response_prepare.append(set_request_id_header)
+    app.on_response_prepare.append(stamp_response)
     _add_routes(app.router)
     return app
+
+
+def _dispatcher(config: Config, client: UpstreamClient, tasks: BackgroundTasks
+                ) -> Dispatcher:
+    cache = config.cache
+    limits = config.limits
+    settings = LimitSettings(
+        initial=limits.initial, min=limits.min, max=limits.max, queue_size=limits.queue_size,
+        queue_timeout=limits.queue_timeout, tolerance=limits.tolerance, backoff=limits.backoff)
+    limiters = {p.name: AdaptiveLimiter(p.name, settings) for p in config.providers}
+    return Dispatcher(
+        client, tasks, InflightRequests(config.dedup.max_buffer_bytes),
+        ResponseCache(max_bytes=cache.max_bytes, ttl=cache.ttl,
+                      max_entry_bytes=cache.max_entry_bytes),
+        limiters, config.dedup.max_buffer_bytes)
 
 
 def _add_routes(router: web.UrlDispatcher) -> None:

@@ -24,8 +24,10 @@ from proxy.providers import PROVIDER_TYPES, build_provider
 from proxy.server import demo_upstream_if_needed, serve
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
+from proxy.workers import Supervisor, WorkerSpec
 
 COMMANDS = ("serve", "models", "check")
+log = logging.getLogger("proxy.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(serve_cmd)
     serve_cmd.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve_cmd.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve_cmd.add_argument("--workers", type=int, metavar="N",
+                           help="worker processes sharing the port (default 1)")
+    serve_cmd.add_argument("--socket-dir", metavar="DIR",
+                           help="also listen on DIR/worker-<i>.sock, one per worker (for nginx)")
+    # Set by the supervisor on the command lines of the workers it starts.
+    serve_cmd.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     models_cmd = commands.add_parser("models", help="list every provider's models")
     _config_flags(models_cmd)
     models_cmd.add_argument("--json", action="store_true", help="print JSON")
@@ -65,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _load(args)
     if command == "serve":
-        uvloop.run(serve(config))
+        _serve(config, words, args.worker_index)
     elif command == "models":
         sys.exit(uvloop.run(_models(config, as_json=args.json)))
     else:
@@ -76,13 +84,37 @@ def _load(args: argparse.Namespace) -> Config:
     overrides = Overrides(
         config_path=args.config, upstream=args.upstream,
         upstream_api_key_env=args.api_key_env,
-        host=getattr(args, "host", None), port=getattr(args, "port", None))
+        host=getattr(args, "host", None), port=getattr(args, "port", None),
+        workers=getattr(args, "workers", None), socket_dir=getattr(args, "socket_dir", None))
     try:
         return load_config(overrides, os.environ, PROVIDER_TYPES.keys())
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
         sys.exit(2)
+
+
+def _serve(config: Config, words: list[str], worker_index: int | None) -> None:
+    """One worker serves in this process; with ``workers`` > 1 this process becomes the
+    supervisor and each worker is a fresh ``python -m proxy`` with the same arguments
+    (and so the same config) plus its ``--worker-index``."""
+    count = config.server.workers
+    if worker_index is None and count > 1:
+        def command(index: int) -> list[str]:
+            return [sys.executable, "-m", "proxy", *words, "--worker-index", str(index)]
+
+        socket_dir = config.server.socket_dir
+        sockets = f" and unix sockets in {socket_dir}" if socket_dir else ""
+        log.info("supervisor (pid %d): %d workers on %s:%d (SO_REUSEPORT)%s", os.getpid(),
+                 count, config.server.host, config.server.port, sockets)
+        sys.exit(Supervisor(command, count).run())
+    if worker_index is not None and not 0 <= worker_index < count:
+        print(f"usage error: --worker-index must be between 0 and {count - 1}",
+              file=sys.stderr)
+        sys.exit(2)
+    worker = WorkerSpec.of(config, worker_index or 0, count)
+    supervisor = os.getppid() if worker_index is not None else None
+    uvloop.run(serve(config, worker, supervisor_pid=supervisor))
 
 
 async def _discover(given: Config) -> Snapshot:

@@ -35,6 +35,8 @@ ENV_OVERRIDES = {
     "PROXY_HOST": ("server", "host"),
     "PROXY_PORT": ("server", "port"),
     "PROXY_MAX_BODY_BYTES": ("server", "max_body_bytes"),
+    "PROXY_WORKERS": ("server", "workers"),
+    "PROXY_SOCKET_DIR": ("server", "socket_dir"),
     "PROXY_CONNECT_TIMEOUT": ("timeouts", "connect"),
     "PROXY_READ_TIMEOUT": ("timeouts", "read"),
     "PROXY_DISCOVERY_TIMEOUT": ("timeouts", "discovery"),
@@ -52,9 +54,14 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """``workers`` > 1 runs that many processes (``workers.py``); with ``socket_dir`` set
+    each worker also listens on ``<socket_dir>/worker-<i>.sock`` (for nginx and peers)."""
+
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 32 * 1024 * 1024
+    workers: int = 1
+    socket_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,39 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class DedupConfig:
+    """In-flight deduplication (``dedup.py``); ``mode``: deterministic | all | off."""
+
+    mode: str = "deterministic"
+    max_buffer_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The exact-match response cache (``cache.py``), per worker."""
+
+    enabled: bool = True
+    ttl: float = 300.0
+    max_bytes: int = 64 * 1024 * 1024
+    max_entry_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Each provider's adaptive concurrency limit (``limits.py``): the controller keeps
+    it within [min, max]; requests over it wait up to ``queue_timeout`` seconds in a
+    queue of ``queue_size``, then get 503 + Retry-After."""
+
+    initial: int = 64
+    min: int = 4
+    max: int = 1024
+    queue_size: int = 256
+    queue_timeout: float = 2.0
+    tolerance: float = 1.5
+    backoff: float = 0.9
+
+
+@dataclass(frozen=True)
 class ProviderConfig:
     name: str
     type: str
@@ -86,6 +126,7 @@ class ProviderConfig:
     models: tuple[str, ...] = ()
     catch_all: bool = False
     forward_client_auth: bool = True
+    ca_file: str | None = None  # PEM file of CAs to trust for an https base_url
 
     @property
     def api_key_missing(self) -> bool:
@@ -97,6 +138,9 @@ class Config:
     server: ServerConfig = ServerConfig()
     timeouts: Timeouts = Timeouts()
     pool: PoolConfig = PoolConfig()
+    dedup: DedupConfig = DedupConfig()
+    cache: CacheConfig = CacheConfig()
+    limits: LimitsConfig = LimitsConfig()
     models_cache_ttl: float = 300.0
     health_cache_ttl: float = 5.0
     providers: tuple[ProviderConfig, ...] = ()
@@ -116,6 +160,8 @@ class Overrides:
     upstream_api_key_env: str | None = None
     host: str | None = None
     port: int | None = None
+    workers: int | None = None
+    socket_dir: str | None = None
 
 
 def load_config(
@@ -125,10 +171,9 @@ def load_config(
     path = overrides.config_path or _env_path(env)
     raw, source = _read_file(path)
     _apply_env(raw, env)
-    if overrides.host is not None:
-        raw.setdefault("server", {})["host"] = overrides.host
-    if overrides.port is not None:
-        raw.setdefault("server", {})["port"] = overrides.port
+    for key in ("host", "port", "workers", "socket_dir"):
+        if (value := getattr(overrides, key)) is not None:
+            raw.setdefault("server", {})[key] = value
     if overrides.upstream is not None:
         raw["providers"] = [upstream_provider(overrides.upstream, overrides.upstream_api_key_env)]
         source += " + --upstream"
@@ -218,21 +263,44 @@ def _build(
 ) -> Config:
     v.known_keys(raw, "", Config.__dataclass_fields__.keys() - {"source"}, problems)
     server = v.section(raw.get("server"), "server", ServerConfig, problems, {
-        "host": v.string, "port": v.port, "max_body_bytes": v.positive_int})
+        "host": v.string, "port": v.port, "max_body_bytes": v.positive_int,
+        "workers": v.positive_int, "socket_dir": v.string})
+    if server.workers > 1 and server.port == 0:
+        problems.append("server.port: must be a fixed port when server.workers > 1 "
+                        "(the workers cannot share a randomly chosen port)")
     timeouts = v.section(raw.get("timeouts"), "timeouts", Timeouts, problems, {
         "connect": v.positive_number, "read": v.positive_number,
         "discovery": v.positive_number})
     pool = v.section(raw.get("pool"), "pool", PoolConfig, problems, {
         "limit": v.non_negative_int, "keepalive_timeout": v.non_negative_number})
+    dedup = v.section(raw.get("dedup"), "dedup", DedupConfig, problems, {
+        "mode": v.one_of("deterministic", "all", "off"), "max_buffer_bytes": v.positive_int})
+    cache = v.section(raw.get("cache"), "cache", CacheConfig, problems, {
+        "enabled": v.boolean, "ttl": v.positive_number, "max_bytes": v.positive_int,
+        "max_entry_bytes": v.positive_int})
+    limits = _limits(raw.get("limits"), problems)
     providers = _providers(raw.get("providers", []), env, types, problems)
     aliases = _aliases(raw.get("aliases", {}), problems)
     return Config(
-        server=server, timeouts=timeouts, pool=pool, providers=providers, aliases=aliases,
+        server=server, timeouts=timeouts, pool=pool, dedup=dedup, cache=cache, limits=limits,
+        providers=providers, aliases=aliases,
         models_cache_ttl=v.check(v.non_negative_number, raw, "models_cache_ttl", "", 300.0,
                                  problems),
         health_cache_ttl=v.check(v.non_negative_number, raw, "health_cache_ttl", "", 5.0,
                                  problems),
     )
+
+
+def _limits(raw: Any, problems: list[str]) -> LimitsConfig:
+    limits = v.section(raw, "limits", LimitsConfig, problems, {
+        "initial": v.positive_int, "min": v.positive_int, "max": v.positive_int,
+        "queue_size": v.non_negative_int, "queue_timeout": v.positive_number,
+        "tolerance": v.at_least(1.0), "backoff": v.fraction})
+    if limits.max < limits.min:
+        problems.append("limits.max: must not be below limits.min")
+    elif not limits.min <= limits.initial <= limits.max:
+        problems.append("limits.initial: must be between limits.min and limits.max")
+    return limits
 
 
 def _providers(
@@ -272,12 +340,14 @@ def _provider(
     models: list[str] = v.check(v.string_list, item, "models", path, [], problems)
     catch_all = v.check(v.boolean, item, "catch_all", path, False, problems)
     forward = v.check(v.boolean, item, "forward_client_auth", path, key_env is None, problems)
+    ca_file = v.check(v.readable_file, item, "ca_file", path, None, problems)
     if len(problems) > before:
         return None
     return ProviderConfig(
         name=name, type=type_, base_url=base_url.rstrip("/"), api_key_env=key_env,
         api_key=env.get(key_env) if key_env else None, headers=MappingProxyType(dict(headers)),
         models=tuple(models), catch_all=catch_all, forward_client_auth=forward,
+        ca_file=ca_file,
     )
 
 

@@ -45,6 +45,10 @@ class GatewayError(Exception):
         """The OpenAI-shaped error object."""
         return error_body(self.message, self.type, self.code, self.param)
 
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (``Retry-After`` when load is shed, say)."""
+        return {}
+
 
 class InvalidRequest(GatewayError):
     status = 400

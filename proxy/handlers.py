@@ -5,6 +5,7 @@ relay the answer.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -14,8 +15,9 @@ from aiohttp import web
 from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotFound
 from proxy.headers import upstream_request_headers
 from proxy.providers import Call
-from proxy.state import CATALOG, CLIENT, CONFIG, REQUEST_ID, ROUTER
-from proxy.streaming import relay
+from proxy.sharing import sharing_for
+from proxy.state import CATALOG, CONFIG, DISPATCHER, REQUEST_ID, ROUTER, TIMING, WORKER
+from proxy.streaming import send_answer
 
 # Endpoints whose POST body must name a model; other /v1/ paths may omit it.
 MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "responses"})
@@ -26,9 +28,13 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     call = await read_call(request)
     route = await request.app[ROUTER].resolve(call.model)
     call.upstream_model = route.upstream_model
-    upstream_request = route.provider.prepare(call)
-    async with request.app[CLIENT].open(upstream_request, route.provider.name) as upstream:
-        return await relay(request, call, route.provider, upstream)
+    config = request.app[CONFIG]
+    sharing = sharing_for(call, route.provider.name, request.headers, config.dedup,
+                          config.cache)
+    dispatcher = request.app[DISPATCHER]
+    timing = request[TIMING]
+    async with dispatcher.answer(call, route.provider, sharing, timing) as answer:
+        return await send_answer(request, answer, buffered=not call.stream, timing=timing)
 
 
 async def read_call(request: web.Request) -> Call:
@@ -104,7 +110,8 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the worker's loop answers. No upstream I/O."""
-    return json_response({"status": "ok"})
+    worker = request.app[WORKER].index
+    return json_response({"status": "ok", "worker": worker, "pid": os.getpid()})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -117,6 +124,7 @@ async def health(request: web.Request) -> web.Response:
         "latency_ms": s.latency_ms, "models": len(s.models), "error": s.error,
         "last_error": catalog.last_error(s.provider),
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.checked_at)),
+        "concurrency": request.app[DISPATCHER].limits(s.provider),
     } for s in snapshot.statuses]
     healthy = sum(1 for s in snapshot.statuses if s.healthy)
     status = "ok" if healthy == len(providers) else "degraded" if healthy else "unavailable"

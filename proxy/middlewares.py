@@ -2,19 +2,23 @@
 
 ``error_middleware`` is outermost: whatever fails below it, a handler's ``GatewayError``
 or aiohttp's own ``HTTPException`` (unknown route, wrong method, body too large), leaves
-as one OpenAI-shaped error. Later issues add auth, limits and metrics after
-``request_id_middleware``.
+as one OpenAI-shaped error. Then ``timing_middleware`` starts the overhead clock and
+``request_id_middleware`` names the request. Later issues add auth, limits and metrics
+after it.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import time
 import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.dispatch import Timing
 from proxy.errors import (
     BodyTooLarge,
     GatewayError,
@@ -23,7 +27,7 @@ from proxy.errors import (
     NotFound,
     error_json,
 )
-from proxy.state import CONFIG, REQUEST_ID
+from proxy.state import CONFIG, REQUEST_ID, TIMING
 
 log = logging.getLogger("proxy.errors")
 
@@ -32,7 +36,7 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
 
 def error_response(error: GatewayError) -> web.Response:
     return web.Response(status=error.status, body=error_json(error),
-                        content_type="application/json")
+                        content_type="application/json", headers=error.headers())
 
 
 @web.middleware
@@ -64,17 +68,39 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> Gatewa
     return GatewayError(exc.reason)
 
 
+_ID_PREFIX = uuid.uuid4().hex[:16]  # per process; with the counter, unique per request
+_id_counter = itertools.count(1)
+
+
+def _new_id() -> str:
+    """A request id: a random per-process prefix and a counter (a uuid4 per request
+    showed in the profile; uniqueness is what matters, not unpredictability)."""
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
+
+
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Accept the client's ``X-Request-ID`` when it is sane, else make one. It goes
     upstream (``handlers``) and back to the client (``set_request_id_header``)."""
     given = request.headers.get("X-Request-ID", "")
-    request[REQUEST_ID] = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
+    request[REQUEST_ID] = given if given and _VALID_REQUEST_ID.match(given) else _new_id()
     return await handler(request)
 
 
-async def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` hook: every answer, streamed or not, carries the id."""
+@web.middleware
+async def timing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Start the clock for ``X-Gateway-Overhead-Ms``."""
+    request[TIMING] = Timing(time.perf_counter())
+    return await handler(request)
+
+
+async def stamp_response(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook: every answer, streamed or not, carries the request
+    id and the time the gateway itself spent on it before the first byte (excluding
+    the wait for the upstream), so users see the overhead on their own traffic."""
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
         response.headers["X-Request-ID"] = request_id
+    timing = request.get(TIMING)
+    if timing is not None:
+        response.headers["X-Gateway-Overhead-Ms"] = f"{timing.overhead_ms():.3f}"

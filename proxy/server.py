@@ -1,4 +1,4 @@
-"""Running a worker: the app on a socket, until SIGINT or SIGTERM.
+"""Running a worker: the app on its sockets, until SIGINT or SIGTERM.
 
 ``running()`` is what the CLI and the tests both use, so tests exercise the same runner
 settings as production: handler cancellation on (a client that disconnects cancels its
@@ -8,31 +8,106 @@ handler and so its upstream request) and no access log on the hot path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import os
 import signal
+import socket as sock
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
 from proxy.app import build_app
 from proxy.config import Config, with_demo_provider
+from proxy.workers import WorkerSpec
 
 log = logging.getLogger("proxy.server")
 
+SOCKET_MODE = 0o660
+# How often a supervised worker checks that its supervisor is still alive (seconds).
+ORPHAN_CHECK_SECONDS = 1.0
+
 
 @asynccontextmanager
-async def running(config: Config) -> AsyncIterator[str]:
-    """Serve ``config`` on its host and port (0 picks a free one); yields the base URL."""
-    runner = web.AppRunner(build_app(config), handler_cancellation=True, access_log=None)
+async def running(config: Config, worker: WorkerSpec | None = None) -> AsyncIterator[str]:
+    """Serve ``config`` on its host and port (0 picks a free one); yields the base URL.
+
+    With several workers the TCP port is shared through ``SO_REUSEPORT`` (the kernel
+    spreads connections over the workers). With ``socket_dir`` set, the worker also
+    listens on its own unix socket, always: nginx and the other workers reach it there.
+    """
+    worker = worker or WorkerSpec.of(config)
+    runner = web.AppRunner(build_app(config, worker), handler_cancellation=True,
+                           access_log=None)
     await runner.setup()
+    socket: _OwnSocket | None = None
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port)
+        site = web.TCPSite(runner, config.server.host, config.server.port,
+                           reuse_port=True if worker.count > 1 else None)
         await site.start()
         host, port = runner.addresses[0][:2]
+        if worker.socket_dir is not None:
+            socket = await _start_unix_site(runner, worker.socket_path(worker.index))
         yield f"http://{_url_host(host)}:{port}"
     finally:
         await runner.cleanup()
+        if socket is not None:
+            socket.remove()
+
+
+@dataclass(frozen=True)
+class _OwnSocket:
+    """The socket file this worker created, identified by inode so that cleanup never
+    removes a file some other process has put there since."""
+
+    path: Path
+    inode: int
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_ino == self.inode:
+                self.path.unlink()
+
+
+async def _start_unix_site(runner: web.AppRunner, path: Path) -> _OwnSocket:
+    """Listen on ``path`` (start-up only, so the few blocking file calls are fine)."""
+    _prepare_socket_path(path)
+    await web.UnixSite(runner, str(path)).start()
+    return _claim_socket(path)
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """A worker killed with SIGKILL leaves its socket file behind; its restart removes
+    it. A socket someone still listens on is refused rather than stolen (two gateways
+    configured with the same socket_dir), and a non-socket file is never deleted."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    with sock.socket(sock.AF_UNIX, sock.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)  # a live listener with a full backlog must not block us
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+            return
+        except OSError:
+            pass  # busy (EAGAIN, timeout): someone is listening
+    raise OSError(errno.EADDRINUSE, f"{path}: another process is listening on it")
+
+
+def _claim_socket(path: Path) -> _OwnSocket:
+    """Mode 0660: nginx, run in the gateway user's group, may connect; others may not."""
+    path.chmod(SOCKET_MODE)
+    return _OwnSocket(path, path.stat().st_ino)
 
 
 @asynccontextmanager
@@ -56,28 +131,44 @@ async def demo_upstream_if_needed(config: Config) -> AsyncIterator[Config]:
         await runner.cleanup()
 
 
-async def serve(given: Config) -> None:
-    async with demo_upstream_if_needed(given) as config, running(config) as url:
+async def serve(given: Config, worker: WorkerSpec | None = None, *,
+                supervisor_pid: int | None = None) -> None:
+    """Run one worker until SIGINT or SIGTERM (or, when ``supervisor_pid`` is given,
+    until that supervisor is gone: a worker must not outlive it and hold the port)."""
+    worker = worker or WorkerSpec.of(given)
+    me = f"worker {worker.index} (pid {os.getpid()})"
+    async with demo_upstream_if_needed(given) as config, running(config, worker) as url:
         names = ", ".join(f"{p.name} ({p.type})" for p in config.providers)
-        log.info("proxy listening on %s; providers: %s; config: %s", url, names,
-                 config.source)
+        log.info("%s listening on %s; providers: %s; config: %s", me,
+                 _listening_on(url, worker), names, config.source)
         if config.providers[0].name == "mock" and config.source.startswith("defaults"):
             log.info("no provider configured: answering from the bundled mock upstream; "
                      "set OPENAI_API_KEY, use --upstream URL or a config file for real models")
-        await _until_stopped()
-    log.info("proxy stopped")
+        await _until_stopped(supervisor_pid)
+    log.info("%s stopped", me)
 
 
-async def _until_stopped() -> None:
+async def _until_stopped(supervisor_pid: int | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), ORPHAN_CHECK_SECONDS)
+            if supervisor_pid is not None and os.getppid() != supervisor_pid:
+                log.warning("supervisor (pid %d) is gone; stopping", supervisor_pid)
+                stop.set()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def _listening_on(url: str, worker: WorkerSpec) -> str:
+    if worker.socket_dir is None:
+        return url
+    return f"{url} and unix:{worker.socket_path(worker.index)}"
 
 
 def _url_host(host: str) -> str:

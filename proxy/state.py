@@ -10,14 +10,19 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.discovery import ModelCatalog
+from proxy.dispatch import Dispatcher, Timing
 from proxy.routing import ModelRouter
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
+from proxy.workers import WorkerSpec
 
 CONFIG = web.AppKey("config", Config)
 TASKS = web.AppKey("tasks", BackgroundTasks)
 CLIENT = web.AppKey("upstream_client", UpstreamClient)
 CATALOG = web.AppKey("model_catalog", ModelCatalog)
 ROUTER = web.AppKey("model_router", ModelRouter)
+WORKER = web.AppKey("worker", WorkerSpec)  # which worker this process is; its peers
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 
 REQUEST_ID = web.RequestKey("request_id", str)
+TIMING = web.RequestKey("timing", Timing)

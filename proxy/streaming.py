@@ -1,54 +1,58 @@
-"""Relaying the upstream's answer to the client, once its status is known.
+"""Writing an :class:`~proxy.answers.Answer` to the client, once its status is known.
 
-* An error status (>= 400) is buffered (error bodies are small) and relayed with its
-  status, end-to-end headers and body, so the client's SDK raises the provider's own
-  error (``RateLimitError`` with the provider's ``Retry-After``, say).
+* An error answer (status >= 400, body complete) is sent as one plain response, so the
+  client's SDK raises the provider's own error (``RateLimitError`` with the provider's
+  ``Retry-After``, say).
 * Any other answer streams: each chunk is written to the client as it arrives, nothing
-  holds a whole response. Event streams get ``X-Accel-Buffering: no`` so an nginx in
+  holds a whole response. Event streams carry ``X-Accel-Buffering: no`` so an nginx in
   front passes each event on at once.
 * After the first byte there is no second status (STYLE.md point 11): an upstream that
   fails mid-answer ends an event stream with an SSE ``error`` event and never with
-  ``data: [DONE]``, and any other body by aborting the connection, so a truncated
-  answer can never look complete.
+  ``data: [DONE]``, and any other body by aborting the connection, so a truncated answer
+  can never look complete.
 
-Reading from the upstream and writing to the client fail differently and are kept
-apart: a client that went away raises out of here (and the upstream request is closed by
-``UpstreamClient.open``), an upstream failure is reported to the client.
+A client that went away raises out of here (``ConnectionResetError`` or cancellation);
+whoever produced the answer closes the upstream side.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
+from proxy.answers import Answer
+from proxy.dispatch import Timing
 from proxy.errors import GatewayError, sse_error_event
-from proxy.headers import client_response_headers
-from proxy.providers import Call, Provider
-from proxy.upstream import UPSTREAM_EXCEPTIONS, translate_exception
 
 log = logging.getLogger("proxy.streaming")
 
-EVENT_STREAM = "text/event-stream"
-MAX_ERROR_BODY = 1024 * 1024
+SMALL_ANSWER = 256 * 1024  # a non-stream answer up to this size is sent in one response
 
 
-async def relay(request: web.Request, call: Call, provider: Provider,
-                upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    if upstream.status >= 400:
-        return await _relay_error(call, provider, upstream)
-    headers = provider.translate_headers(
-        call, client_response_headers(upstream.headers, call.request_id))
-    event_stream = headers.get("Content-Type", "").startswith(EVENT_STREAM)
-    if event_stream:
-        headers["X-Accel-Buffering"] = "no"
-    chunks = provider.translate_stream(call, upstream.content.iter_any())
-    # A buffered-style answer is checked before the status goes out: a translation
-    # that fails on it still becomes a clean 502 instead of a cut-off 200.
-    first = b"" if event_stream or call.stream else await _next_chunk(chunks, provider)
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+async def send_answer(request: web.Request, answer: Answer, buffered: bool,
+                      timing: Timing) -> web.StreamResponse:
+    """Relay ``answer``. ``buffered`` (a non-stream request) holds the status back until
+    the body is in (up to ``SMALL_ANSWER``): a failure before it still becomes a clean
+    error status. Time spent waiting for those bytes is the upstream's, not overhead."""
+    headers = answer.headers
+    if answer.complete:
+        body = b"".join([chunk async for chunk in answer.chunks])
+        return web.Response(status=answer.status, reason=answer.reason, headers=headers,
+                            body=body)
+    event_stream = answer.event_stream
+    first = b""
+    if buffered and not event_stream:
+        waited_from = time.perf_counter()
+        first, ended = await _gather_small(answer.chunks)
+        timing.upstream_wait += time.perf_counter() - waited_from
+        if ended:  # the usual JSON answer: one response, head and body in one write
+            headers.popall("Content-Length", None)
+            return web.Response(status=answer.status, reason=answer.reason,
+                                headers=headers, body=first)
+    response = web.StreamResponse(status=answer.status, reason=answer.reason,
                                   headers=headers)
     await response.prepare(request)
     try:
@@ -56,29 +60,38 @@ async def relay(request: web.Request, call: Call, provider: Provider,
         while chunk is not None:
             if chunk:
                 await response.write(chunk)
-            chunk = await _next_chunk(chunks, provider)
+            chunk = await _next(answer.chunks)
     except GatewayError as error:
-        await _end_with_error(request, response, error, event_stream, provider)
+        await _end_with_error(request, response, error, event_stream)
         return response
     await response.write_eof()
     return response
 
 
-async def _next_chunk(chunks: AsyncIterator[bytes], provider: Provider) -> bytes | None:
-    """The next piece of the answer, ``None`` at its end; upstream failures become
-    gateway errors here and only here."""
+async def _gather_small(chunks: AsyncIterator[bytes]) -> tuple[bytes, bool]:
+    """Up to ``SMALL_ANSWER`` bytes of a non-stream answer, and whether that was all.
+    Larger answers continue as a stream, so memory stays bounded."""
+    parts: list[bytes] = []
+    size = 0
+    while size < SMALL_ANSWER:
+        chunk = await _next(chunks)
+        if chunk is None:
+            return b"".join(parts), True
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts), False
+
+
+async def _next(chunks: AsyncIterator[bytes]) -> bytes | None:
     try:
         return await anext(chunks)
     except StopAsyncIteration:
         return None
-    except UPSTREAM_EXCEPTIONS as exc:
-        raise translate_exception(exc, provider.name) from exc
 
 
 async def _end_with_error(request: web.Request, response: web.StreamResponse,
-                          error: GatewayError, event_stream: bool, provider: Provider) -> None:
-    log.warning("upstream '%s' failed mid-answer (%s): %s", provider.name, error.code,
-                error.message)
+                          error: GatewayError, event_stream: bool) -> None:
+    log.warning("answer failed after it started (%s): %s", error.code, error.message)
     if event_stream:
         await response.write(sse_error_event(error))
         await response.write_eof()
@@ -86,31 +99,3 @@ async def _end_with_error(request: web.Request, response: web.StreamResponse,
     response.force_close()
     if request.transport is not None:
         request.transport.abort()
-
-
-async def _relay_error(call: Call, provider: Provider,
-                       upstream: aiohttp.ClientResponse) -> web.Response:
-    try:
-        body = await _read_up_to(upstream.content, MAX_ERROR_BODY)
-    except UPSTREAM_EXCEPTIONS as exc:
-        raise translate_exception(exc, provider.name) from exc
-    headers = client_response_headers(upstream.headers, call.request_id)
-    headers.popall("Content-Length", None)
-    translated = provider.translate_error(call, upstream.status, body)
-    if translated is not body:
-        headers.popall("Content-Encoding", None)
-        headers["Content-Type"] = "application/json"
-    return web.Response(status=upstream.status, reason=upstream.reason, headers=headers,
-                        body=translated)
-
-
-async def _read_up_to(content: aiohttp.StreamReader, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    while size < limit:
-        part = await content.read(limit - size)
-        if not part:
-            break
-        parts.append(part)
-        size += len(part)
-    return b"".join(parts)

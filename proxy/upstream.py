@@ -1,15 +1,16 @@
 """The upstream client: one shared connection pool per worker, and the one table that
 turns aiohttp's client exceptions into the gateway's error tree.
 
-Two sessions, built once at start-up and closed at shutdown (``app.py``):
+Two pools, built once at start-up and closed at shutdown (``app.py``):
 
-* the *inference* session, whose ``TCPConnector`` (aiodns resolver, DNS cache,
-  keep-alive) carries every proxied request;
-* a small *control* session for model discovery and health checks, so discovery never
-  queues behind inference traffic in the inference pool (issue #2).
+* the *inference* ``TCPConnector`` (aiodns resolver, DNS cache, keep-alive) carries every
+  proxied request, written straight onto its connections by ``http1.py`` (no
+  ``ClientSession`` machinery per request, issue #3's profile);
+* a small *control* ``ClientSession`` for model discovery and health checks, so
+  discovery never queues behind inference traffic in the inference pool (issue #2).
 
-Both are set for relaying, not for browsing: no cookie jar (one client's cookies must
-never reach another), no automatic decompression (bytes pass through with their
+Both relay rather than browse: no cookie jar (one client's cookies must never reach
+another), no automatic decompression (bytes pass through with their
 ``Content-Encoding``), no automatic ``Accept-Encoding``/``User-Agent``/``Content-Type``
 (only what the client sent), and no redirects followed.
 """
@@ -17,6 +18,7 @@ never reach another), no automatic decompression (bytes pass through with their
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,9 +26,11 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp.connector import Connection
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy import http1
 from proxy.config import Config
 from proxy.errors import (
     GatewayError,
@@ -44,6 +48,8 @@ _EXCEPTION_TABLE: tuple[tuple[type[BaseException], type[UpstreamError], str], ..
     (aiohttp.ConnectionTimeoutError, UpstreamTimeout, "timed out connecting to upstream"),
     (aiohttp.SocketTimeoutError, UpstreamTimeout, "timed out waiting for upstream to answer"),
     (TimeoutError, UpstreamTimeout, "timed out waiting for upstream"),
+    (aiohttp.ClientConnectorCertificateError, UpstreamUnreachable,
+     "certificate not trusted for upstream"),
     (aiohttp.ClientConnectorError, UpstreamUnreachable, "cannot connect to upstream"),
     (aiohttp.ServerDisconnectedError, UpstreamUnreachable, "upstream closed the connection"),
     (aiohttp.ClientPayloadError, UpstreamProtocolError, "upstream answer was cut off"),
@@ -67,6 +73,11 @@ def translate_exception(exc: BaseException, provider: str) -> GatewayError:
 def _os_detail(exc: BaseException) -> str:
     """The OS reason ("connection refused") without the address asyncio puts in
     ``strerror``: the message must name the provider only."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = getattr(exc.certificate_error, "verify_message", None)
+        return f": {reason}" if reason else ""
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return ""  # its errno is OpenSSL's, not the OS's
     if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
         return f": {os.strerror(exc.os_error.errno).lower()}"
     return ""
@@ -80,6 +91,7 @@ class UpstreamRequest:
     url: URL
     headers: CIMultiDict[str]
     body: bytes
+    tls: ssl.SSLContext | None = None  # None: the system's trusted CAs
 
 
 class UpstreamClient:
@@ -87,64 +99,89 @@ class UpstreamClient:
 
     def __init__(self, config: Config):
         self._config = config
-        self._sessions: tuple[aiohttp.ClientSession, aiohttp.ClientSession] | None = None
+        self._connector: aiohttp.TCPConnector | None = None
+        self._control: aiohttp.ClientSession | None = None
+        self._origins: dict[tuple[str, str | None, int | None, int], http1.Origin] = {}
+        self._connect_timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=config.timeouts.connect)
         self.in_flight = 0
 
     def __repr__(self) -> str:
-        state = "open" if self._sessions else "closed"
+        state = "open" if self._connector else "closed"
         return (f"<UpstreamClient {state} in_flight={self.in_flight} "
-                f"pool_limit={self._config.pool.limit}>")
+                f"pool_limit={self._config.pool.limit} origins={len(self._origins)}>")
 
     async def start(self) -> None:
-        """Create the sessions; called at start-up, inside the worker's event loop."""
+        """Create the pools; called at start-up, inside the worker's event loop."""
         timeouts, pool = self._config.timeouts, self._config.pool
-        inference = _session(
-            limit=pool.limit, keepalive=pool.keepalive_timeout,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=timeouts.connect, sock_read=timeouts.read))
-        control = _session(
+        self._connector = _connector(pool.limit, pool.keepalive_timeout)
+        self._control = _session(
             limit=_CONTROL_POOL_LIMIT, keepalive=pool.keepalive_timeout,
             timeout=aiohttp.ClientTimeout(total=timeouts.discovery,
                                           sock_connect=timeouts.connect))
-        self._sessions = (inference, control)
-
-    def _session_pair(self) -> tuple[aiohttp.ClientSession, aiohttp.ClientSession]:
-        if self._sessions is None:
-            raise RuntimeError("UpstreamClient used before start() or after close()")
-        return self._sessions
 
     @asynccontextmanager
     async def open(self, request: UpstreamRequest, provider: str
-                   ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send ``request``; yield the response once its headers arrived.
+                   ) -> AsyncIterator[http1.UpstreamResponse]:
+        """Send ``request``; yield the response once its head arrived.
 
-        On a normal exit the connection goes back to the pool; on any exception,
-        cancellation included (the client went away), it is closed, which is what
-        cancels the upstream generation.
+        On a normal exit the connection goes back to the pool (or is closed if the
+        answer was not read to its end); on any exception, cancellation included (the
+        client went away), it is closed, which is what cancels the upstream generation.
         """
         self.in_flight += 1
         try:
-            try:
-                response = await self._session_pair()[0].request(
-                    request.method, request.url, headers=request.headers,
-                    data=request.body or None, allow_redirects=False)
-            except UPSTREAM_EXCEPTIONS as exc:
-                raise translate_exception(exc, provider) from exc
+            connection, response = await self._send(request, provider)
             try:
                 yield response
             except BaseException:
-                response.close()
+                connection.close()
                 raise
-            response.release()
+            connection.release()
         finally:
             self.in_flight -= 1
 
-    async def get_json(self, url: URL, headers: Mapping[str, str], provider: str
-                       ) -> tuple[int, Any]:
-        """A control-plane GET (discovery, health): status and parsed JSON body."""
+    async def _send(self, request: UpstreamRequest, provider: str
+                    ) -> tuple[Connection, http1.UpstreamResponse]:
+        if self._connector is None:
+            raise RuntimeError("UpstreamClient used before start() or after close()")
+        origin = self._origin(request.url, request.tls)
+        payload = http1.serialize(request.method, request.url, origin.host_header,
+                                  request.headers, request.body)
         try:
-            control = self._session_pair()[1]
-            async with control.get(url, headers=headers, allow_redirects=True) as resp:
+            connection = await self._connector.connect(origin.template, [],
+                                                       self._connect_timeout)
+        except UPSTREAM_EXCEPTIONS as exc:
+            raise translate_exception(exc, provider) from exc
+        try:
+            response = await http1.exchange(
+                connection, payload, head_only=request.method == "HEAD",
+                read_timeout=self._config.timeouts.read)
+        except BaseException as exc:
+            connection.close()
+            if isinstance(exc, http1.HttpProcessingError):
+                raise UpstreamProtocolError(
+                    f"upstream '{provider}' sent an invalid HTTP answer") from exc
+            if isinstance(exc, UPSTREAM_EXCEPTIONS):
+                raise translate_exception(exc, provider) from exc
+            raise
+        return connection, response
+
+    def _origin(self, url: URL, tls: ssl.SSLContext | None) -> http1.Origin:
+        key = (url.scheme, url.raw_host, url.port, id(tls))
+        origin = self._origins.get(key)
+        if origin is None:
+            origin = self._origins[key] = http1.origin_of(url, tls)
+        return origin
+
+    async def get_json(self, url: URL, headers: Mapping[str, str], provider: str,
+                       tls: ssl.SSLContext | None = None) -> tuple[int, Any]:
+        """A control-plane GET (discovery, health): status and parsed JSON body."""
+        if self._control is None:
+            raise RuntimeError("UpstreamClient used before start() or after close()")
+        try:
+            async with self._control.get(url, headers=headers, allow_redirects=True,
+                                         ssl=tls if tls is not None else True) as resp:
                 body = await resp.read()
         except UPSTREAM_EXCEPTIONS as exc:
             raise translate_exception(exc, provider) from exc
@@ -154,18 +191,23 @@ class UpstreamClient:
             return resp.status, None
 
     async def close(self) -> None:
-        if self._sessions is not None:
-            sessions, self._sessions = self._sessions, None
-            for session in sessions:
-                await session.close()
+        control, connector = self._control, self._connector
+        self._control = self._connector = None
+        if control is not None:
+            await control.close()
+        if connector is not None:
+            await connector.close()
+
+
+def _connector(limit: int, keepalive: float) -> aiohttp.TCPConnector:
+    return aiohttp.TCPConnector(
+        limit=limit, limit_per_host=0, use_dns_cache=True, ttl_dns_cache=300,
+        keepalive_timeout=keepalive, resolver=aiohttp.AsyncResolver())
 
 
 def _session(*, limit: int, keepalive: float, timeout: aiohttp.ClientTimeout
              ) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=limit, limit_per_host=0, use_dns_cache=True, ttl_dns_cache=300,
-        keepalive_timeout=keepalive, resolver=aiohttp.AsyncResolver())
     return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False,
+        connector=_connector(limit, keepalive), timeout=timeout, auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=_SKIP_AUTO_HEADERS,
         raise_for_status=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -139,10 +140,43 @@ def port(value: Any) -> int:
     return number
 
 
+def at_least(minimum: float) -> Validator[float]:
+    def validator(value: Any) -> float:
+        number = _number(value)
+        if number < minimum:
+            raise ValueError(f"must be at least {minimum:g} (got {value})")
+        return number
+
+    return validator
+
+
+def fraction(value: Any) -> float:
+    number = _number(value)
+    if not 0 < number < 1:
+        raise ValueError(f"must be between 0 and 1, exclusive (got {value})")
+    return number
+
+
+def one_of(*choices: str) -> Validator[str]:
+    def validator(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of: {', '.join(choices)} (got {value!r})")
+        return str(value)
+
+    return validator
+
+
 def url(value: Any) -> str:
     text = string(value)
     if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
         raise ValueError("must start with http:// or https://")
+    return text
+
+
+def readable_file(value: Any) -> str:
+    text = string(value)
+    if not Path(text).is_file():
+        raise ValueError(f"no such file: {text}")
     return text
 
 

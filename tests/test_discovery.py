@@ -191,7 +191,8 @@ async def test_healthz_never_touches_upstreams(
     await _until(lambda: fake.calls == 1 and fake.shared.now == 0)  # start-up discovery
     for _ in range(3):
         status, body, _ = await _get(f"{gateway}/healthz")
-        assert (status, body) == (200, {"status": "ok"})
+        assert status == 200
+        assert body["status"] == "ok"
     assert fake.calls == 1
 
 

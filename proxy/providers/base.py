@@ -16,6 +16,7 @@ module + one registry line" true.
 
 from __future__ import annotations
 
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ class Provider(ABC):
         self.config = config
         self.name = config.name
         self.base_url = URL(config.base_url)
+        # Built once: an SSL context is costly, and the upstream pool keys on it.
+        self.tls = ssl.create_default_context(cafile=config.ca_file) if config.ca_file else None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} base_url={self.config.base_url!r}>"

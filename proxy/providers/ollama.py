@@ -48,7 +48,7 @@ class OllamaProvider(Provider):
         path, build = route
         body = build(call.payload, call.upstream_model or call.model or "")
         headers = self.credential_headers(_ollama_headers(call.headers))
-        return UpstreamRequest("POST", self.url(path), headers, orjson.dumps(body))
+        return UpstreamRequest("POST", self.url(path), headers, orjson.dumps(body), self.tls)
 
     def translate_headers(self, call: Call, headers: CIMultiDict[str]) -> CIMultiDict[str]:
         for name in ("Content-Type", "Content-Encoding", "Content-Length"):
@@ -64,7 +64,7 @@ class OllamaProvider(Provider):
 
     async def list_models(self, client: UpstreamClient) -> list[str]:
         status, body = await client.get_json(self.url("api/tags"), self.control_headers(),
-                                             self.name)
+                                             self.name, self.tls)
         if status != 200:
             raise models_error(self, status, body)
         models = body.get("models") if isinstance(body, dict) else None

@@ -23,11 +23,12 @@ class OpenAICompatProvider(Provider):
             url=self.url(call.endpoint, call.query),
             headers=self.credential_headers(call.headers),
             body=call.body_for_upstream(),
+            tls=self.tls,
         )
 
     async def list_models(self, client: UpstreamClient) -> list[str]:
         status, body = await client.get_json(self.url("models"), self.control_headers(),
-                                             self.name)
+                                             self.name, self.tls)
         if status != 200:
             raise models_error(self, status, body)
         return _model_ids(body)

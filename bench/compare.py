@@ -1,0 +1,399 @@
+"""Direct vs gateway vs naive aiohttp proxy vs nginx, in one run (issue #3, "bench/").
+
+Why one script: figures from separate runs drift with the machine's state, so every
+target is measured in the same run, interleaved (the order rotates each round) and
+repeated (``--rounds``); the table shows medians across rounds. Targets:
+
+* ``direct``: the load generator against the mock upstream itself (the floor);
+* ``gateway``: ``python -m proxy serve --upstream ...`` (one worker, drop-in mode);
+* ``naive``: ``bench/naive_proxy.py``, one shared ``ClientSession`` (the baseline);
+* ``nginx``: ``proxy_pass`` with upstream keep-alive (the compiled reference), when an
+  ``nginx`` binary exists (PATH or /usr/sbin), else skipped with a note.
+
+``--pin`` (needs ``taskset`` and 2 CPUs): the proxy under test runs on core 0, the load
+generator and the mock upstream share core 1, so the proxy gets one whole core, as in
+the issue's anchors. Each measurement also reports the CPU share (CPU seconds per second
+of warm-up plus measurement) of the proxy and of the upstream: a proxy near 1.0 was the
+bottleneck; upstream plus ``gen_cpu`` near 1.0 means core 1 was.
+
+``--upstream static`` (throughput only) replaces the mock with an nginx that returns the
+mock's chat completion as a constant: the aiohttp mock plus the generator saturate core
+1 at about 12-15k req/s through any proxy, which caps nginx and would cap a gateway
+aiming at 2.5x the naive proxy; the static upstream does not (about 60k req/s direct).
+
+Scenarios: ``throughput`` (64 connections, closed loop, instant upstream, non-stream
+chat POST), ``latency`` (upstream answers after 50 ms, open loop at ``--rate`` 1000
+req/s on 128 connections; added latency vs direct), ``stream`` (8 chunks 10 ms apart,
+open loop at ``--rate`` 200 streams/s; TTFB and inter-event gap vs direct).
+
+Every process is started here on a free loopback port, waited for by bounded polling,
+and stopped here (SIGTERM, 5 s, then SIGKILL) in ``finally``, on Ctrl-C too. RSS
+(``VmRSS``, summed over nginx's master and worker) is read at idle and after all rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import mock_payloads as payloads
+from bench.load import LoadResult
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT = "/v1/chat/completions"
+_READY_TIMEOUT = 20.0
+_STOP_TIMEOUT = 5.0
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    connections: int
+    stream: bool = False
+    rate: float | None = None
+    latency: float = 0.0
+    interval: float = 0.0
+    chunks: int = 8
+
+
+def scenario(name: str, rate: float | None) -> Scenario:
+    if name == "latency":
+        return Scenario(name, 128, rate=rate or 1000.0, latency=0.05)
+    if name == "stream":
+        return Scenario(name, 64, stream=True, rate=rate or 200.0, interval=0.01)
+    return Scenario(name, 64, rate=rate)
+
+
+class Process:
+    """A child this run started (the only kind it ever stops), with its log file."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path, core: int | None) -> None:
+        self.name, self.log = name, workdir / f"{name}.log"
+        prefix = ["taskset", "-c", str(core)] if core is not None else []
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with self.log.open("wb") as log:  # the child keeps its own copy of the descriptor
+            self.popen = subprocess.Popen(  # taskset execs: the pid is the program's
+                prefix + argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def pids(self) -> list[int]:
+        """This process and its children (nginx's worker), read from /proc."""
+        pid = self.popen.pid
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            return [pid, *map(int, children)]
+        return [pid]
+
+    def rss_mb(self) -> float:
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        return round(total / 1024, 1)
+
+    def cpu_seconds(self) -> float:
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / _TICK
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(_STOP_TIMEOUT)
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    proc: Process | None  # the proxy under test; None for direct
+
+
+def free_port() -> int:
+    """A port free right now on 127.0.0.1 (the kernel picks it; the child binds it next)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_ready(proc: Process, url: str) -> None:
+    """Poll ``url`` until it answers 200, the process exits, or 20 s pass."""
+    deadline = time.monotonic() + _READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1.0) as answer:
+            if answer.status == 200:  # URLError and HTTPError are OSErrors
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} not ready after {_READY_TIMEOUT:g} s:\n{proc.tail()}")
+
+
+def nginx_binary() -> str | None:
+    found = shutil.which("nginx")
+    return found or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+
+
+def nginx_argv(workdir: Path, name: str, port: int, location: str, extra: str = "") -> list[str]:
+    """Command line of one minimal nginx (one worker, no access log) in its own prefix."""
+    binary = nginx_binary()
+    if binary is None:
+        raise RuntimeError("no nginx binary on PATH or at /usr/sbin/nginx")
+    prefix = workdir / name
+    prefix.mkdir()
+    temp = " ".join(f"{kind}_temp_path {prefix}/{kind};"
+                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (prefix / "nginx.conf").write_text(
+        f"worker_processes 1; error_log {prefix}/error.log warn; pid {prefix}/nginx.pid;\n"
+        f"events {{ worker_connections 4096; }}\n"
+        f"http {{ access_log off; {temp} keepalive_requests 1000000; {extra}\n"
+        f"  server {{ listen 127.0.0.1:{port}; client_max_body_size 32m;\n"
+        f"    location / {{ {location} }} }} }}\n")
+    return [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"]
+
+
+def _proxy_pass(upstream_port: int) -> tuple[str, str]:
+    """nginx as a reverse proxy: upstream keep-alive, streams unbuffered (deploy/ does too)."""
+    extra = (f"upstream mock {{ server 127.0.0.1:{upstream_port}; keepalive 256; "
+             "keepalive_requests 1000000; }")
+    return ('proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection "";'
+            " proxy_buffering off; proxy_read_timeout 300s;", extra)
+
+
+def _static_answer() -> str:
+    """An nginx ``return`` of the chat completion the mock would send, byte for byte."""
+    text = payloads.answer_for("Say hello to the benchmark.")
+    answer = payloads.Answer("chatcmpl-static", 1700000000, "mock-gpt", text,
+                             payloads.usage("Say hello to the benchmark.", text))
+    body = orjson.dumps(payloads.chat_completion(answer)).decode()
+    return f"default_type application/json; return 200 '{body}';"
+
+
+def start_all(sc: Scenario, args: argparse.Namespace, workdir: Path, pin: bool,
+              stack: contextlib.ExitStack) -> tuple[Process, list[Target]]:
+    """Start the upstream, then every proxy in front of it; all registered for stopping."""
+    py, procs = sys.executable, {}
+    def launch(name: str, argv: list[str], core: int, port: int, ready: str) -> str:
+        procs[name] = proc = Process(name, argv, workdir, core if pin else None)
+        stack.callback(proc.stop)
+        wait_ready(proc, f"http://127.0.0.1:{port}{ready}")
+        return f"http://127.0.0.1:{port}"
+    up, gw, naive, nginx = (free_port() for _ in range(4))
+    if args.upstream == "static":
+        argv = nginx_argv(workdir, "static", up, _static_answer())
+    else:
+        argv = [py, "-m", "bench.upstream", "--port", str(up), "--latency", str(sc.latency),
+                "--chunks", str(sc.chunks), "--interval", str(sc.interval)]
+    base = launch("upstream", argv, 1, up, "/v1/models")
+    urls = {"direct": base,
+            "gateway": launch("gateway", [py, "-m", "proxy", "serve", "--upstream",
+                                          f"{base}/v1", "--port", str(gw)], 0, gw, "/healthz"),
+            "naive": launch("naive", [py, "-m", "bench.naive_proxy", "--upstream", base,
+                                      "--port", str(naive)], 0, naive, "/v1/models")}
+    if nginx_binary() is not None:
+        argv = nginx_argv(workdir, "nginx", nginx, *_proxy_pass(up))
+        urls["nginx"] = launch("nginx", argv, 0, nginx, "/v1/models")
+    return procs["upstream"], [Target(name, url + CHAT, procs.get(name))
+                               for name, url in urls.items()]
+
+
+def measure(target: Target, upstream: Process, sc: Scenario, args: argparse.Namespace,
+            pin: bool) -> dict[str, Any]:
+    """One bounded run of ``bench/load.py`` in a subprocess (pinned to core 1 with --pin)."""
+    argv = [sys.executable, "-m", "bench.load", "--url", target.url, "--json",
+            "--connections", str(sc.connections), "--duration", str(args.duration),
+            "--warmup", str(args.warmup)]
+    argv += ["--stream"] if sc.stream else []
+    argv += ["--rate", str(sc.rate)] if sc.rate else []
+    argv = (["taskset", "-c", "1"] if pin else []) + argv
+    cpu = [p.cpu_seconds() for p in (upstream, target.proc) if p is not None]
+    done = subprocess.run(argv, capture_output=True, check=False, cwd=REPO,
+                          timeout=args.duration + args.warmup + 90)
+    busy = args.duration + args.warmup  # the generator's start-up costs no server CPU
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed on {target.name}: {done.stderr.decode()}")
+    result = LoadResult.from_json(orjson.loads(done.stdout.splitlines()[-1]))
+    shares = [round((p.cpu_seconds() - before) / busy, 2) for p, before in
+              zip((q for q in (upstream, target.proc) if q is not None), cpu, strict=True)]
+    return {"result": result, "upstream_cpu": shares[0],
+            "proxy_cpu": shares[1] if len(shares) > 1 else None}
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians across rounds of one target; errors summed."""
+    results: list[LoadResult] = [run["result"] for run in runs]
+    errors: dict[str, int] = {}
+    for r in results:
+        for kind, count in r.errors.items():
+            errors[kind] = errors.get(kind, 0) + count
+    summary: dict[str, Any] = {
+        "rps": _median([r.rps for r in results]),
+        "rps_range": f"{min(r.rps for r in results):.0f}-{max(r.rps for r in results):.0f}",
+        **{key: _median([getattr(r.latency_ms, key) for r in results])
+           for key in ("p50", "p90", "p99", "max", "mean")},
+        "errors": errors, "gen_cpu": _median([r.client_cpu for r in results]),
+        "upstream_cpu": _median([run["upstream_cpu"] for run in runs])}
+    if runs[0]["proxy_cpu"] is not None:
+        summary["proxy_cpu"] = _median([run["proxy_cpu"] for run in runs])
+    if results[0].ttfb_ms is not None:
+        summary["ttfb_p50"] = _median([r.ttfb_ms.p50 for r in results if r.ttfb_ms])
+        summary["ttfb_p99"] = _median([r.ttfb_ms.p99 for r in results if r.ttfb_ms])
+        summary["gap"] = _median([r.gap_ms or 0.0 for r in results])
+    return summary
+
+
+def ratios(sc: Scenario, summary: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Throughput ratios of the gateway to each other target; added latency vs direct."""
+    out: dict[str, float] = {}
+    gateway, direct = summary.get("gateway"), summary.get("direct")
+    for other in ("direct", "naive", "nginx"):  # closed loop only: a fixed rate is no ratio
+        if not sc.rate and gateway and other in summary and summary[other]["rps"]:
+            out[f"gateway/{other}"] = round(gateway["rps"] / summary[other]["rps"], 2)
+    for name, s in summary.items():
+        if direct and name != "direct":
+            keys = ("ttfb_p50", "ttfb_p99", "gap") if sc.stream else ("p50", "p99", "mean")
+            for key in keys:
+                out[f"{name} +{key} ms"] = round(s[key] - direct[key], 3)
+    return out
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items()) or "0"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The table for bench/RESULTS.md, with the settings that produced it."""
+    sc = report["scenario"]
+    cols = ["rps", "rps_range", "p50", "p90", "p99", "max", "mean"]
+    cols += ["ttfb_p50", "ttfb_p99", "gap"] if sc["stream"] else []
+    cols += ["proxy_cpu", "upstream_cpu", "gen_cpu", "errors"]
+    load = f"rate {sc['rate']:g} req/s" if sc["rate"] else "closed loop"
+    body = (f"stream of {sc['chunks']} chunks {sc['interval'] * 1000:g} ms apart"
+            if sc["stream"] else "non-stream")
+    lines = [f"### {sc['name']}: {sc['connections']} connections, {load}, upstream latency "
+             f"{sc['latency'] * 1000:g} ms, {body}; {report['rounds']} rounds x "
+             f"{report['duration']:g} s, medians; pinned: {report['pinned']}", "",
+             "| target | " + " | ".join(cols) + " | RSS idle -> after MB |",
+             "|---" * (len(cols) + 2) + "|"]
+    for name, s in report["targets"].items():
+        rss = report["rss_mb"].get(name)
+        mem = f"{rss['idle']} -> {rss['after']}" if rss else "-"
+        lines.append(f"| {name} | " + " | ".join(_cell(s.get(c)) for c in cols)
+                     + f" | {mem} |")
+    lines += ["", "Latencies in ms. " + "; ".join(f"{k}: {v:g}" for k, v in
+                                                  report["ratios"].items())]
+    lines += [f"Note: {note}" for note in report["notes"]]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Start everything, measure every target ``rounds`` times interleaved, stop all."""
+    sc = scenario(args.scenario, args.rate)
+    notes: list[str] = []
+    pin = args.pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    if args.pin and not pin:
+        notes.append("--pin ignored: needs taskset and at least 2 CPUs")
+    if nginx_binary() is None:
+        notes.append("nginx skipped: no nginx binary on PATH or at /usr/sbin/nginx")
+    if args.upstream == "static":
+        notes.append("upstream: nginx returning a constant chat completion (not the mock)")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    rss: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp, \
+            contextlib.ExitStack() as stack:
+        upstream, targets = start_all(sc, args, Path(tmp), pin, stack)
+        procs = {"upstream": upstream, **{t.name: t.proc for t in targets if t.proc}}
+        idle = {name: p.rss_mb() for name, p in procs.items()}
+        for round_ in range(args.rounds):
+            shift = round_ % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                print(f"round {round_ + 1}/{args.rounds}: {target.name}", file=sys.stderr)
+                runs.setdefault(target.name, []).append(
+                    measure(target, upstream, sc, args, pin))
+        rss = {n: {"idle": idle[n], "after": p.rss_mb()} for n, p in procs.items()}
+    summary = {t.name: summarize(runs[t.name]) for t in targets}
+    return {"scenario": vars(sc), "rounds": args.rounds, "duration": args.duration,
+            "pinned": "proxy core 0; generator + upstream core 1" if pin else "no",
+            "targets": summary, "ratios": ratios(sc, summary), "rss_mb": rss,
+            "notes": notes, "runs": {n: [{**r, "result": r["result"].to_json()} for r in rs]
+                                     for n, rs in runs.items()}}
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwind through every ``finally``, stopping what we started
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=("throughput", "latency", "stream"),
+                        default="throughput")
+    parser.add_argument("--rounds", type=int, default=3, choices=range(1, 21), metavar="1-20")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each")
+    parser.add_argument("--rate", type=float, help="offered req/s (latency, stream)")
+    parser.add_argument("--pin", action="store_true", help="taskset: proxy core 0, rest 1")
+    parser.add_argument("--upstream", choices=("mock", "static"), default="mock",
+                        help="static: nginx answering a constant chat completion, so the "
+                             "upstream never caps a proxy (throughput only)")
+    parser.add_argument("--json", action="store_true", help="print JSON, not Markdown")
+    args = parser.parse_args(argv)
+    if not 0 < args.duration <= 600:
+        parser.error("--duration must be in (0, 600]")
+    if args.upstream == "static" and (args.scenario != "throughput" or not nginx_binary()):
+        parser.error("--upstream static needs nginx and the throughput scenario")
+    for signum in (signal.SIGINT, signal.SIGTERM):  # even if a shell set SIGINT ignored
+        signal.signal(signum, _raise_interrupt)
+    try:
+        report = run(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except RuntimeError as exc:  # a process that did not start, a failed measurement
+        print(f"compare: {exc}", file=sys.stderr)
+        sys.exit(1)
+    show: Callable[[dict[str, Any]], str] = (
+        (lambda r: orjson.dumps(r, option=orjson.OPT_INDENT_2).decode()) if args.json
+        else markdown)
+    print(show(report))
+
+
+if __name__ == "__main__":
+    main()

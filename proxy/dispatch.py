@@ -1,0 +1,149 @@
+"""Where an answer comes from: the cache, an identical request in flight, or a new
+upstream call, in that order.
+
+A request nobody may share (``sharing.ALONE``) takes the direct path: its handler sends
+the upstream request itself and relays the live answer; a client that leaves cancels it.
+A shareable request goes through an :class:`~proxy.dedup.Exchange`, whose upstream call
+runs in a background task so that one client leaving does not end it for the others;
+the last one leaving does. Every upstream call first takes a slot from its provider's
+adaptive concurrency limit (``limits.py``), which may shed it with a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from proxy.answers import Answer, read_upstream
+from proxy.cache import ResponseCache
+from proxy.dedup import Exchange, Head, InflightRequests
+from proxy.errors import GatewayError, UpstreamError
+from proxy.limits import AdaptiveLimiter, Outcome
+from proxy.providers import Call, Provider
+from proxy.sharing import Sharing
+from proxy.tasks import BackgroundTasks
+from proxy.upstream import UpstreamClient
+
+OVERLOAD_STATUSES = frozenset({429, 503})
+
+
+@dataclass(slots=True)
+class Timing:
+    """When the gateway got the request, and how long it then waited on upstreams:
+    the difference is the gateway's own overhead (``X-Gateway-Overhead-Ms``)."""
+
+    started: float
+    upstream_wait: float = 0.0
+
+    def overhead_ms(self) -> float:
+        return (time.perf_counter() - self.started - self.upstream_wait) * 1000
+
+
+class Dispatcher:
+    def __init__(self, client: UpstreamClient, tasks: BackgroundTasks,
+                 inflight: InflightRequests, cache: ResponseCache,
+                 limiters: Mapping[str, AdaptiveLimiter], max_buffer_bytes: int):
+        self._client = client
+        self._tasks = tasks
+        self._limiters = limiters
+        self._max_buffer = max_buffer_bytes
+        self.inflight = inflight
+        self.cache = cache
+
+    def __repr__(self) -> str:
+        return f"<Dispatcher {self.inflight!r} {self.cache!r}>"
+
+    def limits(self, provider: str) -> dict[str, float | int]:
+        """The provider's concurrency limiter state, for ``/health``."""
+        return self._limiters[provider].snapshot()
+
+    @asynccontextmanager
+    async def answer(self, call: Call, provider: Provider, sharing: Sharing,
+                     timing: Timing) -> AsyncIterator[Answer]:
+        if sharing.key is None:
+            async with self._upstream(call, provider, timing) as answer:
+                yield answer
+            return
+        cached = self.cache.get(sharing.key) if sharing.cache_read else None
+        if cached is not None:
+            answer = cached.replay()
+            answer.headers["X-Cache"] = "HIT"
+            yield answer
+            return
+        exchange, role = self._exchange(call, provider, sharing)
+        subscription = exchange.subscribe()
+        try:
+            waited_from = time.perf_counter()
+            answer = await subscription.answer()
+            timing.upstream_wait += time.perf_counter() - waited_from
+            if sharing.dedup:
+                answer.headers["X-Gateway-Dedup"] = role
+            if sharing.cache_write:
+                answer.headers["X-Cache"] = "MISS"
+            yield answer
+        finally:
+            exchange.leave(subscription)
+
+    def _exchange(self, call: Call, provider: Provider, sharing: Sharing
+                  ) -> tuple[Exchange, str]:
+        assert sharing.key is not None
+        if sharing.dedup:
+            joined = self.inflight.join(sharing.key)
+            if joined is not None:
+                return joined, "follower"
+            exchange = self.inflight.lead(sharing.key)
+        else:
+            exchange = Exchange(sharing.key, self._max_buffer)
+        exchange.task = self._tasks.spawn(self._produce(exchange, call, provider, sharing),
+                                          name=f"exchange:{provider.name}")
+        return exchange, "leader"
+
+    async def _produce(self, exchange: Exchange, call: Call, provider: Provider,
+                       sharing: Sharing) -> None:
+        """Read one upstream answer into ``exchange`` (a background task)."""
+        try:
+            async with self._upstream(call, provider, None) as answer:
+                exchange.set_head(Head(answer.status, answer.reason,
+                                       tuple(answer.headers.items()), answer.complete))
+                async for chunk in answer.chunks:
+                    exchange.append(chunk)
+                    await exchange.room()
+            exchange.finish()
+            if sharing.cache_write and answer.status == 200 and exchange.chunks:
+                assert exchange.head is not None and sharing.key is not None
+                self.cache.put(sharing.key, answer.status, answer.reason,
+                               exchange.head.headers, exchange.chunks)
+        except GatewayError as error:
+            exchange.finish(error)
+        except asyncio.CancelledError:
+            exchange.finish(UpstreamError("the upstream call was cancelled"))
+            raise
+        finally:
+            self.inflight.settled(exchange)
+
+    @asynccontextmanager
+    async def _upstream(self, call: Call, provider: Provider, timing: Timing | None
+                        ) -> AsyncIterator[Answer]:
+        """One upstream call under the provider's concurrency limit."""
+        request = provider.prepare(call)
+        permit = await self._limiters[provider.name].acquire()
+        outcome, latency = Outcome.IGNORE, None
+        started = time.perf_counter()
+        try:
+            async with self._client.open(request, provider.name) as response:
+                latency = time.perf_counter() - started
+                overloaded = response.status in OVERLOAD_STATUSES
+                outcome = Outcome.OVERLOAD if overloaded else Outcome.SUCCESS
+                answer = await read_upstream(call, provider, response)  # error bodies too
+                if timing is not None:
+                    timing.upstream_wait += time.perf_counter() - started
+                yield answer
+        except UpstreamError:
+            if latency is None:
+                outcome = Outcome.ERROR
+            raise
+        finally:
+            permit.release(outcome, latency=latency)

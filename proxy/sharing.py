@@ -1,0 +1,88 @@
+"""Which requests may share an upstream call or a cached answer, and under what key.
+
+Two identical requests with ``temperature`` > 0 may be meant as two independent samples,
+so by default only *deterministic* requests are shared: ``temperature`` 0, a ``seed``, or
+an embeddings request. ``dedup.mode: all`` shares every identical request (cheaper, but
+identical sampled requests then get the same sample); ``off`` shares none. Clients opt
+out per request with ``X-Gateway-Dedup: off`` and control the cache with
+``Cache-Control: no-cache`` (do not read it), ``no-store`` (neither read nor write) and
+``X-Gateway-Cache: on`` (cache a non-deterministic request) or ``off``.
+
+The key covers everything that changes the answer: the caller's identity (so two
+tenants never share an answer), the provider, method, path and query, and the body
+canonicalised (orjson, sorted keys) and hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from multidict import CIMultiDictProxy
+
+from proxy.config import CacheConfig, DedupConfig
+from proxy.headers import AUTHORIZATION
+from proxy.providers import Call
+
+
+@dataclass(frozen=True, slots=True)
+class Sharing:
+    key: bytes | None  # None: the request is answered on its own
+    dedup: bool = False
+    cache_read: bool = False
+    cache_write: bool = False
+
+    @property
+    def records(self) -> bool:
+        """The answer must be recorded (to share it or to cache it)."""
+        return self.dedup or self.cache_write
+
+
+ALONE = Sharing(key=None)
+
+
+def sharing_for(call: Call, provider: str, client_headers: CIMultiDictProxy[str],
+                dedup: DedupConfig, cache: CacheConfig) -> Sharing:
+    if call.method != "POST" or call.payload is None:
+        return ALONE
+    deterministic = is_deterministic(call.endpoint, call.payload)
+    may_dedup = dedup.mode == "all" or (dedup.mode == "deterministic" and deterministic)
+    may_dedup = may_dedup and client_headers.get("X-Gateway-Dedup", "").lower() != "off"
+    cache_read, cache_write = _cache_rules(client_headers, cache, deterministic)
+    if not (may_dedup or cache_read or cache_write):
+        return ALONE
+    return Sharing(_key(call, provider, client_headers), may_dedup, cache_read, cache_write)
+
+
+def is_deterministic(endpoint: str, payload: dict[str, Any]) -> bool:
+    if endpoint == "embeddings":
+        return True
+    return payload.get("temperature") == 0 or payload.get("seed") is not None
+
+
+def _cache_rules(headers: CIMultiDictProxy[str], cache: CacheConfig, deterministic: bool
+                 ) -> tuple[bool, bool]:
+    opt = headers.get("X-Gateway-Cache", "").lower()
+    if not cache.enabled or opt == "off" or not (deterministic or opt == "on"):
+        return False, False
+    directives = {d.strip().lower() for d in headers.get("Cache-Control", "").split(",")}
+    if "no-store" in directives:
+        return False, False
+    return "no-cache" not in directives, True
+
+
+def _key(call: Call, provider: str, headers: CIMultiDictProxy[str]) -> bytes:
+    digest = hashlib.blake2b(digest_size=20)
+    for part in (caller_identity(headers), provider, call.method, call.endpoint, call.query):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    digest.update(orjson.dumps(call.payload, option=orjson.OPT_SORT_KEYS))
+    return digest.digest()
+
+
+def caller_identity(headers: CIMultiDictProxy[str]) -> str:
+    """Who is asking: the client's credentials (hashed where they are used, never
+    stored). Gateway keys will take this place when they exist (issue #4)."""
+    return headers.get(AUTHORIZATION, "")

@@ -1,0 +1,409 @@
+"""In-flight deduplication through the real gateway, against tiny upstreams that count.
+
+Issue #3: "Identical requests that are in flight at the same time share one upstream
+call. [...] An upstream error is delivered to every waiter. [...] A subscriber that joins
+late first receives the chunks already sent, then the live rest [...] a slow client must
+not stall the others [...] when the last one leaves, the upstream call is cancelled."
+Each upstream answer names its call number, so identical bodies prove one shared call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from proxy.dedup import Exchange, FellBehind, Head
+from tests.conftest import MakeConfig, StartGateway, StartUpstream
+
+CHAT = "/v1/chat/completions"
+Reply = tuple[int, "dict[str, str]", bytes]  # status, headers, body
+
+
+class Upstream:
+    """Counts calls; waits ``delay`` then answers ``status``; streams ``events`` SSE events
+    ``interval`` s apart (each padded to ``pad`` bytes) once ``gate`` is open."""
+
+    def __init__(self, delay: float = 0.2, status: int = 200,
+                 headers: dict[str, str] | None = None, events: int = 6,
+                 interval: float = 0.15, pad: int = 0):
+        self.delay, self.status, self.headers = delay, status, headers or {}
+        self.events, self.interval, self.pad = events, interval, pad
+        self.calls = 0
+        self.cancelled = asyncio.Event()
+        self.written_at: list[float] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post(CHAT, self.handle)
+        app.router.add_post("/v1/embeddings", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        self.calls += 1
+        call = self.calls
+        try:
+            if payload.get("stream"):
+                return await self._stream(request, call)
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        headers = {"X-Request-ID": f"upstream-{call}", **self.headers}
+        if self.status != 200:
+            error = {"error": {"message": f"failure {call}", "type": "x", "code": None}}
+            return web.json_response(error, status=self.status, headers=headers)
+        answer = {"id": f"answer-{call}", "object": "chat.completion"}
+        if self.pad:
+            answer["pad"] = "x" * self.pad
+        return web.json_response(answer, headers=headers)
+
+    async def _stream(self, request: web.Request, call: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await self.gate.wait()
+        for index in range(self.events):
+            await asyncio.sleep(self.interval)
+            await response.write(event(call, index, self.pad))
+            self.written_at.append(time.monotonic())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def event(call: int, index: int, pad: int = 0) -> bytes:
+    chunk = {"id": f"chatcmpl-{call}", "object": "chat.completion.chunk", "created": 1,
+             "model": "m", "pad": "x" * pad,
+             "choices": [{"index": 0, "delta": {"content": f"w{index} "},
+                          "finish_reason": None}]}
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def full_stream(call: int, events: int = 6, pad: int = 0) -> bytes:
+    return b"".join(event(call, i, pad) for i in range(events)) + b"data: [DONE]\n\n"
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+        yield client
+
+
+@pytest.fixture
+def gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
+            make_config: MakeConfig) -> Callable[..., Any]:
+    """``await gateway(upstream, **raw_config)`` -> the gateway's base URL. The cache is
+    off unless ``raw_config`` says otherwise, so only deduplication can share."""
+    async def start(upstream: Upstream, **raw: Any) -> str:
+        url = await start_upstream(upstream.app())
+        raw.setdefault("cache", {"enabled": False})
+        return await start_gateway(make_config(
+            [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1",
+              "models": ["m", "e"]}], **raw))
+
+    return start
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any] | bytes,
+               headers: dict[str, str] | None = None) -> Reply:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    async with session.post(url, data=data, headers=all_headers) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+async def burst(session: aiohttp.ClientSession, url: str, body: dict[str, Any], n: int,
+                headers: dict[str, str] | None = None) -> list[Reply]:
+    return await asyncio.gather(*(post(session, url, body, headers) for _ in range(n)))
+
+
+def roles(replies: list[Reply]) -> list[str | None]:
+    return sorted((r[1].get("X-Gateway-Dedup") for r in replies), key=str)
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    (CHAT, chat(temperature=0)),
+    (CHAT, chat(seed=7)),
+    (CHAT, chat(seed=7, temperature=0.7)),
+    ("/v1/embeddings", {"model": "e", "input": "hello"}),
+])
+async def test_identical_deterministic_requests_share_one_call(
+    gateway: Callable[..., Any], session: aiohttp.ClientSession, path: str,
+    body: dict[str, Any],
+) -> None:
+    upstream = Upstream()
+    url = await gateway(upstream) + path
+    replies = await asyncio.gather(*(
+        post(session, url, body, {"X-Request-ID": f"client-{i}"}) for i in range(20)))
+    assert upstream.calls == 1
+    assert {r[0] for r in replies} == {200}
+    assert {r[2] for r in replies} == {b'{"id": "answer-1", "object": "chat.completion"}'}
+    assert roles(replies) == ["follower"] * 19 + ["leader"]
+    # Each client gets its own request id back, not the leader's.
+    assert [r[1]["X-Request-ID"] for r in replies] == [f"client-{i}" for i in range(20)]
+    assert {r[1].get("X-Upstream-Request-ID") for r in replies} == {"upstream-1"}
+
+
+@pytest.mark.parametrize(("raw", "body", "headers", "calls", "role"), [
+    ({}, chat(temperature=0.7), {}, 5, None),
+    ({"dedup": {"mode": "all"}}, chat(temperature=0.7), {}, 1, "shared"),
+    ({"dedup": {"mode": "all"}}, chat(), {}, 1, "shared"),
+    ({"dedup": {"mode": "off"}}, chat(temperature=0), {}, 5, None),
+    ({}, chat(temperature=0), {"X-Gateway-Dedup": "off"}, 5, None),
+], ids=["sampled", "mode-all", "mode-all-no-temperature", "mode-off", "header-off"])
+async def test_dedup_modes_and_opt_out(
+    gateway: Callable[..., Any], session: aiohttp.ClientSession, raw: dict[str, Any],
+    body: dict[str, Any], headers: dict[str, str], calls: int, role: str | None,
+) -> None:
+    upstream = Upstream()
+    replies = await burst(session, await gateway(upstream, **raw) + CHAT, body, 5, headers)
+    assert upstream.calls == calls
+    assert {r[0] for r in replies} == {200}
+    if role is None:
+        assert roles(replies) == [None] * 5
+        assert len({r[2] for r in replies}) == 5  # five independent answers
+    else:
+        assert roles(replies) == ["follower"] * 4 + ["leader"]
+
+
+async def test_callers_and_bodies_that_differ(
+    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+) -> None:
+    upstream = Upstream()
+    url = await gateway(upstream) + CHAT
+    body = chat(temperature=0)
+    await asyncio.gather(post(session, url, body, {"Authorization": "Bearer a"}),
+                         post(session, url, body, {"Authorization": "Bearer b"}))
+    assert upstream.calls == 2, "two callers must never share an answer"
+    reordered = b'{"temperature": 0, "messages": [{"content": "hi", "role": "user"}], ' \
+                b'"model": "m"}'
+    replies = await asyncio.gather(post(session, url, body), post(session, url, reordered))
+    assert upstream.calls == 3, "the same body with keys reordered is the same request"
+    assert replies[0][2] == replies[1][2]
+    await asyncio.gather(post(session, url, body),
+                         post(session, url, chat(temperature=0, max_tokens=5)))
+    assert upstream.calls == 5
+
+
+@pytest.mark.parametrize(("status", "headers"), [(500, {}), (429, {"Retry-After": "7"})])
+async def test_upstream_error_reaches_every_waiter(
+    gateway: Callable[..., Any], session: aiohttp.ClientSession, status: int,
+    headers: dict[str, str],
+) -> None:
+    upstream = Upstream(status=status, headers=headers)
+    replies = await burst(session, await gateway(upstream) + CHAT, chat(temperature=0), 6)
+    assert upstream.calls == 1
+    assert {r[0] for r in replies} == {status}
+    assert {orjson.loads(r[2])["error"]["message"] for r in replies} == {"failure 1"}
+    assert {r[1].get("Retry-After") for r in replies} == {headers.get("Retry-After")}
+    assert roles(replies) == ["follower"] * 5 + ["leader"]
+
+
+async def read_timed(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                     pause: float = 0.0) -> tuple[list[tuple[float, bytes]], dict[str, str]]:
+    """Stream ``body``; sleep ``pause`` s after the headers; (arrival time, bytes) list."""
+    arrivals: list[tuple[float, bytes]] = []
+    # The same credentials as the SDK's, so they are one caller and may share.
+    auth = {"Authorization": "Bearer sk-client-test"}
+    async with session.post(url, json=body, headers=auth) as response:
+        assert response.status == 200
+        await asyncio.sleep(pause)
+        async for data in response.content.iter_any():
+            arrivals.append((time.monotonic(), data))
+        return arrivals, dict(response.headers)
+
+
+def joined(arrivals: list[tuple[float, bytes]]) -> bytes:
+    return b"".join(data for _, data in arrivals)
+
+
+async def test_stream_fans_out_to_late_subscribers(
+    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    openai_client: Callable[..., openai.AsyncOpenAI],
+) -> None:
+    upstream = Upstream()
+    base = await gateway(upstream)
+    body = chat(temperature=0, stream=True)
+    sdk = openai_client(base)  # built now: building it blocks the loop for a while
+
+    async def late_sdk() -> str:
+        await asyncio.sleep(0.35)
+        stream = await sdk.chat.completions.create(
+            model="m", messages=body["messages"], temperature=0, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+    async def late_raw() -> tuple[float, list[tuple[float, bytes]], dict[str, str]]:
+        await asyncio.sleep(0.35)
+        joined_at = time.monotonic()
+        return joined_at, *await read_timed(session, base + CHAT, body)
+
+    first, (b_joined, b_arrivals, b_headers), text = await asyncio.gather(
+        read_timed(session, base + CHAT, body), late_raw(), late_sdk())
+    assert upstream.calls == 1
+    assert joined(first[0]) == full_stream(1)
+    assert joined(b_arrivals) == full_stream(1)
+    assert text == "".join(f"w{i} " for i in range(6))
+    assert (first[1]["X-Gateway-Dedup"], b_headers["X-Gateway-Dedup"]) == ("leader", "follower")
+    # B joined after two events had gone out and got them before the third was written.
+    assert upstream.written_at[1] < b_joined < upstream.written_at[2]
+    assert received_by(b_arrivals, len(event(1, 0) + event(1, 1))) < upstream.written_at[2]
+
+
+def received_by(arrivals: list[tuple[float, bytes]], size: int) -> float:
+    """When the first ``size`` bytes had arrived."""
+    seen = 0
+    for at, data in arrivals:
+        seen += len(data)
+        if seen >= size:
+            return at
+    raise AssertionError(f"only {seen} bytes arrived")
+
+
+async def test_slow_subscriber_does_not_stall_the_others(
+    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+) -> None:
+    # 6 events of 512 KiB: far more than the socket and client buffers of a client that
+    # does not read, so a gateway writing to subscribers in lockstep would stall A.
+    upstream = Upstream(interval=0.1, pad=512 * 1024)
+    url = await gateway(upstream) + CHAT
+    body = chat(temperature=0, stream=True)
+    started = time.monotonic()
+    fast, slow = await asyncio.gather(read_timed(session, url, body),
+                                      read_timed(session, url, body, pause=1.0))
+    expected = full_stream(1, pad=512 * 1024)
+    assert joined(fast[0]) == expected
+    assert joined(slow[0]) == expected
+    assert upstream.calls == 1
+    fast_done = fast[0][-1][0]
+    assert fast_done < started + 1.0 <= slow[0][0][0], "the fast client waited for the slow"
+
+
+async def test_leader_leaving_does_not_cancel_the_shared_call(
+    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+) -> None:
+    upstream = Upstream(delay=0.4)
+    url = await gateway(upstream) + CHAT
+    body = chat(temperature=0)
+    leader = asyncio.create_task(post(session, url, body))
+    await asyncio.sleep(0.1)
+    followers = asyncio.gather(post(session, url, body), post(session, url, body))
+    await asyncio.sleep(0.1)
+    leader.cancel()  # closes the leader's connection
+    replies = await followers
+    assert [r[0] for r in replies] == [200, 200]
+    assert {r[2] for r in replies} == {b'{"id": "answer-1", "object": "chat.completion"}'}
+    assert roles(replies) == ["follower", "follower"]
+    assert upstream.calls == 1
+    assert not upstream.cancelled.is_set()
+
+
+async def test_last_waiter_leaving_cancels_the_upstream_call(
+    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+) -> None:
+    upstream = Upstream(delay=5)
+    url = await gateway(upstream) + CHAT
+    clients = [asyncio.create_task(post(session, url, chat(temperature=0))) for _ in range(3)]
+    for _ in range(50):
+        if upstream.calls:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # the other two have joined
+    for client in clients:
+        client.cancel()
+    await asyncio.gather(*clients, return_exceptions=True)
+    await asyncio.wait_for(upstream.cancelled.wait(), 1.0)
+    assert upstream.calls == 1
+
+
+async def test_a_subscriber_that_falls_too_far_behind_is_cut_off() -> None:
+    """Unit test of the exchange's buffer budget: the producer never waits, a subscriber
+    more than ``max_buffer_bytes`` behind gets ``FellBehind``, the others go on, and
+    chunks everybody has read are dropped."""
+    exchange = Exchange(b"key", max_buffer_bytes=1000)
+    reader, idle = exchange.subscribe(), exchange.subscribe()
+    exchange.set_head(Head(200, "OK", (("Content-Type", "text/event-stream"),), False))
+    reading = (await reader.answer()).chunks
+    stalled = (await idle.answer()).chunks
+    sent = [bytes([65 + i % 26]) * 100 for i in range(30)]
+    got: list[bytes] = []
+    for chunk in sent:
+        exchange.append(chunk)
+        got.append(await anext(reading))
+    assert exchange.total_bytes == 3000
+    assert exchange.chunks == [], "chunks everybody read must be dropped"
+    assert exchange._buffered <= 1000  # what the exchange still holds
+    assert not exchange.joinable, "a late joiner could no longer get the whole answer"
+    exchange.finish()
+    assert [c async for c in reading] == []
+    assert got == sent
+    with pytest.raises(FellBehind):
+        await anext(stalled)
+
+
+async def test_a_client_that_never_reads_is_cut_off_the_others_finish(
+    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+) -> None:
+    # 4 MB streamed at full speed against a 256 KiB budget: the client that reads keeps
+    # well within it; the one that never reads fills its socket buffers and falls behind.
+    upstream = Upstream(events=2000, interval=0, pad=2000)
+    upstream.gate.clear()
+    base = await gateway(upstream, dedup={"max_buffer_bytes": 256 * 1024})
+    body = orjson.dumps(chat(temperature=0, stream=True))
+    host, port = base.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    stuck.setblocking(False)
+    with stuck:
+        await loop.sock_connect(stuck, (host, int(port)))
+        await loop.sock_sendall(stuck, (
+            f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer sk-client-test\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        for _ in range(100):
+            if upstream.calls:
+                break
+            await asyncio.sleep(0.01)
+        reader = asyncio.create_task(read_timed(session, base + CHAT, orjson.loads(body), 0))
+        await asyncio.sleep(0.2)  # the reader has joined the exchange
+        upstream.gate.set()
+        arrivals, headers = await asyncio.wait_for(reader, 5)
+        assert joined(arrivals) == full_stream(1, events=2000, pad=2000)
+        assert headers["X-Gateway-Dedup"] == "follower"
+        received = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(stuck, 65536), 5):
+            received += chunk
+    assert upstream.calls == 1
+    assert b"client_too_slow" in received
+    assert b"[DONE]" not in received
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_lone_client_is_not_cut_off_by_a_large_answer(
+    gateway: Callable[..., Any], session: aiohttp.ClientSession, stream: bool,
+) -> None:
+    """The buffer budget bounds how far a subscriber may lag behind the others; a client
+    alone on its exchange, reading at full speed, lags behind nobody."""
+    upstream = Upstream(delay=0, interval=0, events=1, pad=20_000)
+    url = await gateway(upstream, dedup={"max_buffer_bytes": 2048}) + CHAT
+    status, _, body = await post(session, url, chat(temperature=0, stream=stream))
+    assert status == 200
+    if stream:
+        assert body == full_stream(1, events=1, pad=20_000)
+    else:
+        assert orjson.loads(body)["pad"] == "x" * 20_000

@@ -1,0 +1,300 @@
+"""AdaptiveLimiter: the queue on the real event loop, the controller on a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import pytest
+
+from proxy.errors import InvalidRequest, UpstreamTimeout
+from proxy.limits import AdaptiveLimiter, LimitSettings, Outcome, Overloaded, Permit
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limiter(clock: FakeClock | None = None, changes: list[int] | None = None,
+            **settings: Any) -> AdaptiveLimiter:
+    defaults: dict[str, Any] = {"initial": 1, "min": 1, "max": 64}
+    return AdaptiveLimiter("openai", LimitSettings(**{**defaults, **settings}),
+                           clock=clock or time.monotonic,
+                           on_limit_change=None if changes is None else changes.append)
+
+
+async def run_round(lim: AdaptiveLimiter, clock: FakeClock, latency: float,
+                    outcome: Outcome = Outcome.SUCCESS, concurrency: int | None = None) -> None:
+    """``concurrency`` requests (default: the whole limit) held for ``latency`` seconds."""
+    permits = [await lim.acquire() for _ in range(concurrency or lim.limit)]
+    clock.now += latency
+    for permit in permits:
+        permit.release(outcome, latency=latency)
+
+
+# --- the queue ---------------------------------------------------------------------------
+
+async def test_under_limit_grants_at_once() -> None:
+    lim = limiter(initial=2)
+    first, second = await lim.acquire(), await lim.acquire()
+    assert (lim.in_flight, lim.queued) == (2, 0)
+    first.release(Outcome.SUCCESS)
+    second.release(Outcome.SUCCESS)
+    assert lim.in_flight == 0
+
+
+async def test_at_limit_waiters_are_granted_in_fifo_order() -> None:
+    lim = limiter()
+    holder = await lim.acquire()
+    order: list[int] = []
+
+    async def wait(i: int) -> Permit:
+        permit = await lim.acquire()
+        order.append(i)
+        return permit
+
+    tasks = [asyncio.create_task(wait(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    assert (lim.in_flight, lim.queued, order) == (1, 3, [])
+    previous = holder
+    for i, task in enumerate(tasks):
+        previous.release(Outcome.SUCCESS)
+        previous = await task
+        assert order == list(range(i + 1))
+        assert (lim.in_flight, lim.queued) == (1, 2 - i)
+    previous.release(Outcome.SUCCESS)
+    assert (lim.in_flight, lim.queued) == (0, 0)
+
+
+async def test_a_newcomer_does_not_barge_past_the_queue() -> None:
+    lim = limiter()
+    holder = await lim.acquire()
+    waiter = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    holder.release(Outcome.SUCCESS)  # the slot now belongs to the waiter
+    newcomer = asyncio.create_task(lim.acquire())
+    (await waiter).release(Outcome.SUCCESS)
+    (await newcomer).release(Outcome.SUCCESS)
+    assert (lim.in_flight, lim.queued) == (0, 0)
+
+
+async def test_full_queue_sheds_at_once() -> None:
+    lim = limiter(queue_size=1)
+    holder = await lim.acquire()
+    waiter = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    started = time.perf_counter()
+    with pytest.raises(Overloaded) as caught:
+        await lim.acquire()
+    assert time.perf_counter() - started < 0.05
+    error = caught.value
+    assert (error.status, error.code, error.type) == (503, "gateway_overloaded", "server_error")
+    assert error.retry_after >= 1 and error.retry_after == int(error.retry_after)
+    assert "'openai'" in error.message
+    assert error.headers() == {"Retry-After": str(int(error.retry_after))}
+    assert lim.snapshot()["shed_queue_full"] == 1
+    holder.release(Outcome.SUCCESS)
+    (await waiter).release(Outcome.SUCCESS)
+
+
+async def test_queue_deadline_sheds_after_queue_timeout() -> None:
+    lim = limiter(queue_timeout=0.2)
+    holder = await lim.acquire()
+    started = time.perf_counter()
+    with pytest.raises(Overloaded) as caught:
+        await lim.acquire()
+    assert 0.18 <= time.perf_counter() - started < 0.5
+    assert caught.value.status == 503 and caught.value.retry_after > 0
+    assert (lim.in_flight, lim.queued, lim.snapshot()["shed_total"]) == (1, 0, 1)
+    holder.release(Outcome.SUCCESS)
+    assert lim.in_flight == 0
+
+
+async def test_retry_after_follows_the_observed_hold_time() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, queue_size=1)
+    permit = await lim.acquire()
+    clock.now += 5.0
+    permit.release(Outcome.IGNORE)  # slots are held about 5 s
+    holder = await lim.acquire()
+    waiter = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as caught:
+        await lim.acquire()
+    assert caught.value.retry_after == 10.0  # two requests ahead of a retry, 5 s each
+    holder.release(Outcome.IGNORE)
+    (await waiter).release(Outcome.IGNORE)
+
+
+async def test_cancelled_waiter_leaves_no_leak() -> None:
+    lim = limiter()
+    holder = await lim.acquire()
+    cancelled = asyncio.create_task(lim.acquire())
+    patient = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert (lim.in_flight, lim.queued) == (1, 1)
+    holder.release(Outcome.SUCCESS)
+    (await patient).release(Outcome.SUCCESS)
+    assert (lim.in_flight, lim.queued) == (0, 0)
+
+
+async def test_waiter_cancelled_right_after_its_grant_passes_the_slot_on() -> None:
+    lim = limiter()
+    holder = await lim.acquire()
+    first = asyncio.create_task(lim.acquire())
+    second = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    holder.release(Outcome.SUCCESS)  # grants ``first``, which has not run yet
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    permit = await asyncio.wait_for(second, 1)
+    assert (lim.in_flight, lim.queued) == (1, 0)
+    permit.release(Outcome.SUCCESS)
+    assert lim.in_flight == 0
+
+
+async def test_release_is_idempotent() -> None:
+    lim = limiter()
+    permit = await lim.acquire()
+    waiter = asyncio.create_task(lim.acquire())
+    await asyncio.sleep(0)
+    permit.release(Outcome.SUCCESS)
+    permit.release(Outcome.SUCCESS)  # must not free the waiter's slot a second time
+    assert (lim.in_flight, lim.queued) == (1, 0)
+    (await waiter).release(Outcome.SUCCESS)
+    assert lim.in_flight == 0
+
+
+# --- slot() and outcomes ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("raised", "outcome", "cut"), [
+    (None, None, False),
+    (UpstreamTimeout("slow"), None, True),
+    (InvalidRequest("bug"), None, False),
+    (asyncio.CancelledError(), None, False),
+    (None, Outcome.OVERLOAD, True),
+    (UpstreamTimeout("cut off mid-stream"), Outcome.SUCCESS, False),
+])
+async def test_slot_judges_the_outcome(raised: BaseException | None, outcome: Outcome | None,
+                                       cut: bool) -> None:
+    lim = limiter(FakeClock(), initial=10)
+    expect = pytest.raises(type(raised)) if raised else contextlib.nullcontext()
+    with expect:
+        async with lim.slot() as permit:
+            permit.outcome = outcome
+            if raised is not None:
+                raise raised
+    assert lim.in_flight == 0
+    assert lim.limit == (9 if cut else 10)
+
+
+async def test_answered_fixes_outcome_and_latency_at_headers() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, initial=10)
+    async with lim.slot() as permit:
+        clock.now += 0.25
+        permit.answered(503)
+        clock.now += 30.0  # the rest of a long stream
+    assert (permit.outcome, permit.latency) == (Outcome.OVERLOAD, 0.25)
+    assert lim.limit == 9
+
+
+# --- the controller ------------------------------------------------------------------------
+
+async def test_overloads_lower_the_limit_down_to_min() -> None:
+    clock, changes = FakeClock(), list[int]()
+    lim = limiter(clock, changes, initial=64, min=4)
+    limits = []
+    for _ in range(40):
+        await run_round(lim, clock, 0.2, Outcome.OVERLOAD, concurrency=1)
+        limits.append(lim.limit)
+    assert limits[0] == 57 and limits[-1] == 4
+    assert limits == sorted(limits, reverse=True)
+    assert changes == sorted(set(limits), reverse=True)
+    assert all(type(change) is int for change in changes)
+
+
+async def test_a_burst_of_failures_cuts_once_per_round_trip() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, initial=64)
+    await run_round(lim, clock, 0.05, Outcome.ERROR, concurrency=20)
+    assert lim.limit == 57
+
+
+async def test_fast_successes_at_saturation_raise_the_limit_up_to_max() -> None:
+    clock, changes = FakeClock(), list[int]()
+    lim = limiter(clock, changes, initial=10, max=20)
+    limits = []
+    for _ in range(40):
+        await run_round(lim, clock, 0.1)
+        limits.append(lim.limit)
+    assert limits[-1] == 20 and limits == sorted(limits)
+    assert changes == list(range(11, 21))
+    assert lim.snapshot()["min_rtt_ms"] == 100.0
+
+
+async def test_an_app_limited_upstream_keeps_its_limit() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, initial=10)
+    for latency in (0.1, 0.1, 2.0, 2.0, 0.1):  # under half the slots: no signal at all
+        await run_round(lim, clock, latency, concurrency=3)
+    assert lim.limit == 10
+    for _ in range(10):  # most slots but never all: the limit is not the bottleneck
+        await run_round(lim, clock, 0.1, concurrency=8)
+    assert lim.limit == 10
+
+
+async def test_rising_latency_lowers_the_limit() -> None:
+    clock, changes = FakeClock(), list[int]()
+    lim = limiter(clock, changes, initial=32)
+    for _ in range(3):
+        await run_round(lim, clock, 0.1)
+    grown = lim.limit
+    await run_round(lim, clock, 0.14)  # within tolerance: no cut
+    assert lim.limit >= grown
+    limits = []
+    for _ in range(6):
+        await run_round(lim, clock, 1.0)
+        limits.append(lim.limit)
+    # The first slow round closes an interval still holding the previous round's samples.
+    assert limits[1:] == sorted(set(limits[1:]), reverse=True)
+    assert limits[-1] <= grown - 8
+    assert changes[-1] == lim.limit
+
+
+async def test_min_rtt_forgets_old_windows() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, initial=8, min_rtt_window=1.0)
+    await run_round(lim, clock, 0.1)
+    for _ in range(5):
+        await run_round(lim, clock, 0.5)
+    assert lim.min_rtt == 0.5
+
+
+def test_repr_shows_the_state() -> None:
+    lim = limiter(initial=64)
+    assert repr(lim) == "<AdaptiveLimiter 'openai' limit=64 in_flight=0 queued=0 min_rtt_ms=n/a>"
+
+
+async def test_repr_counts_in_flight() -> None:
+    lim = limiter(initial=4)
+    permit = await lim.acquire()
+    assert "limit=4 in_flight=1 queued=0" in repr(lim)
+    permit.release(Outcome.IGNORE)
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="initial"):
+        LimitSettings(initial=2, min=4)
+    with pytest.raises(ValueError, match="backoff"):
+        LimitSettings(backoff=1.5)

@@ -1,0 +1,116 @@
+"""The one shared, limited upstream pool per worker, and the compiled pieces of the hot
+path (issue #3: "stay the one shared, limited pool per worker"; "aiohttp's C extensions
+in use (a test asserts the C HTTP parser is active)")."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import os
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import aiohttp.client_proto
+import aiohttp.http_parser
+import aiohttp.web_protocol
+import pytest
+import uvloop
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy import cli
+from proxy.upstream import UpstreamClient, UpstreamRequest
+from tests.conftest import MakeConfig, StartGateway
+from tests.wire import ANSWER, CHAT, Conn, RawUpstream, StartRaw, answer_each, fetch, raw_servers
+
+HOLD = 0.3
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[StartRaw]:
+    async with raw_servers() as start:
+        yield start
+
+
+async def held(conn: Conn) -> None:
+    """Keep-alive, each answer held back ``HOLD`` s."""
+    async for _ in conn:
+        await asyncio.sleep(HOLD)
+        await conn.send(ANSWER)
+
+
+async def post(client: UpstreamClient, upstream: RawUpstream) -> tuple[int, bytes]:
+    request = UpstreamRequest("POST", URL(f"{upstream.url}/chat/completions"),
+                              CIMultiDict({"Content-Type": "application/json"}), b"{}")
+    async with client.open(request, "prov") as response:
+        return response.status, await response.content.read()
+
+
+async def test_pool_limit_bounds_open_upstream_connections(
+        raw_upstream: StartRaw, make_config: MakeConfig) -> None:
+    upstream = await raw_upstream(held)
+    client = UpstreamClient(make_config([], pool={"limit": 2}))
+    await client.start()
+    try:
+        started = time.perf_counter()
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(post(client, upstream) for _ in range(4))), 5)
+        elapsed = time.perf_counter() - started
+    finally:
+        await client.close()
+    assert answers == [(200, ANSWER)] * 4
+    assert upstream.max_open == 2
+    assert [len(c.requests) for c in upstream.connections] == [2, 2]  # kept alive, reused
+    assert elapsed >= 2 * HOLD * 0.9  # two waves of two
+
+
+async def test_repr_tells_limit_state_and_in_flight(
+        raw_upstream: StartRaw, make_config: MakeConfig) -> None:
+    upstream = await raw_upstream(held)
+    client = UpstreamClient(make_config([], pool={"limit": 7}))
+    assert "closed" in repr(client)
+    assert "pool_limit=7" in repr(client)
+    await client.start()
+    try:
+        task = asyncio.create_task(post(client, upstream))
+        for _ in range(50):  # bounded: at most 0.5 s until the request is on its way
+            if client.in_flight:
+                break
+            await asyncio.sleep(0.01)
+        assert "open" in repr(client)
+        assert "in_flight=1" in repr(client)
+        assert await asyncio.wait_for(task, 3) == (200, ANSWER)
+        assert "in_flight=0" in repr(client)
+    finally:
+        await client.close()
+    assert "closed" in repr(client)
+
+
+async def test_providers_on_one_origin_share_the_pool(
+        raw_upstream: StartRaw, start_gateway: StartGateway, make_config: MakeConfig) -> None:
+    upstream = await raw_upstream(answer_each)
+    providers = [{"name": name, "type": "openai_compat", "base_url": upstream.url,
+                  "models": [f"m-{name}"]} for name in ("a", "b")]
+    url = await start_gateway(make_config(providers))
+    for name in ("a", "b", "a", "b"):
+        status, _, body = await fetch(f"{url}/v1/chat/completions",
+                                      body={**CHAT, "model": f"m-{name}"})
+        assert (status, body) == (200, ANSWER)
+    assert [len(c.requests) for c in upstream.inference] == [4]
+
+
+def test_aiohttp_c_http_parsers_are_active() -> None:
+    compiled = importlib.import_module("aiohttp._http_parser")  # fails when not built
+    assert "AIOHTTP_NO_EXTENSIONS" not in os.environ
+    assert aiohttp.http_parser.HttpResponseParser is compiled.HttpResponseParser
+    assert aiohttp.http_parser.HttpRequestParser is compiled.HttpRequestParser
+    # the very names the upstream reader and the gateway's server use
+    assert vars(aiohttp.client_proto)["HttpResponseParser"] is compiled.HttpResponseParser
+    assert vars(aiohttp.web_protocol)["HttpRequestParser"] is compiled.HttpRequestParser
+
+
+def test_cli_serves_on_uvloop() -> None:
+    assert vars(cli)["uvloop"] is uvloop
+    assert "uvloop.run(serve(" in inspect.getsource(cli)
