@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 from multidict import CIMultiDict
 
 from proxy.headers import client_response_headers
@@ -44,7 +45,7 @@ async def read_upstream(call: Call, provider: Provider,
     """The answer of a live upstream response, translated by ``provider``."""
     headers = client_response_headers(upstream.headers, call.request_id)
     if upstream.status >= 400:
-        body = await _read_error_body(upstream, provider)
+        body = await _read_error_body(upstream, provider.name)
         headers.popall("Content-Length", None)
         translated = provider.translate_error(call, upstream.status, body)
         if translated is not body:
@@ -55,27 +56,42 @@ async def read_upstream(call: Call, provider: Provider,
     headers = provider.translate_headers(call, headers)
     chunks = provider.translate_stream(call, upstream.content.iter_any())
     answer = Answer(upstream.status, upstream.reason, headers,
-                    _gateway_errors(chunks, provider))
+                    _gateway_errors(chunks, provider.name))
     if answer.event_stream:
         answer.headers["X-Accel-Buffering"] = "no"
     return answer
+
+
+async def from_response(response: aiohttp.ClientResponse, request_id: str, name: str
+                        ) -> Answer:
+    """An answer relayed untouched from another HTTP hop (a peer worker)."""
+    upstream = UpstreamResponse(response.status, response.reason or "", response.headers,
+                                response.content)
+    headers = client_response_headers(upstream.headers, request_id)
+    headers.popall("X-Gateway-Overhead-Ms", None)
+    if upstream.status >= 400:
+        body = await _read_error_body(upstream, name)
+        headers.popall("Content-Length", None)
+        return Answer(upstream.status, upstream.reason, headers, one_chunk(body), complete=True)
+    return Answer(upstream.status, upstream.reason, headers,
+                  _gateway_errors(upstream.content.iter_any(), name))
 
 
 async def one_chunk(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
-async def _gateway_errors(chunks: AsyncIterator[bytes], provider: Provider
+async def _gateway_errors(chunks: AsyncIterator[bytes], provider: str
                           ) -> AsyncIterator[bytes]:
     """``chunks`` with aiohttp failures turned into gateway errors, here and only here."""
     try:
         async for chunk in chunks:
             yield chunk
     except UPSTREAM_EXCEPTIONS as exc:
-        raise translate_exception(exc, provider.name) from exc
+        raise translate_exception(exc, provider) from exc
 
 
-async def _read_error_body(upstream: UpstreamResponse, provider: Provider) -> bytes:
+async def _read_error_body(upstream: UpstreamResponse, provider: str) -> bytes:
     parts: list[bytes] = []
     size = 0
     try:
@@ -86,5 +102,5 @@ async def _read_error_body(upstream: UpstreamResponse, provider: Provider) -> by
             parts.append(part)
             size += len(part)
     except UPSTREAM_EXCEPTIONS as exc:
-        raise translate_exception(exc, provider.name) from exc
+        raise translate_exception(exc, provider) from exc
     return b"".join(parts)

@@ -25,6 +25,7 @@ from proxy.middlewares import (
     stamp_response,
     timing_middleware,
 )
+from proxy.peers import Peers
 from proxy.providers import build_provider
 from proxy.routing import ModelRouter
 from proxy.state import CATALOG, CLIENT, CONFIG, DISPATCHER, ROUTER, TASKS, WORKER
@@ -53,20 +54,21 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
                            timeout=config.timeouts.discovery,
                            retry_failed_after=config.health_cache_ttl)
     app[CONFIG] = config
-    app[WORKER] = worker or WorkerSpec.of(config)
+    worker = worker or WorkerSpec.of(config)
+    app[WORKER] = worker
     app[TASKS] = tasks
     app[CLIENT] = client
     app[CATALOG] = catalog
     app[ROUTER] = ModelRouter(providers, config.aliases, catalog)
-    app[DISPATCHER] = _dispatcher(config, client, tasks)
+    app[DISPATCHER] = _dispatcher(config, client, tasks, worker)
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(stamp_response)
     _add_routes(app.router)
     return app
 
 
-def _dispatcher(config: Config, client: UpstreamClient, tasks: BackgroundTasks
-                ) -> Dispatcher:
+def _dispatcher(config: Config, client: UpstreamClient, tasks: BackgroundTasks,
+                worker: WorkerSpec) -> Dispatcher:
     cache = config.cache
     limits = config.limits
     settings = LimitSettings(
@@ -77,7 +79,7 @@ def _dispatcher(config: Config, client: UpstreamClient, tasks: BackgroundTasks
         client, tasks, InflightRequests(config.dedup.max_buffer_bytes),
         ResponseCache(max_bytes=cache.max_bytes, ttl=cache.ttl,
                       max_entry_bytes=cache.max_entry_bytes),
-        limiters, config.dedup.max_buffer_bytes)
+        limiters, config.dedup.max_buffer_bytes, Peers(worker, config.timeouts.read))
 
 
 def _add_routes(router: web.UrlDispatcher) -> None:
@@ -99,4 +101,5 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[CATALOG].refresh_soon()
     yield
     await app[TASKS].close()
+    await app[DISPATCHER].peers.close()
     await app[CLIENT].close()

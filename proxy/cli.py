@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,14 +102,25 @@ def _serve(config: Config, words: list[str], worker_index: int | None) -> None:
     (and so the same config) plus its ``--worker-index``."""
     count = config.server.workers
     if worker_index is None and count > 1:
-        def command(index: int) -> list[str]:
-            return [sys.executable, "-m", "proxy", *words, "--worker-index", str(index)]
+        # Workers always get sockets: they forward a deduplicated request to the worker
+        # that owns its key (proxy/peers.py). Without --socket-dir, a private directory.
+        private = None if config.server.socket_dir else tempfile.mkdtemp(prefix="proxy-")
+        socket_dir = config.server.socket_dir or private
+        extra = ["--socket-dir", private] if private else []
 
-        socket_dir = config.server.socket_dir
-        sockets = f" and unix sockets in {socket_dir}" if socket_dir else ""
-        log.info("supervisor (pid %d): %d workers on %s:%d (SO_REUSEPORT)%s", os.getpid(),
-                 count, config.server.host, config.server.port, sockets)
-        sys.exit(Supervisor(command, count).run())
+        def command(index: int) -> list[str]:
+            return [sys.executable, "-m", "proxy", *words, *extra,
+                    "--worker-index", str(index)]
+
+        log.info("supervisor (pid %d): %d workers on %s:%d (SO_REUSEPORT) and unix sockets "
+                 "in %s", os.getpid(), count, config.server.host, config.server.port,
+                 socket_dir)
+        try:
+            code = Supervisor(command, count).run()
+        finally:
+            if private:
+                shutil.rmtree(private, ignore_errors=True)
+        sys.exit(code)
     if worker_index is not None and not 0 <= worker_index < count:
         print(f"usage error: --worker-index must be between 0 and {count - 1}",
               file=sys.stderr)

@@ -1,5 +1,5 @@
-"""Where an answer comes from: the cache, an identical request in flight, or a new
-upstream call, in that order.
+"""Where an answer comes from: the worker owning the request's key (multi-worker mode),
+the cache, an identical request in flight, or a new upstream call, in that order.
 
 A request nobody may share (``sharing.ALONE``) takes the direct path: its handler sends
 the upstream request itself and relays the live answer; a client that leaves cancels it.
@@ -22,6 +22,7 @@ from proxy.cache import ResponseCache
 from proxy.dedup import Exchange, Head, InflightRequests
 from proxy.errors import GatewayError, UpstreamError
 from proxy.limits import AdaptiveLimiter, Outcome
+from proxy.peers import Peers
 from proxy.providers import Call, Provider
 from proxy.sharing import Sharing
 from proxy.tasks import BackgroundTasks
@@ -45,13 +46,15 @@ class Timing:
 class Dispatcher:
     def __init__(self, client: UpstreamClient, tasks: BackgroundTasks,
                  inflight: InflightRequests, cache: ResponseCache,
-                 limiters: Mapping[str, AdaptiveLimiter], max_buffer_bytes: int):
+                 limiters: Mapping[str, AdaptiveLimiter], max_buffer_bytes: int,
+                 peers: Peers):
         self._client = client
         self._tasks = tasks
         self._limiters = limiters
         self._max_buffer = max_buffer_bytes
         self.inflight = inflight
         self.cache = cache
+        self.peers = peers
 
     def __repr__(self) -> str:
         return f"<Dispatcher {self.inflight!r} {self.cache!r}>"
@@ -65,6 +68,13 @@ class Dispatcher:
                      timing: Timing) -> AsyncIterator[Answer]:
         if sharing.key is None:
             async with self._upstream(call, provider, timing) as answer:
+                yield answer
+            return
+        owner = self.peers.owner(sharing.key) if sharing.forwardable else None
+        if owner is not None:
+            waited_from = time.perf_counter()
+            async with self.peers.answer(call, owner) as answer:
+                timing.upstream_wait += time.perf_counter() - waited_from
                 yield answer
             return
         cached = self.cache.get(sharing.key) if sharing.cache_read else None

@@ -21,10 +21,11 @@ HOP_BY_HOP = frozenset(
 )
 
 # Set by the gateway itself for the hop it owns: the upstream connection or the client's.
-_REQUEST_OWNED = frozenset(istr(n) for n in ("Host", "Content-Length", "Expect"))
 _RESPONSE_OWNED = frozenset(istr(n) for n in ("Date", "Server"))
 
 REQUEST_ID = istr("X-Request-ID")
+PEER = istr("X-Gateway-Peer")  # marks a request forwarded by another worker (peers.py)
+_REQUEST_OWNED = frozenset((istr("Host"), istr("Content-Length"), istr("Expect"), PEER))
 AUTHORIZATION = istr("Authorization")
 
 

@@ -23,7 +23,7 @@ import orjson
 from multidict import CIMultiDictProxy
 
 from proxy.config import CacheConfig, DedupConfig
-from proxy.headers import AUTHORIZATION
+from proxy.headers import AUTHORIZATION, PEER
 from proxy.providers import Call
 
 
@@ -33,6 +33,8 @@ class Sharing:
     dedup: bool = False
     cache_read: bool = False
     cache_write: bool = False
+    # May go to the worker that owns the key (peers.py): not when a peer sent it here.
+    forwardable: bool = False
 
     @property
     def records(self) -> bool:
@@ -53,7 +55,9 @@ def sharing_for(call: Call, provider: str, client_headers: CIMultiDictProxy[str]
     cache_read, cache_write = _cache_rules(client_headers, cache, deterministic)
     if not (may_dedup or cache_read or cache_write):
         return ALONE
-    return Sharing(_key(call, provider, client_headers), may_dedup, cache_read, cache_write)
+    forwardable = may_dedup and PEER not in client_headers
+    return Sharing(_key(call, provider, client_headers), may_dedup, cache_read, cache_write,
+                   forwardable)
 
 
 def is_deterministic(endpoint: str, payload: dict[str, Any]) -> bool:

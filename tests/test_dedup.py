@@ -159,26 +159,27 @@ async def test_identical_deterministic_requests_share_one_call(
     assert {r[1].get("X-Upstream-Request-ID") for r in replies} == {"upstream-1"}
 
 
-@pytest.mark.parametrize(("raw", "body", "headers", "calls", "role"), [
-    ({}, chat(temperature=0.7), {}, 5, None),
-    ({"dedup": {"mode": "all"}}, chat(temperature=0.7), {}, 1, "shared"),
-    ({"dedup": {"mode": "all"}}, chat(), {}, 1, "shared"),
-    ({"dedup": {"mode": "off"}}, chat(temperature=0), {}, 5, None),
-    ({}, chat(temperature=0), {"X-Gateway-Dedup": "off"}, 5, None),
+@pytest.mark.parametrize(("raw", "body", "headers", "shared"), [
+    ({}, chat(temperature=0.7), {}, False),
+    ({"dedup": {"mode": "all"}}, chat(temperature=0.7), {}, True),
+    ({"dedup": {"mode": "all"}}, chat(), {}, True),
+    ({"dedup": {"mode": "off"}}, chat(temperature=0), {}, False),
+    ({}, chat(temperature=0), {"X-Gateway-Dedup": "off"}, False),
 ], ids=["sampled", "mode-all", "mode-all-no-temperature", "mode-off", "header-off"])
 async def test_dedup_modes_and_opt_out(
     gateway: Callable[..., Any], session: aiohttp.ClientSession, raw: dict[str, Any],
-    body: dict[str, Any], headers: dict[str, str], calls: int, role: str | None,
+    body: dict[str, Any], headers: dict[str, str], shared: bool,
 ) -> None:
     upstream = Upstream()
     replies = await burst(session, await gateway(upstream, **raw) + CHAT, body, 5, headers)
-    assert upstream.calls == calls
     assert {r[0] for r in replies} == {200}
-    if role is None:
+    if shared:
+        assert upstream.calls == 1
+        assert roles(replies) == ["follower"] * 4 + ["leader"]
+    else:
+        assert upstream.calls == 5
         assert roles(replies) == [None] * 5
         assert len({r[2] for r in replies}) == 5  # five independent answers
-    else:
-        assert roles(replies) == ["follower"] * 4 + ["leader"]
 
 
 async def test_callers_and_bodies_that_differ(
@@ -187,9 +188,10 @@ async def test_callers_and_bodies_that_differ(
     upstream = Upstream()
     url = await gateway(upstream) + CHAT
     body = chat(temperature=0)
-    await asyncio.gather(post(session, url, body, {"Authorization": "Bearer a"}),
-                         post(session, url, body, {"Authorization": "Bearer b"}))
+    a, b = await asyncio.gather(post(session, url, body, {"Authorization": "Bearer a"}),
+                                post(session, url, body, {"Authorization": "Bearer b"}))
     assert upstream.calls == 2, "two callers must never share an answer"
+    assert (a[1]["X-Gateway-Dedup"], b[1]["X-Gateway-Dedup"]) == ("leader", "leader")
     reordered = b'{"temperature": 0, "messages": [{"content": "hi", "role": "user"}], ' \
                 b'"model": "m"}'
     replies = await asyncio.gather(post(session, url, body), post(session, url, reordered))
@@ -393,17 +395,19 @@ async def test_a_client_that_never_reads_is_cut_off_the_others_finish(
     assert b"[DONE]" not in received
 
 
-@pytest.mark.parametrize("stream", [False, True])
-async def test_a_lone_client_is_not_cut_off_by_a_large_answer(
-    gateway: Callable[..., Any], session: aiohttp.ClientSession, stream: bool,
+@pytest.mark.parametrize(("stream", "pause"), [(False, 0), (True, 0), (True, 0.3)],
+                         ids=["json", "stream", "stream-read-late"])
+async def test_a_lone_client_is_never_cut_off(
+    gateway: Callable[..., Any], session: aiohttp.ClientSession, stream: bool, pause: float,
 ) -> None:
-    """The buffer budget bounds how far a subscriber may lag behind the others; a client
-    alone on its exchange, reading at full speed, lags behind nobody."""
-    upstream = Upstream(delay=0, interval=0, events=1, pad=20_000)
+    """The budget bounds how far a subscriber may lag behind another one; a client alone
+    on its exchange lags behind nobody, whether its answer is larger than the budget or
+    it reads slower than the upstream writes (the exchange then waits for it)."""
+    upstream = Upstream(delay=0, interval=0, events=200, pad=20_000)
     url = await gateway(upstream, dedup={"max_buffer_bytes": 2048}) + CHAT
-    status, _, body = await post(session, url, chat(temperature=0, stream=stream))
-    assert status == 200
-    if stream:
-        assert body == full_stream(1, events=1, pad=20_000)
-    else:
-        assert orjson.loads(body)["pad"] == "x" * 20_000
+    if not stream:
+        status, _, body = await post(session, url, chat(temperature=0))
+        assert (status, orjson.loads(body)["pad"]) == (200, "x" * 20_000)
+        return
+    arrivals, _ = await read_timed(session, url, chat(temperature=0, stream=True), pause)
+    assert joined(arrivals) == full_stream(1, events=200, pad=20_000)

@@ -1,0 +1,87 @@
+"""Cross-worker deduplication: identical requests meet in the worker that owns their key.
+
+With ``--workers N`` the kernel (SO_REUSEPORT) or nginx (``least_conn``) spreads
+connections over workers, so two identical requests usually land in different worker
+processes, each with its own in-flight map. A request that may be deduplicated is
+therefore forwarded, over the owner's unix socket, to the worker its key hashes to
+(``key mod N``); the owner deduplicates and caches it like any local request. The cost
+is one loopback hop, only for shareable requests and only in multi-worker mode; the
+upstream sees one call instead of N.
+
+The forwarded request carries ``X-Gateway-Peer: 1``; a worker never forwards a request
+that has it (no loops), and the header never goes upstream. A client that sends it only
+opts itself out of cross-worker sharing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+from yarl import URL
+
+from proxy.answers import Answer, from_response
+from proxy.errors import UpstreamUnreachable
+from proxy.headers import PEER
+from proxy.providers import Call
+from proxy.upstream import UPSTREAM_EXCEPTIONS
+from proxy.workers import WorkerSpec
+
+
+class Peers:
+    def __init__(self, worker: WorkerSpec, read_timeout: float):
+        self.worker = worker
+        self._read_timeout = read_timeout
+        self._sessions: dict[int, aiohttp.ClientSession] = {}
+        self.forwarded = 0
+
+    def __repr__(self) -> str:
+        return (f"<Peers worker={self.worker.index}/{self.worker.count} "
+                f"forwarded={self.forwarded}>")
+
+    def owner(self, key: bytes) -> int | None:
+        """The peer to forward to, or ``None`` when this worker answers itself."""
+        if self.worker.count < 2 or self.worker.socket_dir is None:
+            return None
+        owner = int.from_bytes(key[:8], "big") % self.worker.count
+        return None if owner == self.worker.index else owner
+
+    @asynccontextmanager
+    async def answer(self, call: Call, owner: int) -> AsyncIterator[Answer]:
+        """The owner worker's answer to ``call``, relayed as it arrives."""
+        session = self._session(owner)
+        headers = call.headers.copy()
+        headers[PEER] = "1"
+        url = URL(f"http://worker-{owner}/v1/{call.endpoint}"
+                  + (f"?{call.query}" if call.query else ""), encoded=True)
+        name = f"worker-{owner}"
+        self.forwarded += 1
+        try:
+            response = await session.request(call.method, url, headers=headers,
+                                             data=call.body, allow_redirects=False)
+        except UPSTREAM_EXCEPTIONS as exc:
+            raise UpstreamUnreachable(
+                f"worker {owner} of this gateway did not answer") from exc
+        try:
+            yield await from_response(response, call.request_id, name)
+        finally:
+            response.close()
+
+    def _session(self, owner: int) -> aiohttp.ClientSession:
+        session = self._sessions.get(owner)
+        if session is None:
+            connector = aiohttp.UnixConnector(path=str(self.worker.socket_path(owner)))
+            session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+                timeout=aiohttp.ClientTimeout(total=None, sock_read=self._read_timeout))
+            self._sessions[owner] = session
+        return session
+
+    async def close(self) -> None:
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            await session.close()
+

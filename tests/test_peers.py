@@ -1,0 +1,78 @@
+"""Cross-worker deduplication (issue #3): identical requests that land in different
+worker processes still share one upstream call, because each is forwarded to the
+worker that owns its key (proxy/peers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from tests.conftest import StartUpstream
+from tests.test_workers import (
+    free_port,
+    fresh_connections,
+    poll_healthz,
+    spawn_proxy,
+    stop,
+)
+
+CHAT = "/v1/chat/completions"
+
+
+def _slow_upstream(calls: list[int]) -> web.Application:
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        calls.append(1)
+        await asyncio.sleep(0.4)
+        return web.json_response({"id": "one", "object": "chat.completion",
+                                  "model": body["model"], "choices": []})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m"}]})
+
+    app = web.Application()
+    app.router.add_post(CHAT, chat)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+async def _post(session: aiohttp.ClientSession, url: str, temperature: float
+                ) -> tuple[int, bytes, str]:
+    body = orjson.dumps({"model": "m", "temperature": temperature,
+                         "messages": [{"role": "user", "content": "same"}]})
+    async with session.post(url, data=body,
+                            headers={"Content-Type": "application/json"}) as response:
+        return response.status, await response.read(), response.headers.get(
+            "X-Gateway-Dedup", "")
+
+
+async def test_identical_requests_on_two_workers_make_one_upstream_call(
+    start_upstream: StartUpstream, tmp_path: Path,
+) -> None:
+    calls: list[int] = []
+    upstream = await start_upstream(_slow_upstream(calls))
+    port = free_port()
+    proxy = spawn_proxy(["--workers", "2", "--port", str(port),
+                         "--upstream", f"{upstream}/v1"], tmp_path)
+    try:
+        async with fresh_connections() as session:
+            seen = await poll_healthz(session, f"http://127.0.0.1:{port}/healthz",
+                                      lambda s: len(set(s.values())) == 2, [proxy])
+            assert sorted(set(seen.values())) == [0, 1]
+            url = f"http://127.0.0.1:{port}{CHAT}"
+            answers = await asyncio.gather(*(_post(session, url, 0) for _ in range(20)))
+            assert [status for status, _, _ in answers] == [200] * 20, proxy.output()
+            assert len({body for _, body, _ in answers}) == 1
+            roles = sorted(role for _, _, role in answers)
+            assert roles == ["follower"] * 19 + ["leader"]
+            assert len(calls) == 1, proxy.output()
+            # Sampled requests are not shared, across workers either.
+            sampled = await asyncio.gather(*(_post(session, url, 0.7) for _ in range(4)))
+            assert [status for status, _, _ in sampled] == [200] * 4
+            assert len(calls) == 5
+    finally:
+        assert await stop(proxy) == 0, proxy.output()
