@@ -1,17 +1,20 @@
-"""An upstream answer as the gateway relays it: status, client-facing headers, and body
-chunks that arrive over time.
+"""An upstream answer as the gateway relays it: status, client-facing headers, and a body
+whose chunks arrive over time.
 
 Three sources produce an :class:`Answer`, and ``streaming.send_answer`` writes any of
 them to a client the same way: a live upstream response (:func:`read_upstream`), a shared
-in-flight exchange (``dedup.Exchange.subscribe``) and a cached answer
-(``cache.CachedAnswer.replay``). Upstream failures while reading surface from ``chunks``
-as ``GatewayError``, so writers never see aiohttp's exceptions.
+in-flight exchange (``dedup.Subscription``) and a cached answer (``cache.CachedAnswer``).
+A body is read with one ``await body.next()`` per chunk (``None`` at its end), not
+through stacked async generators: on the hot path each layer of those cost more than
+the work it did (issue #3's profile). Upstream failures surface from ``next()`` as
+``GatewayError``, so writers never see aiohttp's exceptions.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict
@@ -25,12 +28,17 @@ EVENT_STREAM = "text/event-stream"
 MAX_ERROR_BODY = 1024 * 1024
 
 
+class Body(Protocol):
+    async def next(self) -> bytes | None:
+        """The next chunk, ``None`` at the end; raises ``GatewayError`` on failure."""
+
+
 @dataclass(slots=True)
 class Answer:
     status: int
     reason: str
     headers: CIMultiDict[str]
-    chunks: AsyncIterator[bytes]
+    body: Body
     # An error answer (status >= 400) has its whole body in one chunk: it is sent as a
     # plain response with Content-Length, never streamed.
     complete: bool = False
@@ -38,6 +46,57 @@ class Answer:
     @property
     def event_stream(self) -> bool:
         return self.headers.get("Content-Type", "").startswith(EVENT_STREAM)
+
+
+class StreamBody:
+    """A live upstream body, relayed as the socket delivers it."""
+
+    __slots__ = ("_content", "_source")
+
+    def __init__(self, content: aiohttp.StreamReader, source: str):
+        self._content = content
+        self._source = source
+
+    async def next(self) -> bytes | None:
+        try:
+            chunk = await self._content.readany()
+        except UPSTREAM_EXCEPTIONS as exc:
+            raise translate_exception(exc, self._source) from exc
+        return chunk or None
+
+
+class IteratorBody:
+    """A body produced by an async iterator (a provider's translation)."""
+
+    __slots__ = ("_chunks", "_source")
+
+    def __init__(self, chunks: AsyncIterator[bytes], source: str):
+        self._chunks = chunks
+        self._source = source
+
+    async def next(self) -> bytes | None:
+        try:
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            return None
+        except UPSTREAM_EXCEPTIONS as exc:
+            raise translate_exception(exc, self._source) from exc
+
+
+class ReplayBody:
+    """Chunks already in memory: an error body, a cached answer."""
+
+    __slots__ = ("_chunks", "_index")
+
+    def __init__(self, chunks: Sequence[bytes]):
+        self._chunks = chunks
+        self._index = 0
+
+    async def next(self) -> bytes | None:
+        if self._index >= len(self._chunks):
+            return None
+        self._index += 1
+        return self._chunks[self._index - 1]
 
 
 async def read_upstream(call: Call, provider: Provider,
@@ -51,12 +110,16 @@ async def read_upstream(call: Call, provider: Provider,
         if translated is not body:
             headers.popall("Content-Encoding", None)
             headers["Content-Type"] = "application/json"
-        return Answer(upstream.status, upstream.reason, headers, one_chunk(translated),
+        return Answer(upstream.status, upstream.reason, headers, ReplayBody((translated,)),
                       complete=True)
-    headers = provider.translate_headers(call, headers)
-    chunks = provider.translate_stream(call, upstream.content.iter_any())
-    answer = Answer(upstream.status, upstream.reason, headers,
-                    _gateway_errors(chunks, provider.name))
+    body_source: Body
+    if provider.translates_body:
+        headers = provider.translate_headers(call, headers)
+        chunks = provider.translate_stream(call, upstream.content.iter_any())
+        body_source = IteratorBody(chunks, provider.name)
+    else:
+        body_source = StreamBody(upstream.content, provider.name)
+    answer = Answer(upstream.status, upstream.reason, headers, body_source)
     if answer.event_stream:
         answer.headers["X-Accel-Buffering"] = "no"
     return answer
@@ -72,26 +135,12 @@ async def from_response(response: aiohttp.ClientResponse, request_id: str, name:
     if upstream.status >= 400:
         body = await _read_error_body(upstream, name)
         headers.popall("Content-Length", None)
-        return Answer(upstream.status, upstream.reason, headers, one_chunk(body), complete=True)
-    return Answer(upstream.status, upstream.reason, headers,
-                  _gateway_errors(upstream.content.iter_any(), name))
+        return Answer(upstream.status, upstream.reason, headers, ReplayBody((body,)),
+                      complete=True)
+    return Answer(upstream.status, upstream.reason, headers, StreamBody(upstream.content, name))
 
 
-async def one_chunk(body: bytes) -> AsyncIterator[bytes]:
-    yield body
-
-
-async def _gateway_errors(chunks: AsyncIterator[bytes], provider: str
-                          ) -> AsyncIterator[bytes]:
-    """``chunks`` with aiohttp failures turned into gateway errors, here and only here."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    except UPSTREAM_EXCEPTIONS as exc:
-        raise translate_exception(exc, provider) from exc
-
-
-async def _read_error_body(upstream: UpstreamResponse, provider: str) -> bytes:
+async def _read_error_body(upstream: UpstreamResponse, source: str) -> bytes:
     parts: list[bytes] = []
     size = 0
     try:
@@ -102,5 +151,5 @@ async def _read_error_body(upstream: UpstreamResponse, provider: str) -> bytes:
             parts.append(part)
             size += len(part)
     except UPSTREAM_EXCEPTIONS as exc:
-        raise translate_exception(exc, provider) from exc
+        raise translate_exception(exc, source) from exc
     return b"".join(parts)

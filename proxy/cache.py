@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
-from proxy.answers import Answer
+from proxy.answers import Answer, ReplayBody
 
 # Headers that described the original exchange, not the content.
 _NOT_REPLAYED = frozenset(("x-request-id", "x-upstream-request-id", "x-gateway-dedup",
@@ -32,12 +32,8 @@ class CachedAnswer:
     expires_at: float
 
     def replay(self) -> Answer:
-        return Answer(self.status, self.reason, CIMultiDict(self.headers), _replay(self.chunks))
-
-
-async def _replay(chunks: tuple[bytes, ...]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
+        return Answer(self.status, self.reason, CIMultiDict(self.headers),
+                      ReplayBody(self.chunks))
 
 
 class ResponseCache:

@@ -26,7 +26,6 @@ cancelled.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
@@ -168,10 +167,11 @@ class Subscription:
                 raise exchange.error or GatewayError("the shared upstream call ended early")
             await exchange._changed.wait()
         head = exchange.head
-        return Answer(head.status, head.reason, CIMultiDict(head.headers), self._read(),
+        return Answer(head.status, head.reason, CIMultiDict(head.headers), self,
                       complete=head.complete)
 
-    async def _read(self) -> AsyncIterator[bytes]:
+    async def next(self) -> bytes | None:
+        """The next chunk of the shared answer (a ``Body``), waiting for it if needed."""
         exchange = self._exchange
         while True:
             if self.dropped:
@@ -181,12 +181,11 @@ class Subscription:
             if index < len(exchange._chunks):
                 self.position += 1
                 exchange._consumed()
-                yield exchange._chunks[index]
-                continue
+                return exchange._chunks[index]
             if exchange.done:
                 if exchange.error is not None:
                     raise exchange.error
-                return
+                return None
             await exchange._changed.wait()
 
 

@@ -118,7 +118,7 @@ class Dispatcher:
             async with self._upstream(call, provider, None) as answer:
                 exchange.set_head(Head(answer.status, answer.reason,
                                        tuple(answer.headers.items()), answer.complete))
-                async for chunk in answer.chunks:
+                while (chunk := await answer.body.next()) is not None:
                     exchange.append(chunk)
                     await exchange.room()
             exchange.finish()

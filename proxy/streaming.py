@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy.answers import Answer
+from proxy.answers import Answer, Body
 from proxy.dispatch import Timing
 from proxy.errors import GatewayError, sse_error_event
 
@@ -39,14 +38,14 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
     error status. Time spent waiting for those bytes is the upstream's, not overhead."""
     headers = answer.headers
     if answer.complete:
-        body = b"".join([chunk async for chunk in answer.chunks])
+        body = b"".join(await _all(answer.body))
         return web.Response(status=answer.status, reason=answer.reason, headers=headers,
                             body=body)
     event_stream = answer.event_stream
     first = b""
     if buffered and not event_stream:
         waited_from = time.perf_counter()
-        first, ended = await _gather_small(answer.chunks)
+        first, ended = await _gather_small(answer.body)
         timing.upstream_wait += time.perf_counter() - waited_from
         if ended:  # the usual JSON answer: one response, head and body in one write
             headers.popall("Content-Length", None)
@@ -60,7 +59,7 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
         while chunk is not None:
             if chunk:
                 await response.write(chunk)
-            chunk = await _next(answer.chunks)
+            chunk = await answer.body.next()
     except GatewayError as error:
         await _end_with_error(request, response, error, event_stream)
         return response
@@ -68,25 +67,25 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
     return response
 
 
-async def _gather_small(chunks: AsyncIterator[bytes]) -> tuple[bytes, bool]:
+async def _all(body: Body) -> list[bytes]:
+    parts: list[bytes] = []
+    while (chunk := await body.next()) is not None:
+        parts.append(chunk)
+    return parts
+
+
+async def _gather_small(body: Body) -> tuple[bytes, bool]:
     """Up to ``SMALL_ANSWER`` bytes of a non-stream answer, and whether that was all.
     Larger answers continue as a stream, so memory stays bounded."""
     parts: list[bytes] = []
     size = 0
     while size < SMALL_ANSWER:
-        chunk = await _next(chunks)
+        chunk = await body.next()
         if chunk is None:
             return b"".join(parts), True
         parts.append(chunk)
         size += len(chunk)
     return b"".join(parts), False
-
-
-async def _next(chunks: AsyncIterator[bytes]) -> bytes | None:
-    try:
-        return await anext(chunks)
-    except StopAsyncIteration:
-        return None
 
 
 async def _end_with_error(request: web.Request, response: web.StreamResponse,

@@ -59,6 +59,9 @@ class Provider(ABC):
     """One configured upstream. Subclasses set ``type_name`` and implement the hooks."""
 
     type_name: ClassVar[str]
+    # False for a provider whose answers pass through untouched: the relay then reads
+    # the upstream body directly, without the translate_* hooks (the hot path).
+    translates_body: ClassVar[bool] = True
 
     def __init__(self, config: ProviderConfig):
         self.config = config

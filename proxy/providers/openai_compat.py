@@ -16,6 +16,7 @@ from proxy.upstream import UpstreamClient, UpstreamRequest
 
 class OpenAICompatProvider(Provider):
     type_name = "openai_compat"
+    translates_body = False
 
     def prepare(self, call: Call) -> UpstreamRequest:
         return UpstreamRequest(
