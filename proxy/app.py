@@ -20,10 +20,9 @@ from proxy.discovery import ModelCatalog
 from proxy.dispatch import Dispatcher
 from proxy.limits import AdaptiveLimiter, LimitSettings
 from proxy.middlewares import (
+    context_middleware,
     error_middleware,
-    request_id_middleware,
     stamp_response,
-    timing_middleware,
 )
 from proxy.peers import Peers
 from proxy.providers import build_provider
@@ -37,8 +36,7 @@ log = logging.getLogger("proxy.app")
 
 MIDDLEWARES = (
     error_middleware,  # outermost: every failure below leaves OpenAI-shaped
-    timing_middleware,
-    request_id_middleware,
+    context_middleware,
 )
 
 

@@ -2,9 +2,8 @@
 
 ``error_middleware`` is outermost: whatever fails below it, a handler's ``GatewayError``
 or aiohttp's own ``HTTPException`` (unknown route, wrong method, body too large), leaves
-as one OpenAI-shaped error. Then ``timing_middleware`` starts the overhead clock and
-``request_id_middleware`` names the request. Later issues add auth, limits and metrics
-after it.
+as one OpenAI-shaped error. Then ``context_middleware`` starts the overhead clock and
+names the request. Later issues add auth, limits and metrics after it.
 """
 
 from __future__ import annotations
@@ -79,18 +78,14 @@ def _new_id() -> str:
 
 
 @web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Accept the client's ``X-Request-ID`` when it is sane, else make one. It goes
-    upstream (``handlers``) and back to the client (``set_request_id_header``)."""
+async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Start the clock for ``X-Gateway-Overhead-Ms``, and name the request: the client's
+    ``X-Request-ID`` when it is sane, else a new one. The id goes upstream
+    (``handlers``) and back to the client (``stamp_response``). One middleware for both:
+    each layer costs on every request."""
+    request[TIMING] = Timing(time.perf_counter())
     given = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = given if given and _VALID_REQUEST_ID.match(given) else _new_id()
-    return await handler(request)
-
-
-@web.middleware
-async def timing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Start the clock for ``X-Gateway-Overhead-Ms``."""
-    request[TIMING] = Timing(time.perf_counter())
     return await handler(request)
 
 

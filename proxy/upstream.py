@@ -129,36 +129,47 @@ class UpstreamClient:
         answer was not read to its end); on any exception, cancellation included (the
         client went away), it is closed, which is what cancels the upstream generation.
         """
-        self.in_flight += 1
+        connection, response = await self.send(request, provider)
         try:
-            connection, response = await self._send(request, provider)
-            try:
-                yield response
-            except BaseException:
-                connection.close()
-                raise
-            connection.release()
-        finally:
-            self.in_flight -= 1
+            yield response
+        except BaseException:
+            self.done(connection, reuse=False)
+            raise
+        self.done(connection, reuse=True)
 
-    async def _send(self, request: UpstreamRequest, provider: str
-                    ) -> tuple[Connection, http1.UpstreamResponse]:
+    def done(self, connection: Connection, *, reuse: bool) -> None:
+        """End an exchange begun by :meth:`send`: back to the pool (unless the answer was
+        not read to its end) or closed, which is what cancels an upstream generation."""
+        self.in_flight -= 1
+        if reuse:
+            connection.release()
+        else:
+            connection.close()
+
+    async def send(self, request: UpstreamRequest, provider: str
+                   ) -> tuple[Connection, http1.UpstreamResponse]:
+        """Send ``request`` and wait for the answer's head; every successful call is
+        followed by exactly one :meth:`done`. (The hot path's form of :meth:`open`.)"""
         if self._connector is None:
             raise RuntimeError("UpstreamClient used before start() or after close()")
         origin = self._origin(request.url, request.tls)
         payload = http1.serialize(request.method, request.url, origin.host_header,
                                   request.headers, request.body)
+        self.in_flight += 1
         try:
             connection = await self._connector.connect(origin.template, [],
                                                        self._connect_timeout)
-        except UPSTREAM_EXCEPTIONS as exc:
-            raise translate_exception(exc, provider) from exc
+        except BaseException as exc:
+            self.in_flight -= 1
+            if isinstance(exc, UPSTREAM_EXCEPTIONS):
+                raise translate_exception(exc, provider) from exc
+            raise
         try:
             response = await http1.exchange(
                 connection, payload, head_only=request.method == "HEAD",
                 read_timeout=self._config.timeouts.read)
         except BaseException as exc:
-            connection.close()
+            self.done(connection, reuse=False)
             if isinstance(exc, http1.HttpProcessingError):
                 raise UpstreamProtocolError(
                     f"upstream '{provider}' sent an invalid HTTP answer") from exc
