@@ -17,12 +17,11 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from aiohttp.connector import Connection
-
 from proxy.answers import Answer, read_upstream
 from proxy.cache import ResponseCache
 from proxy.dedup import Exchange, Head, InflightRequests
 from proxy.errors import GatewayError, UpstreamError
+from proxy.http1 import UpstreamProtocol
 from proxy.limits import AdaptiveLimiter, Outcome, Permit
 from proxy.peers import Peers
 from proxy.providers import Call, Provider
@@ -163,7 +162,7 @@ class UpstreamCall:
         self._limiter = limiter
         self._call = call
         self._provider = provider
-        self._connection: Connection | None = None
+        self._connection: UpstreamProtocol | None = None
         self._permit: Permit | None = None
         self._outcome = Outcome.IGNORE
         self._latency: float | None = None

@@ -1,27 +1,36 @@
-"""HTTP/1.1 exchanges written straight onto connections of the shared ``TCPConnector``.
+"""HTTP/1.1 exchanges on upstream connections leased from the shared ``TCPConnector``.
 
-Why not ``ClientSession.request``: its per-request machinery (request and response
-objects, header merging, payload lookup, timers, head and body written separately)
-is most of what a Python proxy spends per request (issue #3's profile). Here the
-connector still does everything that is hard (aiodns resolution and its cache, TLS,
-keep-alive pooling, the connection limit), aiohttp's C parser (``ResponseHandler``)
-still reads the answer, and a request costs one header serialisation and one write.
+Why not ``ClientSession.request``, nor even the connector's own ``ResponseHandler`` per
+request: their per-request machinery (request and response objects, header merging,
+timers re-armed on every read, a new parser and a message queue per answer, the pool's
+acquire and release bookkeeping) was most of what a Python proxy spends per request
+(issue #3's profile: the bare-protocol probe 19.6k req/s, the same proxy on
+``connector.connect`` + ``ResponseHandler`` about 8k, on one core of this machine).
 
-The connector is asked for connections with one template ``ClientRequest`` per origin,
-built once: it only reads the origin (scheme, host, port, TLS settings) from it.
+So the connector does what is hard and rare: aiodns resolution and its cache, happy
+eyeballs, TLS, and the limit on open connections. Each connection it opens is *leased*
+(acquired once, kept until it closes) and its transport handed to an
+:class:`UpstreamProtocol`, which parses answers with aiohttp's C parser
+(``HttpResponseParser``, reused across the keep-alive answers of the connection) and
+bounds each silence with one lazily re-armed timer. A request costs one serialisation
+and one write; keep-alive reuse is ``upstream.py``'s idle stack of these protocols.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import aiohttp
-from aiohttp.client_proto import ResponseHandler
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
+from aiohttp.helpers import EMPTY_BODY_STATUS_CODES, set_exception
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpResponseParser
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -32,7 +41,7 @@ READ_BUFSIZE = 2**16
 
 @dataclass(frozen=True, slots=True)
 class UpstreamResponse:
-    """The parts of an upstream answer the gateway uses, as aiohttp parsed them."""
+    """The parts of an upstream answer the gateway uses, as aiohttp's parser gave them."""
 
     status: int
     reason: str
@@ -40,15 +49,18 @@ class UpstreamResponse:
     content: aiohttp.StreamReader
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Origin:
-    """Everything per-origin, computed once: the connector's template and ``Host``."""
+    """Everything per-origin, computed once (the connector's template and ``Host``),
+    and the origin's idle keep-alive connections, most recently used last."""
 
     template: ClientRequest
     host_header: str
+    idle: list[UpstreamProtocol] = field(default_factory=list)
 
 
 def origin_of(url: URL, tls: ssl.SSLContext | None) -> Origin:
+    """The connector only reads the origin (scheme, host, port, TLS) from the template."""
     scheme = url.scheme
     host = url.raw_host or ""
     if ":" in host:  # an IPv6 literal
@@ -68,41 +80,217 @@ def serialize(method: str, url: URL, host_header: str, headers: CIMultiDict[str]
     validated config, so no line can be injected; ``surrogateescape`` gives back any
     non-UTF-8 bytes exactly as the client sent them.
     """
-    lines = [f"{method} {url.raw_path_qs} HTTP/1.1", f"Host: {host_header}"]
-    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {host_header}"]
+    lines.extend([f"{name}: {value}" for name, value in headers.items()])
     if body or method in _BODY_METHODS:
         lines.append(f"Content-Length: {len(body)}")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    lines.append("\r\n")
+    head = "\r\n".join(lines).encode("utf-8", "surrogateescape")
     return head + body if body else head
 
 
-async def exchange(connection: Connection, payload: bytes, *, head_only: bool,
-                   read_timeout: float | None) -> UpstreamResponse:
-    """Write the request and wait for the answer's head (1xx answers are skipped).
+class UpstreamProtocol(BaseProtocol):
+    """One leased upstream connection: writes requests, parses their answers.
 
-    Raises aiohttp's client exceptions, or ``HttpProcessingError`` for an answer the
-    parser rejects; the caller closes ``connection`` on any exception.
+    One exchange at a time: :meth:`request` returns a future for the answer's head (1xx
+    answers skipped); the body then arrives in that answer's ``StreamReader``, whose
+    fill level pauses reading from the upstream (back-pressure from a slow client).
+    Failures reach whoever waits, the head's future or the body's reader, as aiohttp's
+    client exceptions, which ``upstream.py`` translates.
     """
-    protocol = connection.protocol
-    transport = connection.transport
-    if protocol is None or transport is None:
-        raise aiohttp.ServerDisconnectedError()
-    _expect_answer(protocol, head_only, read_timeout)
-    transport.write(payload)
-    protocol.start_timeout()  # read_timeout now bounds each silence, head included
-    while True:
-        message, content = await protocol.read()
-        if not 100 <= message.code < 200 or message.code == 101:
-            return UpstreamResponse(message.code, message.reason or "", message.headers,
-                                    content)
+
+    __slots__ = ("_answer", "_exception", "_handler", "_head_only", "_last_data", "_on_closed",
+                 "_payload",
+                 "_read_timeout", "_should_close", "_timer", "home", "idle_since", "lease")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, lease: Connection,
+                 on_closed: Callable[[], None]):
+        super().__init__(loop)
+        self._on_closed = on_closed
+        self.lease = lease  # the connector's slot for this connection, given back on close
+        self._handler = lease.protocol  # the connector's protocol, told when we close
+        self._answer: asyncio.Future[UpstreamResponse] | None = None
+        self._payload: StreamReader | None = None
+        self._exception: BaseException | None = None
+        self._should_close = False
+        self._head_only = False
+        self._read_timeout: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_data = 0.0
+        self.idle_since = 0.0
+        self.home: list[UpstreamProtocol] = []  # the idle stack it goes back to
+
+    @classmethod
+    def take_over(cls, lease: Connection, on_closed: Callable[[], None]) -> UpstreamProtocol:
+        """Move a fresh connection of the connector onto a new protocol of this class;
+        ``on_closed`` runs once, when the connection is gone."""
+        transport = lease.transport
+        if transport is None:
+            raise aiohttp.ServerDisconnectedError()
+        protocol = cls(asyncio.get_running_loop(), lease, on_closed)
+        transport.set_protocol(protocol)
+        protocol.transport = transport
+        return protocol
+
+    def __repr__(self) -> str:
+        state = "busy" if self._answer is not None or self._payload is not None else "idle"
+        return f"<UpstreamProtocol {state} reusable={self.reusable}>"
+
+    @property
+    def reusable(self) -> bool:
+        """True between exchanges on a connection the upstream may reuse."""
+        transport = self.transport
+        return (transport is not None and not transport.is_closing()
+                and not self._should_close and self._exception is None
+                and self._answer is None and self._payload is None
+                and not self._reading_paused)
+
+    def request(self, payload: bytes, *, head_only: bool, read_timeout: float | None
+                ) -> asyncio.Future[UpstreamResponse]:
+        """Write one request; the future resolves with the answer's head."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise aiohttp.ServerDisconnectedError()
+        if self._parser is None or head_only or self._head_only:
+            # One parser serves every answer of the connection; only a HEAD needs its own
+            # (its answer announces a body that never comes), and the one after it too.
+            self._parser = HttpResponseParser(
+                self, self._loop, READ_BUFSIZE, payload_exception=aiohttp.ClientPayloadError,
+                response_with_body=not head_only, auto_decompress=False)
+            self._head_only = head_only
+        answer = self._answer = self._loop.create_future()
+        self._read_timeout = read_timeout
+        transport.write(payload)
+        if read_timeout:
+            self._last_data = self._loop.time()
+            self._timer = self._loop.call_at(self._last_data + read_timeout, self._check_silence)
+        return answer
+
+    def close(self) -> None:
+        """Close the connection; the connector's slot is freed in ``connection_lost``."""
+        self._should_close = True
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+        else:
+            self.lease.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once (an answer not read to its end)."""
+        self._should_close = True
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+        else:
+            self.lease.close()
+
+    def data_received(self, data: bytes) -> None:
+        if data:
+            self._last_data = self._loop.time()
+        elif self._parser is None or (self._answer is None and self._payload is None):
+            return  # resume_reading() on an idle connection: nothing to parse
+        parser = self._parser
+        if parser is None or (self._answer is None and self._payload is None):
+            self._fail(HttpProcessingError(message="data from upstream nobody asked for"))
+            return
+        try:
+            messages, upgraded, _ = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._fail(exc)
+            return
+        for message, payload in messages:
+            if message.should_close or upgraded:
+                self._should_close = True
+            code = message.code
+            if 100 <= code < 200 and code != 101:
+                continue  # interim answers (100 Continue, 103 Early Hints)
+            answer, self._answer = self._answer, None
+            if answer is None:
+                self._fail(HttpProcessingError(message="an answer nobody asked for"))
+                return
+            body = EMPTY_PAYLOAD if self._head_only or code in EMPTY_BODY_STATUS_CODES \
+                else payload
+            if body is EMPTY_PAYLOAD:
+                self._stop_timer()
+            else:
+                self._payload = body
+                body.on_eof(self._body_complete)
+            if not answer.done():
+                answer.set_result(UpstreamResponse(code, message.reason or "", message.headers,
+                                                   body))
+
+    def _body_complete(self) -> None:
+        self._payload = None
+        self._stop_timer()
+
+    def exchange_done(self) -> bool:
+        """End the exchange; True when the connection may serve another request."""
+        self._stop_timer()
+        reusable = self.reusable
+        if not reusable:
+            self.abort()
+        return reusable
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self._last_data = self._loop.time()  # the client was slow, not the upstream
+        super().resume_reading(resume_parser)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_timer()
+        parser, self._parser = self._parser, None
+        payload = self._payload
+        if parser is not None and payload is not None:
+            try:
+                parser.feed_eof()  # completes a body delimited by the close
+            except Exception as underlying:
+                set_exception(payload, aiohttp.ClientPayloadError(
+                    f"Response payload is not completed: {underlying!r}"), underlying)
+        if self._answer is not None:
+            error = (aiohttp.ServerDisconnectedError() if exc is None
+                     else aiohttp.ClientOSError(*getattr(exc, "args", ())))
+            self._deliver(error)
+        self._should_close = True
+        super().connection_lost(exc)
+        if self._handler is not None:
+            self._handler.connection_lost(exc)  # so the connector's own bookkeeping ends
+        self.lease.close()
+        self._on_closed()
+
+    def _check_silence(self) -> None:
+        """The read timeout, checked lazily: re-armed for what is left of it unless the
+        upstream has been silent for all of it (one timer per answer, not per read)."""
+        self._timer = None
+        timeout = self._read_timeout
+        if timeout is None or (self._answer is None and self._payload is None):
+            return
+        due = self._last_data + timeout
+        if self._reading_paused or due > self._loop.time():
+            self._timer = self._loop.call_at(due if due > self._loop.time()
+                                             else self._loop.time() + timeout,
+                                             self._check_silence)
+            return
+        self._fail(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
+
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._exception = exc
+        self._deliver(exc)
+        self.abort()
+
+    def _deliver(self, exc: BaseException) -> None:
+        answer, self._answer = self._answer, None
+        if answer is not None and not answer.done():
+            answer.set_exception(exc)
+        payload, self._payload = self._payload, None
+        if payload is not None:
+            if not isinstance(exc, aiohttp.ClientError):  # readers expect client errors
+                exc = aiohttp.ClientPayloadError(f"upstream answer invalid: {exc}")
+            set_exception(payload, exc)
 
 
-def _expect_answer(protocol: ResponseHandler, head_only: bool,
-                   read_timeout: float | None) -> None:
-    protocol.set_response_params(
-        skip_payload=head_only, auto_decompress=False, read_timeout=read_timeout,
-        read_bufsize=READ_BUFSIZE)
-
-
-__all__ = ["HttpProcessingError", "Origin", "UpstreamResponse", "exchange", "origin_of",
-           "serialize"]
+__all__ = ["HttpProcessingError", "Origin", "UpstreamProtocol", "UpstreamResponse",
+           "origin_of", "serialize"]

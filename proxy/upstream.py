@@ -1,9 +1,10 @@
-"""The upstream client: one shared connection pool per worker, and the one table that
-turns aiohttp's client exceptions into the gateway's error tree.
+"""The upstream client: the worker's shared pools, and the one table that turns
+aiohttp's client exceptions into the gateway's error tree.
 
 Two pools, built once at start-up and closed at shutdown (``app.py``):
 
-* the *inference* ``TCPConnector`` (aiodns resolver, DNS cache, keep-alive) carries every
+* the *inference* pool (``pool.py``: connections opened by the shared ``TCPConnector``,
+  with its aiodns resolver and DNS cache, kept alive and limited there) carries every
   proxied request, written straight onto its connections by ``http1.py`` (no
   ``ClientSession`` machinery per request, issue #3's profile);
 * a small *control* ``ClientSession`` for model discovery and health checks, so
@@ -26,7 +27,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp.connector import Connection
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -39,6 +39,8 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from proxy.http1 import UpstreamProtocol
+from proxy.pool import ConnectionPool
 
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _CONTROL_POOL_LIMIT = 32
@@ -99,26 +101,30 @@ class UpstreamClient:
 
     def __init__(self, config: Config):
         self._config = config
-        self._connector: aiohttp.TCPConnector | None = None
+        self._pool = ConnectionPool(limit=config.pool.limit,
+                                    keepalive=config.pool.keepalive_timeout,
+                                    connect_timeout=config.timeouts.connect)
         self._control: aiohttp.ClientSession | None = None
-        self._origins: dict[tuple[str, str | None, int | None, int], http1.Origin] = {}
-        self._connect_timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=config.timeouts.connect)
         self.in_flight = 0
 
     def __repr__(self) -> str:
-        state = "open" if self._connector else "closed"
+        state = "open" if self._control else "closed"
         return (f"<UpstreamClient {state} in_flight={self.in_flight} "
-                f"pool_limit={self._config.pool.limit} origins={len(self._origins)}>")
+                f"pool_limit={self._pool.limit} {self._pool!r}>")
 
     async def start(self) -> None:
         """Create the pools; called at start-up, inside the worker's event loop."""
         timeouts, pool = self._config.timeouts, self._config.pool
-        self._connector = _connector(pool.limit, pool.keepalive_timeout)
-        self._control = _session(
-            limit=_CONTROL_POOL_LIMIT, keepalive=pool.keepalive_timeout,
+        self._pool.start()
+        self._control = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=_CONTROL_POOL_LIMIT, limit_per_host=0, use_dns_cache=True,
+                ttl_dns_cache=300, keepalive_timeout=pool.keepalive_timeout,
+                resolver=aiohttp.AsyncResolver()),
             timeout=aiohttp.ClientTimeout(total=timeouts.discovery,
-                                          sock_connect=timeouts.connect))
+                                          sock_connect=timeouts.connect),
+            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_SKIP_AUTO_HEADERS, raise_for_status=False)
 
     @asynccontextmanager
     async def open(self, request: UpstreamRequest, provider: str
@@ -137,36 +143,31 @@ class UpstreamClient:
             raise
         self.done(connection, reuse=True)
 
-    def done(self, connection: Connection, *, reuse: bool) -> None:
-        """End an exchange begun by :meth:`send`: back to the pool (unless the answer was
-        not read to its end) or closed, which is what cancels an upstream generation."""
+    def done(self, connection: UpstreamProtocol, *, reuse: bool) -> None:
+        """End an exchange begun by :meth:`send`: back to the pool when the answer was
+        read to its end and the upstream keeps the connection alive; otherwise dropped,
+        which is what cancels an upstream generation."""
         self.in_flight -= 1
-        if reuse:
-            connection.release()
-        else:
-            connection.close()
+        self._pool.release(connection, reuse=reuse)
 
     async def send(self, request: UpstreamRequest, provider: str
-                   ) -> tuple[Connection, http1.UpstreamResponse]:
+                   ) -> tuple[UpstreamProtocol, http1.UpstreamResponse]:
         """Send ``request`` and wait for the answer's head; every successful call is
         followed by exactly one :meth:`done`. (The hot path's form of :meth:`open`.)"""
-        if self._connector is None:
-            raise RuntimeError("UpstreamClient used before start() or after close()")
-        origin = self._origin(request.url, request.tls)
+        origin = self._pool.origin(request.url, request.tls)
         payload = http1.serialize(request.method, request.url, origin.host_header,
                                   request.headers, request.body)
         self.in_flight += 1
         try:
-            connection = await self._connector.connect(origin.template, [],
-                                                       self._connect_timeout)
+            connection = await self._pool.acquire(origin)
         except BaseException as exc:
             self.in_flight -= 1
             if isinstance(exc, UPSTREAM_EXCEPTIONS):
                 raise translate_exception(exc, provider) from exc
             raise
         try:
-            response = await http1.exchange(
-                connection, payload, head_only=request.method == "HEAD",
+            response = await connection.request(
+                payload, head_only=request.method == "HEAD",
                 read_timeout=self._config.timeouts.read)
         except BaseException as exc:
             self.done(connection, reuse=False)
@@ -177,13 +178,6 @@ class UpstreamClient:
                 raise translate_exception(exc, provider) from exc
             raise
         return connection, response
-
-    def _origin(self, url: URL, tls: ssl.SSLContext | None) -> http1.Origin:
-        key = (url.scheme, url.raw_host, url.port, id(tls))
-        origin = self._origins.get(key)
-        if origin is None:
-            origin = self._origins[key] = http1.origin_of(url, tls)
-        return origin
 
     async def get_json(self, url: URL, headers: Mapping[str, str], provider: str,
                        tls: ssl.SSLContext | None = None) -> tuple[int, Any]:
@@ -202,23 +196,7 @@ class UpstreamClient:
             return resp.status, None
 
     async def close(self) -> None:
-        control, connector = self._control, self._connector
-        self._control = self._connector = None
+        control, self._control = self._control, None
         if control is not None:
             await control.close()
-        if connector is not None:
-            await connector.close()
-
-
-def _connector(limit: int, keepalive: float) -> aiohttp.TCPConnector:
-    return aiohttp.TCPConnector(
-        limit=limit, limit_per_host=0, use_dns_cache=True, ttl_dns_cache=300,
-        keepalive_timeout=keepalive, resolver=aiohttp.AsyncResolver())
-
-
-def _session(*, limit: int, keepalive: float, timeout: aiohttp.ClientTimeout
-             ) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=_connector(limit, keepalive), timeout=timeout, auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=_SKIP_AUTO_HEADERS,
-        raise_for_status=False)
+        await self._pool.close()

@@ -1,0 +1,180 @@
+"""The worker's one shared, limited pool of upstream connections.
+
+Connections are opened by the shared ``aiohttp.TCPConnector`` (aiodns resolver and DNS
+cache, happy eyeballs, TLS) and leased for their whole life (``http1.py`` says why).
+This pool keeps what a connector's pool would: the limit on open connections across all
+origins, a FIFO of requests waiting for one, and per origin a stack of idle keep-alive
+connections that close after ``keepalive`` seconds unused. It hands a connection given
+back straight to a waiter for the same origin, so a waiter never needs a new one while
+an idle one exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+
+import aiohttp
+from yarl import URL
+
+from proxy import http1
+from proxy.http1 import Origin, UpstreamProtocol
+
+OriginKey = tuple[str, str | None, int | None, int]
+
+
+class ConnectionPool:
+    def __init__(self, *, limit: int, keepalive: float, connect_timeout: float):
+        self.limit = limit
+        self._keepalive = keepalive
+        self._connect_timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=connect_timeout)
+        self._connector: aiohttp.TCPConnector | None = None
+        self._origins: dict[OriginKey, Origin] = {}
+        self._waiters: deque[tuple[Origin, asyncio.Future[UpstreamProtocol | None]]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.open = 0  # leased connections, and those being opened
+
+    def __repr__(self) -> str:
+        state = "open" if self._connector else "closed"
+        idle = sum(len(o.idle) for o in self._origins.values())
+        return (f"<ConnectionPool {state} open={self.open} idle={idle} "
+                f"waiting={len(self._waiters)} limit={self.limit}>")
+
+    def start(self) -> None:
+        """Create the connector; at start-up, inside the worker's event loop. Its own limit
+        equals ours (a safety net: every connection it opens is leased here)."""
+        self._connector = aiohttp.TCPConnector(
+            limit=self.limit, limit_per_host=0, use_dns_cache=True, ttl_dns_cache=300,
+            keepalive_timeout=self._keepalive, resolver=aiohttp.AsyncResolver())
+
+    def origin(self, url: URL, tls: ssl.SSLContext | None) -> Origin:
+        key = (url.scheme, url.raw_host, url.port, id(tls))
+        origin = self._origins.get(key)
+        if origin is None:
+            origin = self._origins[key] = http1.origin_of(url, tls)
+        return origin
+
+    async def acquire(self, origin: Origin) -> UpstreamProtocol:
+        """An idle connection to ``origin``, a new one, or, at the limit, the next one
+        given back (raises aiohttp's connection errors)."""
+        while True:
+            connection = self._idle(origin)
+            if connection is not None:
+                return connection
+            if self.open < self.limit or self._close_an_idle_one():
+                return await self._lease(origin)
+            waiter: asyncio.Future[UpstreamProtocol | None] = (
+                asyncio.get_running_loop().create_future())
+            entry = (origin, waiter)
+            self._waiters.append(entry)
+            try:
+                handed = await waiter
+            except BaseException:
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
+                elif waiter.done() and not waiter.cancelled():
+                    given = waiter.result()
+                    if given is not None:
+                        self.release(given, reuse=True)  # pass it on
+                raise
+            if handed is not None:
+                return handed
+
+    def release(self, connection: UpstreamProtocol, *, reuse: bool) -> None:
+        """Take a connection back after an exchange: to a waiter, to the idle stack, or
+        closed (an answer not read to its end; the upstream asked to close)."""
+        if not (reuse and connection.exchange_done()) or self._connector is None:
+            connection.abort()
+            return
+        while self._waiters:
+            origin, waiter = self._waiters.popleft()
+            if waiter.done():
+                continue
+            if connection.home is origin.idle:
+                waiter.set_result(connection)
+                return
+            connection.close()  # its slot goes to the waiter, once it is closed
+            self._waiters.appendleft((origin, waiter))
+            return
+        connection.idle_since = asyncio.get_running_loop().time()
+        connection.home.append(connection)
+        if self._sweeper is None:
+            self._schedule_sweep()
+
+    async def close(self) -> None:
+        connector, self._connector = self._connector, None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for origin in self._origins.values():
+            for connection in origin.idle:
+                connection.close()
+            origin.idle.clear()
+        while self._waiters:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(aiohttp.ClientConnectionError("the pool is closed"))
+        if connector is not None:
+            await connector.close()
+
+    def _idle(self, origin: Origin) -> UpstreamProtocol | None:
+        """The most recently used live idle connection (the others age out); stale ones
+        met on the way are closed."""
+        idle = origin.idle
+        if not idle:
+            return None
+        oldest_allowed = asyncio.get_running_loop().time() - self._keepalive
+        while idle:
+            connection = idle.pop()
+            if connection.reusable and connection.idle_since > oldest_allowed:
+                return connection
+            connection.close()
+        return None
+
+    def _close_an_idle_one(self) -> bool:
+        """At the limit, an idle connection to another origin gives way to a new one."""
+        for origin in self._origins.values():
+            if origin.idle:
+                origin.idle.pop(0).close()
+                return True
+        return False
+
+    async def _lease(self, origin: Origin) -> UpstreamProtocol:
+        if self._connector is None:
+            raise RuntimeError("the upstream pool is used before start() or after close()")
+        self.open += 1
+        try:
+            lease = await self._connector.connect(origin.template, [], self._connect_timeout)
+            connection = UpstreamProtocol.take_over(lease, self._connection_closed)
+        except BaseException:
+            self._connection_closed()
+            raise
+        connection.home = origin.idle
+        return connection
+
+    def _connection_closed(self) -> None:
+        """A leased connection is gone: its slot goes to the first waiter."""
+        self.open -= 1
+        while self._waiters:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _schedule_sweep(self) -> None:
+        self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle for longer than ``keepalive``."""
+        self._sweeper = None
+        oldest_allowed = asyncio.get_running_loop().time() - self._keepalive
+        for origin in self._origins.values():
+            keep = [c for c in origin.idle if c.reusable and c.idle_since > oldest_allowed]
+            for connection in origin.idle:
+                if connection not in keep:
+                    connection.close()
+            origin.idle[:] = keep
+        if any(origin.idle for origin in self._origins.values()):
+            self._schedule_sweep()
