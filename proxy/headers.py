@@ -19,13 +19,16 @@ HOP_BY_HOP = frozenset(
         "Proxy-Authorization", "Proxy-Authenticate", "Proxy-Connection",
     )
 )
+_HOP_BY_HOP_LOWER = frozenset(name.lower() for name in HOP_BY_HOP)
 
 # Set by the gateway itself for the hop it owns: the upstream connection or the client's.
 _RESPONSE_OWNED = frozenset(istr(n) for n in ("Date", "Server"))
 
 REQUEST_ID = istr("X-Request-ID")
 PEER = istr("X-Gateway-Peer")  # marks a request forwarded by another worker (peers.py)
-_REQUEST_OWNED = frozenset((istr("Host"), istr("Content-Length"), istr("Expect"), PEER))
+# The gateway's own request headers (sharing.py) are for the gateway, not the provider.
+_REQUEST_OWNED = frozenset((istr("Host"), istr("Content-Length"), istr("Expect"), PEER,
+                            istr("X-Gateway-Dedup"), istr("X-Gateway-Cache")))
 AUTHORIZATION = istr("Authorization")
 
 
@@ -41,14 +44,14 @@ def end_to_end(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], owned: Iterable[istr] = ()
 ) -> CIMultiDict[str]:
     """A copy of ``headers`` without hop-by-hop headers and without ``owned`` ones."""
-    drop = connection_tokens(headers)
-    skip = HOP_BY_HOP.union(owned)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name in skip or name.lower() in drop:
-            continue
-        out.add(name, value)
-    return out
+    skip = _HOP_BY_HOP_LOWER.union(name.lower() for name in owned)
+    if "Connection" in headers:
+        skip = skip.union(connection_tokens(headers))
+    # Compared lower-cased: a set of istr matches only the exact case (HTTP/2 clients
+    # send every name in lower case). One constructor call over a filtered list:
+    # per-header add() calls showed in the profile (issue #3).
+    return CIMultiDict([(name, value) for name, value in headers.items()
+                        if name.lower() not in skip])
 
 
 def upstream_request_headers(

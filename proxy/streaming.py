@@ -51,6 +51,8 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
             headers.popall("Content-Length", None)
             return web.Response(status=answer.status, reason=answer.reason,
                                 headers=headers, body=first)
+    # Whatever the body, once it streams no nginx in front may hold it back.
+    headers["X-Accel-Buffering"] = "no"
     response = web.StreamResponse(status=answer.status, reason=answer.reason,
                                   headers=headers)
     await response.prepare(request)

@@ -18,10 +18,11 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 from openai.types.chat import ChatCompletionMessageParam
 from yarl import URL
 
+from proxy.headers import end_to_end
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
@@ -324,3 +325,27 @@ async def test_no_accept_encoding_from_client_means_none_upstream(
     assert orjson.loads(body) == ANSWER
     assert len(seen) == 1
     assert "Accept-Encoding" not in seen[0]
+
+
+def test_hop_by_hop_names_match_in_any_case() -> None:
+    """HTTP/2 clients (through nginx) send every header name in lower case."""
+    incoming = CIMultiDictProxy(CIMultiDict([
+        ("keep-alive", "timeout=5"), ("te", "trailers"), ("PROXY-AUTHORIZATION", "Basic x"),
+        ("connection", "x-hop"), ("X-HOP", "1"), ("x-kept", "1"), ("host", "h")]))
+    out = end_to_end(incoming, (istr("Host"),))
+    assert list(out.items()) == [("x-kept", "1")]
+
+
+async def test_gateway_control_headers_stay_in_the_gateway(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+) -> None:
+    seen: Seen = []
+    gateway = await gateway_for(recording_app(seen), start_upstream, make_config,
+                                start_gateway)
+    status, _, _ = await post_chat(f"{gateway}/v1/chat/completions", headers={
+        "X-Gateway-Dedup": "off", "X-Gateway-Cache": "off", "X-Gateway-Peer": "1",
+        "Cache-Control": "no-cache"})
+    assert status == 200
+    names = {name.lower() for name in seen[0]}
+    assert not {n for n in names if n.startswith("x-gateway-")}, names
+    assert seen[0]["Cache-Control"] == "no-cache"  # end-to-end: the provider may use it

@@ -286,3 +286,35 @@ async def test_non_stream_cut_mid_body_never_looks_complete(
             error = (await response.json())["error"]
             assert error["code"] == "upstream_protocol_error"
             assert '{"id": "x"' not in error["message"]
+
+
+@pytest.mark.parametrize("content_type", ["application/x-ndjson", "application/json"])
+async def test_every_streamed_body_tells_nginx_not_to_buffer(
+    content_type: str, start_upstream: StartUpstream, start_gateway: StartGateway,
+    make_config: MakeConfig,
+) -> None:
+    """Not only SSE: an NDJSON stream, or a JSON answer too large to hold (over 256 KiB),
+    also flows through as it arrives, so nginx must not buffer it either."""
+    part = b'{"x": "' + b"y" * 65536 + b'"}\n'
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        await response.prepare(request)
+        for _ in range(6):
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post(CHAT, chat)
+    upstream = await start_upstream(app)
+    gateway = await start_gateway(make_config([{
+        "name": "up", "type": "openai_compat", "base_url": f"{upstream}/v1",
+        "models": ["m"]}]))
+    async with (aiohttp.ClientSession() as session,
+                session.post(f"{gateway}{CHAT}", json={**CHAT_BODY, "stream": False}) as resp):
+        body = await resp.read()
+        assert resp.status == 200
+        assert resp.headers["X-Accel-Buffering"] == "no"
+    assert body == part * 6

@@ -31,6 +31,8 @@ from proxy.errors import UpstreamError
 from proxy.headers import AUTHORIZATION
 from proxy.upstream import UpstreamClient, UpstreamRequest
 
+_URL_MEMO_SIZE = 256
+
 
 @dataclass(slots=True)
 class Call:
@@ -69,6 +71,7 @@ class Provider(ABC):
         self.base_url = URL(config.base_url)
         # Built once: an SSL context is costly, and the upstream pool keys on it.
         self.tls = ssl.create_default_context(cafile=config.ca_file) if config.ca_file else None
+        self._urls: dict[tuple[str, str], URL] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} base_url={self.config.base_url!r}>"
@@ -91,9 +94,17 @@ class Provider(ABC):
         """The model names this upstream serves, as it names them (no prefix)."""
 
     def url(self, path: str, query: str = "") -> URL:
-        """``base_url`` joined with ``path``, keeping the base's own path prefix."""
-        joined = f"{self.config.base_url}/{path.lstrip('/')}"
-        return URL(f"{joined}?{query}" if query else joined, encoded=True)
+        """``base_url`` joined with ``path``, keeping the base's own path prefix. The few
+        paths clients use are remembered (building a URL showed in the profile); the
+        memo is bounded, so arbitrary paths cannot grow it."""
+        key = (path, query)
+        url = self._urls.get(key)
+        if url is None:
+            joined = f"{self.config.base_url}/{path.lstrip('/')}"
+            url = URL(f"{joined}?{query}" if query else joined, encoded=True)
+            if len(self._urls) < _URL_MEMO_SIZE:
+                self._urls[key] = url
+        return url
 
     def credential_headers(self, headers: CIMultiDict[str]) -> CIMultiDict[str]:
         """Configured extra headers and the upstream key, replacing the client's.
