@@ -25,7 +25,7 @@ from proxy.middlewares import (
     stamp_response,
 )
 from proxy.peers import Peers
-from proxy.providers import build_provider
+from proxy.providers import Provider, build_provider
 from proxy.routing import ModelRouter
 from proxy.state import CATALOG, CLIENT, CONFIG, DISPATCHER, ROUTER, TASKS, WORKER
 from proxy.tasks import BackgroundTasks
@@ -58,7 +58,7 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     app[CLIENT] = client
     app[CATALOG] = catalog
     app[ROUTER] = ModelRouter(providers, config.aliases, catalog)
-    app[DISPATCHER] = _dispatcher(config, client, tasks, worker)
+    app[DISPATCHER] = _dispatcher(config, client, tasks, worker, providers)
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(stamp_response)
     _add_routes(app.router)
@@ -66,13 +66,15 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
 
 
 def _dispatcher(config: Config, client: UpstreamClient, tasks: BackgroundTasks,
-                worker: WorkerSpec) -> Dispatcher:
+                worker: WorkerSpec, providers: list[Provider]) -> Dispatcher:
     cache = config.cache
     limits = config.limits
     settings = LimitSettings(
         initial=limits.initial, min=limits.min, max=limits.max, queue_size=limits.queue_size,
         queue_timeout=limits.queue_timeout, tolerance=limits.tolerance, backoff=limits.backoff)
-    limiters = {p.name: AdaptiveLimiter(p.name, settings) for p in config.providers}
+    limiters = {p.name: AdaptiveLimiter(
+        p.name, settings, on_limit_change=client.limit_follower(p.base_url, p.tls, p.name))
+        for p in providers}
     return Dispatcher(
         client, tasks, InflightRequests(config.dedup.max_buffer_bytes),
         ResponseCache(max_bytes=cache.max_bytes, ttl=cache.ttl,

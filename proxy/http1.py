@@ -57,6 +57,10 @@ class Origin:
     template: ClientRequest
     host_header: str
     idle: list[UpstreamProtocol] = field(default_factory=list)
+    open: int = 0  # connections to this origin, busy or idle
+    # Per provider on this origin, its adaptive concurrency limit (``limits.py``): no
+    # more connections than their sum are kept (pool.py, ``follow_limit``).
+    caps: dict[str, int] = field(default_factory=dict)
 
 
 def origin_of(url: URL, tls: ssl.SSLContext | None) -> Origin:
@@ -101,7 +105,7 @@ class UpstreamProtocol(BaseProtocol):
 
     __slots__ = ("_answer", "_exception", "_handler", "_head_only", "_last_data", "_on_closed",
                  "_payload",
-                 "_read_timeout", "_should_close", "_timer", "home", "idle_since", "lease")
+                 "_read_timeout", "_should_close", "_timer", "idle_since", "lease", "origin")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, lease: Connection,
                  on_closed: Callable[[], None]):
@@ -118,7 +122,7 @@ class UpstreamProtocol(BaseProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._last_data = 0.0
         self.idle_since = 0.0
-        self.home: list[UpstreamProtocol] = []  # the idle stack it goes back to
+        self.origin: Origin | None = None  # where it goes back to (set by the pool)
 
     @classmethod
     def take_over(cls, lease: Connection, on_closed: Callable[[], None]) -> UpstreamProtocol:

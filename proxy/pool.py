@@ -89,19 +89,36 @@ class ConnectionPool:
             connection.abort()
             return
         while self._waiters:
-            origin, waiter = self._waiters.popleft()
+            wanted, waiter = self._waiters.popleft()
             if waiter.done():
                 continue
-            if connection.home is origin.idle:
+            if connection.origin is wanted:
                 waiter.set_result(connection)
                 return
             connection.close()  # its slot goes to the waiter, once it is closed
-            self._waiters.appendleft((origin, waiter))
+            self._waiters.appendleft((wanted, waiter))
+            return
+        origin = connection.origin
+        assert origin is not None
+        if origin.caps and origin.open > sum(origin.caps.values()):
+            connection.close()  # the providers' limits shrank: fewer connections kept
             return
         connection.idle_since = asyncio.get_running_loop().time()
-        connection.home.append(connection)
+        origin.idle.append(connection)
         if self._sweeper is None:
             self._schedule_sweep()
+
+    def follow_limit(self, url: URL, tls: ssl.SSLContext | None, provider: str, limit: int
+                     ) -> None:
+        """The adaptive limit of ``provider`` changed (``AdaptiveLimiter.on_limit_change``):
+        the origin keeps at most the sum of its providers' limits open, closing idle
+        connections over it now and busy ones as they come back."""
+        origin = self.origin(url, tls)
+        origin.caps[provider] = limit
+        excess = origin.open - sum(origin.caps.values())
+        while excess > 0 and origin.idle:
+            origin.idle.pop(0).close()
+            excess -= 1
 
     async def close(self) -> None:
         connector, self._connector = self._connector, None
@@ -145,13 +162,19 @@ class ConnectionPool:
         if self._connector is None:
             raise RuntimeError("the upstream pool is used before start() or after close()")
         self.open += 1
+        origin.open += 1
+
+        def closed() -> None:
+            origin.open -= 1
+            self._connection_closed()
+
         try:
             lease = await self._connector.connect(origin.template, [], self._connect_timeout)
-            connection = UpstreamProtocol.take_over(lease, self._connection_closed)
+            connection = UpstreamProtocol.take_over(lease, closed)
         except BaseException:
-            self._connection_closed()
+            closed()
             raise
-        connection.home = origin.idle
+        connection.origin = origin
         return connection
 
     def _connection_closed(self) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -142,6 +142,15 @@ class UpstreamClient:
             self.done(connection, reuse=False)
             raise
         self.done(connection, reuse=True)
+
+    def limit_follower(self, url: URL, tls: ssl.SSLContext | None, provider: str
+                       ) -> Callable[[int], None]:
+        """The ``on_limit_change`` hook of ``provider``'s adaptive limiter: the pool keeps
+        no more connections to its origin than the limit allows (issue #3: the shared
+        pool's per-host limit follows the adaptive one)."""
+        def follow(limit: int) -> None:
+            self._pool.follow_limit(url, tls, provider, limit)
+        return follow
 
     def done(self, connection: UpstreamProtocol, *, reuse: bool) -> None:
         """End an exchange begun by :meth:`send`: back to the pool when the answer was

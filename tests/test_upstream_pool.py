@@ -66,6 +66,32 @@ async def test_pool_limit_bounds_open_upstream_connections(
     assert elapsed >= 2 * HOLD * 0.9  # two waves of two
 
 
+async def test_kept_connections_follow_the_adaptive_limit(
+        raw_upstream: StartRaw, make_config: MakeConfig) -> None:
+    """Issue #3: the shared pool's per-host limit follows the adaptive one. Three answers
+    at once leave three keep-alive connections; once the provider's limit drops to 1,
+    the pool keeps one and closes the others, now or as they come back."""
+    upstream = await raw_upstream(held)
+    client = UpstreamClient(make_config([]))
+    await client.start()
+    try:
+        follow = client.limit_follower(URL(upstream.url), None, "prov")
+        await asyncio.wait_for(asyncio.gather(*(post(client, upstream) for _ in range(3))), 5)
+        assert upstream.open == 3
+        follow(1)
+        for _ in range(100):  # bounded: the closes reach the upstream within 1 s
+            if upstream.open == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert upstream.open == 1
+        assert "open=1 idle=1" in repr(client)
+        follow(4)  # grows again: new connections are kept up to the new limit
+        await asyncio.wait_for(asyncio.gather(*(post(client, upstream) for _ in range(3))), 5)
+        assert upstream.open == 3
+    finally:
+        await client.close()
+
+
 async def test_repr_tells_limit_state_and_in_flight(
         raw_upstream: StartRaw, make_config: MakeConfig) -> None:
     upstream = await raw_upstream(held)
