@@ -71,7 +71,8 @@ def _dispatcher(config: Config, client: UpstreamClient, tasks: BackgroundTasks,
     limits = config.limits
     settings = LimitSettings(
         initial=limits.initial, min=limits.min, max=limits.max, queue_size=limits.queue_size,
-        queue_timeout=limits.queue_timeout, tolerance=limits.tolerance, backoff=limits.backoff)
+        queue_timeout=limits.queue_timeout, tolerance=limits.tolerance, slack=limits.slack,
+        backoff=limits.backoff)
     limiters = {p.name: AdaptiveLimiter(
         p.name, settings, on_limit_change=client.limit_follower(p.base_url, p.tls, p.name))
         for p in providers}

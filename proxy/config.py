@@ -112,6 +112,7 @@ class LimitsConfig:
     queue_size: int = 256
     queue_timeout: float = 2.0
     tolerance: float = 1.5
+    slack: float = 0.01
     backoff: float = 0.9
 
 
@@ -295,7 +296,8 @@ def _limits(raw: Any, problems: list[str]) -> LimitsConfig:
     limits = v.section(raw, "limits", LimitsConfig, problems, {
         "initial": v.positive_int, "min": v.positive_int, "max": v.positive_int,
         "queue_size": v.non_negative_int, "queue_timeout": v.positive_number,
-        "tolerance": v.at_least(1.0), "backoff": v.fraction})
+        "tolerance": v.at_least(1.0), "slack": v.non_negative_number,
+        "backoff": v.fraction})
     if limits.max < limits.min:
         problems.append("limits.max: must not be below limits.min")
     elif not limits.min <= limits.initial <= limits.max:

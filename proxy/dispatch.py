@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from types import TracebackType
 
 from proxy.answers import Answer, read_upstream
 from proxy.cache import ResponseCache
@@ -64,19 +65,18 @@ class Dispatcher:
         """The provider's concurrency limiter state, for ``/health``."""
         return self._limiters[provider].snapshot()
 
+    def answer(self, call: Call, provider: Provider, sharing: Sharing, timing: Timing
+               ) -> AbstractAsyncContextManager[Answer]:
+        """The answer to ``call``, for the ``async with`` that relays it."""
+        if sharing.key is None:  # the direct path: no generator-based context manager
+            return UpstreamCall(self._client, self._limiters[provider.name], call, provider,
+                                timing)
+        return self._shared(call, provider, sharing, timing)
+
     @asynccontextmanager
-    async def answer(self, call: Call, provider: Provider, sharing: Sharing,
-                     timing: Timing) -> AsyncIterator[Answer]:
-        if sharing.key is None:
-            upstream = UpstreamCall(self._client, self._limiters[provider.name], call, provider)
-            answer = await upstream.start(timing)
-            try:
-                yield answer
-            except BaseException:
-                upstream.finish(failed=True)
-                raise
-            upstream.finish(failed=False)
-            return
+    async def _shared(self, call: Call, provider: Provider, sharing: Sharing,
+                      timing: Timing) -> AsyncIterator[Answer]:
+        assert sharing.key is not None
         owner = self.peers.owner(sharing.key) if sharing.forwardable else None
         if owner is not None:
             waited_from = time.perf_counter()
@@ -121,9 +121,10 @@ class Dispatcher:
     async def _produce(self, exchange: Exchange, call: Call, provider: Provider,
                        sharing: Sharing) -> None:
         """Read one upstream answer into ``exchange`` (a background task)."""
-        upstream = UpstreamCall(self._client, self._limiters[provider.name], call, provider)
+        upstream = UpstreamCall(self._client, self._limiters[provider.name], call, provider,
+                                None)
         try:
-            answer = await upstream.start(None)
+            answer = await upstream.start()
             try:
                 exchange.set_head(Head(answer.status, answer.reason,
                                        tuple(answer.headers.items()), answer.complete))
@@ -150,14 +151,16 @@ class Dispatcher:
 
 class UpstreamCall:
     """One upstream call under its provider's concurrency limit, from the slot taken to
-    the connection given back. A class rather than stacked context managers: this is
-    the hot path, and each layer of those showed in the profile."""
+    the connection given back; as an async context manager, the direct path's answer.
+    A class rather than stacked context managers: this is the hot path, and each layer
+    of those showed in the profile."""
 
     __slots__ = ("_call", "_client", "_connection", "_latency", "_limiter", "_outcome",
-                 "_permit", "_provider")
+                 "_permit", "_provider", "_timing")
 
     def __init__(self, client: UpstreamClient, limiter: AdaptiveLimiter, call: Call,
-                 provider: Provider):
+                 provider: Provider, timing: Timing | None):
+        self._timing = timing
         self._client = client
         self._limiter = limiter
         self._call = call
@@ -167,12 +170,20 @@ class UpstreamCall:
         self._outcome = Outcome.IGNORE
         self._latency: float | None = None
 
-    async def start(self, timing: Timing | None) -> Answer:
+    async def __aenter__(self) -> Answer:
+        return await self.start()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, traceback: TracebackType | None) -> None:
+        self.finish(failed=exc_type is not None)
+
+    async def start(self) -> Answer:
         """Take a slot, send the request, read the head (and an error answer's body)."""
         provider = self._provider
         request = provider.prepare(self._call)
+        queued = time.perf_counter()  # a wait for a slot is the upstream's, not overhead
         self._permit = await self._limiter.acquire()
-        started = time.perf_counter()
+        started = time.perf_counter()  # the limiter learns from the upstream's time only
         try:
             self._connection, response = await self._client.send(request, provider.name)
             self._latency = time.perf_counter() - started
@@ -184,8 +195,8 @@ class UpstreamCall:
                 self._outcome = Outcome.ERROR
             self.finish(failed=True)
             raise
-        if timing is not None:
-            timing.upstream_wait += time.perf_counter() - started
+        if self._timing is not None:
+            self._timing.upstream_wait += time.perf_counter() - queued
         return answer
 
     def finish(self, *, failed: bool) -> None:

@@ -59,8 +59,9 @@ class Origin:
     idle: list[UpstreamProtocol] = field(default_factory=list)
     open: int = 0  # connections to this origin, busy or idle
     # Per provider on this origin, its adaptive concurrency limit (``limits.py``): no
-    # more connections than their sum are kept (pool.py, ``follow_limit``).
+    # more connections than their sum (``cap``, 0: none yet) are kept (``follow_limit``).
     caps: dict[str, int] = field(default_factory=dict)
+    cap: int = 0
 
 
 def origin_of(url: URL, tls: ssl.SSLContext | None) -> Origin:
@@ -139,6 +140,9 @@ class UpstreamProtocol(BaseProtocol):
     def __repr__(self) -> str:
         state = "busy" if self._answer is not None or self._payload is not None else "idle"
         return f"<UpstreamProtocol {state} reusable={self.reusable}>"
+
+    def loop_time(self) -> float:
+        return self._loop.time()
 
     @property
     def reusable(self) -> bool:

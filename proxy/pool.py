@@ -100,10 +100,10 @@ class ConnectionPool:
             return
         origin = connection.origin
         assert origin is not None
-        if origin.caps and origin.open > sum(origin.caps.values()):
+        if origin.cap and origin.open > origin.cap:
             connection.close()  # the providers' limits shrank: fewer connections kept
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = connection.loop_time()
         origin.idle.append(connection)
         if self._sweeper is None:
             self._schedule_sweep()
@@ -115,7 +115,8 @@ class ConnectionPool:
         connections over it now and busy ones as they come back."""
         origin = self.origin(url, tls)
         origin.caps[provider] = limit
-        excess = origin.open - sum(origin.caps.values())
+        origin.cap = sum(origin.caps.values())
+        excess = origin.open - origin.cap
         while excess > 0 and origin.idle:
             origin.idle.pop(0).close()
             excess -= 1
@@ -142,13 +143,15 @@ class ConnectionPool:
         idle = origin.idle
         if not idle:
             return None
-        oldest_allowed = asyncio.get_running_loop().time() - self._keepalive
-        while idle:
-            connection = idle.pop()
+        connection = idle.pop()
+        oldest_allowed = connection.loop_time() - self._keepalive
+        while True:
             if connection.reusable and connection.idle_since > oldest_allowed:
                 return connection
             connection.close()
-        return None
+            if not idle:
+                return None
+            connection = idle.pop()
 
     def _close_an_idle_one(self) -> bool:
         """At the limit, an idle connection to another origin gives way to a new one."""

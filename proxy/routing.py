@@ -55,7 +55,10 @@ class ModelRouter:
                                      param="model")
             return Route(self._default, None)
         route = self._lookup(model, self._catalog.snapshot)
-        if route is None and self._discovering and self._catalog.snapshot is None:
+        if self._discovering and self._catalog.snapshot is None and (
+                route is None or route.provider is self._catch_all):
+            # Before the first discovery ends, a discovered name must not fall to the
+            # catch-all: wait for the catalog (only the first requests ever do).
             route = self._lookup(model, await self._catalog.current())
         if route is None:
             if self._discovering:

@@ -272,6 +272,23 @@ async def test_rising_latency_lowers_the_limit() -> None:
     assert changes[-1] == lim.limit
 
 
+@pytest.mark.parametrize(("slack", "cut"), [(0.01, False), (0.0, True)])
+async def test_slack_absorbs_the_gateways_own_lag(slack: float, cut: bool) -> None:
+    """A fast upstream (3 ms) read by a saturated worker looks like 8 ms: within the
+    10 ms slack that must not shrink the limit; without slack it would."""
+    clock = FakeClock()
+    lim = limiter(clock, initial=32, slack=slack)
+    for _ in range(40):
+        await run_round(lim, clock, 0.003)
+    before = lim.limit
+    for _ in range(60):
+        await run_round(lim, clock, 0.008)
+    assert (lim.limit < before) is cut
+    for _ in range(60):  # real upstream queueing is far above the slack
+        await run_round(lim, clock, 0.05)
+    assert lim.limit < before
+
+
 async def test_min_rtt_forgets_old_windows() -> None:
     clock = FakeClock()
     lim = limiter(clock, initial=8, min_rtt_window=1.0)

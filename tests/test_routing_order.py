@@ -1,0 +1,169 @@
+"""The routing order when several rules claim one model name (issue #2, "Routing and
+providers": "``provider/model`` prefix, aliases, a provider's static ``models`` list,
+then discovered models"; ``proxy/routing.py``'s docstring adds the ``catch_all`` last).
+
+Each fake provider answers a chat completion naming itself and echoing the model it was
+sent, and records that model, so every test tells which upstream got a request and under
+which name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+from aiohttp import web
+
+from tests.conftest import MakeConfig, StartGateway, StartUpstream
+
+USER = [{"role": "user", "content": "hi"}]
+Client = Callable[..., openai.AsyncOpenAI]
+
+
+@dataclass
+class Fake:
+    name: str
+    models: list[str] = field(default_factory=list)  # what its /v1/models lists
+    received: list[str] = field(default_factory=list)  # the model of each chat request
+    url: str = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self._list)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        return app
+
+    async def _list(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": 1, "owned_by": "x"} for m in self.models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        model = orjson.loads(await request.read())["model"]
+        self.received.append(model)
+        return web.json_response({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": self.name}}],
+        })
+
+    def provider(self, **extra: Any) -> dict[str, Any]:
+        return {"name": self.name, "type": "openai_compat", "base_url": self.url, **extra}
+
+
+async def _start(start_upstream: StartUpstream, *fakes: Fake) -> None:
+    for fake in fakes:
+        fake.url = f"{await start_upstream(fake.app())}/v1"
+
+
+async def _chat(client: openai.AsyncOpenAI, model: str) -> tuple[str, str]:
+    """(the upstream that answered, the model name it received)."""
+    answer = await client.chat.completions.create(model=model, messages=USER)
+    return answer.choices[0].message.content or "", answer.model
+
+
+async def _discovered(gateway: str) -> None:
+    """Wait (bounded) for the first discovery, so the snapshot is what routing sees."""
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
+            f"{gateway}/v1/models") as response:
+        assert response.status == 200
+
+
+async def test_prefix_beats_an_alias_of_the_same_name(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    openai_client: Client,
+) -> None:
+    a, b = Fake("a"), Fake("b")
+    await _start(start_upstream, a, b)
+    config = make_config([a.provider(models=["x"]), b.provider(models=["x"])],
+                         aliases={"b/x": "a/x"})
+    client = openai_client(await start_gateway(config))
+    assert await _chat(client, "b/x") == ("b", "x")
+    assert (a.received, b.received) == ([], ["x"])
+
+
+async def test_alias_beats_a_static_model_of_the_same_name(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    openai_client: Client,
+) -> None:
+    a, b = Fake("a"), Fake("b")
+    await _start(start_upstream, a, b)
+    config = make_config([a.provider(models=["fast"]), b.provider(models=["llama"])],
+                         aliases={"fast": "llama"})
+    client = openai_client(await start_gateway(config))
+    assert await _chat(client, "fast") == ("b", "llama")
+    assert (a.received, b.received) == ([], ["llama"])
+
+
+async def test_static_list_beats_a_discovered_model_listed_earlier(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    openai_client: Client,
+) -> None:
+    a, b = Fake("a", ["shared", "only-a"]), Fake("b")
+    await _start(start_upstream, a, b)
+    gateway = await start_gateway(make_config([a.provider(), b.provider(models=["shared"])]))
+    await _discovered(gateway)
+    client = openai_client(gateway)
+    assert await _chat(client, "shared") == ("b", "shared")
+    assert await _chat(client, "only-a") == ("a", "only-a")  # discovery itself works
+    assert (a.received, b.received) == (["only-a"], ["shared"])
+
+
+async def test_first_provider_in_file_order_wins_among_static_lists(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    openai_client: Client,
+) -> None:
+    a, b, c = Fake("a"), Fake("b"), Fake("c")
+    await _start(start_upstream, a, b, c)
+    config = make_config([a.provider(models=["other"]), b.provider(models=["m", "n"]),
+                          c.provider(models=["n", "m"])])
+    client = openai_client(await start_gateway(config))
+    assert await _chat(client, "m") == ("b", "m")
+    assert await _chat(client, "n") == ("b", "n")
+    assert (a.received, b.received, c.received) == ([], ["m", "n"], [])
+
+
+async def test_catch_all_takes_only_names_no_other_rule_claims(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    openai_client: Client,
+) -> None:
+    catch = Fake("catch", ["disc"])  # listed first, and even lists the discovered name
+    disc, stat = Fake("disc-p", ["disc"]), Fake("stat-p")
+    await _start(start_upstream, catch, disc, stat)
+    config = make_config(
+        [catch.provider(catch_all=True), disc.provider(), stat.provider(models=["stat"])],
+        aliases={"al": "stat"})
+    gateway = await start_gateway(config)
+    await _discovered(gateway)
+    client = openai_client(gateway)
+    assert await _chat(client, "disc") == ("disc-p", "disc")
+    assert await _chat(client, "stat") == ("stat-p", "stat")
+    assert await _chat(client, "al") == ("stat-p", "stat")
+    assert await _chat(client, "disc-p/free-name") == ("disc-p", "free-name")
+    assert await _chat(client, "nobody-claims-this") == ("catch", "nobody-claims-this")
+    assert await _chat(client, "other/with-slash") == ("catch", "other/with-slash")
+    assert catch.received == ["nobody-claims-this", "other/with-slash"]
+    assert disc.received == ["disc", "free-name"]
+    assert stat.received == ["stat", "stat"]
+
+
+class _SlowListing(Fake):
+    async def _list(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)
+        return await super()._list(request)
+
+
+async def test_catch_all_does_not_take_a_discovered_name_before_discovery_ends(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    openai_client: Client,
+) -> None:
+    catch, disc = Fake("catch"), _SlowListing("disc-p", ["disc"])
+    await _start(start_upstream, catch, disc)
+    config = make_config([catch.provider(catch_all=True), disc.provider()])
+    client = openai_client(await start_gateway(config))
+    assert await _chat(client, "disc") == ("disc-p", "disc")
