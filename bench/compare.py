@@ -4,9 +4,12 @@ Why one script: figures from separate runs drift with the machine's state, so ev
 target is measured in the same run, interleaved (the order rotates each round) and
 repeated (``--rounds``); the table shows medians across rounds. Targets:
 
-* ``direct``: the load generator against the mock upstream itself (the floor);
+* ``direct``: the load generator against the mock upstream itself (no proxy at all);
 * ``gateway``: ``python -m proxy serve --upstream ...`` (one worker, drop-in mode);
 * ``naive``: ``bench/naive_proxy.py``, one shared ``ClientSession`` (the baseline);
+* ``floor``: ``bench/floor_proxy.py``, a bare ``web.Application`` relaying through the
+  gateway's own upstream client and nothing else: the ceiling for the gateway's design,
+  so ``gateway/floor`` is what its features cost;
 * ``nginx``: ``proxy_pass`` with upstream keep-alive (the compiled reference), when an
   ``nginx`` binary exists (PATH or /usr/sbin), else skipped with a note.
 
@@ -208,7 +211,7 @@ def start_all(sc: Scenario, args: argparse.Namespace, workdir: Path, pin: bool,
         stack.callback(proc.stop)
         wait_ready(proc, f"http://127.0.0.1:{port}{ready}")
         return f"http://127.0.0.1:{port}"
-    up, gw, naive, nginx = (free_port() for _ in range(4))
+    up, gw, naive, nginx, floor = (free_port() for _ in range(5))
     if args.upstream == "static":
         argv = nginx_argv(workdir, "static", up, _static_answer())
     else:
@@ -219,7 +222,9 @@ def start_all(sc: Scenario, args: argparse.Namespace, workdir: Path, pin: bool,
             "gateway": launch("gateway", [py, "-m", "proxy", "serve", "--upstream",
                                           f"{base}/v1", "--port", str(gw)], 0, gw, "/healthz"),
             "naive": launch("naive", [py, "-m", "bench.naive_proxy", "--upstream", base,
-                                      "--port", str(naive)], 0, naive, "/v1/models")}
+                                      "--port", str(naive)], 0, naive, "/v1/models"),
+            "floor": launch("floor", [py, "-m", "bench.floor_proxy", "--upstream", base,
+                                      "--port", str(floor)], 0, floor, "/v1/models")}
     if nginx_binary() is not None:
         argv = nginx_argv(workdir, "nginx", nginx, *_proxy_pass(up))
         urls["nginx"] = launch("nginx", argv, 0, nginx, "/v1/models")
@@ -280,7 +285,8 @@ def ratios(sc: Scenario, summary: dict[str, dict[str, Any]]) -> dict[str, float]
     """Throughput ratios of the gateway to each other target; added latency vs direct."""
     out: dict[str, float] = {}
     gateway, direct = summary.get("gateway"), summary.get("direct")
-    for other in ("direct", "naive", "nginx"):  # closed loop only: a fixed rate is no ratio
+    # Closed loop only: at a fixed rate there is no throughput ratio.
+    for other in ("direct", "naive", "floor", "nginx"):
         if not sc.rate and gateway and other in summary and summary[other]["rps"]:
             out[f"gateway/{other}"] = round(gateway["rps"] / summary[other]["rps"], 2)
     for name, s in summary.items():
