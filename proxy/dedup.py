@@ -121,6 +121,7 @@ class Exchange:
         self._subscribers.discard(subscription)
         if not self._subscribers and not self.done and self.task is not None:
             self.task.cancel()  # nobody is left to receive the answer
+            self.joinable = False  # a request arriving now starts its own call
         self._consumed()
 
     def _notify(self) -> None:

@@ -80,7 +80,7 @@ class Dispatcher:
         owner = self.peers.owner(sharing.key) if sharing.forwardable else None
         if owner is not None:
             waited_from = time.perf_counter()
-            async with self.peers.answer(call, owner) as answer:
+            async with self.peers.answer(call, owner, sharing.control) as answer:
                 timing.upstream_wait += time.perf_counter() - waited_from
                 yield answer
             return

@@ -15,7 +15,7 @@ opts itself out of cross-worker sharing.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -48,10 +48,14 @@ class Peers:
         return None if owner == self.worker.index else owner
 
     @asynccontextmanager
-    async def answer(self, call: Call, owner: int) -> AsyncIterator[Answer]:
-        """The owner worker's answer to ``call``, relayed as it arrives."""
+    async def answer(self, call: Call, owner: int, control: Iterable[tuple[str, str]] = ()
+                     ) -> AsyncIterator[Answer]:
+        """The owner worker's answer to ``call``, relayed as it arrives. ``control``: the
+        client's sharing headers (``X-Gateway-Cache``...), which ``call.headers`` lacks
+        because they never go upstream, so that the owner decides as this worker would."""
         session = self._session(owner)
         headers = call.headers.copy()
+        headers.extend(control)
         headers[PEER] = "1"
         url = URL(f"http://worker-{owner}/v1/{call.endpoint}"
                   + (f"?{call.query}" if call.query else ""), encoded=True)

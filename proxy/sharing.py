@@ -35,6 +35,7 @@ class Sharing:
     cache_write: bool = False
     # May go to the worker that owns the key (peers.py): not when a peer sent it here.
     forwardable: bool = False
+    control: tuple[tuple[str, str], ...] = ()  # the client's CONTROL_HEADERS, for a peer
 
     @property
     def records(self) -> bool:
@@ -43,6 +44,10 @@ class Sharing:
 
 
 ALONE = Sharing(key=None)
+_IDENTITY_HEADERS = (AUTHORIZATION, "OpenAI-Organization", "OpenAI-Project")
+# The client's own sharing instructions, which go with a request forwarded to the worker
+# that owns its key (peers.py) but never upstream (headers.py).
+CONTROL_HEADERS = ("X-Gateway-Cache", "X-Gateway-Dedup")
 
 
 def sharing_for(call: Call, provider: str, client_headers: CIMultiDictProxy[str],
@@ -56,8 +61,10 @@ def sharing_for(call: Call, provider: str, client_headers: CIMultiDictProxy[str]
     if not (may_dedup or cache_read or cache_write):
         return ALONE
     forwardable = may_dedup and PEER not in client_headers
+    control = tuple((name, client_headers[name]) for name in CONTROL_HEADERS
+                    if name in client_headers) if forwardable else ()
     return Sharing(_key(call, provider, client_headers), may_dedup, cache_read, cache_write,
-                   forwardable)
+                   forwardable, control)
 
 
 def is_deterministic(endpoint: str, payload: dict[str, Any]) -> bool:
@@ -79,7 +86,10 @@ def _cache_rules(headers: CIMultiDictProxy[str], cache: CacheConfig, determinist
 
 def _key(call: Call, provider: str, headers: CIMultiDictProxy[str]) -> bytes:
     digest = hashlib.blake2b(digest_size=20)
-    for part in (caller_identity(headers), provider, call.method, call.endpoint, call.query):
+    # Accept-Encoding changes the answer's bytes (a gzip body must never reach a client
+    # that did not ask for one): it is part of what is shared.
+    for part in (caller_identity(headers), headers.get("Accept-Encoding", ""), provider,
+                 call.method, call.endpoint, call.query):
         digest.update(part.encode())
         digest.update(b"\0")
     digest.update(orjson.dumps(call.payload, option=orjson.OPT_SORT_KEYS))
@@ -87,6 +97,7 @@ def _key(call: Call, provider: str, headers: CIMultiDictProxy[str]) -> bytes:
 
 
 def caller_identity(headers: CIMultiDictProxy[str]) -> str:
-    """Who is asking: the client's credentials (hashed where they are used, never
-    stored). Gateway keys will take this place when they exist (issue #4)."""
-    return headers.get(AUTHORIZATION, "")
+    """Who is asking: the client's credentials and the OpenAI organization and project
+    it bills to (hashed where they are used, never stored). Gateway keys will take this
+    place when they exist (issue #4)."""
+    return "\n".join(headers.get(name, "") for name in _IDENTITY_HEADERS)

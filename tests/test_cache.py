@@ -274,3 +274,22 @@ async def test_entries_expire_and_replay_what_was_stored() -> None:
     clock.now += 0.2
     assert cache.get(b"k") is None
     assert (len(cache), cache.size, cache.hits, cache.misses) == (0, 0, 1, 1)
+
+
+async def test_accept_encoding_and_billing_headers_are_part_of_the_key(
+    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+) -> None:
+    """A gzip answer must never be replayed to a client that did not ask for gzip, and
+    callers billing to another OpenAI organization or project never share an entry."""
+    upstream = Upstream()
+    url = await gateway(upstream)
+    body = chat(temperature=0)
+    variants = [{"Accept-Encoding": "identity"}, {"Accept-Encoding": "gzip"},
+                {"Accept-Encoding": "identity", "OpenAI-Organization": "org-b"},
+                {"Accept-Encoding": "identity", "OpenAI-Project": "proj-b"}]
+    firsts = [await post(session, url, body, headers) for headers in variants]
+    again = [await post(session, url, body, headers) for headers in variants]
+    assert [r[1]["X-Cache"] for r in firsts] == ["MISS"] * 4
+    assert [answer_id(r) for r in again] == [answer_id(r) for r in firsts]
+    assert [r[1]["X-Cache"] for r in again] == ["HIT"] * 4
+    assert upstream.calls == 4

@@ -10,6 +10,7 @@ Each upstream answer names its call number, so identical bodies prove one shared
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +22,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.dedup import Exchange, FellBehind, Head
+from proxy.dedup import Exchange, FellBehind, Head, InflightRequests
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 
 CHAT = "/v1/chat/completions"
@@ -220,8 +221,9 @@ async def read_timed(session: aiohttp.ClientSession, url: str, body: dict[str, A
                      pause: float = 0.0) -> tuple[list[tuple[float, bytes]], dict[str, str]]:
     """Stream ``body``; sleep ``pause`` s after the headers; (arrival time, bytes) list."""
     arrivals: list[tuple[float, bytes]] = []
-    # The same credentials as the SDK's, so they are one caller and may share.
-    auth = {"Authorization": "Bearer sk-client-test"}
+    # The same credentials as the SDK's, so they are one caller and may share; one
+    # Accept-Encoding for every client, since it is part of the key.
+    auth = {"Authorization": "Bearer sk-client-test", "Accept-Encoding": "identity"}
     async with session.post(url, json=body, headers=auth) as response:
         assert response.status == 200
         await asyncio.sleep(pause)
@@ -241,7 +243,9 @@ async def test_stream_fans_out_to_late_subscribers(
     upstream = Upstream()
     base = await gateway(upstream)
     body = chat(temperature=0, stream=True)
-    sdk = openai_client(base)  # built now: building it blocks the loop for a while
+    # Built now: building it blocks the loop for a while. Its Accept-Encoding is the
+    # other clients' (part of the key).
+    sdk = openai_client(base, default_headers={"Accept-Encoding": "identity"})
 
     async def late_sdk() -> str:
         await asyncio.sleep(0.35)
@@ -377,7 +381,8 @@ async def test_a_client_that_never_reads_is_cut_off_the_others_finish(
         await loop.sock_connect(stuck, (host, int(port)))
         await loop.sock_sendall(stuck, (
             f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer sk-client-test\r\nConnection: close\r\n"
+            f"Authorization: Bearer sk-client-test\r\nAccept-Encoding: identity\r\n"
+            f"Connection: close\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
         for _ in range(100):
             if upstream.calls:
@@ -413,3 +418,21 @@ async def test_a_lone_client_is_never_cut_off(
         return
     arrivals, _ = await read_timed(session, url, chat(temperature=0, stream=True), pause)
     assert joined(arrivals) == full_stream(1, events=200, pad=20_000)
+
+
+async def test_a_cancelled_exchange_takes_no_new_followers() -> None:
+    """Once the last waiter left, the call is being cancelled: a request arriving before
+    the task has run its cancellation must start its own call, not join a doomed one."""
+    inflight = InflightRequests(1024)
+    exchange = inflight.lead(b"key")
+    exchange.task = asyncio.create_task(asyncio.sleep(10))
+    subscription = exchange.subscribe()
+    assert inflight.join(b"key") is exchange
+    exchange.leave(subscription)
+    try:
+        assert exchange.task.cancelling()
+        assert inflight.join(b"key") is None
+        assert inflight.lead(b"key") is not exchange
+    finally:
+        with contextlib.suppress(asyncio.CancelledError):
+            await exchange.task

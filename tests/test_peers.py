@@ -76,3 +76,41 @@ async def test_identical_requests_on_two_workers_make_one_upstream_call(
             assert len(calls) == 5
     finally:
         assert await stop(proxy) == 0, proxy.output()
+
+
+async def test_the_clients_cache_headers_reach_the_owning_worker(
+    start_upstream: StartUpstream, tmp_path: Path,
+) -> None:
+    """``X-Gateway-Cache`` never goes upstream, but it must go with a request forwarded
+    to the worker that owns its key, or that worker would decide differently."""
+    calls: list[int] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        calls.append(1)
+        return web.json_response({"id": f"call-{len(calls)}", "choices": []})
+
+    app = web.Application()
+    app.router.add_post(CHAT, chat)
+    upstream = await start_upstream(app)
+    port = free_port()
+    proxy = spawn_proxy(["--workers", "2", "--port", str(port),
+                         "--upstream", f"{upstream}/v1"], tmp_path)
+    try:
+        async with fresh_connections() as session:
+            await poll_healthz(session, f"http://127.0.0.1:{port}/healthz",
+                               lambda s: len(set(s.values())) == 2, [proxy])
+            url = f"http://127.0.0.1:{port}{CHAT}"
+            body = orjson.dumps({"model": "m", "temperature": 0,
+                                 "messages": [{"role": "user", "content": "x"}]})
+            caches = []
+            for _ in range(8):  # fresh connections: both workers receive some
+                async with session.post(url, data=body, headers={
+                        "Content-Type": "application/json",
+                        "X-Gateway-Cache": "off"}) as response:
+                    assert response.status == 200
+                    caches.append(response.headers.get("X-Cache"))
+            assert caches == [None] * 8, caches
+            assert len(calls) == 8
+    finally:
+        assert await stop(proxy) == 0, proxy.output()

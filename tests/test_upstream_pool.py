@@ -20,7 +20,7 @@ import uvloop
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import cli
+from proxy import cli, http1
 from proxy.upstream import UpstreamClient, UpstreamRequest
 from tests.conftest import MakeConfig, StartGateway
 from tests.wire import ANSWER, CHAT, Conn, RawUpstream, StartRaw, answer_each, fetch, raw_servers
@@ -133,6 +133,7 @@ def test_aiohttp_c_http_parsers_are_active() -> None:
     assert aiohttp.http_parser.HttpResponseParser is compiled.HttpResponseParser
     assert aiohttp.http_parser.HttpRequestParser is compiled.HttpRequestParser
     # the very names the upstream reader and the gateway's server use
+    assert vars(http1)["HttpResponseParser"] is compiled.HttpResponseParser
     assert vars(aiohttp.client_proto)["HttpResponseParser"] is compiled.HttpResponseParser
     assert vars(aiohttp.web_protocol)["HttpRequestParser"] is compiled.HttpRequestParser
 
