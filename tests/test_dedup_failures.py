@@ -1,0 +1,190 @@
+"""Deduplicated requests whose shared upstream call fails before any answer arrived.
+
+Issue #3: "Non-stream: the first request leads; later ones await its future and get the
+same status, headers and body. An upstream error is delivered to every waiter."
+``test_dedup.py`` covers error *answers* (a 500 or 429 the upstream sent); here the call
+never gets a head: the upstream is unreachable, silent past ``timeouts.read``, or the
+limiter sheds it. The leader is held back long enough that the followers are known to
+have joined its exchange before it fails, and every one of them must get the gateway's
+own error, with the exact status and code, not a hang or a generic 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.wire import MODELS, Conn, StartRaw, error_code, raw_servers, read_request
+
+CHAT = "/v1/chat/completions"
+Reply = tuple[int, "dict[str, str]", bytes]
+SHARED = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+
+
+class Slow:
+    """An upstream answering 200 after ``delay`` s; counts the calls."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.calls = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post(CHAT, self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        return web.json_response({"id": f"answer-{self.calls}", "object": "chat.completion"})
+
+
+def provider(name: str, base_url: str, model: str = "m") -> dict[str, Any]:
+    return {"name": name, "type": "openai_compat", "base_url": base_url, "models": [model]}
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as client:
+        yield client
+
+
+@pytest.fixture
+def gateway(start_gateway: StartGateway, make_config: MakeConfig) -> Callable[..., Any]:
+    """``await gateway(providers, **raw_config)`` -> base URL; default dedup, cache off."""
+    async def start(providers: list[dict[str, Any]], **raw: Any) -> str:
+        raw.setdefault("cache", {"enabled": False})
+        return await start_gateway(make_config(providers, **raw))
+
+    return start
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[StartRaw]:
+    """Raw upstreams; asked for before ``gateway`` so the gateway stops first."""
+    async with raw_servers() as start:
+        yield start
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """Bound, never listening: connections are refused, and the port stays ours."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Reply:
+    async with session.post(url, data=orjson.dumps(body),
+                            headers={"Content-Type": "application/json"}) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+async def eventually(check: Callable[[], bool], within: float = 2.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting for the condition"
+        await asyncio.sleep(0.01)
+
+
+async def leader_then_followers(session: aiohttp.ClientSession, url: str,
+                                started: Callable[[], bool] = lambda: True,
+                                followers: int = 3) -> list[Reply]:
+    """The leader's reply, then the followers': they are sent once ``started()`` says the
+    leader's call is under way (and not yet failed), so they join its exchange."""
+    leader = asyncio.create_task(post(session, url, SHARED))
+    try:
+        await eventually(started)
+        await asyncio.sleep(0.05)
+        replies = await asyncio.gather(*(post(session, url, SHARED) for _ in range(followers)))
+        return [await asyncio.wait_for(leader, 5), *replies]
+    finally:
+        leader.cancel()
+
+
+def codes(replies: list[Reply]) -> list[tuple[int, str]]:
+    return [(status, error_code(body)) for status, _, body in replies]
+
+
+async def test_unreachable_upstream_reaches_leader_and_followers(
+    start_upstream: StartUpstream, gateway: Callable[..., Any],
+    session: aiohttp.ClientSession, closed_port: int,
+) -> None:
+    """The only pool connection (``pool.limit`` 1) is busy with another provider's call,
+    so the leader's call waits for it while the followers join; then it is refused."""
+    busy = Slow(delay=0.4)
+    base = await gateway(
+        [provider("busy", f"{await start_upstream(busy.app())}/v1", "b"),
+         provider("down", f"http://127.0.0.1:{closed_port}/v1")], pool={"limit": 1})
+    holder = asyncio.create_task(post(session, base + CHAT, {**SHARED, "model": "b"}))
+    try:
+        await eventually(lambda: busy.calls == 1)
+        replies = await leader_then_followers(session, base + CHAT)
+        assert codes(replies) == [(502, "upstream_unreachable")] * 4
+        assert (await asyncio.wait_for(holder, 5))[0] == 200
+    finally:
+        holder.cancel()
+    assert busy.calls == 1
+
+
+async def test_upstream_silent_past_the_read_timeout_reaches_every_waiter(
+    raw_upstream: StartRaw, gateway: Callable[..., Any], session: aiohttp.ClientSession,
+) -> None:
+    calls: list[bytes] = []
+
+    async def silent(conn: Conn) -> None:
+        while (request := await read_request(conn.reader)) is not None:
+            if request.target.endswith("/models"):
+                await conn.send(MODELS, extra=b"Connection: close\r\n")
+                return
+            calls.append(request.body)
+            await conn.reader.read()  # nothing until the gateway gives up and closes
+
+    upstream = await raw_upstream(silent)
+    base = await gateway([provider("up", upstream.url)], timeouts={"read": 0.4})
+    started = time.monotonic()
+    replies = await leader_then_followers(session, base + CHAT, lambda: bool(calls))
+    assert codes(replies) == [(504, "upstream_timeout")] * 4
+    assert time.monotonic() - started < 2.0
+    assert len(calls) == 1, "the followers must wait on the leader's call"
+
+
+@pytest.mark.parametrize("limits", [
+    {"queue_size": 0},
+    {"queue_size": 1, "queue_timeout": 0.3},
+], ids=["queue-full", "queue-deadline"])
+async def test_a_shed_shared_call_reaches_every_waiter_with_retry_after(
+    start_upstream: StartUpstream, gateway: Callable[..., Any],
+    session: aiohttp.ClientSession, limits: dict[str, Any],
+) -> None:
+    """One slot, held by a sampled request: the shared call is shed at once (no queue)
+    or when its queue deadline passes (the followers have joined by then)."""
+    upstream = Slow(delay=0.8)
+    base = await gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
+                         limits={"initial": 1, "min": 1, "max": 1, **limits})
+    sampled = {**SHARED, "temperature": 0.7}
+    holder = asyncio.create_task(post(session, base + CHAT, sampled))
+    try:
+        await eventually(lambda: upstream.calls == 1)
+        if limits["queue_size"]:
+            replies = await leader_then_followers(session, base + CHAT)
+        else:
+            replies = await asyncio.gather(*(post(session, base + CHAT, SHARED)
+                                             for _ in range(4)))
+        assert codes(replies) == [(503, "gateway_overloaded")] * 4
+        retry_after = [headers.get("Retry-After") for _, headers, _ in replies]
+        assert all(value is not None and int(value) >= 1 for value in retry_after), retry_after
+        assert (await asyncio.wait_for(holder, 5))[0] == 200
+    finally:
+        holder.cancel()
+    assert upstream.calls == 1, "a shed call never reaches the upstream"

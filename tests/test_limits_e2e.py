@@ -1,0 +1,242 @@
+"""Adaptive limits end to end: what an upstream shows moves its provider's limit, and the
+shared pool keeps no more connections to it than that limit.
+
+Issue #3: "Per provider, a concurrency limit adjusted at run time from what the upstream
+shows (latency rising, 429/503 answers, connection errors) [...] between configured
+bounds. The shared ``TCPConnector``'s per-host limit follows it." The controller alone is
+unit-tested in ``test_limits.py``; here the real gateway feeds it (``dispatch.UpstreamCall``)
+and ``app.py`` wires it to the pool (``UpstreamClient.limit_follower``). Limits are read
+back from ``GET /health``; connections are counted at a raw upstream (``tests/wire.py``).
+A cut happens at most once per round trip (the 0.1 s update interval), so the requests
+meant to cut twice are spaced further apart than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.wire import ANSWER, Conn, StartRaw, error_code, raw_servers
+
+CHAT = "/v1/chat/completions"
+# Eight slots that may only shrink (max = initial), halved by each 429/503/refusal.
+LIMITS = {"initial": 8, "min": 1, "max": 8, "backoff": 0.5}
+SPACING = 0.15  # more than the limiter's 0.1 s update interval: one cut per request
+Reply = tuple[int, "dict[str, str]", bytes]
+
+
+class Upstream:
+    """Answers every chat request with ``status`` after ``delay`` s; counts the calls."""
+
+    def __init__(self, status: int = 200, delay: float = 0.0):
+        self.status, self.delay = status, delay
+        self.calls = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post(CHAT, self.chat)
+        return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    async def chat(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        if self.status != 200:
+            error = {"error": {"message": "busy", "type": "x", "code": None}}
+            return web.json_response(error, status=self.status)
+        return web.json_response({"id": f"answer-{self.calls}", "object": "chat.completion"})
+
+
+def provider(name: str, base_url: str, model: str = "m") -> dict[str, Any]:
+    return {"name": name, "type": "openai_compat", "base_url": base_url, "models": [model]}
+
+
+def chat(model: str = "m", **fields: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+        yield client
+
+
+@pytest.fixture
+def gateway(start_gateway: StartGateway, make_config: MakeConfig) -> Callable[..., Any]:
+    """``await gateway(providers, **raw_config)`` -> base URL; the cache is off, so every
+    request reaches the upstream."""
+    async def start(providers: list[dict[str, Any]], **raw: Any) -> str:
+        raw.setdefault("cache", {"enabled": False})
+        return await start_gateway(make_config(providers, **raw))
+
+    return start
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[StartRaw]:
+    """Raw upstreams; asked for before ``start_gateway`` so the gateway stops first."""
+    async with raw_servers() as start:
+        yield start
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port bound but never listening: connections to it are refused, and
+    nothing else can take it while the test runs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Reply:
+    async with session.post(url, data=orjson.dumps(body),
+                            headers={"Content-Type": "application/json"}) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+async def concurrency(session: aiohttp.ClientSession, base: str, name: str
+                      ) -> dict[str, Any]:
+    """``providers[i].concurrency`` of ``GET /health`` for the provider ``name``."""
+    async with session.get(base + "/health") as response:
+        body = await response.json()
+    state: dict[str, Any] = next(p["concurrency"] for p in body["providers"]
+                                 if p["name"] == name)
+    return state
+
+
+async def eventually(check: Callable[[], bool], within: float = 2.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting for the condition"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(("status", "temperature", "limits"), [
+    (429, 0.7, [4, 2]), (503, 0.7, [4, 2]), (429, 0, [4, 2]),
+    (500, 0.7, [8, 8]), (200, 0.7, [8, 8])],
+    ids=["429", "503", "429-shared", "500-keeps", "200-keeps"])
+async def test_overload_answers_lower_the_providers_limit(
+    start_upstream: StartUpstream, gateway: Callable[..., Any],
+    session: aiohttp.ClientSession, status: int, temperature: float, limits: list[int],
+) -> None:
+    """429 and 503 halve the limit (``backoff`` 0.5), on the direct path (sampled) and on
+    the shared one (``temperature`` 0); another error answer says nothing about capacity."""
+    upstream = Upstream(status=status)
+    base = await gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
+                         limits=LIMITS)
+    assert (await concurrency(session, base, "up"))["limit"] == 8
+    seen = []
+    for i in range(2):
+        await asyncio.sleep(SPACING)
+        got, _, _ = await post(session, base + CHAT, chat(temperature=temperature, user=str(i)))
+        assert got == status  # relayed as the upstream answered
+        seen.append((await concurrency(session, base, "up"))["limit"])
+    assert seen == limits
+    assert upstream.calls == 2
+
+
+async def test_refused_connections_lower_only_that_providers_limit(
+    start_upstream: StartUpstream, gateway: Callable[..., Any],
+    session: aiohttp.ClientSession, closed_port: int,
+) -> None:
+    good = Upstream()
+    base = await gateway([provider("good", f"{await start_upstream(good.app())}/v1", "g"),
+                          provider("down", f"http://127.0.0.1:{closed_port}/v1", "d")],
+                         limits=LIMITS)
+    seen = []
+    for i in range(2):
+        await asyncio.sleep(SPACING)
+        got, _, body = await post(session, base + CHAT, chat("d", temperature=0.7))
+        assert (got, error_code(body)) == (502, "upstream_unreachable")
+        assert (await post(session, base + CHAT, chat("g", user=str(i))))[0] == 200
+        seen.append((await concurrency(session, base, "down"))["limit"])
+    assert seen == [4, 2]
+    assert (await concurrency(session, base, "good"))["limit"] == 8
+    assert good.calls == 2
+
+
+async def rounds(session: aiohttp.ClientSession, url: str, count: int = 1,
+                 until: float = 0.0, width: int = 5) -> None:
+    """``count`` rounds (or rounds until ``until`` on the monotonic clock) of ``width``
+    concurrent sampled requests: more than half of the 8 slots, so the controller does
+    not dismiss the interval as app-limited, and fewer than all, so it adds no headroom."""
+    done = 0
+    while done < count or time.monotonic() < until:
+        replies = await asyncio.gather(*(post(session, url, chat(temperature=0.7))
+                                         for _ in range(width)))
+        assert [r[0] for r in replies] == [200] * width
+        done += 1
+
+
+async def test_a_slowdown_lowers_the_limit_a_fast_upstream_keeps_it(
+    start_upstream: StartUpstream, gateway: Callable[..., Any],
+    session: aiohttp.ClientSession,
+) -> None:
+    upstream = Upstream(delay=0.02)
+    base = await gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
+                         limits={**LIMITS, "tolerance": 1.5, "slack": 0.01})
+    url = base + CHAT
+    await rounds(session, url, until=time.monotonic() + 0.45)  # several update intervals
+    fast = await concurrency(session, base, "up")
+    assert fast["min_rtt_ms"] > 0, "the limiter was never fed a latency"
+    assert fast["limit"] == 8, fast
+    upstream.delay = 0.2  # ten times the baseline: far above 1.5 x 20 ms + 10 ms
+    await rounds(session, url, count=4)
+    slow = await concurrency(session, base, "up")
+    assert slow["rtt_ms"] > 1.5 * slow["min_rtt_ms"] + 10, slow
+    assert 1 <= slow["limit"] <= 6, slow
+
+
+async def test_the_pool_keeps_no_more_connections_than_the_lowered_limit(
+    raw_upstream: StartRaw, start_gateway: StartGateway, make_config: MakeConfig,
+    session: aiohttp.ClientSession,
+) -> None:
+    """app.py wires each limiter's ``on_limit_change`` to the pool: when a 429 halves the
+    limit from 4 to 2, idle connections over it are closed, and no more are opened."""
+    status = [b"200 OK"]
+    live: set[int] = set()  # id() of each open inference connection
+    most = [0]  # the most inference connections open at once after the cut
+
+    async def script(conn: Conn) -> None:
+        try:
+            async for _ in conn:
+                live.add(id(conn))
+                most[0] = max(most[0], len(live))
+                await asyncio.sleep(0.1)
+                await conn.send(ANSWER, status=status[0])
+        finally:
+            live.discard(id(conn))
+
+    upstream = await raw_upstream(script)
+    base = await start_gateway(make_config(
+        [provider("up", upstream.url)], cache={"enabled": False},
+        limits={"initial": 4, "min": 1, "max": 4, "backoff": 0.5}))
+    url = base + CHAT
+    replies = await asyncio.gather(*(post(session, url, chat(temperature=0.7))
+                                     for _ in range(4)))
+    assert [r[0] for r in replies] == [200] * 4
+    assert len(live) == 4, "four concurrent requests, four kept-alive connections"
+    status[0] = b"429 Too Many Requests"
+    await asyncio.sleep(SPACING)
+    assert (await post(session, url, chat(temperature=0.7)))[0] == 429
+    assert (await concurrency(session, base, "up"))["limit"] == 2
+    await eventually(lambda: len(live) <= 2)
+    status[0], most[0] = b"200 OK", 0
+    replies = await asyncio.gather(*(post(session, url, chat(temperature=0.7))
+                                     for _ in range(6)))
+    assert [r[0] for r in replies] == [200] * 6
+    assert most[0] == 2
+    assert len(live) == 2
