@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy import handlers
+from proxy.auth import KeyRing
 from proxy.cache import ResponseCache
 from proxy.config import Config
 from proxy.dedup import InflightRequests
@@ -20,6 +21,7 @@ from proxy.discovery import ModelCatalog
 from proxy.dispatch import Dispatcher
 from proxy.limits import AdaptiveLimiter, LimitSettings
 from proxy.middlewares import (
+    auth_middleware,
     context_middleware,
     error_middleware,
     stamp_response,
@@ -27,7 +29,7 @@ from proxy.middlewares import (
 from proxy.peers import Peers
 from proxy.providers import Provider, build_provider
 from proxy.routing import ModelRouter
-from proxy.state import CATALOG, CLIENT, CONFIG, DISPATCHER, ROUTER, TASKS, WORKER
+from proxy.state import CATALOG, CLIENT, CONFIG, DISPATCHER, KEYRING, ROUTER, TASKS, WORKER
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
 from proxy.workers import WorkerSpec
@@ -36,7 +38,8 @@ log = logging.getLogger("proxy.app")
 
 MIDDLEWARES = (
     error_middleware,  # outermost: every failure below leaves OpenAI-shaped
-    context_middleware,
+    context_middleware,  # request id and overhead clock, so a 401 has them too
+    auth_middleware,
 )
 
 
@@ -52,6 +55,7 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
                            timeout=config.timeouts.discovery,
                            retry_failed_after=config.health_cache_ttl)
     app[CONFIG] = config
+    app[KEYRING] = KeyRing(config.auth.keys)
     worker = worker or WorkerSpec.of(config)
     app[WORKER] = worker
     app[TASKS] = tasks
@@ -99,6 +103,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         if provider.api_key_missing:
             log.warning("provider '%s': environment variable %s is not set", provider.name,
                         provider.api_key_env)
+    if app[KEYRING].open:
+        log.warning("no gateway keys configured (auth.keys): anyone who can reach this "
+                    "gateway may use it")
     app[CATALOG].refresh_soon()
     yield
     await app[TASKS].close()

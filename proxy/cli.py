@@ -1,4 +1,4 @@
-"""Command line: ``proxy serve | models | check``.
+"""Command line: ``proxy serve | models | check | keys hash``.
 
 The only module that reads ``os.environ``: it hands the environment to the config
 loader once. Exit codes: 0 success, 1 a provider check failed, 2 invalid configuration
@@ -22,13 +22,14 @@ import uvloop
 from proxy import __version__
 from proxy.config import Config, ConfigError, Overrides, load_config
 from proxy.discovery import ModelCatalog, Snapshot
+from proxy.keys import hash_secret, new_secret
 from proxy.providers import PROVIDER_TYPES, build_provider
 from proxy.server import demo_upstream_if_needed, serve
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
 from proxy.workers import Supervisor, WorkerSpec
 
-COMMANDS = ("serve", "models", "check")
+COMMANDS = ("serve", "models", "check", "keys")
 log = logging.getLogger("proxy.cli")
 
 
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     models_cmd.add_argument("--json", action="store_true", help="print JSON")
     check_cmd = commands.add_parser("check", help="check every provider; exit 1 if one fails")
     _config_flags(check_cmd)
+    keys_cmd = commands.add_parser("keys", help="gateway keys")
+    keys_actions = keys_cmd.add_subparsers(dest="action", required=True)
+    hash_cmd = keys_actions.add_parser(
+        "hash", help="make a new random gateway key (or hash --secret) and print its sha256")
+    hash_cmd.add_argument("--secret", help="hash this secret instead of making a new one")
+    hash_cmd.add_argument("--name", default="my-key", help="the key's name in the snippet")
     return parser
 
 
@@ -71,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         words.insert(0, "serve")  # "proxy --upstream URL" means "proxy serve --upstream URL"
     args = build_parser().parse_args(words)
     command = args.command
+    if command == "keys":
+        _keys_hash(args.secret, args.name)
+        return
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _load(args)
@@ -80,6 +90,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(uvloop.run(_models(config, as_json=args.json)))
     else:
         sys.exit(uvloop.run(_check(config)))
+
+
+def _keys_hash(secret: str | None, name: str) -> None:
+    """Print a key's secret (new unless given) once, and the config entry holding only
+    its hash: the secret is for the client and is stored nowhere."""
+    made = secret is None
+    secret = secret or new_secret()
+    digest = hash_secret(secret)
+    if made:
+        print(f"secret: {secret}   (give it to the client; it is shown only now)")
+    print(f"sha256: {digest}")
+    print(f"config:\n  auth:\n    keys:\n      - name: {name}\n        sha256: {digest}")
 
 
 def _load(args: argparse.Namespace) -> Config:

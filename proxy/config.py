@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from proxy import validate as v
+from proxy.keys import GatewayKey, parse_keys
 
 DEFAULT_CONFIG_FILE = Path("proxy.yaml")
 DEMO_PROVIDER = "mock"
@@ -117,6 +118,13 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Gateway keys (``keys.py``); none: the gateway is open (logged at start-up)."""
+
+    keys: tuple[GatewayKey, ...] = ()
+
+
+@dataclass(frozen=True)
 class ProviderConfig:
     name: str
     type: str
@@ -142,6 +150,7 @@ class Config:
     dedup: DedupConfig = DedupConfig()
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
     models_cache_ttl: float = 300.0
     health_cache_ttl: float = 5.0
     providers: tuple[ProviderConfig, ...] = ()
@@ -280,11 +289,12 @@ def _build(
         "enabled": v.boolean, "ttl": v.positive_number, "max_bytes": v.positive_int,
         "max_entry_bytes": v.positive_int})
     limits = _limits(raw.get("limits"), problems)
+    auth = _auth(raw.get("auth"), problems)
     providers = _providers(raw.get("providers", []), env, types, problems)
     aliases = _aliases(raw.get("aliases", {}), problems)
     return Config(
         server=server, timeouts=timeouts, pool=pool, dedup=dedup, cache=cache, limits=limits,
-        providers=providers, aliases=aliases,
+        auth=auth, providers=providers, aliases=aliases,
         models_cache_ttl=v.check(v.non_negative_number, raw, "models_cache_ttl", "", 300.0,
                                  problems),
         health_cache_ttl=v.check(v.non_negative_number, raw, "health_cache_ttl", "", 5.0,
@@ -303,6 +313,16 @@ def _limits(raw: Any, problems: list[str]) -> LimitsConfig:
     elif not limits.min <= limits.initial <= limits.max:
         problems.append("limits.initial: must be between limits.min and limits.max")
     return limits
+
+
+def _auth(raw: Any, problems: list[str]) -> AuthConfig:
+    if raw is None:
+        return AuthConfig()
+    if not isinstance(raw, dict):
+        problems.append("auth: must be a mapping")
+        return AuthConfig()
+    v.known_keys(raw, "auth", ("keys",), problems)
+    return AuthConfig(keys=parse_keys(raw.get("keys"), problems))
 
 
 def _providers(

@@ -7,6 +7,8 @@ Every failure a client can see is one of these, rendered with OpenAI's error sha
     ├── InvalidRequest                400 invalid_request_error (invalid_json, missing_model, ...)
     ├── NotFound                      404 invalid_request_error (not_found)
     │   └── ModelNotFound             404 invalid_request_error (model_not_found)
+    ├── Unauthorized                  401 invalid_request_error (invalid_api_key)
+    ├── ModelNotAllowed               403 invalid_request_error (model_not_allowed)
     ├── MethodNotAllowed              405 invalid_request_error (method_not_allowed)
     ├── BodyTooLarge                  413 invalid_request_error (request_too_large)
     └── UpstreamError                 502 upstream_error (upstream_error)
@@ -71,6 +73,30 @@ class ModelNotFound(NotFound):
             "GET /v1/models lists the models you can use.",
             param="model",
         )
+
+
+class Unauthorized(GatewayError):
+    """401: no gateway key, or one the gateway does not know. OpenAI's own type and code,
+    so SDKs raise ``AuthenticationError``; the message never repeats what was sent."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="proxy"'}
+
+
+class ModelNotAllowed(GatewayError):
+    """403: the key is valid but may not use this model (SDKs: ``PermissionDeniedError``)."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+    def __init__(self, key: str, model: str):
+        super().__init__(f"The gateway key '{key}' may not use the model '{model}'.",
+                         param="model")
 
 
 class MethodNotAllowed(GatewayError):

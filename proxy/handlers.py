@@ -12,11 +12,22 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotFound
-from proxy.headers import upstream_request_headers
+from proxy.discovery import Snapshot
+from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotAllowed, ModelNotFound
+from proxy.headers import AUTHORIZATION, upstream_request_headers
 from proxy.providers import Call
+from proxy.routing import ModelRouter
 from proxy.sharing import sharing_for
-from proxy.state import CATALOG, CONFIG, DISPATCHER, REQUEST_ID, ROUTER, TIMING, WORKER
+from proxy.state import (
+    CATALOG,
+    CONFIG,
+    DISPATCHER,
+    GATEWAY_KEY,
+    REQUEST_ID,
+    ROUTER,
+    TIMING,
+    WORKER,
+)
 from proxy.streaming import send_answer
 
 # Endpoints whose POST body must name a model; other /v1/ paths may omit it.
@@ -27,6 +38,10 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     """Every request under ``/v1/`` except the models listing."""
     call = await read_call(request)
     route = await request.app[ROUTER].resolve(call.model)
+    key = request.get(GATEWAY_KEY)
+    if key is not None and call.model is not None and not key.allows(
+            call.model, f"{route.provider.name}/{route.upstream_model}"):
+        raise ModelNotAllowed(key.name, call.model)
     call.upstream_model = route.upstream_model
     config = request.app[CONFIG]
     sharing = sharing_for(call, route.provider.name, request.headers, config.dedup,
@@ -55,12 +70,14 @@ async def read_call(request: web.Request) -> Call:
     payload = _json_object(body, needs_model or request.content_type == "application/json")
     model = _model(payload, needs_model)
     request_id = request[REQUEST_ID]
+    headers = upstream_request_headers(request.headers, client_ip=request.remote,
+                                       scheme=request.scheme, request_id=request_id)
+    if GATEWAY_KEY in request:
+        headers.popall(AUTHORIZATION, None)  # the gateway's key is never sent upstream
     return Call(
         method=request.method, endpoint=endpoint, query=query, body=body,
         payload=payload, model=model, stream=bool(payload and payload.get("stream") is True),
-        headers=upstream_request_headers(request.headers, client_ip=request.remote,
-                                         scheme=request.scheme, request_id=request_id),
-        request_id=request_id,
+        headers=headers, request_id=request_id,
     )
 
 
@@ -91,7 +108,7 @@ async def list_models(request: web.Request) -> web.Response:
     """``GET /v1/models``: every provider's models, merged. Providers that failed are
     listed under ``errors`` beside the others' models (SDKs ignore the extra key)."""
     snapshot = await request.app[CATALOG].current()
-    body: dict[str, Any] = {"object": "list", "data": request.app[ROUTER].models(snapshot)}
+    body: dict[str, Any] = {"object": "list", "data": _visible_models(request, snapshot)}
     failed = [{"provider": s.provider, "message": s.error}
               for s in snapshot.statuses if not s.healthy]
     if failed:
@@ -102,10 +119,29 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model"]
     snapshot = await request.app[CATALOG].current()
-    for entry in request.app[ROUTER].models(snapshot):
+    for entry in _visible_models(request, snapshot):
         if entry["id"] == model_id:
             return json_response(entry)
     raise ModelNotFound(model_id)
+
+
+def _visible_models(request: web.Request, snapshot: Snapshot) -> list[dict[str, Any]]:
+    """The models listing, narrowed to what the caller's gateway key may use."""
+    router = request.app[ROUTER]
+    entries = router.models(snapshot)
+    key = request.get(GATEWAY_KEY)
+    if key is None:
+        return entries
+    return [entry for entry in entries if key.allows(*_names(router, snapshot, entry["id"]))]
+
+
+def _names(router: ModelRouter, snapshot: Snapshot, model: str) -> tuple[str, ...]:
+    """The names a key's model patterns are matched against, as for a request: the name
+    the client sends and its ``provider/model`` route."""
+    route = router.route_of(model, snapshot)
+    if route is None:
+        return (model,)
+    return model, f"{route.provider.name}/{route.upstream_model}"
 
 
 async def healthz(request: web.Request) -> web.Response:

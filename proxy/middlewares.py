@@ -3,7 +3,8 @@
 ``error_middleware`` is outermost: whatever fails below it, a handler's ``GatewayError``
 or aiohttp's own ``HTTPException`` (unknown route, wrong method, body too large), leaves
 as one OpenAI-shaped error. Then ``context_middleware`` starts the overhead clock and
-names the request. Later issues add auth, limits and metrics after it.
+names the request, and ``auth_middleware`` finds the caller's gateway key. Limits and
+metrics come after it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import uuid
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.auth import OPEN_PATHS
 from proxy.dispatch import Timing
 from proxy.errors import (
     BodyTooLarge,
@@ -26,7 +28,7 @@ from proxy.errors import (
     NotFound,
     error_json,
 )
-from proxy.state import CONFIG, REQUEST_ID, TIMING
+from proxy.state import CONFIG, GATEWAY_KEY, KEYRING, REQUEST_ID, TIMING
 
 log = logging.getLogger("proxy.errors")
 
@@ -86,6 +88,16 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[TIMING] = Timing(time.perf_counter())
     given = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = given if given and _VALID_REQUEST_ID.match(given) else _new_id()
+    return await handler(request)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With gateway keys configured, every request but liveness and health presents
+    one; the key found is stored under ``GATEWAY_KEY`` for the handlers."""
+    keyring = request.app[KEYRING]
+    if not keyring.open and request.path not in OPEN_PATHS:
+        request[GATEWAY_KEY] = keyring.authenticate(request.headers.get("Authorization"))
     return await handler(request)
 
 

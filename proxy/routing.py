@@ -66,6 +66,10 @@ class ModelRouter:
             raise ModelNotFound(model)
         return route
 
+    def route_of(self, model: str, snapshot: Snapshot | None) -> Route | None:
+        """Where ``model`` goes with this catalog snapshot, without waiting for one."""
+        return self._lookup(model, snapshot)
+
     def _lookup(self, model: str, snapshot: Snapshot | None) -> Route | None:
         route = self._prefixed(model)
         if route is None and model in self._aliases:

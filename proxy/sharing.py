@@ -97,7 +97,7 @@ def _key(call: Call, provider: str, headers: CIMultiDictProxy[str]) -> bytes:
 
 
 def caller_identity(headers: CIMultiDictProxy[str]) -> str:
-    """Who is asking: the client's credentials and the OpenAI organization and project
-    it bills to (hashed where they are used, never stored). Gateway keys will take this
-    place when they exist (issue #4)."""
+    """Who is asking: the client's credentials (its gateway key when keys are configured,
+    else what drop-in mode forwards) and the OpenAI organization and project it bills
+    to; hashed where they are used, never stored."""
     return "\n".join(headers.get(name, "") for name in _IDENTITY_HEADERS)

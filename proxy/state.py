@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.auth import KeyRing
 from proxy.config import Config
 from proxy.discovery import ModelCatalog
 from proxy.dispatch import Dispatcher, Timing
+from proxy.keys import GatewayKey
 from proxy.routing import ModelRouter
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
@@ -23,6 +25,8 @@ CATALOG = web.AppKey("model_catalog", ModelCatalog)
 ROUTER = web.AppKey("model_router", ModelRouter)
 WORKER = web.AppKey("worker", WorkerSpec)  # which worker this process is; its peers
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+KEYRING = web.AppKey("keyring", KeyRing)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 TIMING = web.RequestKey("timing", Timing)
+GATEWAY_KEY = web.RequestKey("gateway_key", GatewayKey)  # set when keys are configured
