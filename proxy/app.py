@@ -28,8 +28,19 @@ from proxy.middlewares import (
 )
 from proxy.peers import Peers
 from proxy.providers import Provider, build_provider
+from proxy.ratelimit import MemoryBuckets, RateLimiter
 from proxy.routing import ModelRouter
-from proxy.state import CATALOG, CLIENT, CONFIG, DISPATCHER, KEYRING, ROUTER, TASKS, WORKER
+from proxy.state import (
+    CATALOG,
+    CLIENT,
+    CONFIG,
+    DISPATCHER,
+    KEYRING,
+    RATE_LIMITER,
+    ROUTER,
+    TASKS,
+    WORKER,
+)
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
 from proxy.workers import WorkerSpec
@@ -56,6 +67,7 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
                            retry_failed_after=config.health_cache_ttl)
     app[CONFIG] = config
     app[KEYRING] = KeyRing(config.auth.keys)
+    app[RATE_LIMITER] = RateLimiter(MemoryBuckets())
     worker = worker or WorkerSpec.of(config)
     app[WORKER] = worker
     app[TASKS] = tasks

@@ -16,19 +16,23 @@ from proxy.discovery import Snapshot
 from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotAllowed, ModelNotFound
 from proxy.headers import AUTHORIZATION, upstream_request_headers
 from proxy.providers import Call
+from proxy.ratelimit import estimate
 from proxy.routing import ModelRouter
 from proxy.sharing import sharing_for
 from proxy.state import (
+    ADMISSION,
     CATALOG,
     CONFIG,
     DISPATCHER,
     GATEWAY_KEY,
+    RATE_LIMITER,
     REQUEST_ID,
     ROUTER,
     TIMING,
     WORKER,
 )
 from proxy.streaming import send_answer
+from proxy.usage import tap
 
 # Endpoints whose POST body must name a model; other /v1/ paths may omit it.
 MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "responses"})
@@ -42,6 +46,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     if key is not None and call.model is not None and not key.allows(
             call.model, f"{route.provider.name}/{route.upstream_model}"):
         raise ModelNotAllowed(key.name, call.model)
+    admission = None
+    if key is not None:
+        admission = request.app[RATE_LIMITER].admit(key, estimate(call.payload, call.body))
+        if admission is not None:
+            request[ADMISSION] = admission  # its x-ratelimit-* headers go on the answer
     call.upstream_model = route.upstream_model
     config = request.app[CONFIG]
     sharing = sharing_for(call, route.provider.name, request.headers, config.dedup,
@@ -49,6 +58,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     dispatcher = request.app[DISPATCHER]
     timing = request[TIMING]
     async with dispatcher.answer(call, route.provider, sharing, timing) as answer:
+        tap(answer, admission)
         return await send_answer(request, answer, buffered=not call.stream, timing=timing)
 
 

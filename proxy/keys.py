@@ -28,6 +28,8 @@ class GatewayKey:
     # Patterns (``*`` and ``?``, as in shell globs) matched against the model the client
     # names and its ``provider/model`` route; empty: every model.
     models: tuple[str, ...] = ()
+    rpm: int | None = None  # requests per minute; None: unlimited (ratelimit.py)
+    tpm: int | None = None  # tokens per minute, estimated then corrected from `usage`
 
     def allows(self, *model_names: str) -> bool:
         if not self.models:
@@ -69,14 +71,16 @@ def _parse_key(item: Any, path: str, problems: list[str]) -> GatewayKey | None:
     if not isinstance(item, dict):
         problems.append(f"{path}: must be a mapping with name and sha256")
         return None
-    v.known_keys(item, path, ("name", "sha256", "models"), problems)
+    v.known_keys(item, path, ("name", "sha256", "models", "rpm", "tpm"), problems)
     before = len(problems)
     name = v.required(v.provider_name, item, "name", path, problems)
     digest = v.required(_sha256, item, "sha256", path, problems)
     models: list[str] = v.check(v.string_list, item, "models", path, [], problems)
+    rpm = v.check(v.positive_int, item, "rpm", path, None, problems)
+    tpm = v.check(v.positive_int, item, "tpm", path, None, problems)
     if len(problems) > before:
         return None
-    return GatewayKey(name=name, sha256=digest, models=tuple(models))
+    return GatewayKey(name=name, sha256=digest, models=tuple(models), rpm=rpm, tpm=tpm)
 
 
 def _sha256(value: Any) -> str:

@@ -28,7 +28,7 @@ from proxy.errors import (
     NotFound,
     error_json,
 )
-from proxy.state import CONFIG, GATEWAY_KEY, KEYRING, REQUEST_ID, TIMING
+from proxy.state import ADMISSION, CONFIG, GATEWAY_KEY, KEYRING, REQUEST_ID, TIMING
 
 log = logging.getLogger("proxy.errors")
 
@@ -108,6 +108,9 @@ async def stamp_response(request: web.Request, response: web.StreamResponse) -> 
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
         response.headers["X-Request-ID"] = request_id
+    admission = request.get(ADMISSION)
+    if admission is not None:
+        response.headers.update(admission.headers)
     timing = request.get(TIMING)
     if timing is not None:
         response.headers["X-Gateway-Overhead-Ms"] = f"{timing.overhead_ms():.3f}"

@@ -13,6 +13,7 @@ from proxy.config import Config
 from proxy.discovery import ModelCatalog
 from proxy.dispatch import Dispatcher, Timing
 from proxy.keys import GatewayKey
+from proxy.ratelimit import Admission, RateLimiter
 from proxy.routing import ModelRouter
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
@@ -26,7 +27,9 @@ ROUTER = web.AppKey("model_router", ModelRouter)
 WORKER = web.AppKey("worker", WorkerSpec)  # which worker this process is; its peers
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 KEYRING = web.AppKey("keyring", KeyRing)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 TIMING = web.RequestKey("timing", Timing)
 GATEWAY_KEY = web.RequestKey("gateway_key", GatewayKey)  # set when keys are configured
+ADMISSION = web.RequestKey("admission", Admission)  # a rate-limited key's request

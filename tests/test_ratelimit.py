@@ -1,0 +1,163 @@
+"""Per-key rate limits (issue #4): requests and tokens per minute, 429 with Retry-After
+and OpenAI's ``x-ratelimit-*`` headers, token estimates corrected from ``usage`` (JSON
+answers and a stream's final usage chunk), through the real gateway."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from proxy.keys import hash_secret
+from proxy.ratelimit import MemoryBuckets, _duration, estimate
+from tests.conftest import MakeConfig, StartGateway, StartUpstream
+
+SECRET = "sk-gw-limited-key-for-tests"
+MESSAGES = [{"role": "user", "content": "hi"}]
+USED = 20
+
+
+def upstream_app(calls: list[dict[str, Any]]) -> web.Application:
+    """Answers with ``usage.total_tokens`` = ``USED``, as JSON or as SSE with a final
+    usage chunk."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        calls.append(body)
+        usage = {"prompt_tokens": 5, "completion_tokens": USED - 5, "total_tokens": USED}
+        if not body.get("stream"):
+            return web.json_response({"id": "c", "object": "chat.completion", "created": 0,
+                                      "model": "m", "choices": [], "usage": usage})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        final = {**chunk, "choices": [], "usage": usage}
+        await response.write(b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+async def gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
+                  make_config: MakeConfig, calls: list[dict[str, Any]], **limits: int) -> str:
+    url = await start_upstream(upstream_app(calls))
+    key = {"name": "limited", "sha256": hash_secret(SECRET), **limits}
+    return await start_gateway(make_config(
+        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
+        auth={"keys": [key]}))
+
+
+async def post(session: aiohttp.ClientSession, base: str, **fields: Any
+               ) -> tuple[int, dict[str, str], bytes]:
+    async with session.post(f"{base}/v1/chat/completions",
+                            headers={"Authorization": f"Bearer {SECRET}"},
+                            json={"model": "m", "messages": MESSAGES, **fields}) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+async def test_requests_per_minute_then_429_with_retry_after(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    openai_client: Callable[..., openai.AsyncOpenAI],
+) -> None:
+    calls: list[dict[str, Any]] = []
+    base = await gateway(start_upstream, start_gateway, make_config, calls, rpm=2)
+    async with aiohttp.ClientSession() as session:
+        replies = [await post(session, base) for _ in range(3)]
+    assert [status for status, _, _ in replies] == [200, 200, 429]
+    assert [h["x-ratelimit-remaining-requests"] for _, h, _ in replies] == ["1", "0", "0"]
+    assert {h["x-ratelimit-limit-requests"] for _, h, _ in replies} == {"2"}
+    assert replies[0][1]["x-ratelimit-reset-requests"].endswith("s")
+    _, headers, body = replies[2]
+    assert 1 <= int(headers["Retry-After"]) <= 30  # one request back in 60 s / 2
+    error = orjson.loads(body)["error"]
+    assert (error["code"], error["type"]) == ("rate_limit_exceeded", "requests")
+    assert len(calls) == 2
+    with pytest.raises(openai.RateLimitError):
+        await openai_client(base, api_key=SECRET).chat.completions.create(
+            model="m", messages=MESSAGES)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_token_estimates_are_corrected_from_usage(
+    stream: bool, start_upstream: StartUpstream, start_gateway: StartGateway,
+    make_config: MakeConfig,
+) -> None:
+    calls: list[dict[str, Any]] = []
+    base = await gateway(start_upstream, start_gateway, make_config, calls, tpm=1000)
+    fields: dict[str, Any] = {"max_tokens": 300, "stream": stream}
+    async with aiohttp.ClientSession() as session:
+        first = await post(session, base, **fields)
+        second = await post(session, base, **fields)
+    assert (first[0], second[0]) == (200, 200)
+    assert first[1]["x-ratelimit-limit-tokens"] == "1000"
+    guess = 1000 - int(first[1]["x-ratelimit-remaining-tokens"])
+    assert 300 < guess < 400  # max_tokens plus the prompt's size / 4
+    # The first answer used USED tokens, not its estimate: the difference came back.
+    remaining = int(second[1]["x-ratelimit-remaining-tokens"])
+    assert 1000 - USED - guess <= remaining <= 1000 - USED - guess + 5, (remaining, guess)
+
+
+async def test_over_the_token_limit_is_429_and_the_request_slot_is_kept(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+) -> None:
+    calls: list[dict[str, Any]] = []
+    base = await gateway(start_upstream, start_gateway, make_config, calls, rpm=5, tpm=100)
+    async with aiohttp.ClientSession() as session:
+        first = await post(session, base, max_tokens=5000)  # a full bucket admits it
+        second = await post(session, base, max_tokens=5000)
+        third = await post(session, base, max_tokens=1)
+    assert first[0] == 200
+    assert second[0] == 429
+    assert "tokens per minute" in orjson.loads(second[2])["error"]["message"]
+    assert int(second[1]["Retry-After"]) >= 1
+    assert third[0] == 429 or third[0] == 200
+    # The refused request did not use up a request: 5 - 1 (first) - 1 (third) left.
+    assert third[1]["x-ratelimit-remaining-requests"] == "3"
+    assert len(calls) == 1 + (third[0] == 200)
+
+
+async def test_unlimited_keys_get_no_rate_headers(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+) -> None:
+    calls: list[dict[str, Any]] = []
+    base = await gateway(start_upstream, start_gateway, make_config, calls)
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await post(session, base)
+    assert status == 200
+    assert not [name for name in headers if name.lower().startswith("x-ratelimit")]
+
+
+def test_buckets_refill_continuously() -> None:
+    now = [0.0]
+    buckets = MemoryBuckets(clock=lambda: now[0])
+    assert buckets.take("k", 60, 60)[0]
+    ok, state = buckets.take("k", 60, 1)
+    assert not ok and state.remaining == 0 and state.reset == 60
+    now[0] = 10.0  # 60 per minute: 10 back after 10 s
+    ok, state = buckets.take("k", 60, 10)
+    assert ok and state.remaining == 0
+    buckets.give("k", 60, 100)  # never above the limit
+    assert buckets.take("k", 60, 0)[1].remaining == 60
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0.25, "250ms"), (1, "1s"), (6.5, "6.5s"), (360, "6m0s"), (90, "1m30s")])
+def test_reset_times_in_openais_format(seconds: float, text: str) -> None:
+    assert _duration(seconds) == text
+
+
+def test_the_estimate_counts_the_prompt_and_the_allowed_completion() -> None:
+    body = b"x" * 400
+    assert estimate(None, body) == 101
+    assert estimate({"max_tokens": 50}, body) == 151
+    assert estimate({"max_completion_tokens": 70, "max_tokens": 50}, body) == 171
+    assert estimate({"max_output_tokens": 9}, body) == 110
