@@ -16,8 +16,8 @@ from proxy.discovery import Snapshot
 from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotAllowed, ModelNotFound
 from proxy.headers import AUTHORIZATION, upstream_request_headers
 from proxy.providers import Call
-from proxy.ratelimit import estimate
-from proxy.routing import ModelRouter
+from proxy.ratelimit import Admission, estimate
+from proxy.routing import ModelRouter, Route
 from proxy.sharing import sharing_for
 from proxy.state import (
     ADMISSION,
@@ -42,15 +42,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     """Every request under ``/v1/`` except the models listing."""
     call = await read_call(request)
     route = await request.app[ROUTER].resolve(call.model)
-    key = request.get(GATEWAY_KEY)
-    if key is not None and call.model is not None and not key.allows(
-            call.model, f"{route.provider.name}/{route.upstream_model}"):
-        raise ModelNotAllowed(key.name, call.model)
-    admission = None
-    if key is not None:
-        admission = request.app[RATE_LIMITER].admit(key, estimate(call.payload, call.body))
-        if admission is not None:
-            request[ADMISSION] = admission  # its x-ratelimit-* headers go on the answer
+    admission = admit(request, call, route)
     call.upstream_model = route.upstream_model
     config = request.app[CONFIG]
     sharing = sharing_for(call, route.provider.name, request.headers, config.dedup,
@@ -60,6 +52,22 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     async with dispatcher.answer(call, route.provider, sharing, timing) as answer:
         tap(answer, admission)
         return await send_answer(request, answer, buffered=not call.stream, timing=timing)
+
+
+def admit(request: web.Request, call: Call, route: Route) -> Admission | None:
+    """What the caller's gateway key allows: this model (else 403), and this request
+    within its rate limits (else 429). The admission's x-ratelimit-* headers go on the
+    answer (``stamp_response``), and its token estimate is corrected from the answer."""
+    key = request.get(GATEWAY_KEY)
+    if key is None:
+        return None
+    if call.model is not None and not key.allows(
+            call.model, f"{route.provider.name}/{route.upstream_model}"):
+        raise ModelNotAllowed(key.name, call.model)
+    admission = request.app[RATE_LIMITER].admit(key, estimate(call.payload, call.body))
+    if admission is not None:
+        request[ADMISSION] = admission
+    return admission
 
 
 async def read_call(request: web.Request) -> Call:
