@@ -29,6 +29,7 @@ from proxy.middlewares import (
 from proxy.peers import Peers
 from proxy.providers import Provider, build_provider
 from proxy.ratelimit import MemoryBuckets, RateLimiter
+from proxy.retry import RetryPolicy
 from proxy.routing import ModelRouter
 from proxy.state import (
     CATALOG,
@@ -96,7 +97,8 @@ def _dispatcher(config: Config, client: UpstreamClient, tasks: BackgroundTasks,
         client, tasks, InflightRequests(config.dedup.max_buffer_bytes),
         ResponseCache(max_bytes=cache.max_bytes, ttl=cache.ttl,
                       max_entry_bytes=cache.max_entry_bytes),
-        limiters, config.dedup.max_buffer_bytes, Peers(worker, config.timeouts.read))
+        limiters, config.dedup.max_buffer_bytes, Peers(worker, config.timeouts.read),
+        {p.name: RetryPolicy(config.retries) for p in providers})
 
 
 def _add_routes(router: web.UrlDispatcher) -> None:

@@ -118,6 +118,18 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class RetryConfig:
+    """Upstream retries (``retry.py``): attempts in all, full-jitter backoff bounds,
+    the longest ``Retry-After`` honoured, and the share of requests that may retry."""
+
+    max_attempts: int = 3
+    base_delay: float = 0.25
+    max_delay: float = 8.0
+    max_retry_after: float = 30.0
+    budget: float = 0.2
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Gateway keys (``keys.py``); none: the gateway is open (logged at start-up)."""
 
@@ -151,6 +163,7 @@ class Config:
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
+    retries: RetryConfig = RetryConfig()
     models_cache_ttl: float = 300.0
     health_cache_ttl: float = 5.0
     providers: tuple[ProviderConfig, ...] = ()
@@ -290,11 +303,15 @@ def _build(
         "max_entry_bytes": v.positive_int})
     limits = _limits(raw.get("limits"), problems)
     auth = _auth(raw.get("auth"), problems)
+    retries = v.section(raw.get("retries"), "retries", RetryConfig, problems, {
+        "max_attempts": v.positive_int, "base_delay": v.positive_number,
+        "max_delay": v.positive_number, "max_retry_after": v.non_negative_number,
+        "budget": v.non_negative_number})
     providers = _providers(raw.get("providers", []), env, types, problems)
     aliases = _aliases(raw.get("aliases", {}), problems)
     return Config(
         server=server, timeouts=timeouts, pool=pool, dedup=dedup, cache=cache, limits=limits,
-        auth=auth, providers=providers, aliases=aliases,
+        auth=auth, retries=retries, providers=providers, aliases=aliases,
         models_cache_ttl=v.check(v.non_negative_number, raw, "models_cache_ttl", "", 300.0,
                                  problems),
         health_cache_ttl=v.check(v.non_negative_number, raw, "health_cache_ttl", "", 5.0,

@@ -21,14 +21,15 @@ from types import TracebackType
 from proxy.answers import Answer, read_upstream
 from proxy.cache import ResponseCache
 from proxy.dedup import Exchange, Head, InflightRequests
-from proxy.errors import GatewayError, UpstreamError
+from proxy.errors import GatewayError, UpstreamError, UpstreamUnreachable
 from proxy.http1 import UpstreamProtocol
 from proxy.limits import AdaptiveLimiter, Outcome, Permit
 from proxy.peers import Peers
 from proxy.providers import Call, Provider
+from proxy.retry import RetryPolicy
 from proxy.sharing import Sharing
 from proxy.tasks import BackgroundTasks
-from proxy.upstream import UpstreamClient
+from proxy.upstream import UpstreamClient, UpstreamRequest
 
 OVERLOAD_STATUSES = frozenset({429, 503})
 
@@ -49,7 +50,8 @@ class Dispatcher:
     def __init__(self, client: UpstreamClient, tasks: BackgroundTasks,
                  inflight: InflightRequests, cache: ResponseCache,
                  limiters: Mapping[str, AdaptiveLimiter], max_buffer_bytes: int,
-                 peers: Peers):
+                 peers: Peers, retries: Mapping[str, RetryPolicy]):
+        self._retries = retries
         self._client = client
         self._tasks = tasks
         self._limiters = limiters
@@ -69,8 +71,7 @@ class Dispatcher:
                ) -> AbstractAsyncContextManager[Answer]:
         """The answer to ``call``, for the ``async with`` that relays it."""
         if sharing.key is None:  # the direct path: no generator-based context manager
-            return UpstreamCall(self._client, self._limiters[provider.name], call, provider,
-                                timing)
+            return self._upstream_call(call, provider, timing)
         return self._shared(call, provider, sharing, timing)
 
     @asynccontextmanager
@@ -104,6 +105,12 @@ class Dispatcher:
         finally:
             exchange.leave(subscription)
 
+    def _upstream_call(self, call: Call, provider: Provider, timing: Timing | None
+                       ) -> UpstreamCall:
+        name = provider.name
+        return UpstreamCall(self._client, self._limiters[name], call, provider, timing,
+                            self._retries[name])
+
     def _exchange(self, call: Call, provider: Provider, sharing: Sharing
                   ) -> tuple[Exchange, str]:
         assert sharing.key is not None
@@ -121,8 +128,7 @@ class Dispatcher:
     async def _produce(self, exchange: Exchange, call: Call, provider: Provider,
                        sharing: Sharing) -> None:
         """Read one upstream answer into ``exchange`` (a background task)."""
-        upstream = UpstreamCall(self._client, self._limiters[provider.name], call, provider,
-                                None)
+        upstream = self._upstream_call(call, provider, None)
         try:
             answer = await upstream.start()
             try:
@@ -156,11 +162,12 @@ class UpstreamCall:
     of those showed in the profile."""
 
     __slots__ = ("_call", "_client", "_connection", "_latency", "_limiter", "_outcome",
-                 "_permit", "_provider", "_timing")
+                 "_permit", "_provider", "_retry", "_timing")
 
     def __init__(self, client: UpstreamClient, limiter: AdaptiveLimiter, call: Call,
-                 provider: Provider, timing: Timing | None):
+                 provider: Provider, timing: Timing | None, retry: RetryPolicy):
         self._timing = timing
+        self._retry = retry
         self._client = client
         self._limiter = limiter
         self._call = call
@@ -178,10 +185,34 @@ class UpstreamCall:
         self.finish(failed=exc_type is not None)
 
     async def start(self) -> Answer:
-        """Take a slot, send the request, read the head (and an error answer's body)."""
+        """The answer's head (an error answer whole), after as many attempts as the
+        retry policy allows: nothing has reached the client yet, so a retry is unseen."""
+        request = self._provider.prepare(self._call)
+        queued = time.perf_counter()  # waits (slots, backoff) are the upstream's time
+        self._retry.record_request()
+        attempt = 1
+        while True:
+            try:
+                answer = await self._attempt(request)
+            except UpstreamUnreachable:
+                delay = self._retry.after_error(attempt)
+                if delay is None:
+                    raise
+            else:
+                delay = self._retry.after_status(attempt, answer.status, answer.headers)
+                if delay is None:
+                    break
+                self.finish(failed=False)  # its error body was read whole
+            await asyncio.sleep(delay)
+            attempt += 1
+        if self._timing is not None:
+            self._timing.upstream_wait += time.perf_counter() - queued
+        return answer
+
+    async def _attempt(self, request: UpstreamRequest) -> Answer:
+        """One try: take a slot, send, read the head (and an error answer's body)."""
         provider = self._provider
-        request = provider.prepare(self._call)
-        queued = time.perf_counter()  # a wait for a slot is the upstream's, not overhead
+        self._outcome, self._latency = Outcome.IGNORE, None
         self._permit = await self._limiter.acquire()
         started = time.perf_counter()  # the limiter learns from the upstream's time only
         try:
@@ -195,8 +226,6 @@ class UpstreamCall:
                 self._outcome = Outcome.ERROR
             self.finish(failed=True)
             raise
-        if self._timing is not None:
-            self._timing.upstream_wait += time.perf_counter() - queued
         return answer
 
     def finish(self, *, failed: bool) -> None:

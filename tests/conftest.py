@@ -2,7 +2,9 @@
 
 * ``start_upstream(app)`` serves a tiny aiohttp app defined in the test itself;
 * ``mock_upstream`` serves the scriptable mock from ``bench/upstream.py``;
-* ``make_config(providers, **raw)`` validates a config exactly as the YAML loader does;
+* ``make_config(providers, **raw)`` validates a config exactly as the YAML loader does,
+  with upstream retries off unless ``retries`` is given: the tests of everything else
+  count upstream calls exactly (tests/test_retries.py covers retries);
 * ``start_gateway(config)`` runs the real gateway with the production runner settings
   (``proxy.server.running``) on a free port and returns its base URL;
 * ``openai_client(url)`` is the official async SDK pointed at a gateway.
@@ -66,6 +68,7 @@ async def mock_upstream(start_upstream: StartUpstream) -> MockUpstream:
 def make_config() -> MakeConfig:
     def build(providers: list[dict[str, Any]], env: dict[str, str] | None = None,
               **raw: Any) -> Config:
+        raw.setdefault("retries", {"max_attempts": 1})
         return config_from_dict({"providers": providers, **raw}, env or {},
                                 PROVIDER_TYPES.keys())
 

@@ -1,0 +1,175 @@
+"""Upstream retries (issue #4): on connection failures and 429/500/502/503/504, with
+full-jitter backoff or the upstream's Retry-After (capped), ``max_attempts``, a retry
+budget, and only before anything reached the client. Real upstreams on loopback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from proxy.config import RetryConfig
+from proxy.retry import RetryPolicy, retry_after
+from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.wire import Conn, raw_servers
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+FAST = {"max_attempts": 3, "base_delay": 0.01, "max_delay": 0.05}
+
+
+def scripted(statuses: list[int], calls: list[float],
+             headers: dict[str, str] | None = None) -> web.Application:
+    """Answers the statuses in turn (200 once they run out), recording call times."""
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        calls.append(time.monotonic())
+        status = statuses[len(calls) - 1] if len(calls) <= len(statuses) else 200
+        if status != 200:
+            return web.json_response({"error": {"message": f"failure {len(calls)}",
+                                                "type": "x", "code": None}},
+                                     status=status, headers=headers)
+        return web.json_response({"id": f"ok-{len(calls)}", "object": "chat.completion",
+                                  "created": 0, "model": "m", "choices": []})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+async def gateway(app: web.Application, start_upstream: StartUpstream,
+                  start_gateway: StartGateway, make_config: MakeConfig,
+                  **retries: Any) -> str:
+    url = await start_upstream(app)
+    return await start_gateway(make_config(
+        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
+        retries={**FAST, **retries}))
+
+
+async def chat(base: str, **headers: str) -> tuple[int, dict[str, str], Any]:
+    async with (aiohttp.ClientSession() as session,
+                session.post(f"{base}/v1/chat/completions", headers=headers,
+                             json={"model": "m", "messages": MESSAGES}) as response):
+        return response.status, dict(response.headers), await response.json()
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+async def test_retryable_statuses_are_retried_until_success(
+    status: int, start_upstream: StartUpstream, start_gateway: StartGateway,
+    make_config: MakeConfig, openai_client: Callable[..., openai.AsyncOpenAI],
+) -> None:
+    calls: list[float] = []
+    base = await gateway(scripted([status, status], calls), start_upstream, start_gateway,
+                         make_config)
+    answer = await openai_client(base).chat.completions.create(model="m", messages=MESSAGES)
+    assert answer.id == "ok-3"
+    assert len(calls) == 3
+
+
+async def test_the_last_failure_is_relayed_after_max_attempts(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+) -> None:
+    calls: list[float] = []
+    base = await gateway(scripted([503] * 5, calls), start_upstream, start_gateway,
+                         make_config)
+    status, _, body = await chat(base)
+    assert status == 503
+    assert body["error"]["message"] == "failure 3"  # the upstream's own, third answer
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 422])
+async def test_other_statuses_are_not_retried(
+    status: int, start_upstream: StartUpstream, start_gateway: StartGateway,
+    make_config: MakeConfig,
+) -> None:
+    calls: list[float] = []
+    base = await gateway(scripted([status], calls), start_upstream, start_gateway,
+                         make_config)
+    assert (await chat(base))[0] == status
+    assert len(calls) == 1
+
+
+async def test_retry_after_is_honoured(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    openai_client: Callable[..., openai.AsyncOpenAI],
+) -> None:
+    calls: list[float] = []
+    app = scripted([429], calls, headers={"Retry-After": "1"})
+    base = await gateway(app, start_upstream, start_gateway, make_config)
+    started = time.monotonic()
+    answer = await openai_client(base).chat.completions.create(model="m", messages=MESSAGES)
+    assert answer.id == "ok-2"
+    assert calls[1] - calls[0] >= 0.95, "the wait must honour Retry-After: 1"
+    assert time.monotonic() - started < 3
+
+
+async def test_a_retry_after_over_the_cap_goes_to_the_client(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+) -> None:
+    calls: list[float] = []
+    app = scripted([429], calls, headers={"Retry-After": "120"})
+    base = await gateway(app, start_upstream, start_gateway, make_config, max_retry_after=5)
+    status, headers, _ = await chat(base)
+    assert (status, headers["Retry-After"]) == (429, "120")
+    assert len(calls) == 1
+
+
+async def test_an_upstream_that_drops_connections_is_retried_then_502(
+    start_gateway: StartGateway, make_config: MakeConfig,
+) -> None:
+    accepted: list[str] = []
+
+    async def drop(conn: Conn) -> None:
+        async for request in conn:  # closes without answering
+            accepted.append(request.target)
+            return
+
+    async with raw_servers() as start_raw:
+        upstream = await start_raw(drop)
+        base = await start_gateway(make_config(
+            [{"name": "up", "type": "openai_compat", "base_url": upstream.url,
+              "models": ["m"]}], retries=FAST))
+        status, _, body = await chat(base)
+    assert status == 502 and body["error"]["code"] == "upstream_unreachable"
+    assert len(accepted) == 3
+
+
+def test_backoff_is_full_jitter_and_capped() -> None:
+    draws = iter([1.0, 1.0, 1.0, 0.5])
+    policy = RetryPolicy(RetryConfig(max_attempts=10, base_delay=0.25, max_delay=1.0),
+                         draw=lambda: next(draws))
+    for _ in range(20):
+        policy.record_request()
+    assert [policy.after_error(n) for n in (1, 2, 3, 4)] == [0.25, 0.5, 1.0, 0.5]
+
+
+def test_max_attempts_counts_the_first_try() -> None:
+    policy = RetryPolicy(RetryConfig(max_attempts=2), draw=lambda: 0.0)
+    policy.record_request()
+    assert policy.after_status(1, 503, {}) == 0.0
+    assert policy.after_status(2, 503, {}) is None
+    assert RetryPolicy(RetryConfig(max_attempts=1)).after_error(1) is None
+
+
+def test_the_budget_bounds_retries_to_a_share_of_requests() -> None:
+    now = [0.0]
+    policy = RetryPolicy(RetryConfig(max_attempts=5, budget=0.2), clock=lambda: now[0],
+                         draw=lambda: 0.0)
+    for _ in range(50):
+        policy.record_request()
+    allowed = [policy.after_error(1) is not None for _ in range(20)]
+    assert allowed.count(True) == 10  # 20 % of 50
+    now[0] = 11.0  # the window moved on: only the minimum is left for a quiet gateway
+    assert [policy.after_error(1) is not None for _ in range(5)].count(True) == 3
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("3", 3.0), (" 1.5 ", 1.5), ("-2", 0.0), ("soon", None), (None, None),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)])
+def test_retry_after_parsing(value: str | None, seconds: float | None) -> None:
+    assert retry_after(value) == seconds
