@@ -46,8 +46,13 @@ class RetryPolicy:
                 f"requests={len(self._requests)} retries={len(self._retries)}>")
 
     def record_request(self) -> None:
-        """A client request begins (its retries will be counted against the budget)."""
-        self._requests.append(self._clock())
+        """A client request begins (its retries will be counted against the budget).
+        Only the last ``BUDGET_WINDOW`` seconds are kept, so memory stays bounded."""
+        now = self._clock()
+        requests = self._requests
+        requests.append(now)
+        while requests[0] < now - BUDGET_WINDOW:
+            requests.popleft()
 
     def after_error(self, attempt: int) -> float | None:
         """Seconds to wait before attempt ``attempt + 1`` after a connection failure;

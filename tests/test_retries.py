@@ -173,3 +173,13 @@ def test_the_budget_bounds_retries_to_a_share_of_requests() -> None:
     ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)])
 def test_retry_after_parsing(value: str | None, seconds: float | None) -> None:
     assert retry_after(value) == seconds
+
+
+def test_the_budget_keeps_only_its_window() -> None:
+    now = [0.0]
+    policy = RetryPolicy(RetryConfig(), clock=lambda: now[0])
+    for second in range(100):
+        now[0] = float(second)
+        for _ in range(100):
+            policy.record_request()
+    assert "requests=1100" in repr(policy)  # 11 seconds of 100, not 10,000
