@@ -138,7 +138,9 @@ def _serve(config: Config, words: list[str], worker_index: int | None) -> None:
                  "in %s", os.getpid(), count, config.server.host, config.server.port,
                  socket_dir)
         try:
-            code = Supervisor(command, count).run()
+            # Workers get their grace period, and a little more to close up.
+            code = Supervisor(command, count,
+                              stop_timeout=config.server.shutdown_grace + 5).run()
         finally:
             if private:
                 shutil.rmtree(private, ignore_errors=True)

@@ -38,6 +38,7 @@ ENV_OVERRIDES = {
     "PROXY_MAX_BODY_BYTES": ("server", "max_body_bytes"),
     "PROXY_WORKERS": ("server", "workers"),
     "PROXY_SOCKET_DIR": ("server", "socket_dir"),
+    "PROXY_SHUTDOWN_GRACE": ("server", "shutdown_grace"),
     "PROXY_CONNECT_TIMEOUT": ("timeouts", "connect"),
     "PROXY_READ_TIMEOUT": ("timeouts", "read"),
     "PROXY_DISCOVERY_TIMEOUT": ("timeouts", "discovery"),
@@ -63,6 +64,8 @@ class ServerConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     workers: int = 1
     socket_dir: str | None = None
+    # SIGTERM: in-flight requests and streams may finish for this long, then are cut.
+    shutdown_grace: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -287,7 +290,8 @@ def _build(
     v.known_keys(raw, "", Config.__dataclass_fields__.keys() - {"source"}, problems)
     server = v.section(raw.get("server"), "server", ServerConfig, problems, {
         "host": v.string, "port": v.port, "max_body_bytes": v.positive_int,
-        "workers": v.positive_int, "socket_dir": v.string})
+        "workers": v.positive_int, "socket_dir": v.string,
+        "shutdown_grace": v.non_negative_number})
     if server.workers > 1 and server.port == 0:
         problems.append("server.port: must be a fixed port when server.workers > 1 "
                         "(the workers cannot share a randomly chosen port)")

@@ -43,7 +43,7 @@ async def running(config: Config, worker: WorkerSpec | None = None) -> AsyncIter
     """
     worker = worker or WorkerSpec.of(config)
     runner = web.AppRunner(build_app(config, worker), handler_cancellation=True,
-                           access_log=None)
+                           access_log=None, shutdown_timeout=config.server.shutdown_grace)
     await runner.setup()
     socket: _OwnSocket | None = None
     try:
