@@ -190,3 +190,29 @@ def test_cli_keys_hash_prints_a_new_secret_once_and_its_hash() -> None:
                            capture_output=True, text=True, timeout=30, check=True)
     assert "secret:" not in given.stdout
     assert given.stdout.startswith(f"sha256: {hash_secret('abc')}")
+
+
+async def test_gateway_keys_stay_out_of_logs_errors_health_and_upstreams(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    seen: Seen = []
+    base = await gateway(start_upstream, start_gateway, make_config, seen)
+    texts: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        for secret, model in ((SECRET_A, "large-1"), (SECRET_B, "large-1"),
+                              (SECRET_A + "x", "large-1"), (SECRET_A, "no-such-model")):
+            async with session.post(f"{base}/v1/chat/completions",
+                                    headers={"Authorization": f"Bearer {secret}"},
+                                    json={"model": model, "messages": MESSAGES}) as r:
+                texts.append(f"{r.status} {dict(r.headers)} {await r.text()}")
+        for path in ("/health", "/healthz"):
+            async with session.get(base + path) as r:
+                texts.append(await r.text())
+    assert [t.split()[0] for t in texts[:4]] == ["200", "403", "401", "404"]
+    assert caplog.records
+    for secret in (SECRET_A, SECRET_B):
+        assert not [t for t in texts if secret in t]
+        assert secret not in caplog.text
+        assert not [h for h in seen for v in h.values() if secret in v]
