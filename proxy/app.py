@@ -14,6 +14,7 @@ from aiohttp import web
 
 from proxy import handlers
 from proxy.auth import KeyRing
+from proxy.breaker import CircuitBreaker
 from proxy.cache import ResponseCache
 from proxy.config import Config
 from proxy.dedup import InflightRequests
@@ -98,7 +99,8 @@ def _dispatcher(config: Config, client: UpstreamClient, tasks: BackgroundTasks,
         ResponseCache(max_bytes=cache.max_bytes, ttl=cache.ttl,
                       max_entry_bytes=cache.max_entry_bytes),
         limiters, config.dedup.max_buffer_bytes, Peers(worker, config.timeouts.read),
-        {p.name: RetryPolicy(config.retries) for p in providers})
+        {p.name: RetryPolicy(config.retries) for p in providers},
+        {p.name: CircuitBreaker(p.name, config.breaker) for p in providers})
 
 
 def _add_routes(router: web.UrlDispatcher) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from proxy import validate as v
+from proxy.breaker import BreakerSettings, parse_breaker
 from proxy.keys import GatewayKey, parse_keys
 
 DEFAULT_CONFIG_FILE = Path("proxy.yaml")
@@ -167,6 +168,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     retries: RetryConfig = RetryConfig()
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
     models_cache_ttl: float = 300.0
     health_cache_ttl: float = 5.0
     providers: tuple[ProviderConfig, ...] = ()
@@ -315,7 +317,8 @@ def _build(
     aliases = _aliases(raw.get("aliases", {}), problems)
     return Config(
         server=server, timeouts=timeouts, pool=pool, dedup=dedup, cache=cache, limits=limits,
-        auth=auth, retries=retries, providers=providers, aliases=aliases,
+        auth=auth, retries=retries, breaker=parse_breaker(raw.get("breaker"), problems),
+        providers=providers, aliases=aliases,
         models_cache_ttl=v.check(v.non_negative_number, raw, "models_cache_ttl", "", 300.0,
                                  problems),
         health_cache_ttl=v.check(v.non_negative_number, raw, "health_cache_ttl", "", 5.0,

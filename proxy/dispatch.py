@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from proxy.answers import Answer, read_upstream
+from proxy.breaker import FAILURE_STATUSES, CircuitBreaker
 from proxy.cache import ResponseCache
 from proxy.dedup import Exchange, Head, InflightRequests
 from proxy.errors import GatewayError, UpstreamError, UpstreamUnreachable
@@ -50,8 +51,10 @@ class Dispatcher:
     def __init__(self, client: UpstreamClient, tasks: BackgroundTasks,
                  inflight: InflightRequests, cache: ResponseCache,
                  limiters: Mapping[str, AdaptiveLimiter], max_buffer_bytes: int,
-                 peers: Peers, retries: Mapping[str, RetryPolicy]):
+                 peers: Peers, retries: Mapping[str, RetryPolicy],
+                 breakers: Mapping[str, CircuitBreaker]):
         self._retries = retries
+        self.breakers = breakers
         self._client = client
         self._tasks = tasks
         self._limiters = limiters
@@ -109,7 +112,7 @@ class Dispatcher:
                        ) -> UpstreamCall:
         name = provider.name
         return UpstreamCall(self._client, self._limiters[name], call, provider, timing,
-                            self._retries[name])
+                            self._retries[name], self.breakers[name])
 
     def _exchange(self, call: Call, provider: Provider, sharing: Sharing
                   ) -> tuple[Exchange, str]:
@@ -161,11 +164,13 @@ class UpstreamCall:
     A class rather than stacked context managers: this is the hot path, and each layer
     of those showed in the profile."""
 
-    __slots__ = ("_call", "_client", "_connection", "_latency", "_limiter", "_outcome",
-                 "_permit", "_provider", "_retry", "_timing")
+    __slots__ = ("_breaker", "_call", "_client", "_connection", "_latency", "_limiter",
+                 "_outcome", "_permit", "_provider", "_retry", "_timing")
 
     def __init__(self, client: UpstreamClient, limiter: AdaptiveLimiter, call: Call,
-                 provider: Provider, timing: Timing | None, retry: RetryPolicy):
+                 provider: Provider, timing: Timing | None, retry: RetryPolicy,
+                 breaker: CircuitBreaker):
+        self._breaker = breaker
         self._timing = timing
         self._retry = retry
         self._client = client
@@ -213,7 +218,13 @@ class UpstreamCall:
         """One try: take a slot, send, read the head (and an error answer's body)."""
         provider = self._provider
         self._outcome, self._latency = Outcome.IGNORE, None
-        self._permit = await self._limiter.acquire()
+        breaker = self._breaker
+        breaker.check()  # an open circuit: 503 at once, no slot taken
+        try:
+            self._permit = await self._limiter.acquire()
+        except BaseException:
+            breaker.record(failed=None)
+            raise
         started = time.perf_counter()  # the limiter learns from the upstream's time only
         try:
             self._connection, response = await self._client.send(request, provider.name)
@@ -222,10 +233,13 @@ class UpstreamCall:
             self._outcome = Outcome.OVERLOAD if overloaded else Outcome.SUCCESS
             answer = await read_upstream(self._call, provider, response)
         except BaseException as exc:
-            if isinstance(exc, UpstreamError) and self._latency is None:
+            upstream_failed = isinstance(exc, UpstreamError)
+            if upstream_failed and self._latency is None:
                 self._outcome = Outcome.ERROR
+            breaker.record(failed=True if upstream_failed else None)
             self.finish(failed=True)
             raise
+        breaker.record(failed=answer.status in FAILURE_STATUSES)
         return answer
 
     def finish(self, *, failed: bool) -> None:

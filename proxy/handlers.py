@@ -179,6 +179,7 @@ async def health(request: web.Request) -> web.Response:
         "last_error": catalog.last_error(s.provider),
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.checked_at)),
         "concurrency": request.app[DISPATCHER].limits(s.provider),
+        "breaker": request.app[DISPATCHER].breakers[s.provider].snapshot(),
     } for s in snapshot.statuses]
     healthy = sum(1 for s in snapshot.statuses if s.healthy)
     status = "ok" if healthy == len(providers) else "degraded" if healthy else "unavailable"

@@ -1,0 +1,124 @@
+"""The circuit breaker per provider (issue #4): consecutive failures open it, an open
+breaker answers 503 ``circuit_open`` at once without an upstream call, one probe goes
+through after the cooldown, and ``/health`` shows the state. Real upstreams on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.breaker import BreakerSettings, CircuitBreaker, CircuitOpen
+from tests.conftest import MakeConfig, StartGateway, StartUpstream
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+class Flaky:
+    """Answers ``status`` until told otherwise; counts calls."""
+
+    def __init__(self, status: int):
+        self.status = status
+        self.calls = 0
+
+    def app(self) -> web.Application:
+        async def chat(request: web.Request) -> web.Response:
+            await request.read()
+            self.calls += 1
+            if self.status != 200:
+                return web.json_response({"error": {"message": "down", "type": "x"}},
+                                         status=self.status)
+            return web.json_response({"id": "ok", "object": "chat.completion",
+                                      "created": 0, "model": "m", "choices": []})
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        return app
+
+
+async def post(session: aiohttp.ClientSession, base: str) -> tuple[int, dict[str, str], Any]:
+    async with session.post(f"{base}/v1/chat/completions",
+                            json={"model": "m", "messages": MESSAGES}) as response:
+        return response.status, dict(response.headers), await response.json()
+
+
+async def health(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+    async with session.get(f"{base}/health") as response:
+        breaker: dict[str, Any] = (await response.json())["providers"][0]["breaker"]
+        return breaker
+
+
+async def test_failures_open_the_breaker_then_a_probe_closes_it(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+) -> None:
+    upstream = Flaky(500)
+    url = await start_upstream(upstream.app())
+    base = await start_gateway(make_config(
+        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
+        breaker={"failures": 3, "cooldown": 0.3}, health_cache_ttl=0))
+    async with aiohttp.ClientSession() as session:
+        statuses = [(await post(session, base))[0] for _ in range(3)]
+        assert statuses == [500] * 3  # the upstream's own answers, relayed
+        status, headers, body = await post(session, base)
+        assert (status, body["error"]["code"]) == (503, "circuit_open")
+        assert int(headers["Retry-After"]) >= 1
+        assert upstream.calls == 3, "an open breaker must not call the upstream"
+        assert (await health(session, base))["state"] == "open"
+
+        await asyncio.sleep(0.35)  # cooldown over: one probe, which fails
+        assert (await post(session, base))[0] == 500
+        assert (await post(session, base))[0] == 503
+        assert upstream.calls == 4
+
+        upstream.status = 200
+        await asyncio.sleep(0.35)
+        assert (await post(session, base))[0] == 200  # the probe succeeds: closed
+        assert [(await post(session, base))[0] for _ in range(3)] == [200] * 3
+        state = await health(session, base)
+    assert state == {"state": "closed", "consecutive_failures": 0, "opened_total": 2}
+
+
+@pytest.mark.parametrize(("status", "opens"), [(429, False), (400, False), (503, True)])
+async def test_only_upstream_faults_count(
+    status: int, opens: bool, start_upstream: StartUpstream, start_gateway: StartGateway,
+    make_config: MakeConfig,
+) -> None:
+    upstream = Flaky(status)
+    url = await start_upstream(upstream.app())
+    base = await start_gateway(make_config(
+        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
+        breaker={"failures": 2, "cooldown": 5}))
+    async with aiohttp.ClientSession() as session:
+        last = [(await post(session, base))[0] for _ in range(3)][-1]
+    assert (last == 503 and upstream.calls == 2) is opens
+
+
+def test_the_half_open_probe_is_alone() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker("p", BreakerSettings(failures=1, cooldown=1),
+                             clock=lambda: now[0])
+    assert breaker.check() is False
+    breaker.record(failed=True)
+    with pytest.raises(CircuitOpen):
+        breaker.check()
+    now[0] = 1.0
+    assert breaker.state == "half_open"
+    assert breaker.check() is True  # the probe
+    with pytest.raises(CircuitOpen):
+        breaker.check()  # no second request while it runs
+    breaker.record(failed=None)  # its client left: the next request may probe
+    assert breaker.check() is True
+    breaker.record(failed=False)
+    assert breaker.state == "closed"
+    assert not BreakerSettings(failures=0).failures  # 0 turns the breaker off
+
+
+def test_a_breaker_with_failures_zero_never_opens() -> None:
+    breaker = CircuitBreaker("p", BreakerSettings(failures=0))
+    for _ in range(100):
+        breaker.check()
+        breaker.record(failed=True)
+    assert breaker.state == "closed"
