@@ -77,6 +77,9 @@ class Timeouts:
     connect: float = 5.0
     read: float = 300.0
     discovery: float = 10.0
+    # While a 200 event stream waits for its first event: an SSE comment this often, so
+    # idle timeouts of load balancers in front never cut a slow start (0: none).
+    sse_keepalive: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -299,7 +302,7 @@ def _build(
                         "(the workers cannot share a randomly chosen port)")
     timeouts = v.section(raw.get("timeouts"), "timeouts", Timeouts, problems, {
         "connect": v.positive_number, "read": v.positive_number,
-        "discovery": v.positive_number})
+        "discovery": v.positive_number, "sse_keepalive": v.non_negative_number})
     pool = v.section(raw.get("pool"), "pool", PoolConfig, problems, {
         "limit": v.non_negative_int, "keepalive_timeout": v.non_negative_number})
     dedup = v.section(raw.get("dedup"), "dedup", DedupConfig, problems, {

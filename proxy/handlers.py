@@ -51,7 +51,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     timing = request[TIMING]
     async with dispatcher.answer(call, route.provider, sharing, timing) as answer:
         tap(answer, admission)
-        return await send_answer(request, answer, buffered=not call.stream, timing=timing)
+        return await send_answer(request, answer, buffered=not call.stream, timing=timing,
+                                 keepalive=config.timeouts.sse_keepalive)
 
 
 def admit(request: web.Request, call: Call, route: Route) -> Admission | None:

@@ -17,6 +17,7 @@ whoever produced the answer closes the upstream side.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -29,10 +30,11 @@ from proxy.errors import GatewayError, sse_error_event
 log = logging.getLogger("proxy.streaming")
 
 SMALL_ANSWER = 256 * 1024  # a non-stream answer up to this size is sent in one response
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 
 async def send_answer(request: web.Request, answer: Answer, buffered: bool,
-                      timing: Timing) -> web.StreamResponse:
+                      timing: Timing, keepalive: float = 0.0) -> web.StreamResponse:
     """Relay ``answer``. ``buffered`` (a non-stream request) holds the status back until
     the body is in (up to ``SMALL_ANSWER``): a failure before it still becomes a clean
     error status. Time spent waiting for those bytes is the upstream's, not overhead."""
@@ -58,6 +60,8 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
     await response.prepare(request)
     try:
         chunk: bytes | None = first
+        if event_stream and not first and keepalive > 0:
+            chunk = await _first_event(answer.body, response, keepalive)
         while chunk is not None:
             if chunk:
                 await response.write(chunk)
@@ -67,6 +71,24 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
         return response
     await response.write_eof()
     return response
+
+
+async def _first_event(body: Body, response: web.StreamResponse, interval: float
+                       ) -> bytes | None:
+    """The first chunk of an event stream, with a ``: keep-alive`` comment written every
+    ``interval`` seconds until it comes (SSE clients ignore comment lines). The read
+    runs as a task so that a timeout never cancels it half-way; the task never outlives
+    this function: it is awaited, or cancelled when the client goes away."""
+    read = asyncio.ensure_future(body.next())
+    try:
+        while True:
+            done, _ = await asyncio.wait((read,), timeout=interval)
+            if done:
+                return read.result()
+            await response.write(KEEPALIVE_COMMENT)
+    finally:
+        if not read.done():
+            read.cancel()
 
 
 async def _all(body: Body) -> list[bytes]:

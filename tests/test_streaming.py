@@ -318,3 +318,38 @@ async def test_every_streamed_body_tells_nginx_not_to_buffer(
         assert resp.status == 200
         assert resp.headers["X-Accel-Buffering"] == "no"
     assert body == part * 6
+
+
+async def test_a_slow_first_token_gets_keep_alive_comments(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    openai_client: AsyncClientFactory,
+) -> None:
+    """Issue #4: once the upstream answered 200 and the stream waits for its first token,
+    SSE comment lines keep load balancers in front from cutting the idle connection."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.sleep(1.0)  # "thinking" before the first token
+        for event in SLOW_EVENTS:
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post(CHAT, chat)
+    upstream = await start_upstream(app)
+    gateway = await start_gateway(make_config([{
+        "name": "up", "type": "openai_compat", "base_url": f"{upstream}/v1",
+        "models": ["m"]}], timeouts={"sse_keepalive": 0.3}))
+    async with (aiohttp.ClientSession() as session,
+                session.post(f"{gateway}{CHAT}", json=CHAT_BODY) as resp):
+        body = await resp.read()
+    comments, _, rest = body.partition(SLOW_EVENTS[0])
+    assert 2 <= comments.count(b": keep-alive\n\n") <= 4, comments
+    assert comments == b": keep-alive\n\n" * comments.count(b": keep-alive\n\n")
+    assert SLOW_EVENTS[0] + rest == b"".join(SLOW_EVENTS)  # the events themselves intact
+    sdk = openai_client(gateway)
+    stream = await sdk.chat.completions.create(model="m", messages=[
+        {"role": "user", "content": "hi"}], stream=True)
+    assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "".join(WORDS)
