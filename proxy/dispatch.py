@@ -17,12 +17,14 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from proxy.answers import Answer, read_upstream
 from proxy.breaker import FAILURE_STATUSES, CircuitBreaker
 from proxy.cache import ResponseCache
 from proxy.dedup import Exchange, Head, InflightRequests
 from proxy.errors import GatewayError, UpstreamError, UpstreamUnreachable
+from proxy.headers import DEDUP_OPT
 from proxy.http1 import UpstreamProtocol
 from proxy.limits import AdaptiveLimiter, Outcome, Permit
 from proxy.peers import Peers
@@ -54,7 +56,7 @@ class Dispatcher:
                  peers: Peers, retries: Mapping[str, RetryPolicy],
                  breakers: Mapping[str, CircuitBreaker]):
         self._retries = retries
-        self.breakers = breakers
+        self._breakers = breakers
         self._client = client
         self._tasks = tasks
         self._limiters = limiters
@@ -69,6 +71,10 @@ class Dispatcher:
     def limits(self, provider: str) -> dict[str, float | int]:
         """The provider's concurrency limiter state, for ``/health``."""
         return self._limiters[provider].snapshot()
+
+    def breaker(self, provider: str) -> dict[str, Any]:
+        """The provider's circuit breaker state, for ``/health``."""
+        return self._breakers[provider].snapshot()
 
     def answer(self, call: Call, provider: Provider, sharing: Sharing, timing: Timing
                ) -> AbstractAsyncContextManager[Answer]:
@@ -101,7 +107,7 @@ class Dispatcher:
             answer = await subscription.answer()
             timing.upstream_wait += time.perf_counter() - waited_from
             if sharing.dedup:
-                answer.headers["X-Gateway-Dedup"] = role
+                answer.headers[DEDUP_OPT] = role
             if sharing.cache_write:
                 answer.headers["X-Cache"] = "MISS"
             yield answer
@@ -112,7 +118,7 @@ class Dispatcher:
                        ) -> UpstreamCall:
         name = provider.name
         return UpstreamCall(self._client, self._limiters[name], call, provider, timing,
-                            self._retries[name], self.breakers[name])
+                            self._retries[name], self._breakers[name])
 
     def _exchange(self, call: Call, provider: Provider, sharing: Sharing
                   ) -> tuple[Exchange, str]:

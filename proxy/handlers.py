@@ -17,7 +17,7 @@ from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotAllowed, ModelNot
 from proxy.headers import AUTHORIZATION, upstream_request_headers
 from proxy.providers import Call
 from proxy.ratelimit import Admission, estimate
-from proxy.routing import ModelRouter, Route
+from proxy.routing import Route
 from proxy.sharing import sharing_for
 from proxy.state import (
     ADMISSION,
@@ -62,8 +62,7 @@ def admit(request: web.Request, call: Call, route: Route) -> Admission | None:
     key = request.get(GATEWAY_KEY)
     if key is None:
         return None
-    if call.model is not None and not key.allows(
-            call.model, f"{route.provider.name}/{route.upstream_model}"):
+    if call.model is not None and not key.allows(*_model_names(call.model, route)):
         raise ModelNotAllowed(key.name, call.model)
     admission = request.app[RATE_LIMITER].admit(key, estimate(call.payload, call.body))
     if admission is not None:
@@ -151,13 +150,13 @@ def _visible_models(request: web.Request, snapshot: Snapshot) -> list[dict[str, 
     key = request.get(GATEWAY_KEY)
     if key is None:
         return entries
-    return [entry for entry in entries if key.allows(*_names(router, snapshot, entry["id"]))]
+    return [entry for entry in entries
+            if key.allows(*_model_names(entry["id"], router.route_of(entry["id"], snapshot)))]
 
 
-def _names(router: ModelRouter, snapshot: Snapshot, model: str) -> tuple[str, ...]:
-    """The names a key's model patterns are matched against, as for a request: the name
-    the client sends and its ``provider/model`` route."""
-    route = router.route_of(model, snapshot)
+def _model_names(model: str, route: Route | None) -> tuple[str, ...]:
+    """The names a key's model patterns are matched against: the name the client sends
+    and, when it routes somewhere, its ``provider/model`` route."""
     if route is None:
         return (model,)
     return model, f"{route.provider.name}/{route.upstream_model}"
@@ -180,7 +179,7 @@ async def health(request: web.Request) -> web.Response:
         "last_error": catalog.last_error(s.provider),
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.checked_at)),
         "concurrency": request.app[DISPATCHER].limits(s.provider),
-        "breaker": request.app[DISPATCHER].breakers[s.provider].snapshot(),
+        "breaker": request.app[DISPATCHER].breaker(s.provider),
     } for s in snapshot.statuses]
     healthy = sum(1 for s in snapshot.statuses if s.healthy)
     status = "ok" if healthy == len(providers) else "degraded" if healthy else "unavailable"

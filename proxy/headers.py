@@ -8,6 +8,7 @@ dropped in both directions: they describe one connection, not the message.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
@@ -26,9 +27,11 @@ _RESPONSE_OWNED = frozenset(istr(n) for n in ("Date", "Server"))
 
 REQUEST_ID = istr("X-Request-ID")
 PEER = istr("X-Gateway-Peer")  # marks a request forwarded by another worker (peers.py)
-# The gateway's own request headers (sharing.py) are for the gateway, not the provider.
+# The client's sharing instructions (sharing.py): for the gateway, never the provider.
+DEDUP_OPT = istr("X-Gateway-Dedup")
+CACHE_OPT = istr("X-Gateway-Cache")
 _REQUEST_OWNED = frozenset((istr("Host"), istr("Content-Length"), istr("Expect"), PEER,
-                            istr("X-Gateway-Dedup"), istr("X-Gateway-Cache")))
+                            DEDUP_OPT, CACHE_OPT))
 AUTHORIZATION = istr("Authorization")
 
 
@@ -40,11 +43,18 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[
     return tokens
 
 
+@functools.lru_cache(maxsize=16)
+def _skipped(owned: frozenset[istr]) -> frozenset[str]:
+    """Hop-by-hop plus ``owned``, lower-cased; built once per ``owned`` set (the callers
+    pass module constants), not on every request."""
+    return _HOP_BY_HOP_LOWER.union(name.lower() for name in owned)
+
+
 def end_to_end(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], owned: Iterable[istr] = ()
 ) -> CIMultiDict[str]:
     """A copy of ``headers`` without hop-by-hop headers and without ``owned`` ones."""
-    skip = _HOP_BY_HOP_LOWER.union(name.lower() for name in owned)
+    skip = _skipped(frozenset(owned))
     if "Connection" in headers:
         skip = skip.union(connection_tokens(headers))
     # Compared lower-cased: a set of istr matches only the exact case (HTTP/2 clients

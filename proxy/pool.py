@@ -146,7 +146,7 @@ class ConnectionPool:
         connection = idle.pop()
         oldest_allowed = connection.loop_time() - self._keepalive
         while True:
-            if connection.reusable and connection.idle_since > oldest_allowed:
+            if _keepable(connection, oldest_allowed):
                 return connection
             connection.close()
             if not idle:
@@ -197,10 +197,15 @@ class ConnectionPool:
         self._sweeper = None
         oldest_allowed = asyncio.get_running_loop().time() - self._keepalive
         for origin in self._origins.values():
-            keep = [c for c in origin.idle if c.reusable and c.idle_since > oldest_allowed]
+            keep = [c for c in origin.idle if _keepable(c, oldest_allowed)]
             for connection in origin.idle:
                 if connection not in keep:
                     connection.close()
             origin.idle[:] = keep
         if any(origin.idle for origin in self._origins.values()):
             self._schedule_sweep()
+
+
+def _keepable(connection: UpstreamProtocol, oldest_allowed: float) -> bool:
+    """Still worth keeping: alive, reusable, and idle since after ``oldest_allowed``."""
+    return connection.reusable and connection.idle_since > oldest_allowed

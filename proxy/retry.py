@@ -49,10 +49,8 @@ class RetryPolicy:
         """A client request begins (its retries will be counted against the budget).
         Only the last ``BUDGET_WINDOW`` seconds are kept, so memory stays bounded."""
         now = self._clock()
-        requests = self._requests
-        requests.append(now)
-        while requests[0] < now - BUDGET_WINDOW:
-            requests.popleft()
+        self._requests.append(now)
+        _forget_before(self._requests, now - BUDGET_WINDOW)
 
     def after_error(self, attempt: int) -> float | None:
         """Seconds to wait before attempt ``attempt + 1`` after a connection failure;
@@ -78,8 +76,7 @@ class RetryPolicy:
             return False
         now = self._clock()
         for times in (self._requests, self._retries):
-            while times and times[0] < now - BUDGET_WINDOW:
-                times.popleft()
+            _forget_before(times, now - BUDGET_WINDOW)
         allowed = max(MIN_RETRIES, self.config.budget * len(self._requests))
         return len(self._retries) < allowed
 
@@ -90,6 +87,11 @@ class RetryPolicy:
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.config.max_delay, self.config.base_delay * 2 ** (attempt - 1))
         return float(self._draw() * ceiling)
+
+
+def _forget_before(times: deque[float], oldest: float) -> None:
+    while times and times[0] < oldest:
+        times.popleft()
 
 
 def retry_after(value: str | None) -> float | None:

@@ -23,7 +23,7 @@ import orjson
 from multidict import CIMultiDictProxy
 
 from proxy.config import CacheConfig, DedupConfig
-from proxy.headers import AUTHORIZATION, PEER
+from proxy.headers import AUTHORIZATION, CACHE_OPT, DEDUP_OPT, PEER
 from proxy.providers import Call
 
 
@@ -47,7 +47,7 @@ ALONE = Sharing(key=None)
 _IDENTITY_HEADERS = (AUTHORIZATION, "OpenAI-Organization", "OpenAI-Project")
 # The client's own sharing instructions, which go with a request forwarded to the worker
 # that owns its key (peers.py) but never upstream (headers.py).
-CONTROL_HEADERS = ("X-Gateway-Cache", "X-Gateway-Dedup")
+CONTROL_HEADERS = (CACHE_OPT, DEDUP_OPT)
 
 
 def sharing_for(call: Call, provider: str, client_headers: CIMultiDictProxy[str],
@@ -56,7 +56,7 @@ def sharing_for(call: Call, provider: str, client_headers: CIMultiDictProxy[str]
         return ALONE
     deterministic = is_deterministic(call.endpoint, call.payload)
     may_dedup = dedup.mode == "all" or (dedup.mode == "deterministic" and deterministic)
-    may_dedup = may_dedup and client_headers.get("X-Gateway-Dedup", "").lower() != "off"
+    may_dedup = may_dedup and client_headers.get(DEDUP_OPT, "").lower() != "off"
     cache_read, cache_write = _cache_rules(client_headers, cache, deterministic)
     if not (may_dedup or cache_read or cache_write):
         return ALONE
@@ -75,7 +75,7 @@ def is_deterministic(endpoint: str, payload: dict[str, Any]) -> bool:
 
 def _cache_rules(headers: CIMultiDictProxy[str], cache: CacheConfig, deterministic: bool
                  ) -> tuple[bool, bool]:
-    opt = headers.get("X-Gateway-Cache", "").lower()
+    opt = headers.get(CACHE_OPT, "").lower()
     if not cache.enabled or opt == "off" or not (deterministic or opt == "on"):
         return False, False
     directives = {d.strip().lower() for d in headers.get("Cache-Control", "").split(",")}

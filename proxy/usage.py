@@ -18,7 +18,7 @@ _MAX_LINE = 64 * 1024
 
 
 class UsageTap:
-    __slots__ = ("_admission", "_body", "_carry", "_json", "_sse", "_used")
+    __slots__ = ("_admission", "_body", "_carry", "_json", "_size", "_sse", "_used")
 
     def __init__(self, body: Body, admission: Admission, event_stream: bool):
         self._body = body
@@ -26,6 +26,7 @@ class UsageTap:
         self._sse = event_stream
         self._json: list[bytes] | None = None if event_stream else []
         self._carry = b""
+        self._size = 0
         self._used: int | None = None
 
     async def next(self) -> bytes | None:
@@ -36,7 +37,8 @@ class UsageTap:
             self._scan(chunk)
         elif self._json is not None:
             self._json.append(chunk)
-            if sum(len(c) for c in self._json) > MAX_JSON:
+            self._size += len(chunk)
+            if self._size > MAX_JSON:
                 self._json = None  # too large to hold: the estimate stands
         return chunk
 
