@@ -7,15 +7,20 @@
   count upstream calls exactly (tests/test_retries.py covers retries);
 * ``start_gateway(config)`` runs the real gateway with the production runner settings
   (``proxy.server.running``) on a free port and returns its base URL;
-* ``openai_client(url)`` is the official async SDK pointed at a gateway.
+* ``openai_client(url)`` is the official async SDK pointed at a gateway;
+* ``raw_upstream(script)`` starts a raw upstream (``tests/wire.py``) the test scripts
+  byte by byte; ``closed_port`` is a loopback port nobody listens on;
+* ``cacheless_gateway(providers, **raw)`` is ``start_gateway`` with the cache off, so
+  every request that is not deduplicated reaches the upstream.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import openai
 import pytest
@@ -26,6 +31,9 @@ from bench.upstream import OPTIONS_KEY, STATS_KEY, MockOptions, MockStats, creat
 from proxy.config import Config, config_from_dict
 from proxy.providers import PROVIDER_TYPES
 from proxy.server import running
+
+if TYPE_CHECKING:
+    from tests.wire import StartRaw
 
 StartUpstream = Callable[[web.Application], Awaitable[str]]
 StartGateway = Callable[[Config], Awaitable[str]]
@@ -98,3 +106,32 @@ async def openai_client() -> AsyncIterator[Callable[..., openai.AsyncOpenAI]]:
             return client
 
         yield make
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[StartRaw]:
+    """Asked for before ``start_gateway`` so the gateway stops first."""
+    from tests.wire import raw_servers  # noqa: PLC0415 - wire.py imports this module
+
+    async with raw_servers() as start:
+        yield start
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port bound but never listening: connections to it are refused, and
+    nothing else can take it while the test runs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def cacheless_gateway(start_gateway: StartGateway, make_config: MakeConfig
+                      ) -> Callable[..., Awaitable[str]]:
+    """``await cacheless_gateway(providers, **raw_config)`` -> base URL."""
+    async def start(providers: list[dict[str, Any]], **raw: Any) -> str:
+        raw.setdefault("cache", {"enabled": False})
+        return await start_gateway(make_config(providers, **raw))
+
+    return start

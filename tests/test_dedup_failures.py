@@ -12,21 +12,26 @@ own error, with the exact status and code, not a hang or a generic 500.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
-from tests.wire import MODELS, Conn, StartRaw, error_code, raw_servers, read_request
+from tests.conftest import StartUpstream
+from tests.wire import (
+    MODELS,
+    Conn,
+    Reply,
+    StartRaw,
+    error_code,
+    post_json,
+    read_request,
+)
 
 CHAT = "/v1/chat/completions"
-Reply = tuple[int, "dict[str, str]", bytes]
 SHARED = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
 
 
@@ -59,37 +64,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
-@pytest.fixture
-def gateway(start_gateway: StartGateway, make_config: MakeConfig) -> Callable[..., Any]:
-    """``await gateway(providers, **raw_config)`` -> base URL; default dedup, cache off."""
-    async def start(providers: list[dict[str, Any]], **raw: Any) -> str:
-        raw.setdefault("cache", {"enabled": False})
-        return await start_gateway(make_config(providers, **raw))
-
-    return start
-
-
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[StartRaw]:
-    """Raw upstreams; asked for before ``gateway`` so the gateway stops first."""
-    async with raw_servers() as start:
-        yield start
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """Bound, never listening: connections are refused, and the port stays ours."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-
-
-async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Reply:
-    async with session.post(url, data=orjson.dumps(body),
-                            headers={"Content-Type": "application/json"}) as response:
-        return response.status, dict(response.headers), await response.read()
-
-
 async def eventually(check: Callable[[], bool], within: float = 2.0) -> None:
     deadline = time.monotonic() + within
     while not check():
@@ -102,11 +76,11 @@ async def leader_then_followers(session: aiohttp.ClientSession, url: str,
                                 followers: int = 3) -> list[Reply]:
     """The leader's reply, then the followers': they are sent once ``started()`` says the
     leader's call is under way (and not yet failed), so they join its exchange."""
-    leader = asyncio.create_task(post(session, url, SHARED))
+    leader = asyncio.create_task(post_json(session, url, SHARED))
     try:
         await eventually(started)
         await asyncio.sleep(0.05)
-        replies = await asyncio.gather(*(post(session, url, SHARED) for _ in range(followers)))
+        replies = await asyncio.gather(*(post_json(session, url, SHARED) for _ in range(followers)))
         return [await asyncio.wait_for(leader, 5), *replies]
     finally:
         leader.cancel()
@@ -117,16 +91,16 @@ def codes(replies: list[Reply]) -> list[tuple[int, str]]:
 
 
 async def test_unreachable_upstream_reaches_leader_and_followers(
-    start_upstream: StartUpstream, gateway: Callable[..., Any],
+    start_upstream: StartUpstream, cacheless_gateway: Callable[..., Any],
     session: aiohttp.ClientSession, closed_port: int,
 ) -> None:
     """The only pool connection (``pool.limit`` 1) is busy with another provider's call,
     so the leader's call waits for it while the followers join; then it is refused."""
     busy = Slow(delay=0.4)
-    base = await gateway(
+    base = await cacheless_gateway(
         [provider("busy", f"{await start_upstream(busy.app())}/v1", "b"),
          provider("down", f"http://127.0.0.1:{closed_port}/v1")], pool={"limit": 1})
-    holder = asyncio.create_task(post(session, base + CHAT, {**SHARED, "model": "b"}))
+    holder = asyncio.create_task(post_json(session, base + CHAT, {**SHARED, "model": "b"}))
     try:
         await eventually(lambda: busy.calls == 1)
         replies = await leader_then_followers(session, base + CHAT)
@@ -138,7 +112,7 @@ async def test_unreachable_upstream_reaches_leader_and_followers(
 
 
 async def test_upstream_silent_past_the_read_timeout_reaches_every_waiter(
-    raw_upstream: StartRaw, gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    raw_upstream: StartRaw, cacheless_gateway: Callable[..., Any], session: aiohttp.ClientSession,
 ) -> None:
     calls: list[bytes] = []
 
@@ -151,7 +125,7 @@ async def test_upstream_silent_past_the_read_timeout_reaches_every_waiter(
             await conn.reader.read()  # nothing until the gateway gives up and closes
 
     upstream = await raw_upstream(silent)
-    base = await gateway([provider("up", upstream.url)], timeouts={"read": 0.4})
+    base = await cacheless_gateway([provider("up", upstream.url)], timeouts={"read": 0.4})
     started = time.monotonic()
     replies = await leader_then_followers(session, base + CHAT, lambda: bool(calls))
     assert codes(replies) == [(504, "upstream_timeout")] * 4
@@ -164,22 +138,22 @@ async def test_upstream_silent_past_the_read_timeout_reaches_every_waiter(
     {"queue_size": 1, "queue_timeout": 0.3},
 ], ids=["queue-full", "queue-deadline"])
 async def test_a_shed_shared_call_reaches_every_waiter_with_retry_after(
-    start_upstream: StartUpstream, gateway: Callable[..., Any],
+    start_upstream: StartUpstream, cacheless_gateway: Callable[..., Any],
     session: aiohttp.ClientSession, limits: dict[str, Any],
 ) -> None:
     """One slot, held by a sampled request: the shared call is shed at once (no queue)
     or when its queue deadline passes (the followers have joined by then)."""
     upstream = Slow(delay=0.8)
-    base = await gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
+    base = await cacheless_gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
                          limits={"initial": 1, "min": 1, "max": 1, **limits})
     sampled = {**SHARED, "temperature": 0.7}
-    holder = asyncio.create_task(post(session, base + CHAT, sampled))
+    holder = asyncio.create_task(post_json(session, base + CHAT, sampled))
     try:
         await eventually(lambda: upstream.calls == 1)
         if limits["queue_size"]:
             replies = await leader_then_followers(session, base + CHAT)
         else:
-            replies = await asyncio.gather(*(post(session, base + CHAT, SHARED)
+            replies = await asyncio.gather(*(post_json(session, base + CHAT, SHARED)
                                              for _ in range(4)))
         assert codes(replies) == [(503, "gateway_overloaded")] * 4
         retry_after = [headers.get("Retry-After") for _, headers, _ in replies]

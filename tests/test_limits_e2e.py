@@ -14,24 +14,21 @@ meant to cut twice are spaced further apart than that.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 from aiohttp import web
 
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
-from tests.wire import ANSWER, Conn, StartRaw, error_code, raw_servers
+from tests.wire import ANSWER, Conn, StartRaw, error_code, post_json
 
 CHAT = "/v1/chat/completions"
 # Eight slots that may only shrink (max = initial), halved by each 429/503/refusal.
 LIMITS = {"initial": 8, "min": 1, "max": 8, "backoff": 0.5}
 SPACING = 0.15  # more than the limiter's 0.1 s update interval: one cut per request
-Reply = tuple[int, "dict[str, str]", bytes]
 
 
 class Upstream:
@@ -74,39 +71,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
-@pytest.fixture
-def gateway(start_gateway: StartGateway, make_config: MakeConfig) -> Callable[..., Any]:
-    """``await gateway(providers, **raw_config)`` -> base URL; the cache is off, so every
-    request reaches the upstream."""
-    async def start(providers: list[dict[str, Any]], **raw: Any) -> str:
-        raw.setdefault("cache", {"enabled": False})
-        return await start_gateway(make_config(providers, **raw))
-
-    return start
-
-
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[StartRaw]:
-    """Raw upstreams; asked for before ``start_gateway`` so the gateway stops first."""
-    async with raw_servers() as start:
-        yield start
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A loopback port bound but never listening: connections to it are refused, and
-    nothing else can take it while the test runs."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-
-
-async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Reply:
-    async with session.post(url, data=orjson.dumps(body),
-                            headers={"Content-Type": "application/json"}) as response:
-        return response.status, dict(response.headers), await response.read()
-
-
 async def concurrency(session: aiohttp.ClientSession, base: str, name: str
                       ) -> dict[str, Any]:
     """``providers[i].concurrency`` of ``GET /health`` for the provider ``name``."""
@@ -129,19 +93,20 @@ async def eventually(check: Callable[[], bool], within: float = 2.0) -> None:
     (500, 0.7, [8, 8]), (200, 0.7, [8, 8])],
     ids=["429", "503", "429-shared", "500-keeps", "200-keeps"])
 async def test_overload_answers_lower_the_providers_limit(
-    start_upstream: StartUpstream, gateway: Callable[..., Any],
+    start_upstream: StartUpstream, cacheless_gateway: Callable[..., Any],
     session: aiohttp.ClientSession, status: int, temperature: float, limits: list[int],
 ) -> None:
     """429 and 503 halve the limit (``backoff`` 0.5), on the direct path (sampled) and on
     the shared one (``temperature`` 0); another error answer says nothing about capacity."""
     upstream = Upstream(status=status)
-    base = await gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
+    base = await cacheless_gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
                          limits=LIMITS)
     assert (await concurrency(session, base, "up"))["limit"] == 8
     seen = []
     for i in range(2):
         await asyncio.sleep(SPACING)
-        got, _, _ = await post(session, base + CHAT, chat(temperature=temperature, user=str(i)))
+        body = chat(temperature=temperature, user=str(i))
+        got, _, _ = await post_json(session, base + CHAT, body)
         assert got == status  # relayed as the upstream answered
         seen.append((await concurrency(session, base, "up"))["limit"])
     assert seen == limits
@@ -149,19 +114,19 @@ async def test_overload_answers_lower_the_providers_limit(
 
 
 async def test_refused_connections_lower_only_that_providers_limit(
-    start_upstream: StartUpstream, gateway: Callable[..., Any],
+    start_upstream: StartUpstream, cacheless_gateway: Callable[..., Any],
     session: aiohttp.ClientSession, closed_port: int,
 ) -> None:
     good = Upstream()
-    base = await gateway([provider("good", f"{await start_upstream(good.app())}/v1", "g"),
+    base = await cacheless_gateway([provider("good", f"{await start_upstream(good.app())}/v1", "g"),
                           provider("down", f"http://127.0.0.1:{closed_port}/v1", "d")],
                          limits=LIMITS)
     seen = []
     for i in range(2):
         await asyncio.sleep(SPACING)
-        got, _, body = await post(session, base + CHAT, chat("d", temperature=0.7))
+        got, _, body = await post_json(session, base + CHAT, chat("d", temperature=0.7))
         assert (got, error_code(body)) == (502, "upstream_unreachable")
-        assert (await post(session, base + CHAT, chat("g", user=str(i))))[0] == 200
+        assert (await post_json(session, base + CHAT, chat("g", user=str(i))))[0] == 200
         seen.append((await concurrency(session, base, "down"))["limit"])
     assert seen == [4, 2]
     assert (await concurrency(session, base, "good"))["limit"] == 8
@@ -175,18 +140,18 @@ async def rounds(session: aiohttp.ClientSession, url: str, count: int = 1,
     not dismiss the interval as app-limited, and fewer than all, so it adds no headroom."""
     done = 0
     while done < count or time.monotonic() < until:
-        replies = await asyncio.gather(*(post(session, url, chat(temperature=0.7))
+        replies = await asyncio.gather(*(post_json(session, url, chat(temperature=0.7))
                                          for _ in range(width)))
         assert [r[0] for r in replies] == [200] * width
         done += 1
 
 
 async def test_a_slowdown_lowers_the_limit_a_fast_upstream_keeps_it(
-    start_upstream: StartUpstream, gateway: Callable[..., Any],
+    start_upstream: StartUpstream, cacheless_gateway: Callable[..., Any],
     session: aiohttp.ClientSession,
 ) -> None:
     upstream = Upstream(delay=0.02)
-    base = await gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
+    base = await cacheless_gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
                          limits={**LIMITS, "tolerance": 1.5, "slack": 0.01})
     url = base + CHAT
     await rounds(session, url, until=time.monotonic() + 0.45)  # several update intervals
@@ -225,17 +190,17 @@ async def test_the_pool_keeps_no_more_connections_than_the_lowered_limit(
         [provider("up", upstream.url)], cache={"enabled": False},
         limits={"initial": 4, "min": 1, "max": 4, "backoff": 0.5}))
     url = base + CHAT
-    replies = await asyncio.gather(*(post(session, url, chat(temperature=0.7))
+    replies = await asyncio.gather(*(post_json(session, url, chat(temperature=0.7))
                                      for _ in range(4)))
     assert [r[0] for r in replies] == [200] * 4
     assert len(live) == 4, "four concurrent requests, four kept-alive connections"
     status[0] = b"429 Too Many Requests"
     await asyncio.sleep(SPACING)
-    assert (await post(session, url, chat(temperature=0.7)))[0] == 429
+    assert (await post_json(session, url, chat(temperature=0.7)))[0] == 429
     assert (await concurrency(session, base, "up"))["limit"] == 2
     await eventually(lambda: len(live) <= 2)
     status[0], most[0] = b"200 OK", 0
-    replies = await asyncio.gather(*(post(session, url, chat(temperature=0.7))
+    replies = await asyncio.gather(*(post_json(session, url, chat(temperature=0.7))
                                      for _ in range(6)))
     assert [r[0] for r in replies] == [200] * 6
     assert most[0] == 2

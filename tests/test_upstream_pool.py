@@ -9,13 +9,11 @@ import importlib
 import inspect
 import os
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 import aiohttp.client_proto
 import aiohttp.http_parser
 import aiohttp.web_protocol
-import pytest
 import uvloop
 from multidict import CIMultiDict
 from yarl import URL
@@ -23,15 +21,9 @@ from yarl import URL
 from proxy import cli, http1
 from proxy.upstream import UpstreamClient, UpstreamRequest
 from tests.conftest import MakeConfig, StartGateway
-from tests.wire import ANSWER, CHAT, Conn, RawUpstream, StartRaw, answer_each, fetch, raw_servers
+from tests.wire import ANSWER, CHAT, Conn, RawUpstream, StartRaw, answer_each, fetch
 
 HOLD = 0.3
-
-
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[StartRaw]:
-    async with raw_servers() as start:
-        yield start
 
 
 async def held(conn: Conn) -> None:

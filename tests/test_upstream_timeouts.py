@@ -9,21 +9,15 @@ import asyncio
 import select
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import MakeConfig, StartGateway
-from tests.wire import CHAT, Conn, StartRaw, error_code, fetch, gateway, raw_servers
+from tests.wire import CHAT, Conn, StartRaw, error_code, fetch, gateway
 
 READ = 0.5
 FAST = {"connect": READ, "read": READ}
-
-
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[StartRaw]:
-    async with raw_servers() as start:
-        yield start
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
@@ -30,15 +29,7 @@ from tests.wire import (
     fetch,
     gateway,
     raw_call,
-    raw_servers,
 )
-
-
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[StartRaw]:
-    async with raw_servers() as start:
-        yield start
-
 
 SSE_PARTS = [b'data: {"n":1}\n\n', b'data: {"n":2}\n\n', b'data: {"n":3}\n\n',
              b"data: [DONE]\n\n"]

@@ -161,6 +161,16 @@ async def fetch(url: str, method: str = "POST", body: dict[str, Any] | None = No
         return response.status, dict(response.headers), await response.read()
 
 
+Reply = tuple[int, "dict[str, str]", bytes]
+
+
+async def post_json(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Reply:
+    """One POST on a shared session (its connection pool is the test's to size)."""
+    async with session.post(url, data=orjson.dumps(body),
+                            headers={"Content-Type": "application/json"}) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
 def error_code(body: bytes) -> str:
     """The ``code`` of an OpenAI-shaped error body or of a stream's SSE error event."""
     _, marker, rest = body.partition(b"event: error\ndata: ")
