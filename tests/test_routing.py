@@ -40,7 +40,7 @@ class Fake:
     """One fake provider: its ``/v1/models`` list, and what it was sent."""
 
     name: str
-    models: list[str]
+    models: list[str] = field(default_factory=list)
     models_status: int = 200
     received: list[Received] = field(default_factory=list)
     models_calls: int = 0
@@ -69,6 +69,11 @@ class Fake:
                          "message": {"role": "assistant", "content": self.name}}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         })
+
+    @property
+    def models_sent(self) -> list[str | None]:
+        """The ``model`` of each request it received, in order."""
+        return [received.model for received in self.received]
 
     def provider(self, **extra: Any) -> dict[str, Any]:
         return {"name": self.name, "type": "openai_compat", "base_url": self.url, **extra}

@@ -11,59 +11,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import openai
-import orjson
 from aiohttp import web
 
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.test_routing import Fake, _chat, _start
 
-USER = [{"role": "user", "content": "hi"}]
 Client = Callable[..., openai.AsyncOpenAI]
-
-
-@dataclass
-class Fake:
-    name: str
-    models: list[str] = field(default_factory=list)  # what its /v1/models lists
-    received: list[str] = field(default_factory=list)  # the model of each chat request
-    url: str = ""
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/models", self._list)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        return app
-
-    async def _list(self, request: web.Request) -> web.Response:
-        data = [{"id": m, "object": "model", "created": 1, "owned_by": "x"} for m in self.models]
-        return web.json_response({"object": "list", "data": data})
-
-    async def _chat(self, request: web.Request) -> web.Response:
-        model = orjson.loads(await request.read())["model"]
-        self.received.append(model)
-        return web.json_response({
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": self.name}}],
-        })
-
-    def provider(self, **extra: Any) -> dict[str, Any]:
-        return {"name": self.name, "type": "openai_compat", "base_url": self.url, **extra}
-
-
-async def _start(start_upstream: StartUpstream, *fakes: Fake) -> None:
-    for fake in fakes:
-        fake.url = f"{await start_upstream(fake.app())}/v1"
-
-
-async def _chat(client: openai.AsyncOpenAI, model: str) -> tuple[str, str]:
-    """(the upstream that answered, the model name it received)."""
-    answer = await client.chat.completions.create(model=model, messages=USER)
-    return answer.choices[0].message.content or "", answer.model
 
 
 async def _discovered(gateway: str) -> None:
@@ -84,7 +40,7 @@ async def test_prefix_beats_an_alias_of_the_same_name(
                          aliases={"b/x": "a/x"})
     client = openai_client(await start_gateway(config))
     assert await _chat(client, "b/x") == ("b", "x")
-    assert (a.received, b.received) == ([], ["x"])
+    assert (a.models_sent, b.models_sent) == ([], ["x"])
 
 
 async def test_alias_beats_a_static_model_of_the_same_name(
@@ -97,7 +53,7 @@ async def test_alias_beats_a_static_model_of_the_same_name(
                          aliases={"fast": "llama"})
     client = openai_client(await start_gateway(config))
     assert await _chat(client, "fast") == ("b", "llama")
-    assert (a.received, b.received) == ([], ["llama"])
+    assert (a.models_sent, b.models_sent) == ([], ["llama"])
 
 
 async def test_static_list_beats_a_discovered_model_listed_earlier(
@@ -111,7 +67,7 @@ async def test_static_list_beats_a_discovered_model_listed_earlier(
     client = openai_client(gateway)
     assert await _chat(client, "shared") == ("b", "shared")
     assert await _chat(client, "only-a") == ("a", "only-a")  # discovery itself works
-    assert (a.received, b.received) == (["only-a"], ["shared"])
+    assert (a.models_sent, b.models_sent) == (["only-a"], ["shared"])
 
 
 async def test_first_provider_in_file_order_wins_among_static_lists(
@@ -125,7 +81,7 @@ async def test_first_provider_in_file_order_wins_among_static_lists(
     client = openai_client(await start_gateway(config))
     assert await _chat(client, "m") == ("b", "m")
     assert await _chat(client, "n") == ("b", "n")
-    assert (a.received, b.received, c.received) == ([], ["m", "n"], [])
+    assert (a.models_sent, b.models_sent, c.models_sent) == ([], ["m", "n"], [])
 
 
 async def test_catch_all_takes_only_names_no_other_rule_claims(
@@ -147,9 +103,9 @@ async def test_catch_all_takes_only_names_no_other_rule_claims(
     assert await _chat(client, "disc-p/free-name") == ("disc-p", "free-name")
     assert await _chat(client, "nobody-claims-this") == ("catch", "nobody-claims-this")
     assert await _chat(client, "other/with-slash") == ("catch", "other/with-slash")
-    assert catch.received == ["nobody-claims-this", "other/with-slash"]
-    assert disc.received == ["disc", "free-name"]
-    assert stat.received == ["stat", "stat"]
+    assert catch.models_sent == ["nobody-claims-this", "other/with-slash"]
+    assert disc.models_sent == ["disc", "free-name"]
+    assert stat.models_sent == ["stat", "stat"]
 
 
 class _SlowListing(Fake):
