@@ -38,19 +38,19 @@ class RetryPolicy:
         self.config = config
         self._clock = clock
         self._draw = draw
-        self._requests: deque[float] = deque()
-        self._retries: deque[float] = deque()
+        # Per whole second of the window: [second, requests, retries]. Counts, not one
+        # timestamp per request: a busy provider's window stays 11 small entries (the
+        # window's edge moves by whole seconds, which a budget does not mind).
+        self._window: deque[list[int]] = deque()
 
     def __repr__(self) -> str:
+        requests, retries = self._totals()
         return (f"<RetryPolicy max_attempts={self.config.max_attempts} "
-                f"requests={len(self._requests)} retries={len(self._retries)}>")
+                f"requests={requests} retries={retries}>")
 
     def record_request(self) -> None:
-        """A client request begins (its retries will be counted against the budget).
-        Only the last ``BUDGET_WINDOW`` seconds are kept, so memory stays bounded."""
-        now = self._clock()
-        self._requests.append(now)
-        _forget_before(self._requests, now - BUDGET_WINDOW)
+        """A client request begins (its retries will be counted against the budget)."""
+        self._second()[1] += 1
 
     def after_error(self, attempt: int) -> float | None:
         """Seconds to wait before attempt ``attempt + 1`` after a connection failure;
@@ -74,24 +74,33 @@ class RetryPolicy:
     def _may_retry(self, attempt: int) -> bool:
         if attempt >= self.config.max_attempts:
             return False
-        now = self._clock()
-        for times in (self._requests, self._retries):
-            _forget_before(times, now - BUDGET_WINDOW)
-        allowed = max(MIN_RETRIES, self.config.budget * len(self._requests))
-        return len(self._retries) < allowed
+        requests, retries = self._totals()
+        return retries < max(MIN_RETRIES, self.config.budget * requests)
 
     def _spend(self, wait: float) -> float:
-        self._retries.append(self._clock())
+        self._second()[2] += 1
         return wait
+
+    def _second(self) -> list[int]:
+        """The counters of the current second, after dropping those older than
+        ``BUDGET_WINDOW``."""
+        now = self._clock()
+        window = self._window
+        while window and window[0][0] < now - BUDGET_WINDOW:
+            window.popleft()
+        second = int(now)
+        if not window or window[-1][0] != second:
+            window.append([second, 0, 0])
+        return window[-1]
+
+    def _totals(self) -> tuple[int, int]:
+        self._second()
+        return (sum(counts[1] for counts in self._window),
+                sum(counts[2] for counts in self._window))
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.config.max_delay, self.config.base_delay * 2 ** (attempt - 1))
         return float(self._draw() * ceiling)
-
-
-def _forget_before(times: deque[float], oldest: float) -> None:
-    while times and times[0] < oldest:
-        times.popleft()
 
 
 def retry_after(value: str | None) -> float | None:
