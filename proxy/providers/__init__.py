@@ -6,7 +6,7 @@ handlers and the server never branch on a provider's type.
 
 from __future__ import annotations
 
-from proxy.config import ProviderConfig
+from proxy.provider_config import ProviderConfig
 from proxy.providers.base import Call, Provider
 from proxy.providers.ollama import OllamaProvider
 from proxy.providers.openai_compat import OpenAICompatProvider

@@ -26,9 +26,9 @@ import orjson
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.config import ProviderConfig
 from proxy.errors import UpstreamError
 from proxy.headers import AUTHORIZATION
+from proxy.provider_config import ProviderConfig
 from proxy.upstream import UpstreamClient, UpstreamRequest
 
 _URL_MEMO_SIZE = 256
