@@ -75,7 +75,8 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     app[TASKS] = tasks
     app[CLIENT] = client
     app[CATALOG] = catalog
-    app[ROUTER] = ModelRouter(providers, config.aliases, catalog)
+    app[ROUTER] = ModelRouter(providers, config.aliases, catalog, config.deployments,
+                              config.fallbacks)
     app[DISPATCHER] = _dispatcher(config, client, tasks, worker, providers)
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(stamp_response)

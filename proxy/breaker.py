@@ -71,6 +71,14 @@ class CircuitBreaker:
         return "half_open" if self._clock() >= self._opened_at + self.settings.cooldown \
             else "open"
 
+    @property
+    def available(self) -> bool:
+        """Whether a request may go now (closed, or half-open with no probe out): routing
+        prefers available deployments over ones that would fail at once."""
+        if self._opened_at is None:
+            return True
+        return not self._probing and self._clock() >= self._opened_at + self.settings.cooldown
+
     def check(self) -> bool:
         """Before a request: raises ``CircuitOpen`` unless it may go; True when it is
         the half-open probe (its outcome decides)."""

@@ -14,7 +14,6 @@ import dataclasses
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -27,6 +26,13 @@ from proxy.provider_config import (
     parse_providers,
     providers_from_env,
     upstream_provider,
+)
+from proxy.route_config import (
+    EMPTY,
+    DeploymentRef,
+    parse_aliases,
+    parse_deployments,
+    parse_fallbacks,
 )
 
 DEFAULT_CONFIG_FILE = Path("proxy.yaml")
@@ -157,7 +163,9 @@ class Config:
     models_cache_ttl: float = 300.0
     health_cache_ttl: float = 5.0
     providers: tuple[ProviderConfig, ...] = ()
-    aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    aliases: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    deployments: Mapping[str, tuple[DeploymentRef, ...]] = field(default_factory=lambda: EMPTY)
+    fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: EMPTY)
     source: str = "defaults"
 
     def provider(self, name: str) -> ProviderConfig | None:
@@ -276,11 +284,14 @@ def _build(
         "max_delay": v.positive_number, "max_retry_after": v.non_negative_number,
         "budget": v.non_negative_number})
     providers = parse_providers(raw.get("providers", []), env, types, problems)
-    aliases = _aliases(raw.get("aliases", {}), problems)
+    aliases = parse_aliases(raw.get("aliases", {}), problems)
+    deployments = parse_deployments(raw.get("deployments"), {p.name for p in providers},
+                                    aliases, problems)
     return Config(
         server=server, timeouts=timeouts, pool=pool, dedup=dedup, cache=cache, limits=limits,
         auth=auth, retries=retries, breaker=parse_breaker(raw.get("breaker"), problems),
-        providers=providers, aliases=aliases,
+        providers=providers, aliases=aliases, deployments=deployments,
+        fallbacks=parse_fallbacks(raw.get("fallbacks"), problems),
         models_cache_ttl=v.check(v.non_negative_number, raw, "models_cache_ttl", "", 300.0,
                                  problems),
         health_cache_ttl=v.check(v.non_negative_number, raw, "health_cache_ttl", "", 5.0,
@@ -309,12 +320,3 @@ def _auth(raw: Any, problems: list[str]) -> AuthConfig:
         return AuthConfig()
     v.known_keys(raw, "auth", ("keys",), problems)
     return AuthConfig(keys=parse_keys(raw.get("keys"), problems))
-
-
-def _aliases(raw: Any, problems: list[str]) -> Mapping[str, str]:
-    if not isinstance(raw, dict) or not all(
-        isinstance(k, str) and isinstance(t, str) and k and t for k, t in raw.items()
-    ):
-        problems.append("aliases: must map alias names to model names (strings)")
-        return MappingProxyType({})
-    return MappingProxyType(dict(raw))

@@ -24,12 +24,14 @@ from proxy.breaker import FAILURE_STATUSES, CircuitBreaker
 from proxy.cache import ResponseCache
 from proxy.dedup import Exchange, Head, InflightRequests
 from proxy.errors import GatewayError, UpstreamError, UpstreamUnreachable
-from proxy.headers import DEDUP_OPT
+from proxy.failover import Balancer, FailoverCall
+from proxy.headers import DEDUP_OPT, PROVIDER
 from proxy.http1 import UpstreamProtocol
 from proxy.limits import AdaptiveLimiter, Outcome, Permit
 from proxy.peers import Peers
 from proxy.providers import Call, Provider
 from proxy.retry import RetryPolicy
+from proxy.routing import Route, Target
 from proxy.sharing import Sharing
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient, UpstreamRequest
@@ -57,6 +59,7 @@ class Dispatcher:
                  breakers: Mapping[str, CircuitBreaker]):
         self._retries = retries
         self._breakers = breakers
+        self._balancer = Balancer(limiters, breakers)
         self._client = client
         self._tasks = tasks
         self._limiters = limiters
@@ -76,15 +79,15 @@ class Dispatcher:
         """The provider's circuit breaker state, for ``/health``."""
         return self._breakers[provider].snapshot()
 
-    def answer(self, call: Call, provider: Provider, sharing: Sharing, timing: Timing
+    def answer(self, call: Call, route: Route, sharing: Sharing, timing: Timing
                ) -> AbstractAsyncContextManager[Answer]:
         """The answer to ``call``, for the ``async with`` that relays it."""
         if sharing.key is None:  # the direct path: no generator-based context manager
-            return self._upstream_call(call, provider, timing)
-        return self._shared(call, provider, sharing, timing)
+            return self._upstream_call(call, route, timing)
+        return self._shared(call, route, sharing, timing)
 
     @asynccontextmanager
-    async def _shared(self, call: Call, provider: Provider, sharing: Sharing,
+    async def _shared(self, call: Call, route: Route, sharing: Sharing,
                       timing: Timing) -> AsyncIterator[Answer]:
         assert sharing.key is not None
         owner = self.peers.owner(sharing.key) if sharing.forwardable else None
@@ -100,7 +103,7 @@ class Dispatcher:
             answer.headers["X-Cache"] = "HIT"
             yield answer
             return
-        exchange, role = self._exchange(call, provider, sharing)
+        exchange, role = self._exchange(call, route, sharing)
         subscription = exchange.subscribe()
         try:
             waited_from = time.perf_counter()
@@ -114,13 +117,23 @@ class Dispatcher:
         finally:
             exchange.leave(subscription)
 
-    def _upstream_call(self, call: Call, provider: Provider, timing: Timing | None
-                       ) -> UpstreamCall:
+    def _upstream_call(self, call: Call, route: Route, timing: Timing | None
+                       ) -> UpstreamCall | FailoverCall:
+        if route.single:
+            return self._deployment_call(call, route.provider, timing, may_retry=True)
+        return FailoverCall(call, self._balancer.candidates(route), self._failover_leg,
+                            timing)
+
+    def _failover_leg(self, call: Call, target: Target, may_retry: bool) -> UpstreamCall:
+        return self._deployment_call(call, target.provider, None, may_retry=may_retry)
+
+    def _deployment_call(self, call: Call, provider: Provider, timing: Timing | None, *,
+                         may_retry: bool) -> UpstreamCall:
         name = provider.name
         return UpstreamCall(self._client, self._limiters[name], call, provider, timing,
-                            self._retries[name], self._breakers[name])
+                            self._retries[name] if may_retry else None, self._breakers[name])
 
-    def _exchange(self, call: Call, provider: Provider, sharing: Sharing
+    def _exchange(self, call: Call, route: Route, sharing: Sharing
                   ) -> tuple[Exchange, str]:
         assert sharing.key is not None
         if sharing.dedup:
@@ -130,14 +143,14 @@ class Dispatcher:
             exchange = self.inflight.lead(sharing.key)
         else:
             exchange = Exchange(sharing.key, self._max_buffer)
-        exchange.task = self._tasks.spawn(self._produce(exchange, call, provider, sharing),
-                                          name=f"exchange:{provider.name}")
+        exchange.task = self._tasks.spawn(self._produce(exchange, call, route, sharing),
+                                          name=f"exchange:{route.provider.name}")
         return exchange, "leader"
 
-    async def _produce(self, exchange: Exchange, call: Call, provider: Provider,
+    async def _produce(self, exchange: Exchange, call: Call, route: Route,
                        sharing: Sharing) -> None:
         """Read one upstream answer into ``exchange`` (a background task)."""
-        upstream = self._upstream_call(call, provider, None)
+        upstream = self._upstream_call(call, route, None)
         try:
             answer = await upstream.start()
             try:
@@ -174,7 +187,7 @@ class UpstreamCall:
                  "_outcome", "_permit", "_provider", "_retry", "_timing")
 
     def __init__(self, client: UpstreamClient, limiter: AdaptiveLimiter, call: Call,
-                 provider: Provider, timing: Timing | None, retry: RetryPolicy,
+                 provider: Provider, timing: Timing | None, retry: RetryPolicy | None,
                  breaker: CircuitBreaker):
         self._breaker = breaker
         self._timing = timing
@@ -200,25 +213,33 @@ class UpstreamCall:
         retry policy allows: nothing has reached the client yet, so a retry is unseen."""
         request = self._provider.prepare(self._call)
         queued = time.perf_counter()  # waits (slots, backoff) are the upstream's time
-        self._retry.record_request()
+        retry = self._retry
+        if retry is None:  # a failover leg: the next deployment is the retry
+            answer = await self._attempt(request)
+        else:
+            answer = await self._attempts(request, retry)
+        answer.headers[PROVIDER] = self._provider.name
+        if self._timing is not None:
+            self._timing.upstream_wait += time.perf_counter() - queued
+        return answer
+
+    async def _attempts(self, request: UpstreamRequest, retry: RetryPolicy) -> Answer:
+        retry.record_request()
         attempt = 1
         while True:
             try:
                 answer = await self._attempt(request)
             except UpstreamUnreachable:
-                delay = self._retry.after_error(attempt)
+                delay = retry.after_error(attempt)
                 if delay is None:
                     raise
             else:
-                delay = self._retry.after_status(attempt, answer.status, answer.headers)
+                delay = retry.after_status(attempt, answer.status, answer.headers)
                 if delay is None:
-                    break
+                    return answer
                 self.finish(failed=False)  # its error body was read whole
             await asyncio.sleep(delay)
             attempt += 1
-        if self._timing is not None:
-            self._timing.upstream_wait += time.perf_counter() - queued
-        return answer
 
     async def _attempt(self, request: UpstreamRequest) -> Answer:
         """One try: take a slot, send, read the head (and an error answer's body)."""

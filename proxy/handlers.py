@@ -45,11 +45,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     admission = admit(request, call, route)
     call.upstream_model = route.upstream_model
     config = request.app[CONFIG]
-    sharing = sharing_for(call, route.provider.name, request.headers, config.dedup,
+    sharing = sharing_for(call, route.label, request.headers, config.dedup,
                           config.cache)
     dispatcher = request.app[DISPATCHER]
     timing = request[TIMING]
-    async with dispatcher.answer(call, route.provider, sharing, timing) as answer:
+    async with dispatcher.answer(call, route, sharing, timing) as answer:
         tap(answer, admission)
         return await send_answer(request, answer, buffered=not call.stream, timing=timing,
                                  keepalive=config.timeouts.sse_keepalive)

@@ -30,6 +30,8 @@ PEER = istr("X-Gateway-Peer")  # marks a request forwarded by another worker (pe
 # The client's sharing instructions (sharing.py): for the gateway, never the provider.
 DEDUP_OPT = istr("X-Gateway-Dedup")
 CACHE_OPT = istr("X-Gateway-Cache")
+# Response: the deployment that answered (routing.py, failover.py).
+PROVIDER = istr("X-Gateway-Provider")
 _REQUEST_OWNED = frozenset((istr("Host"), istr("Content-Length"), istr("Expect"), PEER,
                             DEDUP_OPT, CACHE_OPT))
 AUTHORIZATION = istr("Authorization")

@@ -1,40 +1,81 @@
 """Model name -> provider, in one documented order.
 
 1. ``provider/model``: a known provider's name as prefix; the prefix is stripped.
-2. an alias from ``aliases`` (its target is resolved by rules 1, 3, 4 and 5);
-3. a provider's static ``models`` list (first provider in config order wins);
-4. the models discovered from providers without a static list;
-5. a ``catch_all`` provider (``--upstream`` mode) takes any other name.
+2. an alias from ``aliases`` (its target is resolved by rules 1 and 3 to 6);
+3. a ``deployments`` group: several providers serve the model, balanced by the
+   dispatcher (least in flight) and failed over in turn;
+4. a provider's static ``models`` list (first provider in config order wins);
+5. the models discovered from providers without a static list;
+6. a ``catch_all`` provider (``--upstream`` mode) takes any other name.
 
 Anything else is ``model_not_found``. Requests without a model (a ``GET /v1/files``,
-say) go to the catch-all provider, or to the only provider when there is one.
+say) go to the catch-all provider, or to the only provider when there is one. A model
+with ``fallbacks`` also carries, in its route, the deployments of each fallback model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from proxy.discovery import ModelCatalog, Snapshot
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.providers import Provider
+from proxy.route_config import EMPTY, DeploymentRef
 
 MODEL_CREATED = 0  # discovery does not know creation times; OpenAI's field is required
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One deployment a request may go to: a provider, and the model name it is sent."""
+
+    provider: Provider
+    upstream_model: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     provider: Provider
     upstream_model: str | None  # the name sent upstream; None for model-less requests
+    # The other deployments of the same model, balanced with the first one.
+    peers: tuple[Target, ...] = ()
+    # Each fallback model's deployments, in order: tried when all of the above failed.
+    fallbacks: tuple[tuple[Target, ...], ...] = ()
+
+    @property
+    def single(self) -> bool:
+        """One provider and nothing to fail over to: the dispatcher's fast path."""
+        return not self.peers and not self.fallbacks
+
+    @property
+    def deployments(self) -> tuple[Target, ...]:
+        return (Target(self.provider, self.upstream_model), *self.peers)
+
+    @property
+    def label(self) -> str:
+        """Names the route in sharing keys: requests that could be answered by the same
+        deployments share, whichever one a balancer would pick."""
+        if self.single:
+            return self.provider.name
+        groups = (self.deployments, *self.fallbacks)
+        return "|".join(",".join(f"{t.provider.name}/{t.upstream_model}" for t in group)
+                        for group in groups)
 
 
 class ModelRouter:
     def __init__(self, providers: Sequence[Provider], aliases: Mapping[str, str],
-                 catalog: ModelCatalog):
+                 catalog: ModelCatalog,
+                 deployments: Mapping[str, tuple[DeploymentRef, ...]] = EMPTY,
+                 fallbacks: Mapping[str, tuple[str, ...]] = EMPTY):
         self.providers = tuple(providers)
         self._by_name = {p.name: p for p in providers}
         self._aliases = dict(aliases)
+        self._groups = {model: tuple(Target(self._by_name[name], upstream or model)
+                                     for name, upstream in refs)
+                        for model, refs in deployments.items()}
+        self._fallbacks = dict(fallbacks)
         self._catalog = catalog
         self._static: dict[str, Provider] = {}
         for provider in providers:
@@ -64,7 +105,19 @@ class ModelRouter:
             if self._discovering:
                 self._catalog.refresh_soon()
             raise ModelNotFound(model)
+        if self._fallbacks:
+            return self._with_fallbacks(model, route)
         return route
+
+    def _with_fallbacks(self, model: str, route: Route) -> Route:
+        """The route plus its fallback models' deployments (those that route now)."""
+        names = self._fallbacks.get(model) or self._fallbacks.get(self._aliases.get(model, ""))
+        if not names:
+            return route
+        snapshot = self._catalog.snapshot
+        groups = tuple(found.deployments for name in names
+                       if (found := self._lookup(name, snapshot)) is not None)
+        return replace(route, fallbacks=groups)
 
     def route_of(self, model: str, snapshot: Snapshot | None) -> Route | None:
         """Where ``model`` goes with this catalog snapshot, without waiting for one."""
@@ -77,8 +130,8 @@ class ModelRouter:
         return route or self._target(model, snapshot)
 
     def _target(self, model: str, snapshot: Snapshot | None) -> Route | None:
-        """Rules 1, 3, 4 and 5: everything but aliases (an alias never names an alias)."""
-        route = self._prefixed(model) or self._known(model, snapshot)
+        """Rules 1 and 3 to 6: all but aliases (an alias never names an alias)."""
+        route = self._prefixed(model) or self._group(model) or self._known(model, snapshot)
         if route is None and self._catch_all is not None:
             route = Route(self._catch_all, model)
         return route
@@ -87,6 +140,13 @@ class ModelRouter:
         prefix, _, rest = model.partition("/")
         provider = self._by_name.get(prefix)
         return Route(provider, rest) if provider is not None and rest else None
+
+    def _group(self, model: str) -> Route | None:
+        group = self._groups.get(model)
+        if group is None:
+            return None
+        first, *others = group
+        return Route(first.provider, first.upstream_model, peers=tuple(others))
 
     def _known(self, model: str, snapshot: Snapshot | None) -> Route | None:
         provider = self._static.get(model)
@@ -105,6 +165,8 @@ class ModelRouter:
                 bare = route is not None and route.provider is provider
                 model_id = model if bare else f"{provider.name}/{model}"
                 listed.setdefault(model_id, _entry(model_id, provider.name))
+        for group, targets in self._groups.items():
+            listed.setdefault(group, _entry(group, targets[0].provider.name))
         for alias, target in self._aliases.items():
             route = self._lookup(target, snapshot)
             if route is not None and alias not in listed:

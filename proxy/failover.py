@@ -1,0 +1,127 @@
+"""A request whose model several deployments serve, or that has fallbacks (issue #4).
+
+The order tried: the model's deployments, least in flight first (ties take turns, so an
+idle gateway still spreads its requests), skipping those whose circuit breaker is open;
+then each fallback model's deployments the same way. A deployment that fails (no
+connection, a timeout, an open circuit, its queue full, or an answer of 429 or 5xx)
+hands the request to the next one at once, with no backoff: another deployment is a
+better bet than the same one later. Only the last candidate retries with its
+provider's retry policy, and its failure is what the client sees. All of this happens
+before the client gets a byte: a failure mid-stream is never failed over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Protocol
+
+from proxy.answers import Answer
+from proxy.breaker import CircuitBreaker, CircuitOpen
+from proxy.errors import UpstreamError
+from proxy.headers import PROVIDER
+from proxy.limits import AdaptiveLimiter, Overloaded
+from proxy.providers import Call
+from proxy.routing import Route, Target
+
+# Errors and statuses after which the next candidate is tried.
+FAILOVER_ERRORS = (UpstreamError, CircuitOpen, Overloaded)
+FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class Candidate(Protocol):
+    """What ``FailoverCall`` needs of one upstream call (``dispatch.UpstreamCall``)."""
+
+    async def start(self) -> Answer: ...
+
+    def finish(self, *, failed: bool) -> None: ...
+
+
+class Waits(Protocol):
+    """``dispatch.Timing``: where the time spent on upstreams is added up."""
+
+    upstream_wait: float
+
+
+# (call for this target, target, whether it may retry) -> an upstream call
+CallFactory = Callable[[Call, Target, bool], Candidate]
+
+
+class Balancer:
+    """Orders a route's candidates; the turn counter is its only state (per worker)."""
+
+    def __init__(self, limiters: Mapping[str, AdaptiveLimiter],
+                 breakers: Mapping[str, CircuitBreaker]):
+        self._limiters = limiters
+        self._breakers = breakers
+        self._turns = itertools.count()
+
+    def candidates(self, route: Route) -> list[Target]:
+        ordered: list[Target] = []
+        for group in (route.deployments, *route.fallbacks):
+            ordered.extend(self._least_loaded(group))
+        # Every circuit open: try the first anyway, so the client gets its circuit_open.
+        return ordered or [route.deployments[0]]
+
+    def _least_loaded(self, group: Sequence[Target]) -> list[Target]:
+        usable = [t for t in group if self._breakers[t.provider.name].available]
+        if len(usable) < 2:
+            return usable
+        start = next(self._turns) % len(usable)
+        rotated = usable[start:] + usable[:start]
+        return sorted(rotated, key=self._load)  # stable: ties keep the rotated order
+
+    def _load(self, target: Target) -> int:
+        limiter = self._limiters[target.provider.name]
+        return limiter.in_flight + limiter.queued
+
+
+class FailoverCall:
+    """The candidates tried in turn; as an async context manager, the answer."""
+
+    __slots__ = ("_call", "_current", "_make", "_targets", "_timing")
+
+    def __init__(self, call: Call, targets: list[Target], make: CallFactory,
+                 timing: Waits | None):
+        self._call = call
+        self._targets = targets
+        self._make = make
+        self._timing = timing
+        self._current: Candidate | None = None
+
+    async def __aenter__(self) -> Answer:
+        return await self.start()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, traceback: TracebackType | None) -> None:
+        self.finish(failed=exc_type is not None)
+
+    async def start(self) -> Answer:
+        queued = time.perf_counter()
+        last = len(self._targets) - 1
+        for index, target in enumerate(self._targets):
+            call = dataclasses.replace(self._call, upstream_model=target.upstream_model)
+            upstream = self._make(call, target, index == last)
+            try:
+                answer = await upstream.start()
+            except FAILOVER_ERRORS:
+                if index == last:
+                    raise
+                continue
+            if index < last and answer.status in FAILOVER_STATUSES:
+                upstream.finish(failed=False)  # an error answer is read whole
+                continue
+            self._current = upstream
+            answer.headers[PROVIDER] = target.provider.name
+            if self._timing is not None:
+                self._timing.upstream_wait += time.perf_counter() - queued
+            return answer
+        raise AssertionError("a route has at least one candidate")
+
+    def finish(self, *, failed: bool) -> None:
+        current, self._current = self._current, None
+        if current is not None:
+            current.finish(failed=failed)

@@ -1,0 +1,86 @@
+"""The config file's routing tables: ``aliases``, ``deployments`` and ``fallbacks``.
+
+``deployments`` names the providers that serve one model, so the gateway balances them
+and fails over between them (issue #4)::
+
+    deployments:
+      gpt-4o: [openai, azure/gpt-4o-east]   # "provider" or "provider/upstream-model"
+    fallbacks:
+      gpt-4o: [gpt-4o-mini]                 # tried, in order, when every deployment failed
+
+Fallbacks are one level deep: a fallback model's own fallbacks are not followed, so a
+chain can never loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from types import MappingProxyType
+from typing import Any
+
+# One deployment: the provider's name and the model name sent to it (None: the same name
+# the client asked for).
+DeploymentRef = tuple[str, str | None]
+
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def parse_aliases(raw: Any, problems: list[str]) -> Mapping[str, str]:
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(t, str) and k and t for k, t in raw.items()
+    ):
+        problems.append("aliases: must map alias names to model names (strings)")
+        return EMPTY
+    return MappingProxyType(dict(raw))
+
+
+def parse_deployments(raw: Any, providers: Collection[str], aliases: Collection[str],
+                      problems: list[str]) -> Mapping[str, tuple[DeploymentRef, ...]]:
+    names = _model_lists(raw, "deployments", "provider names", problems)
+    parsed: dict[str, tuple[DeploymentRef, ...]] = {}
+    for model, entries in names.items():
+        path = f"deployments.{model}"
+        if model in aliases:
+            problems.append(f"{path}: '{model}' is also an alias; a name is one or the other")
+        refs: list[DeploymentRef] = []
+        for index, entry in enumerate(entries):
+            provider, _, upstream = entry.partition("/")
+            if provider not in providers:
+                known = ", ".join(sorted(providers)) or "none"
+                problems.append(f"{path}[{index}]: unknown provider '{provider}' "
+                                f"(known: {known})")
+            ref = (provider, upstream or None)
+            if ref in refs:
+                problems.append(f"{path}[{index}]: '{entry}' is listed twice")
+            refs.append(ref)
+        parsed[model] = tuple(refs)
+    return MappingProxyType(parsed)
+
+
+def parse_fallbacks(raw: Any, problems: list[str]) -> Mapping[str, tuple[str, ...]]:
+    lists = _model_lists(raw, "fallbacks", "model names", problems)
+    for model, targets in lists.items():
+        if model in targets:
+            problems.append(f"fallbacks.{model}: a model cannot be its own fallback")
+    return MappingProxyType(lists)
+
+
+def _model_lists(raw: Any, path: str, what: str, problems: list[str]
+                 ) -> dict[str, tuple[str, ...]]:
+    """``{model: [non-empty strings]}``; each bad entry reported with its key path."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: must map model names to lists of {what}")
+        return {}
+    lists: dict[str, tuple[str, ...]] = {}
+    for model, entries in raw.items():
+        if not isinstance(model, str) or not model:
+            problems.append(f"{path}: keys must be model names (non-empty strings)")
+            continue
+        if not isinstance(entries, list) or not entries or not all(
+                isinstance(e, str) and e for e in entries):
+            problems.append(f"{path}.{model}: must be a non-empty list of {what}")
+            continue
+        lists[model] = tuple(entries)
+    return lists

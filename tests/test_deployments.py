@@ -1,0 +1,290 @@
+"""Deployments, least-in-flight balancing, failover and fallbacks (issue #4).
+
+Each deployment is a tiny upstream app defined here: it answers a chat completion
+naming itself, or the statuses it is told to answer first, and can hold requests until
+the test releases them, so a test can pin how many are in flight where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from proxy.breaker import BreakerSettings, CircuitBreaker
+from proxy.config import ConfigError
+from proxy.failover import Balancer
+from proxy.limits import AdaptiveLimiter, LimitSettings
+from proxy.provider_config import ProviderConfig
+from proxy.providers import build_provider
+from proxy.routing import Route, Target
+from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.wire import Reply, post_json
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@dataclass
+class Deployment:
+    name: str
+    statuses: list[int] = field(default_factory=list)  # answered first, one per request
+    models: list[str | None] = field(default_factory=list)  # the model of each request
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a request came
+    url: str = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        return app
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        payload = orjson.loads(await request.read())
+        self.models.append(payload.get("model"))
+        self.arrived.set()
+        if payload.get("user") == "hold":
+            await self.release.wait()
+        if self.statuses:
+            status = self.statuses.pop(0)
+            return web.json_response({"error": {"message": f"{self.name} says {status}",
+                                                "type": "x", "code": None}}, status=status)
+        return web.json_response({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+            "model": payload.get("model"),
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": self.name}}],
+        })
+
+    def provider(self) -> dict[str, Any]:
+        return {"name": self.name, "type": "openai_compat", "base_url": self.url}
+
+
+async def _start(start_upstream: StartUpstream, *deployments: Deployment) -> None:
+    for deployment in deployments:
+        deployment.url = f"{await start_upstream(deployment.app())}/v1"
+
+
+async def _gateway(start_gateway: StartGateway, make_config: MakeConfig,
+                   providers: list[dict[str, Any]], **raw: Any) -> str:
+    raw.setdefault("cache", {"enabled": False})
+    raw.setdefault("dedup", {"mode": "off"})
+    return f"{await start_gateway(make_config(providers, **raw))}/v1/chat/completions"
+
+
+async def _chat(session: aiohttp.ClientSession, url: str, model: str = "gpt-4o",
+                **extra: Any) -> Reply:
+    return await post_json(session, url, {"model": model, "messages": USER, **extra})
+
+
+def _answered_by(reply: Reply) -> str:
+    status, headers, body = reply
+    assert status == 200, body
+    content: str = orjson.loads(body)["choices"][0]["message"]["content"]
+    assert headers["X-Gateway-Provider"] == content
+    return content
+
+
+async def test_idle_gateway_spreads_requests_over_deployments(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+) -> None:
+    a, b = Deployment("a"), Deployment("b")
+    await _start(start_upstream, a, b)
+    url = await _gateway(start_gateway, make_config, [a.provider(), b.provider()],
+                         deployments={"gpt-4o": ["a", "b"]})
+    async with aiohttp.ClientSession() as session:
+        answered = [_answered_by(await _chat(session, url)) for _ in range(6)]
+    assert sorted(answered) == ["a"] * 3 + ["b"] * 3
+    assert a.models == b.models == ["gpt-4o"] * 3
+
+
+async def test_least_in_flight_deployment_takes_the_request(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+) -> None:
+    arrived = asyncio.Event()
+    a, b = Deployment("a", arrived=arrived), Deployment("b", arrived=arrived)
+    await _start(start_upstream, a, b)
+    url = await _gateway(start_gateway, make_config, [a.provider(), b.provider()],
+                         deployments={"gpt-4o": ["a", "b"]})
+    async with aiohttp.ClientSession() as session:
+        held = asyncio.ensure_future(_chat(session, url, user="hold"))
+        await arrived.wait()
+        busy, idle = (a, b) if a.models else (b, a)
+        answered = [_answered_by(await _chat(session, url)) for _ in range(4)]
+        assert answered == [idle.name] * 4  # plain turns would have alternated
+        busy.release.set()
+        assert _answered_by(await held) == busy.name
+
+
+@pytest.mark.parametrize("failure", [503, 429, 500, "refused"])
+async def test_failed_deployment_hands_the_request_to_the_next(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    closed_port: int, failure: int | str,
+) -> None:
+    a, b = Deployment("a"), Deployment("b")
+    await _start(start_upstream, a, b)
+    if failure == "refused":
+        a.url = f"http://127.0.0.1:{closed_port}/v1"
+    else:
+        a.statuses = [int(failure)] * 10
+    url = await _gateway(start_gateway, make_config, [a.provider(), b.provider()],
+                         deployments={"gpt-4o": ["a", "b"]})
+    async with aiohttp.ClientSession() as session:
+        answered = [_answered_by(await _chat(session, url)) for _ in range(4)]
+    assert answered == ["b"] * 4
+    assert len(b.models) == 4
+
+
+async def test_client_errors_are_relayed_not_failed_over(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+) -> None:
+    a, b = Deployment("a", statuses=[400, 400]), Deployment("b", statuses=[400, 400])
+    await _start(start_upstream, a, b)
+    url = await _gateway(start_gateway, make_config, [a.provider(), b.provider()],
+                         deployments={"gpt-4o": ["a", "b"]})
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await _chat(session, url)
+    assert status == 400
+    assert len(a.models) + len(b.models) == 1
+    assert headers["X-Gateway-Provider"] in {"a", "b"}
+
+
+async def test_fallback_model_answers_when_every_deployment_failed(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+) -> None:
+    a, b, c = (Deployment("a", statuses=[502]), Deployment("b", statuses=[503]),
+               Deployment("c"))
+    await _start(start_upstream, a, b, c)
+    url = await _gateway(
+        start_gateway, make_config, [a.provider(), b.provider(), c.provider()],
+        deployments={"gpt-4o": ["a", "b/gpt-4o-2024"], "gpt-4o-mini": ["c/mini-latest"]},
+        fallbacks={"gpt-4o": ["gpt-4o-mini"]})
+    async with aiohttp.ClientSession() as session:
+        reply = await _chat(session, url)
+    assert _answered_by(reply) == "c"
+    assert (a.models, b.models, c.models) == (["gpt-4o"], ["gpt-4o-2024"], ["mini-latest"])
+    assert orjson.loads(reply[2])["model"] == "mini-latest"
+
+
+async def test_last_failure_is_what_the_client_sees(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    closed_port: int,
+) -> None:
+    a, b = Deployment("a", statuses=[500]), Deployment("b", statuses=[429, 429])
+    await _start(start_upstream, a, b)
+    down = {"name": "down", "type": "openai_compat",
+            "base_url": f"http://127.0.0.1:{closed_port}/v1"}
+    url = await _gateway(start_gateway, make_config, [a.provider(), b.provider(), down],
+                         deployments={"gpt-4o": ["a"], "small": ["b"], "tiny": ["down"]},
+                         fallbacks={"gpt-4o": ["small"], "small": ["tiny"]})
+    async with aiohttp.ClientSession() as session:
+        status, headers, body = await _chat(session, url, model="small")
+        assert (status, orjson.loads(body)["error"]["code"]) == (502, "upstream_unreachable")
+        status, headers, body = await _chat(session, url)
+        # Fallbacks are one level deep: gpt-4o -> small, not on to small's fallback.
+        assert (status, headers["X-Gateway-Provider"]) == (429, "b")
+        assert b"b says 429" in body
+
+
+async def test_fallbacks_apply_to_a_single_provider_model(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+) -> None:
+    a, b = Deployment("a", statuses=[503]), Deployment("b")
+    await _start(start_upstream, a, b)
+    providers = [{**a.provider(), "models": ["gpt-4o"]}, {**b.provider(), "models": ["mini"]}]
+    url = await _gateway(start_gateway, make_config, providers,
+                         fallbacks={"gpt-4o": ["mini"]}, aliases={"best": "gpt-4o"})
+    async with aiohttp.ClientSession() as session:
+        assert _answered_by(await _chat(session, url, model="best")) == "b"
+        assert _answered_by(await _chat(session, url, model="gpt-4o")) == "a"
+    assert b.models == ["mini"]
+
+
+async def test_open_circuit_sends_requests_to_the_other_deployment(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+) -> None:
+    a, b = Deployment("a", statuses=[500] * 2), Deployment("b")
+    await _start(start_upstream, a, b)
+    url = await _gateway(start_gateway, make_config, [a.provider(), b.provider()],
+                         deployments={"gpt-4o": ["a", "b"]},
+                         breaker={"failures": 2, "cooldown": 60})
+    async with aiohttp.ClientSession() as session:
+        answered = [_answered_by(await _chat(session, url)) for _ in range(8)]
+        async with session.get(url.replace("/v1/chat/completions", "/health")) as health:
+            states = {p["name"]: p["breaker"]["state"]
+                      for p in (await health.json())["providers"]}
+    assert answered == ["b"] * 8
+    assert len(a.models) == 2  # it failed twice, then was left alone
+    assert states == {"a": "open", "b": "closed"}
+
+
+async def test_provider_header_on_single_provider_dedup_and_cache(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+) -> None:
+    a = Deployment("a")
+    await _start(start_upstream, a)
+    gateway = await start_gateway(make_config([{**a.provider(), "models": ["gpt-4o"]}]))
+    url = f"{gateway}/v1/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        first = await _chat(session, url, temperature=0)
+        again = await _chat(session, url, temperature=0)
+    assert _answered_by(first) == _answered_by(again) == "a"
+    assert again[1]["X-Cache"] == "HIT"
+    assert len(a.models) == 1
+
+
+async def test_a_deployment_group_is_listed_as_a_model(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+) -> None:
+    a, b = Deployment("a"), Deployment("b")
+    await _start(start_upstream, a, b)
+    providers = [{**a.provider(), "models": ["x"]}, {**b.provider(), "models": ["y"]}]
+    gateway = await start_gateway(make_config(providers, deployments={"gpt-4o": ["a", "b"]}))
+    async with aiohttp.ClientSession() as session, session.get(
+            f"{gateway}/v1/models") as response:
+        ids = [m["id"] for m in (await response.json())["data"]]
+    assert ids == ["x", "y", "gpt-4o"]
+
+
+@pytest.mark.parametrize(("raw", "problem"), [
+    ({"deployments": {"gpt-4o": ["a", "nope"]}},
+     "deployments.gpt-4o[1]: unknown provider 'nope' (known: a)"),
+    ({"deployments": {"gpt-4o": []}},
+     "deployments.gpt-4o: must be a non-empty list of provider names"),
+    ({"deployments": {"gpt-4o": ["a", "a"]}}, "deployments.gpt-4o[1]: 'a' is listed twice"),
+    ({"deployments": {"best": ["a"]}, "aliases": {"best": "gpt-4o"}},
+     "deployments.best: 'best' is also an alias; a name is one or the other"),
+    ({"fallbacks": {"gpt-4o": ["gpt-4o"]}},
+     "fallbacks.gpt-4o: a model cannot be its own fallback"),
+    ({"fallbacks": ["gpt-4o"]}, "fallbacks: must map model names to lists of model names"),
+])
+def test_routing_tables_are_validated(make_config: MakeConfig, raw: dict[str, Any],
+                                      problem: str) -> None:
+    provider = {"name": "a", "type": "openai_compat", "base_url": "http://127.0.0.1:1/v1"}
+    with pytest.raises(ConfigError) as caught:
+        make_config([provider], **raw)
+    assert problem in caught.value.problems
+
+
+def test_balancer_skips_open_circuits_unless_all_are_open() -> None:
+    providers = [build_provider(ProviderConfig(name=n, type="openai_compat",
+                                               base_url="http://127.0.0.1:1/v1"))
+                 for n in ("a", "b", "c")]
+    now = [0.0]
+    breakers = {p.name: CircuitBreaker(p.name, BreakerSettings(failures=1, cooldown=10),
+                                       clock=lambda: now[0]) for p in providers}
+    limiters = {p.name: AdaptiveLimiter(p.name, LimitSettings()) for p in providers}
+    balancer = Balancer(limiters, breakers)
+    a, b, c = (Target(p, "m") for p in providers)
+    route = Route(a.provider, "m", peers=(b,), fallbacks=((c,),))
+    breakers["a"].record(failed=True)
+    assert [balancer.candidates(route)[:2] for _ in range(2)] == [[b, c]] * 2
+    breakers["b"].record(failed=True)
+    breakers["c"].record(failed=True)
+    assert balancer.candidates(route) == [a]  # the client gets a's circuit_open
+    now[0] = 11.0  # cooldown over: half-open deployments are tried again
+    assert sorted(t.provider.name for t in balancer.candidates(route)[:2]) == ["a", "b"]
