@@ -1,8 +1,9 @@
 """Wiring: one function builds a worker's app from a frozen config.
 
-Everything stateful is created here once and stored under a typed key (``state.py``);
-the upstream sessions are opened and everything is closed in ``cleanup_ctx``, inside the
-worker's event loop. The middleware list below is the only place their order is set.
+Everything stateful is created here once (``gateway.py`` builds what a config decides,
+and rebuilds it on SIGHUP) and stored under a typed key (``state.py``); the upstream
+sessions are opened and everything is closed in ``cleanup_ctx``, inside the worker's
+event loop. The middleware list below is the only place their order is set.
 """
 
 from __future__ import annotations
@@ -13,14 +14,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy import handlers
-from proxy.auth import KeyRing
-from proxy.breaker import CircuitBreaker
 from proxy.cache import ResponseCache
 from proxy.config import Config
 from proxy.dedup import InflightRequests
-from proxy.discovery import ModelCatalog
-from proxy.dispatch import Dispatcher
-from proxy.limits import AdaptiveLimiter, LimitSettings
+from proxy.gateway import Live, Shared
 from proxy.middlewares import (
     auth_middleware,
     context_middleware,
@@ -28,21 +25,8 @@ from proxy.middlewares import (
     stamp_response,
 )
 from proxy.peers import Peers
-from proxy.providers import Provider, build_provider
 from proxy.ratelimit import MemoryBuckets, RateLimiter
-from proxy.retry import RetryPolicy
-from proxy.routing import ModelRouter
-from proxy.state import (
-    CATALOG,
-    CLIENT,
-    CONFIG,
-    DISPATCHER,
-    KEYRING,
-    RATE_LIMITER,
-    ROUTER,
-    TASKS,
-    WORKER,
-)
+from proxy.state import LIVE, WORKER
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
 from proxy.workers import WorkerSpec
@@ -61,47 +45,23 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     the only one); it is stored under ``WORKER`` so handlers can name it and reach peers."""
     app = web.Application(middlewares=MIDDLEWARES,
                           client_max_size=config.server.max_body_bytes)
-    tasks = BackgroundTasks()
-    client = UpstreamClient(config)
-    providers = [build_provider(p) for p in config.providers]
-    catalog = ModelCatalog(providers, client, tasks, ttl=config.models_cache_ttl,
-                           timeout=config.timeouts.discovery,
-                           retry_failed_after=config.health_cache_ttl)
-    app[CONFIG] = config
-    app[KEYRING] = KeyRing(config.auth.keys)
-    app[RATE_LIMITER] = RateLimiter(MemoryBuckets())
     worker = worker or WorkerSpec.of(config)
     app[WORKER] = worker
-    app[TASKS] = tasks
-    app[CLIENT] = client
-    app[CATALOG] = catalog
-    app[ROUTER] = ModelRouter(providers, config.aliases, catalog, config.deployments,
-                              config.fallbacks)
-    app[DISPATCHER] = _dispatcher(config, client, tasks, worker, providers)
+    app[LIVE] = Live(_shared(config, worker), config)
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(stamp_response)
     _add_routes(app.router)
     return app
 
 
-def _dispatcher(config: Config, client: UpstreamClient, tasks: BackgroundTasks,
-                worker: WorkerSpec, providers: list[Provider]) -> Dispatcher:
+def _shared(config: Config, worker: WorkerSpec) -> Shared:
     cache = config.cache
-    limits = config.limits
-    settings = LimitSettings(
-        initial=limits.initial, min=limits.min, max=limits.max, queue_size=limits.queue_size,
-        queue_timeout=limits.queue_timeout, tolerance=limits.tolerance, slack=limits.slack,
-        backoff=limits.backoff)
-    limiters = {p.name: AdaptiveLimiter(
-        p.name, settings, on_limit_change=client.limit_follower(p.base_url, p.tls, p.name))
-        for p in providers}
-    return Dispatcher(
-        client, tasks, InflightRequests(config.dedup.max_buffer_bytes),
-        ResponseCache(max_bytes=cache.max_bytes, ttl=cache.ttl,
-                      max_entry_bytes=cache.max_entry_bytes),
-        limiters, config.dedup.max_buffer_bytes, Peers(worker, config.timeouts.read),
-        {p.name: RetryPolicy(config.retries) for p in providers},
-        {p.name: CircuitBreaker(p.name, config.breaker) for p in providers})
+    return Shared(
+        client=UpstreamClient(config), tasks=BackgroundTasks(),
+        inflight=InflightRequests(config.dedup.max_buffer_bytes),
+        cache=ResponseCache(max_bytes=cache.max_bytes, ttl=cache.ttl,
+                            max_entry_bytes=cache.max_entry_bytes),
+        peers=Peers(worker, config.timeouts.read), rate_limiter=RateLimiter(MemoryBuckets()))
 
 
 def _add_routes(router: web.UrlDispatcher) -> None:
@@ -115,16 +75,19 @@ def _add_routes(router: web.UrlDispatcher) -> None:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Open the upstream pools and start discovery in the background, so the first
     request rarely waits for it; at shutdown, stop background work, then the pools."""
-    await app[CLIENT].start()
-    for provider in app[CONFIG].providers:
+    live = app[LIVE]
+    shared = live.shared
+    await shared.client.start()
+    config = live.gateway.config
+    for provider in config.providers:
         if provider.api_key_missing:
             log.warning("provider '%s': environment variable %s is not set", provider.name,
                         provider.api_key_env)
-    if app[KEYRING].open:
+    if live.gateway.keyring.open:
         log.warning("no gateway keys configured (auth.keys): anyone who can reach this "
                     "gateway may use it")
-    app[CATALOG].refresh_soon()
+    live.gateway.catalog.refresh_soon()
     yield
-    await app[TASKS].close()
-    await app[DISPATCHER].peers.close()
-    await app[CLIENT].close()
+    await shared.tasks.close()
+    await shared.peers.close()
+    await shared.client.close()

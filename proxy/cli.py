@@ -8,12 +8,14 @@ or usage.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
@@ -83,9 +85,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if command == "serve":
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the handler is in place
     config = _load(args)
     if command == "serve":
-        _serve(config, words, args.worker_index)
+        _serve(config, words, args.worker_index, functools.partial(_reload, args))
     elif command == "models":
         sys.exit(uvloop.run(_models(config, as_json=args.json)))
     else:
@@ -104,21 +108,30 @@ def _keys_hash(secret: str | None, name: str) -> None:
     print(f"config:\n  auth:\n    keys:\n      - name: {name}\n        sha256: {digest}")
 
 
-def _load(args: argparse.Namespace) -> Config:
-    overrides = Overrides(
+def _overrides(args: argparse.Namespace) -> Overrides:
+    return Overrides(
         config_path=args.config, upstream=args.upstream,
         upstream_api_key_env=args.api_key_env,
         host=getattr(args, "host", None), port=getattr(args, "port", None),
         workers=getattr(args, "workers", None), socket_dir=getattr(args, "socket_dir", None))
+
+
+def _reload(args: argparse.Namespace) -> Config:
+    """SIGHUP: the same file, flags and environment read again (ConfigError raised)."""
+    return load_config(_overrides(args), os.environ, PROVIDER_TYPES.keys())
+
+
+def _load(args: argparse.Namespace) -> Config:
     try:
-        return load_config(overrides, os.environ, PROVIDER_TYPES.keys())
+        return load_config(_overrides(args), os.environ, PROVIDER_TYPES.keys())
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
         sys.exit(2)
 
 
-def _serve(config: Config, words: list[str], worker_index: int | None) -> None:
+def _serve(config: Config, words: list[str], worker_index: int | None,
+           load: Callable[[], Config]) -> None:
     """One worker serves in this process; with ``workers`` > 1 this process becomes the
     supervisor and each worker is a fresh ``python -m proxy`` with the same arguments
     (and so the same config) plus its ``--worker-index``."""
@@ -151,7 +164,7 @@ def _serve(config: Config, words: list[str], worker_index: int | None) -> None:
         sys.exit(2)
     worker = WorkerSpec.of(config, worker_index or 0, count)
     supervisor = os.getppid() if worker_index is not None else None
-    uvloop.run(serve(config, worker, supervisor_pid=supervisor))
+    uvloop.run(serve(config, worker, supervisor_pid=supervisor, load=load))
 
 
 async def _discover(given: Config) -> Snapshot:

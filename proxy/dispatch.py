@@ -57,12 +57,13 @@ class Dispatcher:
                  limiters: Mapping[str, AdaptiveLimiter], max_buffer_bytes: int,
                  peers: Peers, retries: Mapping[str, RetryPolicy],
                  breakers: Mapping[str, CircuitBreaker]):
-        self._retries = retries
-        self._breakers = breakers
+        # Per provider; public so that a reload can carry them over (gateway.py).
+        self.retries = retries
+        self.breakers = breakers
+        self.limiters = limiters
         self._balancer = Balancer(limiters, breakers)
         self._client = client
         self._tasks = tasks
-        self._limiters = limiters
         self._max_buffer = max_buffer_bytes
         self.inflight = inflight
         self.cache = cache
@@ -73,11 +74,11 @@ class Dispatcher:
 
     def limits(self, provider: str) -> dict[str, float | int]:
         """The provider's concurrency limiter state, for ``/health``."""
-        return self._limiters[provider].snapshot()
+        return self.limiters[provider].snapshot()
 
     def breaker(self, provider: str) -> dict[str, Any]:
         """The provider's circuit breaker state, for ``/health``."""
-        return self._breakers[provider].snapshot()
+        return self.breakers[provider].snapshot()
 
     def answer(self, call: Call, route: Route, sharing: Sharing, timing: Timing
                ) -> AbstractAsyncContextManager[Answer]:
@@ -130,8 +131,8 @@ class Dispatcher:
     def _deployment_call(self, call: Call, provider: Provider, timing: Timing | None, *,
                          may_retry: bool) -> UpstreamCall:
         name = provider.name
-        return UpstreamCall(self._client, self._limiters[name], call, provider, timing,
-                            self._retries[name] if may_retry else None, self._breakers[name])
+        return UpstreamCall(self._client, self.limiters[name], call, provider, timing,
+                            self.retries[name] if may_retry else None, self.breakers[name])
 
     def _exchange(self, call: Call, route: Route, sharing: Sharing
                   ) -> tuple[Exchange, str]:

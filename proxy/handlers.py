@@ -12,25 +12,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.config import Config
 from proxy.discovery import Snapshot
 from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotAllowed, ModelNotFound
+from proxy.gateway import Gateway
 from proxy.headers import AUTHORIZATION, upstream_request_headers
 from proxy.providers import Call
-from proxy.ratelimit import Admission, estimate
+from proxy.ratelimit import Admission, RateLimiter, estimate
 from proxy.routing import Route
 from proxy.sharing import sharing_for
-from proxy.state import (
-    ADMISSION,
-    CATALOG,
-    CONFIG,
-    DISPATCHER,
-    GATEWAY_KEY,
-    RATE_LIMITER,
-    REQUEST_ID,
-    ROUTER,
-    TIMING,
-    WORKER,
-)
+from proxy.state import ADMISSION, GATEWAY_KEY, LIVE, REQUEST_ID, TIMING, WORKER
 from proxy.streaming import send_answer
 from proxy.usage import tap
 
@@ -40,22 +31,24 @@ MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "r
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
     """Every request under ``/v1/`` except the models listing."""
-    call = await read_call(request)
-    route = await request.app[ROUTER].resolve(call.model)
-    admission = admit(request, call, route)
+    live = request.app[LIVE]
+    gateway = live.gateway  # read once: a reload meanwhile does not change this request's
+    config = gateway.config
+    call = await read_call(request, config)
+    route = await gateway.router.resolve(call.model)
+    admission = admit(request, call, route, live.shared.rate_limiter)
     call.upstream_model = route.upstream_model
-    config = request.app[CONFIG]
     sharing = sharing_for(call, route.label, request.headers, config.dedup,
                           config.cache)
-    dispatcher = request.app[DISPATCHER]
     timing = request[TIMING]
-    async with dispatcher.answer(call, route, sharing, timing) as answer:
+    async with gateway.dispatcher.answer(call, route, sharing, timing) as answer:
         tap(answer, admission)
         return await send_answer(request, answer, buffered=not call.stream, timing=timing,
                                  keepalive=config.timeouts.sse_keepalive)
 
 
-def admit(request: web.Request, call: Call, route: Route) -> Admission | None:
+def admit(request: web.Request, call: Call, route: Route, limiter: RateLimiter
+          ) -> Admission | None:
     """What the caller's gateway key allows: this model (else 403), and this request
     within its rate limits (else 429). The admission's x-ratelimit-* headers go on the
     answer (``stamp_response``), and its token estimate is corrected from the answer."""
@@ -64,16 +57,16 @@ def admit(request: web.Request, call: Call, route: Route) -> Admission | None:
         return None
     if call.model is not None and not key.allows(*_model_names(call.model, route)):
         raise ModelNotAllowed(key.name, call.model)
-    admission = request.app[RATE_LIMITER].admit(key, estimate(call.payload, call.body))
+    admission = limiter.admit(key, estimate(call.payload, call.body))
     if admission is not None:
         request[ADMISSION] = admission
     return admission
 
 
-async def read_call(request: web.Request) -> Call:
+async def read_call(request: web.Request, config: Config) -> Call:
     """The client's request, read whole (bounded by ``max_body_bytes``) and understood
     as far as routing needs: the ``model`` and ``stream`` fields, nothing more."""
-    limit = request.app[CONFIG].server.max_body_bytes
+    limit = config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
     try:
@@ -125,8 +118,9 @@ def _model(payload: dict[str, Any] | None, required: bool) -> str | None:
 async def list_models(request: web.Request) -> web.Response:
     """``GET /v1/models``: every provider's models, merged. Providers that failed are
     listed under ``errors`` beside the others' models (SDKs ignore the extra key)."""
-    snapshot = await request.app[CATALOG].current()
-    body: dict[str, Any] = {"object": "list", "data": _visible_models(request, snapshot)}
+    gateway = request.app[LIVE].gateway
+    snapshot = await gateway.catalog.current()
+    body: dict[str, Any] = {"object": "list", "data": _visible_models(request, gateway, snapshot)}
     failed = [{"provider": s.provider, "message": s.error}
               for s in snapshot.statuses if not s.healthy]
     if failed:
@@ -136,16 +130,18 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model"]
-    snapshot = await request.app[CATALOG].current()
-    for entry in _visible_models(request, snapshot):
+    gateway = request.app[LIVE].gateway
+    snapshot = await gateway.catalog.current()
+    for entry in _visible_models(request, gateway, snapshot):
         if entry["id"] == model_id:
             return json_response(entry)
     raise ModelNotFound(model_id)
 
 
-def _visible_models(request: web.Request, snapshot: Snapshot) -> list[dict[str, Any]]:
+def _visible_models(request: web.Request, gateway: Gateway, snapshot: Snapshot
+                    ) -> list[dict[str, Any]]:
     """The models listing, narrowed to what the caller's gateway key may use."""
-    router = request.app[ROUTER]
+    router = gateway.router
     entries = router.models(snapshot)
     key = request.get(GATEWAY_KEY)
     if key is None:
@@ -171,15 +167,16 @@ async def healthz(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """Every provider probed in parallel (cached ``health_cache_ttl`` seconds); 200 when
     at least one is healthy. Shows names, latencies and errors, never credentials."""
-    catalog = request.app[CATALOG]
-    snapshot = await catalog.fresh(request.app[CONFIG].health_cache_ttl)
+    gateway = request.app[LIVE].gateway
+    catalog, dispatcher = gateway.catalog, gateway.dispatcher
+    snapshot = await catalog.fresh(gateway.config.health_cache_ttl)
     providers = [{
         "name": s.provider, "type": s.type, "status": "healthy" if s.healthy else "unhealthy",
         "latency_ms": s.latency_ms, "models": len(s.models), "error": s.error,
         "last_error": catalog.last_error(s.provider),
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.checked_at)),
-        "concurrency": request.app[DISPATCHER].limits(s.provider),
-        "breaker": request.app[DISPATCHER].breaker(s.provider),
+        "concurrency": dispatcher.limits(s.provider),
+        "breaker": dispatcher.breaker(s.provider),
     } for s in snapshot.statuses]
     healthy = sum(1 for s in snapshot.statuses if s.healthy)
     status = "ok" if healthy == len(providers) else "degraded" if healthy else "unavailable"

@@ -28,7 +28,7 @@ from proxy.errors import (
     NotFound,
     error_json,
 )
-from proxy.state import ADMISSION, CONFIG, GATEWAY_KEY, KEYRING, REQUEST_ID, TIMING
+from proxy.state import ADMISSION, GATEWAY_KEY, LIVE, REQUEST_ID, TIMING
 
 log = logging.getLogger("proxy.errors")
 
@@ -59,7 +59,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return BodyTooLarge(request.app[CONFIG].server.max_body_bytes)
+        return BodyTooLarge(request.app[LIVE].gateway.config.server.max_body_bytes)
     if isinstance(exc, web.HTTPNotFound):
         return NotFound(f"No route for {request.method} {request.path}.")
     if isinstance(exc, web.HTTPMethodNotAllowed):
@@ -95,7 +95,7 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """With gateway keys configured, every request but liveness and health presents
     one; the key found is stored under ``GATEWAY_KEY`` for the handlers."""
-    keyring = request.app[KEYRING]
+    keyring = request.app[LIVE].gateway.keyring
     if not keyring.open and request.path not in OPEN_PATHS:
         request[GATEWAY_KEY] = keyring.authenticate(request.headers.get("Authorization"))
     return await handler(request)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
 import socket as sock
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,9 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.app import build_app
-from proxy.config import Config, with_demo_provider
+from proxy.config import DEMO_PROVIDER, Config, ConfigError, with_demo_provider
+from proxy.gateway import Live
+from proxy.state import LIVE
 from proxy.workers import WorkerSpec
 
 log = logging.getLogger("proxy.server")
@@ -34,7 +37,8 @@ ORPHAN_CHECK_SECONDS = 1.0
 
 
 @asynccontextmanager
-async def running(config: Config, worker: WorkerSpec | None = None) -> AsyncIterator[str]:
+async def running(config: Config, worker: WorkerSpec | None = None,
+                  app: web.Application | None = None) -> AsyncIterator[str]:
     """Serve ``config`` on its host and port (0 picks a free one); yields the base URL.
 
     With several workers the TCP port is shared through ``SO_REUSEPORT`` (the kernel
@@ -42,7 +46,7 @@ async def running(config: Config, worker: WorkerSpec | None = None) -> AsyncIter
     listens on its own unix socket, always: nginx and the other workers reach it there.
     """
     worker = worker or WorkerSpec.of(config)
-    runner = web.AppRunner(build_app(config, worker), handler_cancellation=True,
+    runner = web.AppRunner(app or build_app(config, worker), handler_cancellation=True,
                            access_log=None, shutdown_timeout=config.server.shutdown_grace)
     await runner.setup()
     socket: _OwnSocket | None = None
@@ -132,27 +136,54 @@ async def demo_upstream_if_needed(config: Config) -> AsyncIterator[Config]:
 
 
 async def serve(given: Config, worker: WorkerSpec | None = None, *,
-                supervisor_pid: int | None = None) -> None:
+                supervisor_pid: int | None = None,
+                load: Callable[[], Config] | None = None) -> None:
     """Run one worker until SIGINT or SIGTERM (or, when ``supervisor_pid`` is given,
-    until that supervisor is gone: a worker must not outlive it and hold the port)."""
+    until that supervisor is gone: a worker must not outlive it and hold the port).
+    SIGHUP calls ``load`` for a new config and puts it in force (``gateway.py``)."""
     worker = worker or WorkerSpec.of(given)
     me = f"worker {worker.index} (pid {os.getpid()})"
-    async with demo_upstream_if_needed(given) as config, running(config, worker) as url:
-        names = ", ".join(f"{p.name} ({p.type})" for p in config.providers)
-        log.info("%s listening on %s; providers: %s; config: %s", me,
-                 _listening_on(url, worker), names, config.source)
-        if config.providers[0].name == "mock" and config.source.startswith("defaults"):
-            log.info("no provider configured: answering from the bundled mock upstream; "
-                     "set OPENAI_API_KEY, use --upstream URL or a config file for real models")
-        await _until_stopped(supervisor_pid)
+    async with demo_upstream_if_needed(given) as config:
+        app = build_app(config, worker)
+        async with running(config, worker, app) as url:
+            names = ", ".join(f"{p.name} ({p.type})" for p in config.providers)
+            log.info("%s listening on %s; providers: %s; config: %s", me,
+                     _listening_on(url, worker), names, config.source)
+            if config.providers[0].name == "mock" and config.source.startswith("defaults"):
+                log.info("no provider configured: answering from the bundled mock upstream; "
+                         "set OPENAI_API_KEY, use --upstream URL or a config file for real "
+                         "models")
+            reload = functools.partial(_reload, app[LIVE], load) if load else None
+            await _until_stopped(supervisor_pid, reload)
     log.info("%s stopped", me)
 
 
-async def _until_stopped(supervisor_pid: int | None) -> None:
+def _reload(live: Live, load: Callable[[], Config]) -> None:
+    """SIGHUP: a config that fails validation is refused whole, with every reason
+    logged, and the running one stays in force; in-flight requests are never touched."""
+    try:
+        new = load()
+    except ConfigError as exc:
+        log.error("reload refused, the running config stays in force: %s",
+                  "; ".join(exc.problems))
+        return
+    running_providers = live.gateway.config.providers
+    if not new.providers and running_providers and running_providers[0].name == DEMO_PROVIDER:
+        new = with_demo_provider(new, running_providers[0].base_url)
+    try:
+        live.reload(new)
+    except Exception:  # a bug must not take a serving worker down
+        log.exception("reload failed, the running config stays in force")
+
+
+async def _until_stopped(supervisor_pid: int | None,
+                         reload: Callable[[], None] | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -161,7 +192,7 @@ async def _until_stopped(supervisor_pid: int | None) -> None:
                 log.warning("supervisor (pid %d) is gone; stopping", supervisor_pid)
                 stop.set()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 

@@ -8,26 +8,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.auth import KeyRing
-from proxy.config import Config
-from proxy.discovery import ModelCatalog
-from proxy.dispatch import Dispatcher, Timing
+from proxy.dispatch import Timing
+from proxy.gateway import Live
 from proxy.keys import GatewayKey
-from proxy.ratelimit import Admission, RateLimiter
-from proxy.routing import ModelRouter
-from proxy.tasks import BackgroundTasks
+from proxy.ratelimit import Admission
 from proxy.upstream import UpstreamClient
 from proxy.workers import WorkerSpec
 
-CONFIG = web.AppKey("config", Config)
-TASKS = web.AppKey("tasks", BackgroundTasks)
-CLIENT = web.AppKey("upstream_client", UpstreamClient)
-CATALOG = web.AppKey("model_catalog", ModelCatalog)
-ROUTER = web.AppKey("model_router", ModelRouter)
+# The config in force and what is built from it (``gateway.py``); SIGHUP replaces it.
+LIVE = web.AppKey("live", Live)
 WORKER = web.AppKey("worker", WorkerSpec)  # which worker this process is; its peers
-DISPATCHER = web.AppKey("dispatcher", Dispatcher)
-KEYRING = web.AppKey("keyring", KeyRing)
-RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+CLIENT = web.AppKey("upstream_client", UpstreamClient)  # bench/floor_proxy.py's app
 
 REQUEST_ID = web.RequestKey("request_id", str)
 TIMING = web.RequestKey("timing", Timing)

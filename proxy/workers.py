@@ -18,6 +18,7 @@ restarts one that dies (with a backoff, so a worker that crashes at start-up doe
 spin), and on SIGTERM or SIGINT forwards SIGTERM to every worker, waits for them
 (bounded, then SIGKILL) and exits 0. Workers run in their own process group, so a
 terminal's Ctrl-C reaches the supervisor only and each worker is stopped exactly once.
+SIGHUP is forwarded to every worker, which reloads the config file itself.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class Supervisor:
         self._stop_timeout = stop_timeout
         self._slots = [_Slot(index=i, backoff=backoff()) for i in range(count)]
         self._stopping = False
+        self._reload = False
         self._stop_signal = ""
         self._exit_code = 0
 
@@ -139,6 +141,8 @@ class Supervisor:
                 now = time.monotonic()
                 self._reap(now)
                 self._start_due(now)
+                if self._reload:
+                    self._forward_reload()
                 _wait_for_wakeup(wake_read, self._next_timeout(now))
             self._stop_all()
         finally:
@@ -155,7 +159,22 @@ class Supervisor:
         them (no polling delay between a worker's death and its restart)."""
         previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
         previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore)
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload_signal)
         return previous
+
+    def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._reload = True
+
+    def _forward_reload(self) -> None:
+        """SIGHUP: every worker reloads the config file itself (``server._reload``); a
+        worker that is restarting reads the new file anyway."""
+        self._reload = False
+        live = [s.process for s in self._slots if s.process is not None]
+        log.info("supervisor (pid %d): SIGHUP, asking %d workers to reload the config",
+                 os.getpid(), len(live))
+        for process in live:
+            if process.poll() is None:
+                process.send_signal(signal.SIGHUP)
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         """Only sets the flag: the main loop logs and acts (no I/O in a signal handler)."""

@@ -1,0 +1,143 @@
+"""What a config decides, built as one unit so that SIGHUP can swap it (issue #4).
+
+A :class:`Gateway` holds the config and what is built from it: gateway keys, providers,
+the model router, the catalog and the dispatcher. ``Live.gateway`` is the one in force;
+a handler reads it once, so a request runs start to end on one consistent set even if a
+reload lands meanwhile, and in-flight requests and streams finish on the set they began.
+
+What lives longer than one config is in :class:`Shared` (built once per worker): the
+upstream connection pool, background tasks, the in-flight and cache maps, the rate-limit
+buckets. Per-provider state (its concurrency limit, circuit breaker, retry budget) is
+carried over to the new set when that provider and those settings are unchanged, so a
+reload neither forgets a failing upstream nor resets a learnt limit. Sections that size
+what is built once (``server``, ``pool``, ``timeouts``, ``dedup``, ``cache``) need a
+restart: a reload keeps their running values and logs which ones differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from proxy.auth import KeyRing
+from proxy.breaker import CircuitBreaker
+from proxy.cache import ResponseCache
+from proxy.config import Config
+from proxy.dedup import InflightRequests
+from proxy.discovery import ModelCatalog
+from proxy.dispatch import Dispatcher
+from proxy.limits import AdaptiveLimiter, LimitSettings
+from proxy.peers import Peers
+from proxy.providers import Provider, build_provider
+from proxy.ratelimit import RateLimiter
+from proxy.retry import RetryPolicy
+from proxy.routing import ModelRouter
+from proxy.tasks import BackgroundTasks
+from proxy.upstream import UpstreamClient
+
+log = logging.getLogger("proxy.gateway")
+
+T = TypeVar("T")
+RESTART_ONLY = ("server", "pool", "timeouts", "dedup", "cache")
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """A worker's long-lived parts, shared by every config it runs."""
+
+    client: UpstreamClient
+    tasks: BackgroundTasks
+    inflight: InflightRequests
+    cache: ResponseCache
+    peers: Peers
+    rate_limiter: RateLimiter
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    config: Config
+    keyring: KeyRing
+    router: ModelRouter
+    catalog: ModelCatalog
+    dispatcher: Dispatcher
+
+
+class Live:
+    """The gateway in force, and how to replace it."""
+
+    def __init__(self, shared: Shared, config: Config):
+        self.shared = shared
+        self.gateway = build_gateway(config, shared, None)
+        self.reloads = 0
+
+    def __repr__(self) -> str:
+        return f"<Live reloads={self.reloads} source={self.gateway.config.source!r}>"
+
+    def reload(self, new: Config) -> Gateway:
+        """Put ``new`` in force (already validated); returns the new gateway."""
+        running = self.gateway.config
+        kept = {name: getattr(running, name) for name in RESTART_ONLY}
+        changed = [name for name, value in kept.items() if getattr(new, name) != value]
+        if changed:
+            log.warning("reload: %s changed but need a restart; keeping the running values",
+                        ", ".join(changed))
+        self.gateway = build_gateway(dataclasses.replace(new, **kept), self.shared,
+                                     self.gateway)
+        self.gateway.catalog.refresh_soon()
+        self.reloads += 1
+        names = ", ".join(p.name for p in new.providers)
+        log.info("reload: config from %s in force; providers: %s; %d gateway keys",
+                 new.source, names, len(new.auth.keys))
+        return self.gateway
+
+
+def build_gateway(config: Config, shared: Shared, previous: Gateway | None) -> Gateway:
+    providers = [build_provider(p) for p in config.providers]
+    catalog = ModelCatalog(providers, shared.client, shared.tasks,
+                           ttl=config.models_cache_ttl, timeout=config.timeouts.discovery,
+                           retry_failed_after=config.health_cache_ttl)
+    router = ModelRouter(providers, config.aliases, catalog, config.deployments,
+                         config.fallbacks)
+    return Gateway(config, KeyRing(config.auth.keys), router, catalog,
+                   _dispatcher(config, shared, providers, previous))
+
+
+def _dispatcher(config: Config, shared: Shared, providers: list[Provider],
+                previous: Gateway | None) -> Dispatcher:
+    old = previous.dispatcher if previous is not None else None
+    same = _unchanged(config, previous)
+    limits = config.limits
+    settings = LimitSettings(
+        initial=limits.initial, min=limits.min, max=limits.max, queue_size=limits.queue_size,
+        queue_timeout=limits.queue_timeout, tolerance=limits.tolerance, slack=limits.slack,
+        backoff=limits.backoff)
+    client = shared.client
+    limiters = {p.name: _kept(old.limiters if old and same(p, "limits") else None, p.name)
+                or AdaptiveLimiter(p.name, settings, on_limit_change=client.limit_follower(
+                    p.base_url, p.tls, p.name))
+                for p in providers}
+    retries = {p.name: _kept(old.retries if old and same(p, "retries") else None, p.name)
+               or RetryPolicy(config.retries) for p in providers}
+    breakers = {p.name: _kept(old.breakers if old and same(p, "breaker") else None, p.name)
+                or CircuitBreaker(p.name, config.breaker) for p in providers}
+    return Dispatcher(client, shared.tasks, shared.inflight, shared.cache, limiters,
+                      config.dedup.max_buffer_bytes, shared.peers, retries, breakers)
+
+
+def _unchanged(config: Config, previous: Gateway | None) -> Callable[[Provider, str], bool]:
+    """``same(provider, section)``: that provider and that settings section are as they
+    were, so its state from the previous gateway may be kept."""
+    before = previous.config if previous is not None else None
+
+    def same(provider: Provider, section: str) -> bool:
+        return (before is not None and before.provider(provider.name) == provider.config
+                and getattr(before, section) == getattr(config, section))
+
+    return same
+
+
+def _kept(states: Mapping[str, T] | None, name: str) -> T | None:
+    return states.get(name) if states is not None else None
