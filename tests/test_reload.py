@@ -1,0 +1,205 @@
+"""SIGHUP reloads the config file (issue #4, "Graceful lifecycle"): providers, keys and
+routing change without dropping in-flight requests, and a broken file is refused with
+its reasons logged while the running config keeps serving. The gateway runs as a real
+process (``python -m proxy serve``), alone and with two workers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy.app import build_app
+from proxy.keys import hash_secret
+from proxy.state import LIVE
+from tests.conftest import MakeConfig, StartUpstream
+from tests.test_workers import Spawned, free_port, poll_healthz, spawn_proxy, stop
+
+CHAT = "/v1/chat/completions"
+OLD_KEY, NEW_KEY = "gk-old-secret-1", "gk-new-secret-2"
+
+
+def named_upstream(name: str) -> web.Application:
+    """Answers naming itself; ``"stream": true`` gets 20 events, 50 ms apart."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        payload = orjson.loads(await request.read())
+        if not payload.get("stream"):
+            return web.json_response({"choices": [{"message": {"content": name}}]})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(20):
+            await response.write(b"data: " + orjson.dumps({"n": n, "by": name}) + b"\n\n")
+            await asyncio.sleep(0.05)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post(CHAT, chat)
+    return app
+
+
+def config_text(providers: dict[str, str], serving: str, key: str, **extra: Any) -> str:
+    """All providers, ``serving`` the one whose static list has model ``m``."""
+    entries = [{"name": name, "type": "openai_compat", "base_url": f"{url}/v1",
+                "models": ["m"] if name == serving else [f"only-{name}"]}
+               for name, url in providers.items()]
+    return yaml.safe_dump({"providers": entries, "cache": {"enabled": False},
+                           "auth": {"keys": [{"name": key, "sha256": hash_secret(key)}]},
+                           **extra})
+
+
+async def ask(session: aiohttp.ClientSession, base: str, key: str) -> tuple[int, str]:
+    """(status, the upstream that answered or the error code)."""
+    async with session.post(base + CHAT, headers={"Authorization": f"Bearer {key}"},
+                            json={"model": "m", "messages": []}) as response:
+        body = await response.json()
+    if response.status != 200:
+        return response.status, body["error"]["code"]
+    return 200, body["choices"][0]["message"]["content"]
+
+
+async def until_answered(session: aiohttp.ClientSession, base: str, key: str,
+                         expected: tuple[int, str], proxy: Spawned, within: float = 10.0
+                         ) -> None:
+    deadline = time.monotonic() + within
+    while (seen := await ask(session, base, key)) != expected:
+        if time.monotonic() > deadline:
+            pytest.fail(f"still {seen}, not {expected}\n{proxy.output()}")
+        await asyncio.sleep(0.05)
+
+
+async def stream_events(session: aiohttp.ClientSession, base: str, started: asyncio.Event
+                        ) -> bytes:
+    body = {"model": "m", "stream": True, "messages": []}
+    received = b""
+    async with session.post(base + CHAT, json=body,
+                            headers={"Authorization": f"Bearer {OLD_KEY}"}) as response:
+        async for chunk in response.content.iter_any():
+            received += chunk
+            started.set()
+    return received
+
+
+async def start(start_upstream: StartUpstream, tmp_path: Path, *args: str
+                ) -> tuple[Spawned, str, Path, dict[str, str]]:
+    upstreams = {name: await start_upstream(named_upstream(name)) for name in ("a", "b")}
+    path = tmp_path / "proxy.yaml"
+    path.write_text(config_text(upstreams, "a", OLD_KEY))
+    port = free_port()
+    proxy = spawn_proxy(["--config", str(path), "--port", str(port), *args], tmp_path)
+    return proxy, f"http://127.0.0.1:{port}", path, upstreams
+
+
+async def test_sighup_switches_providers_and_keys_while_a_stream_finishes(
+    start_upstream: StartUpstream, tmp_path: Path,
+) -> None:
+    proxy, base, path, upstreams = await start(start_upstream, tmp_path)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            await poll_healthz(session, f"{base}/healthz", bool, [proxy])
+            assert await ask(session, base, OLD_KEY) == (200, "a")
+            started = asyncio.Event()
+            stream = asyncio.create_task(stream_events(session, base, started))
+            await asyncio.wait_for(started.wait(), 5)
+            path.write_text(config_text(upstreams, "b", NEW_KEY))
+            proxy.process.send_signal(signal.SIGHUP)
+            await until_answered(session, base, NEW_KEY, (200, "b"), proxy)
+            assert await ask(session, base, OLD_KEY) == (401, "invalid_api_key")
+            received = await asyncio.wait_for(stream, 10)
+        assert received.count(b'"by":"a"') == 20 and received.endswith(b"data: [DONE]\n\n")
+        assert proxy.process.poll() is None
+        assert "reload: config from" in proxy.log.read_text()
+    finally:
+        assert await stop(proxy) == 0, proxy.output()
+
+
+@pytest.mark.parametrize(("broken", "reason"), [
+    ("providers: [", "invalid YAML"),
+    ("providers: []\nretries: {max_attempts: 0}\n", "retries.max_attempts: must be"),
+    ("providers: []\nsurprise: 1\n", "surprise: unknown key"),
+])
+async def test_sighup_with_a_broken_file_keeps_the_running_config(
+    start_upstream: StartUpstream, tmp_path: Path, broken: str, reason: str,
+) -> None:
+    proxy, base, path, _ = await start(start_upstream, tmp_path)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            await poll_healthz(session, f"{base}/healthz", bool, [proxy])
+            path.write_text(broken)
+            proxy.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while "reload refused" not in proxy.log.read_text():
+                assert time.monotonic() < deadline, proxy.output()
+                await asyncio.sleep(0.05)
+            assert await ask(session, base, OLD_KEY) == (200, "a")
+        log = proxy.log.read_text()
+        assert reason in log and "the running config stays in force" in log
+    finally:
+        assert await stop(proxy) == 0, proxy.output()
+
+
+async def test_sighup_to_the_supervisor_reloads_every_worker(
+    start_upstream: StartUpstream, tmp_path: Path,
+) -> None:
+    proxy, base, path, upstreams = await start(start_upstream, tmp_path, "--workers", "2")
+    try:
+        connector = aiohttp.TCPConnector(force_close=True)  # spread over both workers
+        async with aiohttp.ClientSession(connector=connector,
+                                         timeout=aiohttp.ClientTimeout(total=20)) as session:
+            await poll_healthz(session, f"{base}/healthz", lambda s: len(s) == 2, [proxy])
+            path.write_text(config_text(upstreams, "b", NEW_KEY))
+            proxy.process.send_signal(signal.SIGHUP)
+            await until_answered(session, base, NEW_KEY, (200, "b"), proxy)
+            deadline = time.monotonic() + 10
+            workers_seen: set[int] = set()
+            while len(workers_seen) < 2:  # both workers answer with the new config
+                assert time.monotonic() < deadline, proxy.output()
+                async with session.get(f"{base}/healthz") as response:
+                    worker = (await response.json())["worker"]
+                if await ask(session, base, NEW_KEY) == (200, "b"):
+                    workers_seen.add(worker)
+            for _ in range(20):
+                assert await ask(session, base, NEW_KEY) == (200, "b")
+        assert proxy.output().count("reload: config from") == 2
+    finally:
+        assert await stop(proxy) == 0, proxy.output()
+
+
+async def test_reload_keeps_the_state_of_unchanged_providers(make_config: MakeConfig) -> None:
+    """A provider whose entry and settings did not change keeps its breaker, limiter and
+    retry budget: a reload must not forget an upstream that keeps failing."""
+    a = {"name": "a", "type": "openai_compat", "base_url": "http://127.0.0.1:9/v1"}
+    b = {"name": "b", "type": "openai_compat", "base_url": "http://127.0.0.1:10/v1"}
+    live = build_app(make_config([a, b]))[LIVE]
+    before = live.gateway.dispatcher
+    live.reload(make_config([a, {**b, "base_url": "http://127.0.0.1:11/v1"}],
+                            aliases={"x": "a/y"}))
+    after = live.gateway.dispatcher
+    assert after.breakers["a"] is before.breakers["a"]
+    assert after.limiters["a"] is before.limiters["a"]
+    assert after.retries["a"] is before.retries["a"]
+    assert after.breakers["b"] is not before.breakers["b"]  # a new upstream, a new state
+    live.reload(make_config([a], breaker={"failures": 9}))
+    assert live.gateway.dispatcher.breakers["a"] is not before.breakers["a"]
+    assert live.gateway.dispatcher.limiters["a"] is before.limiters["a"]
+    assert live.reloads == 2
+
+
+async def test_sections_that_need_a_restart_keep_their_running_values(
+    make_config: MakeConfig, caplog: pytest.LogCaptureFixture,
+) -> None:
+    a = {"name": "a", "type": "openai_compat", "base_url": "http://127.0.0.1:9/v1"}
+    live = build_app(make_config([a]))[LIVE]
+    gateway = live.reload(make_config([a], server={"port": 9999}, pool={"limit": 3},
+                                      timeouts={"read": 1}))
+    assert gateway.config.server.port != 9999 and gateway.config.pool.limit != 3
+    assert gateway.config.timeouts.read != 1
+    assert "server, pool, timeouts changed but need a restart" in caplog.text
