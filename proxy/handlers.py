@@ -42,7 +42,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     """Every request under ``/v1/`` except the models listing."""
     call = await read_call(request)
     route = await request.app[ROUTER].resolve(call.model)
-    admission = admit(request, call, route)
+    admission = await admit(request, call, route)
     call.upstream_model = route.upstream_model
     config = request.app[CONFIG]
     sharing = sharing_for(call, route.provider.name, request.headers, config.dedup,
@@ -55,7 +55,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
                                  keepalive=config.timeouts.sse_keepalive)
 
 
-def admit(request: web.Request, call: Call, route: Route) -> Admission | None:
+async def admit(request: web.Request, call: Call, route: Route) -> Admission | None:
     """What the caller's gateway key allows: this model (else 403), and this request
     within its rate limits (else 429). The admission's x-ratelimit-* headers go on the
     answer (``stamp_response``), and its token estimate is corrected from the answer."""
@@ -64,7 +64,7 @@ def admit(request: web.Request, call: Call, route: Route) -> Admission | None:
         return None
     if call.model is not None and not key.allows(*_model_names(call.model, route)):
         raise ModelNotAllowed(key.name, call.model)
-    admission = request.app[RATE_LIMITER].admit(key, estimate(call.payload, call.body))
+    admission = await request.app[RATE_LIMITER].admit(key, estimate(call.payload, call.body))
     if admission is not None:
         request[ADMISSION] = admission
     return admission
