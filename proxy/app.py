@@ -14,8 +14,9 @@ from aiohttp import web
 
 from proxy import handlers
 from proxy.auth import KeyRing
+from proxy.backends import rate_limiter, redis_link, response_cache
 from proxy.breaker import CircuitBreaker
-from proxy.cache import ResponseCache
+from proxy.cache import AnswerCache
 from proxy.config import Config
 from proxy.dedup import InflightRequests
 from proxy.discovery import ModelCatalog
@@ -29,7 +30,6 @@ from proxy.middlewares import (
 )
 from proxy.peers import Peers
 from proxy.providers import Provider, build_provider
-from proxy.ratelimit import MemoryBuckets, RateLimiter
 from proxy.retry import RetryPolicy
 from proxy.routing import ModelRouter
 from proxy.state import (
@@ -69,14 +69,18 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
                            retry_failed_after=config.health_cache_ttl)
     app[CONFIG] = config
     app[KEYRING] = KeyRing(config.auth.keys)
-    app[RATE_LIMITER] = RateLimiter(MemoryBuckets())
+    redis = redis_link(config)  # None unless a backend uses Redis
+    if redis is not None:
+        app.on_cleanup.append(lambda _: redis.close())  # after _lifecycle's own cleanup
+    app[RATE_LIMITER] = rate_limiter(config, redis)
     worker = worker or WorkerSpec.of(config)
     app[WORKER] = worker
     app[TASKS] = tasks
     app[CLIENT] = client
     app[CATALOG] = catalog
     app[ROUTER] = ModelRouter(providers, config.aliases, catalog)
-    app[DISPATCHER] = _dispatcher(config, client, tasks, worker, providers)
+    app[DISPATCHER] = _dispatcher(config, client, tasks, worker, providers,
+                                  response_cache(config, redis))
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(stamp_response)
     _add_routes(app.router)
@@ -84,8 +88,8 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
 
 
 def _dispatcher(config: Config, client: UpstreamClient, tasks: BackgroundTasks,
-                worker: WorkerSpec, providers: list[Provider]) -> Dispatcher:
-    cache = config.cache
+                worker: WorkerSpec, providers: list[Provider], cache: AnswerCache
+                ) -> Dispatcher:
     limits = config.limits
     settings = LimitSettings(
         initial=limits.initial, min=limits.min, max=limits.max, queue_size=limits.queue_size,
@@ -95,10 +99,8 @@ def _dispatcher(config: Config, client: UpstreamClient, tasks: BackgroundTasks,
         p.name, settings, on_limit_change=client.limit_follower(p.base_url, p.tls, p.name))
         for p in providers}
     return Dispatcher(
-        client, tasks, InflightRequests(config.dedup.max_buffer_bytes),
-        ResponseCache(max_bytes=cache.max_bytes, ttl=cache.ttl,
-                      max_entry_bytes=cache.max_entry_bytes),
-        limiters, config.dedup.max_buffer_bytes, Peers(worker, config.timeouts.read),
+        client, tasks, InflightRequests(config.dedup.max_buffer_bytes), cache, limiters,
+        config.dedup.max_buffer_bytes, Peers(worker, config.timeouts.read),
         {p.name: RetryPolicy(config.retries) for p in providers},
         {p.name: CircuitBreaker(p.name, config.breaker) for p in providers})
 

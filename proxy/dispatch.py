@@ -21,7 +21,7 @@ from typing import Any
 
 from proxy.answers import Answer, read_upstream
 from proxy.breaker import FAILURE_STATUSES, CircuitBreaker
-from proxy.cache import ResponseCache
+from proxy.cache import AnswerCache
 from proxy.dedup import Exchange, Head, InflightRequests
 from proxy.errors import GatewayError, UpstreamError, UpstreamUnreachable
 from proxy.headers import DEDUP_OPT
@@ -51,7 +51,7 @@ class Timing:
 
 class Dispatcher:
     def __init__(self, client: UpstreamClient, tasks: BackgroundTasks,
-                 inflight: InflightRequests, cache: ResponseCache,
+                 inflight: InflightRequests, cache: AnswerCache,
                  limiters: Mapping[str, AdaptiveLimiter], max_buffer_bytes: int,
                  peers: Peers, retries: Mapping[str, RetryPolicy],
                  breakers: Mapping[str, CircuitBreaker]):
@@ -94,11 +94,10 @@ class Dispatcher:
                 timing.upstream_wait += time.perf_counter() - waited_from
                 yield answer
             return
-        cached = self.cache.get(sharing.key) if sharing.cache_read else None
+        cached = await self.cache.lookup(sharing.key) if sharing.cache_read else None
         if cached is not None:
-            answer = cached.replay()
-            answer.headers["X-Cache"] = "HIT"
-            yield answer
+            cached.headers["X-Cache"] = "HIT"
+            yield cached
             return
         exchange, role = self._exchange(call, provider, sharing)
         subscription = exchange.subscribe()
@@ -153,8 +152,8 @@ class Dispatcher:
             exchange.finish()
             if sharing.cache_write and answer.status == 200 and exchange.chunks:
                 assert exchange.head is not None and sharing.key is not None
-                self.cache.put(sharing.key, answer.status, answer.reason,
-                               exchange.head.headers, exchange.chunks)
+                await self.cache.store(sharing.key, answer.status, answer.reason,
+                                       exchange.head.headers, exchange.chunks)
         except GatewayError as error:
             exchange.finish(error)
         except asyncio.CancelledError:
