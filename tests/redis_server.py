@@ -1,7 +1,8 @@
 """A real ``redis-server`` for the Redis backend's tests (the ``redis_server`` fixture in
 conftest.py): on a free loopback port, no persistence, its files in the test's tmp_path.
 It can be killed (an outage) and started again on the same port (the recovery); it is
-only ever stopped by its own PID."""
+only ever stopped by its own PID. Plus ``gateway_processes``: separate ``python -m proxy
+serve`` processes on one config, the way several hosts share one Redis."""
 
 from __future__ import annotations
 
@@ -9,11 +10,22 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from tests.test_workers import free_port
+from tests.test_workers import (
+    Spawned,
+    free_port,
+    fresh_connections,
+    poll_healthz,
+    spawn_proxy,
+    stop,
+)
 
 
 def find_redis_server() -> str | None:
@@ -67,3 +79,29 @@ class RedisServer:
             process.kill()
         if process is not None:
             process.wait(10)
+
+
+@asynccontextmanager
+async def gateway_processes(config: dict[str, Any], tmp_path: Path, count: int = 2
+                            ) -> AsyncIterator[tuple[list[str], list[Spawned]]]:
+    """``count`` gateway processes serving ``config`` (the YAML file's structure), each on
+    its own port; yields their base URLs once all answer, and the processes (whose
+    ``log`` is their output). All are stopped by PID on exit."""
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    spawned: list[Spawned] = []
+    urls: list[str] = []
+    try:
+        for index in range(count):
+            port = free_port()
+            spawned.append(spawn_proxy(["--config", str(path), "--port", str(port)],
+                                       tmp_path, name=f"gateway-{index}"))
+            urls.append(f"http://127.0.0.1:{port}")
+        async with fresh_connections() as session:
+            for url in urls:
+                await poll_healthz(session, f"{url}/healthz", lambda seen: len(seen) > 0,
+                                   spawned, within=30)
+        yield urls, spawned
+    finally:
+        for process in spawned:
+            await stop(process)
