@@ -84,7 +84,10 @@ async def test_redis_down_follows_the_failure_policy_then_limits_come_back(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         before = await post(session, base)
         redis_server.kill()
-        during = [await post(session, base) for _ in range(4)]
+        during = []
+        for _ in range(4):  # each past retry_interval: four real failures, one warning
+            during.append(await post(session, base))
+            await asyncio.sleep(0.25)
         redis_server.start()
         await asyncio.sleep(0.5)  # past retry_interval: the next request tries Redis
         after = [await post(session, base) for _ in range(3)]

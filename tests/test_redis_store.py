@@ -85,6 +85,27 @@ async def test_an_unreachable_redis_is_backend_unavailable_logged_once(
     assert not [m for m in messages if "s3cret-pass" in m]
 
 
+async def test_a_long_outage_is_logged_once_a_minute(
+    closed_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    settings = RedisSettings(url=f"redis://127.0.0.1:{closed_port}", retry_interval=1)
+    link = RedisLink(settings, "test", clock=lambda: now[0])
+    buckets = RedisBuckets(link)
+    try:
+        for at in (0, 0.5, 2, 30, 61, 62):
+            now[0] = at
+            with pytest.raises(BackendUnavailable):
+                await buckets.take([("k:rpm", 3, 1)])
+    finally:
+        await link.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "proxy.redis"]
+    assert len(messages) == 2, messages
+    assert "is unreachable (ConnectionError" in messages[0]
+    # 0.5 s was within retry_interval: Redis was not asked, the call fell back at once.
+    assert "still unreachable after 61 s (5 calls fell back)" in messages[1]
+
+
 def test_redact_hides_passwords_only() -> None:
     assert redact("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
     assert redact("rediss://user:pw@h/1") == "rediss://user:***@h/1"
