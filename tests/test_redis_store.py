@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError
+from proxy.config import ConfigError, Overrides, load_config
+from proxy.providers import PROVIDER_TYPES
 from proxy.ratelimit import BackendUnavailable
 from proxy.redis_buckets import RedisBuckets
 from proxy.redis_cache import decode, encode
@@ -148,6 +149,9 @@ def test_config_section_and_its_problems(make_config: MakeConfig) -> None:
     assert error.value.problems == ["redis.url: is not a valid URL (its port?)",
                                     "redis.url: is required when cache.backend is redis"]
     assert make_config([], cache={"backend": "redis", "enabled": False}).redis.url is None
+    from_env = load_config(Overrides(), {"PROXY_REDIS_URL": "redis://:pw@h:1/0"},
+                           PROVIDER_TYPES.keys())
+    assert from_env.redis.safe_url == "redis://:***@h:1/0"
 
 
 def test_without_a_redis_backend_redis_is_never_imported(tmp_path: Path) -> None:
