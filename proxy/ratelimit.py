@@ -111,14 +111,20 @@ class MemoryBuckets:
 
     async def take(self, wants: Sequence[Want]) -> tuple[int | None, list[BucketState]]:
         now = self._clock()
-        levels = [self._level(bucket, limit, now) for bucket, limit, _ in wants]
-        refused = next((i for i, want in enumerate(wants) if levels[i] < want[2]), None)
-        if refused is None:
-            for i, (bucket, _, amount) in enumerate(wants):
-                levels[i] -= amount
-                self._buckets[bucket] = (levels[i], now)
-        return refused, [BucketState.of(want[1], level)
-                         for want, level in zip(wants, levels, strict=True)]
+        levels: list[float] = []
+        refused: int | None = None
+        for bucket, limit, amount in wants:  # plain loops: this runs on every request
+            level = self._level(bucket, limit, now)
+            if refused is None and level < amount:
+                refused = len(levels)
+            levels.append(level)
+        states: list[BucketState] = []
+        for (bucket, limit, amount), level in zip(wants, levels, strict=True):
+            after = level if refused is not None else level - amount
+            if refused is None:
+                self._buckets[bucket] = (after, now)
+            states.append(BucketState.of(limit, after))
+        return refused, states
 
     async def give(self, bucket: str, limit: int, amount: float) -> None:
         now = self._clock()
@@ -185,10 +191,13 @@ class RateLimiter:
             return None
         need = min(estimated, key.tpm) if key.tpm is not None else 0
         wants: list[Want] = []
+        kinds: list[str] = []  # each bucket's name in the x-ratelimit-* headers
         if key.rpm is not None:
             wants.append((f"{key.name}:rpm", key.rpm, 1))
+            kinds.append("requests")
         if key.tpm is not None:
             wants.append((f"{key.name}:tpm", key.tpm, need))
+            kinds.append("tokens")
         try:
             refused, states = await self.buckets.take(wants)
         except BackendUnavailable:
@@ -196,14 +205,11 @@ class RateLimiter:
                 raise LimitsUnavailable(self._retry_after) from None
             return None
         headers: dict[str, str] = {}
-        for (bucket, _, _), state in zip(wants, states, strict=True):
-            headers.update(_headers(_KINDS[bucket.rpartition(":")[2]], state))
+        for kind, state in zip(kinds, states, strict=True):
+            headers.update(_headers(kind, state))
         if refused is not None:
             raise _refusal(key, wants[refused], states[refused], estimated, headers)
         return Admission(self, key, need, headers)
-
-
-_KINDS = {"rpm": "requests", "tpm": "tokens"}
 
 
 def _refusal(key: GatewayKey, want: Want, state: BucketState, estimated: int,
