@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy import handlers
-from proxy.cache import ResponseCache
+from proxy.backends import rate_limiter, redis_link, response_cache
 from proxy.config import Config
 from proxy.dedup import InflightRequests
 from proxy.gateway import Live, Shared
@@ -25,7 +25,7 @@ from proxy.middlewares import (
     stamp_response,
 )
 from proxy.peers import Peers
-from proxy.ratelimit import MemoryBuckets, RateLimiter
+from proxy.redis_store import RedisLink
 from proxy.state import LIVE, WORKER
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
@@ -47,21 +47,22 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
                           client_max_size=config.server.max_body_bytes)
     worker = worker or WorkerSpec.of(config)
     app[WORKER] = worker
-    app[LIVE] = Live(_shared(config, worker), config)
+    redis = redis_link(config)  # None unless a backend uses Redis
+    if redis is not None:
+        app.on_cleanup.append(lambda _: redis.close())  # after _lifecycle's own cleanup
+    app[LIVE] = Live(_shared(config, worker, redis), config)
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(stamp_response)
     _add_routes(app.router)
     return app
 
 
-def _shared(config: Config, worker: WorkerSpec) -> Shared:
-    cache = config.cache
+def _shared(config: Config, worker: WorkerSpec, redis: RedisLink | None) -> Shared:
     return Shared(
         client=UpstreamClient(config), tasks=BackgroundTasks(),
         inflight=InflightRequests(config.dedup.max_buffer_bytes),
-        cache=ResponseCache(max_bytes=cache.max_bytes, ttl=cache.ttl,
-                            max_entry_bytes=cache.max_entry_bytes),
-        peers=Peers(worker, config.timeouts.read), rate_limiter=RateLimiter(MemoryBuckets()))
+        cache=response_cache(config, redis), peers=Peers(worker, config.timeouts.read),
+        rate_limiter=rate_limiter(config, redis))
 
 
 def _add_routes(router: web.UrlDispatcher) -> None:

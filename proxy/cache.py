@@ -2,8 +2,9 @@
 
 Keys come from ``sharing.py`` and always include the caller's identity, so an entry is
 never served to another tenant. Streamed answers are stored as the SSE bytes that were
-sent and replayed as SSE. Each worker process has its own cache (state differs per
-worker; the README says so).
+sent and replayed as SSE. Each worker process has its own :class:`ResponseCache` (state
+differs per worker; the README says so); ``redis_cache.RedisResponseCache`` is the
+shared one. The dispatcher sees either through :class:`AnswerCache`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from multidict import CIMultiDict
 
@@ -20,6 +22,23 @@ from proxy.answers import Answer, ReplayBody
 # Headers that described the original exchange, not the content.
 _NOT_REPLAYED = frozenset(("x-request-id", "x-upstream-request-id", "x-gateway-dedup",
                            "x-cache", "x-gateway-overhead-ms", "date"))
+
+
+class AnswerCache(Protocol):
+    """What the dispatcher asks of a cache. Async, so a shared store fits behind it;
+    neither method raises: a store that fails answers a miss and stores nothing."""
+
+    async def lookup(self, key: bytes) -> Answer | None:
+        """The stored answer, ready to replay; None on a miss."""
+
+    async def store(self, key: bytes, status: int, reason: str,
+                    headers: Iterable[tuple[str, str]], chunks: Iterable[bytes]) -> bool:
+        """Store a complete answer; False when it was not (too large, store down)."""
+
+
+def replayable(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The headers a stored answer keeps: those describing the content."""
+    return tuple((k, v) for k, v in headers if k.lower() not in _NOT_REPLAYED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +74,14 @@ class ResponseCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    async def lookup(self, key: bytes) -> Answer | None:
+        entry = self.get(key)
+        return None if entry is None else entry.replay()
+
+    async def store(self, key: bytes, status: int, reason: str,
+                    headers: Iterable[tuple[str, str]], chunks: Iterable[bytes]) -> bool:
+        return self.put(key, status, reason, headers, chunks)
+
     def get(self, key: bytes) -> CachedAnswer | None:
         entry = self._entries.get(key)
         if entry is not None and entry.expires_at <= self._clock():
@@ -71,7 +98,7 @@ class ResponseCache:
             headers: Iterable[tuple[str, str]], chunks: Iterable[bytes]) -> bool:
         """Store an answer; ``False`` when it is larger than one entry may be."""
         stored = tuple(chunks)
-        kept = tuple((k, v) for k, v in headers if k.lower() not in _NOT_REPLAYED)
+        kept = replayable(headers)
         size = sum(len(c) for c in stored) + sum(len(k) + len(v) for k, v in kept) + 200
         if size > self._max_entry_bytes:
             return False

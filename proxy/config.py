@@ -27,6 +27,7 @@ from proxy.provider_config import (
     providers_from_env,
     upstream_provider,
 )
+from proxy.redis_store import BACKENDS, RedisSettings, check_backends, parse_redis
 from proxy.route_config import (
     EMPTY,
     DeploymentRef,
@@ -50,6 +51,7 @@ ENV_OVERRIDES = {
     "PROXY_READ_TIMEOUT": ("timeouts", "read"),
     "PROXY_DISCOVERY_TIMEOUT": ("timeouts", "discovery"),
     "PROXY_MODELS_CACHE_TTL": ("models_cache_ttl",),
+    "PROXY_REDIS_URL": ("redis", "url"),  # may hold a password: an env var keeps it out of files
 }
 
 
@@ -106,9 +108,11 @@ class DedupConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The exact-match response cache (``cache.py``), per worker."""
+    """The exact-match response cache (``cache.py``): per worker, or ``backend: redis``
+    shared (``redis_cache.py``; Redis bounds its size, not ``max_bytes``)."""
 
     enabled: bool = True
+    backend: str = "memory"
     ttl: float = 300.0
     max_bytes: int = 64 * 1024 * 1024
     max_entry_bytes: int = 4 * 1024 * 1024
@@ -144,9 +148,11 @@ class RetryConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """Gateway keys (``keys.py``); none: the gateway is open (logged at start-up)."""
+    """Gateway keys (``keys.py``); none: the gateway is open (logged at start-up).
+    ``limits_backend``: where their rate limits are counted (``backends.py``)."""
 
     keys: tuple[GatewayKey, ...] = ()
+    limits_backend: str = "memory"
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,7 @@ class Config:
     auth: AuthConfig = AuthConfig()
     retries: RetryConfig = RetryConfig()
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
     models_cache_ttl: float = 300.0
     health_cache_ttl: float = 5.0
     providers: tuple[ProviderConfig, ...] = ()
@@ -276,9 +283,13 @@ def _build(
         "mode": v.one_of("deterministic", "all", "off"), "max_buffer_bytes": v.positive_int})
     cache = v.section(raw.get("cache"), "cache", CacheConfig, problems, {
         "enabled": v.boolean, "ttl": v.positive_number, "max_bytes": v.positive_int,
-        "max_entry_bytes": v.positive_int})
+        "max_entry_bytes": v.positive_int, "backend": v.one_of(*BACKENDS)})
     limits = _limits(raw.get("limits"), problems)
     auth = _auth(raw.get("auth"), problems)
+    redis = parse_redis(raw.get("redis"), problems)
+    check_backends(redis, {"auth.limits_backend": auth.limits_backend,
+                           "cache.backend": cache.backend if cache.enabled else "memory"},
+                   problems)
     retries = v.section(raw.get("retries"), "retries", RetryConfig, problems, {
         "max_attempts": v.positive_int, "base_delay": v.positive_number,
         "max_delay": v.positive_number, "max_retry_after": v.non_negative_number,
@@ -290,6 +301,7 @@ def _build(
     return Config(
         server=server, timeouts=timeouts, pool=pool, dedup=dedup, cache=cache, limits=limits,
         auth=auth, retries=retries, breaker=parse_breaker(raw.get("breaker"), problems),
+        redis=redis,
         providers=providers, aliases=aliases, deployments=deployments,
         fallbacks=parse_fallbacks(raw.get("fallbacks"), problems),
         models_cache_ttl=v.check(v.non_negative_number, raw, "models_cache_ttl", "", 300.0,
@@ -318,5 +330,7 @@ def _auth(raw: Any, problems: list[str]) -> AuthConfig:
     if not isinstance(raw, dict):
         problems.append("auth: must be a mapping")
         return AuthConfig()
-    v.known_keys(raw, "auth", ("keys",), problems)
-    return AuthConfig(keys=parse_keys(raw.get("keys"), problems))
+    v.known_keys(raw, "auth", ("keys", "limits_backend"), problems)
+    return AuthConfig(keys=parse_keys(raw.get("keys"), problems), limits_backend=v.check(
+        v.one_of(*BACKENDS), raw, "limits_backend", "auth", "memory", problems))
+

@@ -21,7 +21,7 @@ from typing import Any
 
 from proxy.answers import Answer, read_upstream
 from proxy.breaker import FAILURE_STATUSES, CircuitBreaker
-from proxy.cache import ResponseCache
+from proxy.cache import AnswerCache
 from proxy.dedup import Exchange, Head, InflightRequests
 from proxy.errors import GatewayError, UpstreamError, UpstreamUnreachable
 from proxy.failover import Balancer, FailoverCall
@@ -53,7 +53,7 @@ class Timing:
 
 class Dispatcher:
     def __init__(self, client: UpstreamClient, tasks: BackgroundTasks,
-                 inflight: InflightRequests, cache: ResponseCache,
+                 inflight: InflightRequests, cache: AnswerCache,
                  limiters: Mapping[str, AdaptiveLimiter], max_buffer_bytes: int,
                  peers: Peers, retries: Mapping[str, RetryPolicy],
                  breakers: Mapping[str, CircuitBreaker]):
@@ -98,11 +98,10 @@ class Dispatcher:
                 timing.upstream_wait += time.perf_counter() - waited_from
                 yield answer
             return
-        cached = self.cache.get(sharing.key) if sharing.cache_read else None
+        cached = await self.cache.lookup(sharing.key) if sharing.cache_read else None
         if cached is not None:
-            answer = cached.replay()
-            answer.headers["X-Cache"] = "HIT"
-            yield answer
+            cached.headers["X-Cache"] = "HIT"
+            yield cached
             return
         exchange, role = self._exchange(call, route, sharing)
         subscription = exchange.subscribe()
@@ -167,8 +166,8 @@ class Dispatcher:
             exchange.finish()
             if sharing.cache_write and answer.status == 200 and exchange.chunks:
                 assert exchange.head is not None and sharing.key is not None
-                self.cache.put(sharing.key, answer.status, answer.reason,
-                               exchange.head.headers, exchange.chunks)
+                await self.cache.store(sharing.key, answer.status, answer.reason,
+                                       exchange.head.headers, exchange.chunks)
         except GatewayError as error:
             exchange.finish(error)
         except asyncio.CancelledError:

@@ -10,8 +10,9 @@ upstream connection pool, background tasks, the in-flight and cache maps, the ra
 buckets. Per-provider state (its concurrency limit, circuit breaker, retry budget) is
 carried over to the new set when that provider and those settings are unchanged, so a
 reload neither forgets a failing upstream nor resets a learnt limit. Sections that size
-what is built once (``server``, ``pool``, ``timeouts``, ``dedup``, ``cache``) need a
-restart: a reload keeps their running values and logs which ones differ.
+what is built once (``server``, ``pool``, ``timeouts``, ``dedup``, ``cache``,
+``redis`` and ``auth.limits_backend``) need a restart: a reload keeps their running
+values and logs which ones differ.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from proxy.auth import KeyRing
 from proxy.breaker import CircuitBreaker
-from proxy.cache import ResponseCache
+from proxy.cache import AnswerCache
 from proxy.config import Config
 from proxy.dedup import InflightRequests
 from proxy.discovery import ModelCatalog
@@ -41,7 +42,7 @@ from proxy.upstream import UpstreamClient
 log = logging.getLogger("proxy.gateway")
 
 T = TypeVar("T")
-RESTART_ONLY = ("server", "pool", "timeouts", "dedup", "cache")
+RESTART_ONLY = ("server", "pool", "timeouts", "dedup", "cache", "redis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,7 @@ class Shared:
     client: UpstreamClient
     tasks: BackgroundTasks
     inflight: InflightRequests
-    cache: ResponseCache
+    cache: AnswerCache
     peers: Peers
     rate_limiter: RateLimiter
 
@@ -79,8 +80,12 @@ class Live:
     def reload(self, new: Config) -> Gateway:
         """Put ``new`` in force (already validated); returns the new gateway."""
         running = self.gateway.config
-        kept = {name: getattr(running, name) for name in RESTART_ONLY}
+        kept: dict[str, Any] = {name: getattr(running, name) for name in RESTART_ONLY}
         changed = [name for name, value in kept.items() if getattr(new, name) != value]
+        backend = running.auth.limits_backend  # the rate limiter is built once
+        if new.auth.limits_backend != backend:
+            changed.append("auth.limits_backend")
+        kept["auth"] = dataclasses.replace(new.auth, limits_backend=backend)
         if changed:
             log.warning("reload: %s changed but need a restart; keeping the running values",
                         ", ".join(changed))

@@ -36,7 +36,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     config = gateway.config
     call = await read_call(request, config)
     route = await gateway.router.resolve(call.model)
-    admission = admit(request, call, route, live.shared.rate_limiter)
+    admission = await admit(request, call, route, live.shared.rate_limiter)
     call.upstream_model = route.upstream_model
     sharing = sharing_for(call, route.label, request.headers, config.dedup,
                           config.cache)
@@ -47,7 +47,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
                                  keepalive=config.timeouts.sse_keepalive)
 
 
-def admit(request: web.Request, call: Call, route: Route, limiter: RateLimiter
+async def admit(request: web.Request, call: Call, route: Route, limiter: RateLimiter
           ) -> Admission | None:
     """What the caller's gateway key allows: this model (else 403), and this request
     within its rate limits (else 429). The admission's x-ratelimit-* headers go on the
@@ -57,7 +57,7 @@ def admit(request: web.Request, call: Call, route: Route, limiter: RateLimiter
         return None
     if call.model is not None and not key.allows(*_model_names(call.model, route)):
         raise ModelNotAllowed(key.name, call.model)
-    admission = limiter.admit(key, estimate(call.payload, call.body))
+    admission = await limiter.admit(key, estimate(call.payload, call.body))
     if admission is not None:
         request[ADMISSION] = admission
     return admission

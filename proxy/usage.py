@@ -4,6 +4,8 @@ A :class:`UsageTap` wraps an answer's body (``answers.Body``) for a key with a t
 per minute limit: chunks pass through untouched and at once; a JSON answer is kept (up
 to ``MAX_JSON``) and parsed at its end, and in an event stream each ``data:`` line that
 mentions ``usage`` is parsed (the final usage chunk of ``stream_options.include_usage``).
+The correction is made before the body's end is passed on (an await: the buckets may be
+shared, in Redis), so the client's next request already sees it.
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ _MAX_LINE = 64 * 1024
 class UsageTap:
     __slots__ = ("_admission", "_body", "_carry", "_json", "_size", "_sse", "_used")
 
-    def __init__(self, body: Body, admission: Admission, event_stream: bool):
+    def __init__(self, body: Body, admission: Admission, event_stream: bool,
+                 used: int | None = None):
+        """``used`` known already (an error answer's 0): the body is not read for it."""
         self._body = body
         self._admission = admission
-        self._sse = event_stream
-        self._json: list[bytes] | None = None if event_stream else []
+        self._sse = event_stream and used is None
+        self._json: list[bytes] | None = None if event_stream or used is not None else []
         self._carry = b""
         self._size = 0
-        self._used: int | None = None
+        self._used = used
 
     async def next(self) -> bytes | None:
         chunk = await self._body.next()
         if chunk is None:
-            self._finish()
+            await self._finish()
         elif self._sse:
             self._scan(chunk)
         elif self._json is not None:
@@ -49,21 +53,19 @@ class UsageTap:
             if line.startswith(b"data:") and b'"usage"' in line:
                 self._used = _total(line[5:]) or self._used
 
-    def _finish(self) -> None:
+    async def _finish(self) -> None:
         if self._json is not None:
             self._used = _total(b"".join(self._json))
-        self._admission.settle(self._used)
+        await self._admission.settle(self._used)
 
 
 def tap(answer: Answer, admission: Admission | None) -> None:
     """Wrap ``answer``'s body when its tokens must be counted; an error answer costs no
-    tokens, so its estimate is given back at once."""
+    tokens, so its estimate is given back (when its body, already whole, is sent)."""
     if admission is None:
         return
-    if answer.status >= 400:
-        admission.settle(0)
-        return
-    answer.body = UsageTap(answer.body, admission, answer.event_stream)
+    used = 0 if answer.status >= 400 else None
+    answer.body = UsageTap(answer.body, admission, answer.event_stream, used)
 
 
 def _total(data: bytes) -> int | None:

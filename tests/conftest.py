@@ -11,7 +11,8 @@
 * ``raw_upstream(script)`` starts a raw upstream (``tests/wire.py``) the test scripts
   byte by byte; ``closed_port`` is a loopback port nobody listens on;
 * ``cacheless_gateway(providers, **raw)`` is ``start_gateway`` with the cache off, so
-  every request that is not deduplicated reaches the upstream.
+  every request that is not deduplicated reaches the upstream;
+* ``redis_server`` is a real redis-server on a free port (``tests/redis_server.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import openai
@@ -33,6 +35,7 @@ from proxy.providers import PROVIDER_TYPES
 from proxy.server import running
 
 if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
     from tests.wire import StartRaw
 
 StartUpstream = Callable[[web.Application], Awaitable[str]]
@@ -135,3 +138,20 @@ def cacheless_gateway(start_gateway: StartGateway, make_config: MakeConfig
         return await start_gateway(make_config(providers, **raw))
 
     return start
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port (``tests/redis_server.py``), killed by
+    PID at the end. Skips only when redis-server is not installed (.ci/run installs it)."""
+    from tests.redis_server import RedisServer, find_redis_server  # noqa: PLC0415
+
+    binary = find_redis_server()
+    if binary is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    server = RedisServer(binary, tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

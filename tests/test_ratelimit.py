@@ -136,17 +136,20 @@ async def test_unlimited_keys_get_no_rate_headers(
     assert not [name for name in headers if name.lower().startswith("x-ratelimit")]
 
 
-def test_buckets_refill_continuously() -> None:
+async def test_buckets_refill_continuously() -> None:
     now = [0.0]
     buckets = MemoryBuckets(clock=lambda: now[0])
-    assert buckets.take("k", 60, 60)[0]
-    ok, state = buckets.take("k", 60, 1)
-    assert not ok and state.remaining == 0 and state.reset == 60
+    assert (await buckets.take([("k", 60, 60)]))[0] is None
+    refused, [state] = await buckets.take([("k", 60, 1)])
+    assert refused == 0 and state.remaining == 0 and state.reset == 60
     now[0] = 10.0  # 60 per minute: 10 back after 10 s
-    ok, state = buckets.take("k", 60, 10)
-    assert ok and state.remaining == 0
-    buckets.give("k", 60, 100)  # never above the limit
-    assert buckets.take("k", 60, 0)[1].remaining == 60
+    refused, [state] = await buckets.take([("k", 60, 10)])
+    assert refused is None and state.remaining == 0
+    await buckets.give("k", 60, 100)  # never above the limit
+    assert (await buckets.take([("k", 60, 0)]))[1][0].remaining == 60
+    # All or nothing: the second bucket has too little, so the first keeps its 60.
+    refused, states = await buckets.take([("k", 60, 1), ("j", 5, 6)])
+    assert refused == 1 and [s.remaining for s in states] == [60, 5]
 
 
 @pytest.mark.parametrize(("seconds", "text"), [

@@ -1,0 +1,52 @@
+"""The response cache in Redis (issue #4): an answer one gateway process stored is served
+by another from Redis, streamed or not, with no second upstream call; and with Redis
+down, requests are still answered, from the upstream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import StartUpstream
+from tests.redis_server import RedisServer, gateway_processes
+from tests.test_cache import CHAT, Upstream, answer_id, chat, post, sse
+
+
+async def test_gateway_processes_share_the_cache_and_redis_down_is_a_miss(
+    start_upstream: StartUpstream, redis_server: RedisServer, tmp_path: Path,
+) -> None:
+    upstream = Upstream()
+    url = await start_upstream(upstream.app())
+    config: dict[str, Any] = {
+        "providers": [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1",
+                       "models": ["m"]}],
+        "cache": {"backend": "redis", "ttl": 60},
+        "redis": {"url": redis_server.url, "retry_interval": 0.2},
+        "retries": {"max_attempts": 1},
+    }
+    streamed = chat(temperature=0, stream=True)
+    async with gateway_processes(config, tmp_path) as ((a, b), processes), \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        first = await post(session, a + CHAT, chat(temperature=0))
+        second = await post(session, b + CHAT, chat(temperature=0))
+        assert upstream.calls == 1
+        first_stream = await post(session, a + CHAT, streamed)
+        second_stream = await post(session, b + CHAT, streamed)
+        assert upstream.calls == 2
+        redis_server.kill()
+        during = [await post(session, gateway + CHAT, chat(temperature=0))
+                  for gateway in (b, a)]
+        logs = [p.log.read_text() for p in processes]
+    assert [first[1]["X-Cache"], second[1]["X-Cache"]] == ["MISS", "HIT"]
+    assert answer_id(second) == "answer-1" and first[2] == second[2]
+    assert second[1]["Content-Type"].startswith("application/json")
+    expected = sse(2, "one") + sse(2, " two") + sse(2, " three") + b"data: [DONE]\n\n"
+    assert (first_stream[2], second_stream[2]) == (expected, expected)
+    assert second_stream[1]["X-Cache"] == "HIT"
+    assert second_stream[1]["Content-Type"].startswith("text/event-stream")
+    # Redis down: answered from the upstream, never an error.
+    assert [(status, h["X-Cache"]) for status, h, _ in during] == [(200, "MISS")] * 2
+    assert [answer_id(reply) for reply in during] == ["answer-3", "answer-4"]
+    assert all("redis redis://127.0.0.1" in log and "is unreachable" in log for log in logs)
