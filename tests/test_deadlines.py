@@ -16,7 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.config import ConfigError, config_from_dict
+from proxy.config import ConfigError, Overrides, config_from_dict, load_config
 from proxy.providers import PROVIDER_TYPES
 from proxy.timeouts import Deadlines, TimeoutOverrides, Timeouts
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
@@ -330,6 +330,8 @@ def test_headers_and_first_token_default_to_read_and_providers_override_key_by_k
          "timeouts": {"headers": 1, "total": 60}}]}, {}, PROVIDER_TYPES.keys())
     assert Deadlines.of(config.timeouts, config.providers[0].timeouts) == Deadlines(
         5.0, 1.0, 3.0, 300.0, 60.0)
+    from_env = load_config(Overrides(), {"PROXY_TOTAL_TIMEOUT": "600"}, PROVIDER_TYPES.keys())
+    assert from_env.timeouts.total == 600.0
 
 
 def test_bad_provider_timeouts_are_reported_with_their_key_path() -> None:
