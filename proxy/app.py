@@ -61,7 +61,7 @@ def _shared(config: Config, worker: WorkerSpec, redis: RedisLink | None) -> Shar
     return Shared(
         client=UpstreamClient(config), tasks=BackgroundTasks(),
         inflight=InflightRequests(config.dedup.max_buffer_bytes),
-        cache=response_cache(config, redis), peers=Peers(worker, config.timeouts.read),
+        cache=response_cache(config, redis), peers=Peers(worker),
         rate_limiter=rate_limiter(config, redis))
 
 

@@ -35,6 +35,7 @@ from proxy.route_config import (
     parse_deployments,
     parse_fallbacks,
 )
+from proxy.timeouts import Timeouts, parse_timeouts
 
 DEFAULT_CONFIG_FILE = Path("proxy.yaml")
 DEMO_PROVIDER = "mock"
@@ -49,6 +50,7 @@ ENV_OVERRIDES = {
     "PROXY_SHUTDOWN_GRACE": ("server", "shutdown_grace"),
     "PROXY_CONNECT_TIMEOUT": ("timeouts", "connect"),
     "PROXY_READ_TIMEOUT": ("timeouts", "read"),
+    "PROXY_TOTAL_TIMEOUT": ("timeouts", "total"),
     "PROXY_DISCOVERY_TIMEOUT": ("timeouts", "discovery"),
     "PROXY_MODELS_CACHE_TTL": ("models_cache_ttl",),
     "PROXY_REDIS_URL": ("redis", "url"),  # may hold a password: an env var keeps it out of files
@@ -75,19 +77,6 @@ class ServerConfig:
     socket_dir: str | None = None
     # SIGTERM: in-flight requests and streams may finish for this long, then are cut.
     shutdown_grace: float = 30.0
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds. ``read`` bounds the silence between two reads, not the whole answer,
-    so a long generation that keeps streaming is never cut (STYLE.md point 10)."""
-
-    connect: float = 5.0
-    read: float = 300.0
-    discovery: float = 10.0
-    # While a 200 event stream waits for its first event: an SSE comment this often, so
-    # idle timeouts of load balancers in front never cut a slow start (0: none).
-    sse_keepalive: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -158,7 +147,7 @@ class AuthConfig:
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
-    timeouts: Timeouts = Timeouts()
+    timeouts: Timeouts = field(default_factory=Timeouts)
     pool: PoolConfig = PoolConfig()
     dedup: DedupConfig = DedupConfig()
     cache: CacheConfig = CacheConfig()
@@ -274,9 +263,7 @@ def _build(
     if server.workers > 1 and server.port == 0:
         problems.append("server.port: must be a fixed port when server.workers > 1 "
                         "(the workers cannot share a randomly chosen port)")
-    timeouts = v.section(raw.get("timeouts"), "timeouts", Timeouts, problems, {
-        "connect": v.positive_number, "read": v.positive_number,
-        "discovery": v.positive_number, "sse_keepalive": v.non_negative_number})
+    timeouts = parse_timeouts(raw.get("timeouts"), problems)
     pool = v.section(raw.get("pool"), "pool", PoolConfig, problems, {
         "limit": v.non_negative_int, "keepalive_timeout": v.non_negative_number})
     dedup = v.section(raw.get("dedup"), "dedup", DedupConfig, problems, {

@@ -23,7 +23,7 @@ from proxy.answers import Answer, read_upstream
 from proxy.breaker import FAILURE_STATUSES, CircuitBreaker
 from proxy.cache import AnswerCache
 from proxy.dedup import Exchange, Head, InflightRequests
-from proxy.errors import GatewayError, UpstreamError, UpstreamUnreachable
+from proxy.errors import RETRYABLE_ERRORS, GatewayError, UpstreamError
 from proxy.failover import Balancer, FailoverCall
 from proxy.headers import DEDUP_OPT, PROVIDER
 from proxy.http1 import UpstreamProtocol
@@ -183,8 +183,8 @@ class UpstreamCall:
     A class rather than stacked context managers: this is the hot path, and each layer
     of those showed in the profile."""
 
-    __slots__ = ("_breaker", "_call", "_client", "_connection", "_latency", "_limiter",
-                 "_outcome", "_permit", "_provider", "_retry", "_timing")
+    __slots__ = ("_breaker", "_call", "_client", "_connection", "_judge_body", "_latency",
+                 "_limiter", "_outcome", "_permit", "_provider", "_retry", "_timing")
 
     def __init__(self, client: UpstreamClient, limiter: AdaptiveLimiter, call: Call,
                  provider: Provider, timing: Timing | None, retry: RetryPolicy | None,
@@ -200,6 +200,7 @@ class UpstreamCall:
         self._permit: Permit | None = None
         self._outcome = Outcome.IGNORE
         self._latency: float | None = None
+        self._judge_body = False  # the breaker's verdict waits for the body (finish)
 
     async def __aenter__(self) -> Answer:
         return await self.start()
@@ -229,7 +230,7 @@ class UpstreamCall:
         while True:
             try:
                 answer = await self._attempt(request)
-            except UpstreamUnreachable:
+            except RETRYABLE_ERRORS:
                 delay = retry.after_error(attempt)
                 if delay is None:
                     raise
@@ -246,7 +247,7 @@ class UpstreamCall:
         provider = self._provider
         self._outcome, self._latency = Outcome.IGNORE, None
         breaker = self._breaker
-        breaker.check()  # an open circuit: 503 at once, no slot taken
+        probe = breaker.check()  # an open circuit: 503 at once, no slot taken
         try:
             self._permit = await self._limiter.acquire()
         except BaseException:
@@ -266,12 +267,19 @@ class UpstreamCall:
             breaker.record(failed=True if upstream_failed else None)
             self.finish(failed=True)
             raise
-        breaker.record(failed=answer.status in FAILURE_STATUSES)
+        if answer.complete or probe:  # a probe's head decides at once: others wait on it
+            breaker.record(failed=answer.status in FAILURE_STATUSES)
+        else:  # a body deadline (first token, stall, total) still fails it
+            self._judge_body = True
         return answer
 
     def finish(self, *, failed: bool) -> None:
         """Give the connection back (closed when ``failed``) and the slot."""
         connection, self._connection = self._connection, None
+        if self._judge_body:
+            self._judge_body = False
+            expired = connection is not None and connection.expired
+            self._breaker.record(failed=True if expired else None if failed else False)
         if connection is not None:
             self._client.done(connection, reuse=not failed)
         permit, self._permit = self._permit, None

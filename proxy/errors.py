@@ -15,11 +15,17 @@ Every failure a client can see is one of these, rendered with OpenAI's error sha
         ├── UpstreamUnreachable       502 upstream_error (upstream_unreachable)
         ├── UpstreamProtocolError     502 upstream_error (upstream_protocol_error)
         └── UpstreamTimeout           504 upstream_error (upstream_timeout)
+            └── DeadlineExceeded      504: one of a provider's deadlines (timeouts.py)
+                ├── ConnectTimeout            (connect_timeout)           retried
+                ├── HeadersTimeout            (upstream_headers_timeout)
+                ├── FirstTokenTimeout         (first_token_timeout)
+                ├── StreamStalled             (stream_stalled)
+                └── RequestTimeout            (request_timeout)
 
 An upstream's own error answer (a 429 from the provider, say) is not in this tree: it is
 relayed with its status and body untouched (issue #2).
-Messages never contain secrets: they are built from model names, paths and exception
-class names, never from headers or configuration values.
+Messages never contain secrets: they are built from model and provider names, paths,
+exception class names and timeout limits, never from headers, URLs or keys.
 """
 
 from __future__ import annotations
@@ -131,6 +137,61 @@ class UpstreamProtocolError(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class DeadlineExceeded(UpstreamTimeout):
+    """A deadline of ``provider`` expired; the message names it and its limit, so the
+    operator knows which ``timeouts`` key to look at."""
+
+    key = ""  # the timeouts key, in the message
+    template = ""
+
+    def __init__(self, provider: str, limit: float):
+        super().__init__(self.template.format(provider=provider, limit=limit) +
+                         f" (timeouts.{self.key}).")
+        self.provider = provider
+        self.limit = limit
+
+
+class ConnectTimeout(DeadlineExceeded):
+    code = "connect_timeout"
+    key = "connect"
+    template = "Upstream '{provider}' did not accept a connection within {limit:g} s"
+
+
+class HeadersTimeout(DeadlineExceeded):
+    code = "upstream_headers_timeout"
+    key = "headers"
+    template = "Upstream '{provider}' sent no response headers within {limit:g} s"
+
+
+class FirstTokenTimeout(DeadlineExceeded):
+    code = "first_token_timeout"
+    key = "first_token"
+    template = ("Upstream '{provider}' sent its response headers but no first token "
+                "within {limit:g} s")
+
+
+class StreamStalled(DeadlineExceeded):
+    code = "stream_stalled"
+    key = "read"
+    template = "Upstream '{provider}' stalled: nothing received for {limit:g} s mid-answer"
+
+
+class RequestTimeout(DeadlineExceeded):
+    code = "request_timeout"
+    key = "total"
+    template = "Upstream '{provider}' did not finish its answer within {limit:g} s"
+
+
+DEADLINE_ERRORS: dict[str, type[DeadlineExceeded]] = {
+    cls.key: cls for cls in (ConnectTimeout, HeadersTimeout, FirstTokenTimeout,
+                             StreamStalled, RequestTimeout)}
+
+# Failures an upstream call is tried again after (``retry.py``): the request never
+# reached the upstream. A timeout after it was sent is not retried: the first try may
+# still be generating (and billing) upstream, and the client's wait would double.
+RETRYABLE_ERRORS = (UpstreamUnreachable, ConnectTimeout)
 
 
 def error_body(

@@ -89,8 +89,9 @@ class Live:
         if changed:
             log.warning("reload: %s changed but need a restart; keeping the running values",
                         ", ".join(changed))
-        self.gateway = build_gateway(dataclasses.replace(new, **kept), self.shared,
-                                     self.gateway)
+        effective = dataclasses.replace(new, **kept)
+        self.shared.client.use_providers(effective)
+        self.gateway = build_gateway(effective, self.shared, self.gateway)
         self.gateway.catalog.refresh_soon()
         self.reloads += 1
         names = ", ".join(p.name for p in new.providers)

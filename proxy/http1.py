@@ -12,7 +12,8 @@ eyeballs, TLS, and the limit on open connections. Each connection it opens is *l
 (acquired once, kept until it closes) and its transport handed to an
 :class:`UpstreamProtocol`, which parses answers with aiohttp's C parser
 (``HttpResponseParser``, reused across the keep-alive answers of the connection) and
-bounds each silence with one lazily re-armed timer. A request costs one serialisation
+holds each exchange to its provider's deadlines (``timeouts.py``) with one lazily
+re-armed timer. A request costs one serialisation
 and one write; keep-alive reuse is ``upstream.py``'s idle stack of these protocols.
 """
 
@@ -34,9 +35,21 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.timeouts import Deadlines
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 READ_BUFSIZE = 2**16
+
+
+class DeadlineExpired(aiohttp.SocketTimeoutError):
+    """A deadline of the exchange expired: ``key`` is its ``timeouts`` key and ``limit``
+    its length, which ``upstream.py`` turns into the gateway's error for it."""
+
+    def __init__(self, key: str, limit: float):
+        super().__init__(f"the {key} deadline of {limit:g} s expired")
+        self.key = key
+        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +117,9 @@ class UpstreamProtocol(BaseProtocol):
     client exceptions, which ``upstream.py`` translates.
     """
 
-    __slots__ = ("_answer", "_exception", "_handler", "_head_only", "_last_data", "_on_closed",
-                 "_payload",
-                 "_read_timeout", "_should_close", "_timer", "idle_since", "lease", "origin")
+    __slots__ = ("_answer", "_awaiting_body", "_deadlines", "_exception", "_handler",
+                 "_head_at", "_head_only", "_last_data", "_on_closed", "_payload", "_sent_at",
+                 "_should_close", "_timer", "idle_since", "lease", "origin")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, lease: Connection,
                  on_closed: Callable[[], None]):
@@ -119,9 +132,10 @@ class UpstreamProtocol(BaseProtocol):
         self._exception: BaseException | None = None
         self._should_close = False
         self._head_only = False
-        self._read_timeout: float | None = None
+        self._deadlines: Deadlines | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._last_data = 0.0
+        self._sent_at = self._head_at = self._last_data = 0.0
+        self._awaiting_body = False  # between the head and the body's first bytes
         self.idle_since = 0.0
         self.origin: Origin | None = None  # where it goes back to (set by the pool)
 
@@ -145,6 +159,11 @@ class UpstreamProtocol(BaseProtocol):
         return self._loop.time()
 
     @property
+    def expired(self) -> bool:
+        """True once a deadline ended the exchange (the circuit breaker counts it)."""
+        return isinstance(self._exception, DeadlineExpired)
+
+    @property
     def reusable(self) -> bool:
         """True between exchanges on a connection the upstream may reuse."""
         transport = self.transport
@@ -153,9 +172,11 @@ class UpstreamProtocol(BaseProtocol):
                 and self._answer is None and self._payload is None
                 and not self._reading_paused)
 
-    def request(self, payload: bytes, *, head_only: bool, read_timeout: float | None
+    def request(self, payload: bytes, *, head_only: bool, deadlines: Deadlines | None
                 ) -> asyncio.Future[UpstreamResponse]:
-        """Write one request; the future resolves with the answer's head."""
+        """Write one request; the future resolves with the answer's head. A deadline
+        that expires fails the head's future or the body's reader with
+        :class:`DeadlineExpired`."""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise aiohttp.ServerDisconnectedError()
@@ -167,11 +188,12 @@ class UpstreamProtocol(BaseProtocol):
                 response_with_body=not head_only, auto_decompress=False)
             self._head_only = head_only
         answer = self._answer = self._loop.create_future()
-        self._read_timeout = read_timeout
+        self._deadlines = deadlines
+        self._awaiting_body = False
         transport.write(payload)
-        if read_timeout:
-            self._last_data = self._loop.time()
-            self._timer = self._loop.call_at(self._last_data + read_timeout, self._check_silence)
+        if deadlines is not None:
+            self._sent_at = self._last_data = self._loop.time()
+            self._timer = self._loop.call_at(self._next_deadline()[0], self._check_deadlines)
         return answer
 
     def close(self) -> None:
@@ -195,6 +217,9 @@ class UpstreamProtocol(BaseProtocol):
     def data_received(self, data: bytes) -> None:
         if data:
             self._last_data = self._loop.time()
+            if self._awaiting_body:  # the body's first bytes: the first token is in
+                self._awaiting_body = False
+                self._rearm_if_sooner()
         elif self._parser is None or (self._answer is None and self._payload is None):
             return  # resume_reading() on an idle connection: nothing to parse
         parser = self._parser
@@ -221,14 +246,24 @@ class UpstreamProtocol(BaseProtocol):
             if body is EMPTY_PAYLOAD:
                 self._stop_timer()
             else:
-                self._payload = body
-                body.on_eof(self._body_complete)
+                self._start_body(body)
             if not answer.done():
                 answer.set_result(UpstreamResponse(code, message.reason or "", message.headers,
                                                    body))
 
+    def _start_body(self, body: StreamReader) -> None:
+        """The head is in and a body follows: from now on the first token's deadline,
+        unless some of the body came with the head."""
+        self._payload = body
+        if self._deadlines is not None and not body.is_eof():
+            self._head_at = self._last_data
+            self._awaiting_body = not body.total_bytes
+            self._rearm_if_sooner()
+        body.on_eof(self._body_complete)
+
     def _body_complete(self) -> None:
         self._payload = None
+        self._awaiting_body = False
         self._stop_timer()
 
     def exchange_done(self) -> bool:
@@ -264,20 +299,48 @@ class UpstreamProtocol(BaseProtocol):
         self.lease.close()
         self._on_closed()
 
-    def _check_silence(self) -> None:
-        """The read timeout, checked lazily: re-armed for what is left of it unless the
-        upstream has been silent for all of it (one timer per answer, not per read)."""
+    def _next_deadline(self) -> tuple[float, str, float]:
+        """When the exchange's next deadline falls, its ``timeouts`` key and length:
+        the head's, the first token's or the silence's, unless ``total`` comes first."""
+        deadlines = self._deadlines
+        assert deadlines is not None
+        if self._answer is not None:
+            key, limit, due = "headers", deadlines.headers, self._sent_at + deadlines.headers
+        elif self._awaiting_body:
+            key, limit = "first_token", deadlines.first_token
+            due = self._head_at + limit
+        else:
+            key, limit, due = "read", deadlines.read, self._last_data + deadlines.read
+        total = deadlines.total
+        if total is not None and self._sent_at + total <= due:
+            return self._sent_at + total, "total", total
+        return due, key, limit
+
+    def _check_deadlines(self) -> None:
+        """The deadlines, checked lazily: one timer per exchange, re-armed when it fires
+        for what is left (data came in meanwhile) rather than on every read."""
         self._timer = None
-        timeout = self._read_timeout
-        if timeout is None or (self._answer is None and self._payload is None):
+        if self._deadlines is None or (self._answer is None and self._payload is None):
             return
-        due = self._last_data + timeout
-        if self._reading_paused or due > self._loop.time():
-            self._timer = self._loop.call_at(due if due > self._loop.time()
-                                             else self._loop.time() + timeout,
-                                             self._check_silence)
+        now = self._loop.time()
+        due, key, limit = self._next_deadline()
+        if due <= now and key == "read" and self._reading_paused:
+            self._last_data = now  # the client is slow, not the upstream
+            due, key, limit = self._next_deadline()
+        if due > now:
+            self._timer = self._loop.call_at(due, self._check_deadlines)
             return
-        self._fail(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
+        self._fail(DeadlineExpired(key, limit))
+
+    def _rearm_if_sooner(self) -> None:
+        """A phase changed (head in, first body bytes in): its deadline may fall before
+        the armed timer's. Once per phase, never per read."""
+        due = self._next_deadline()[0]
+        timer = self._timer
+        if timer is None or due < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(due, self._check_deadlines)
 
     def _stop_timer(self) -> None:
         timer, self._timer = self._timer, None
@@ -300,5 +363,5 @@ class UpstreamProtocol(BaseProtocol):
             set_exception(payload, exc)
 
 
-__all__ = ["HttpProcessingError", "Origin", "UpstreamProtocol", "UpstreamResponse",
-           "origin_of", "serialize"]
+__all__ = ["DeadlineExpired", "HttpProcessingError", "Origin", "UpstreamProtocol",
+           "UpstreamResponse", "origin_of", "serialize"]

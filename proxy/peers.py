@@ -30,9 +30,13 @@ from proxy.workers import WorkerSpec
 
 
 class Peers:
-    def __init__(self, worker: WorkerSpec, read_timeout: float):
+    """The hop to the owner has no read deadline of its own: the owner runs the upstream
+    call under the provider's deadlines (with retries, longer than any one of them) and
+    always answers, with a 504 or an SSE error event at worst. A shorter bound here
+    would cut requests the owner is still rightly waiting on."""
+
+    def __init__(self, worker: WorkerSpec):
         self.worker = worker
-        self._read_timeout = read_timeout
         self._sessions: dict[int, aiohttp.ClientSession] = {}
         self.forwarded = 0
 
@@ -80,7 +84,7 @@ class Peers:
                 connector=connector, auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-                timeout=aiohttp.ClientTimeout(total=None, sock_read=self._read_timeout))
+                timeout=aiohttp.ClientTimeout(total=None))
             self._sessions[owner] = session
         return session
 

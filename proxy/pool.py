@@ -56,15 +56,17 @@ class ConnectionPool:
             origin = self._origins[key] = http1.origin_of(url, tls)
         return origin
 
-    async def acquire(self, origin: Origin) -> UpstreamProtocol:
-        """An idle connection to ``origin``, a new one, or, at the limit, the next one
-        given back (raises aiohttp's connection errors)."""
+    async def acquire(self, origin: Origin, connect_timeout: float | None = None
+                      ) -> UpstreamProtocol:
+        """An idle connection to ``origin``, a new one (opened within
+        ``connect_timeout``, else the pool's), or, at the limit, the next one given
+        back (raises aiohttp's connection errors)."""
         while True:
             connection = self._idle(origin)
             if connection is not None:
                 return connection
             if self.open < self.limit or self._close_an_idle_one():
-                return await self._lease(origin)
+                return await self._lease(origin, connect_timeout)
             waiter: asyncio.Future[UpstreamProtocol | None] = (
                 asyncio.get_running_loop().create_future())
             entry = (origin, waiter)
@@ -161,7 +163,7 @@ class ConnectionPool:
                 return True
         return False
 
-    async def _lease(self, origin: Origin) -> UpstreamProtocol:
+    async def _lease(self, origin: Origin, connect_timeout: float | None) -> UpstreamProtocol:
         if self._connector is None:
             raise RuntimeError("the upstream pool is used before start() or after close()")
         self.open += 1
@@ -172,7 +174,11 @@ class ConnectionPool:
             self._connection_closed()
 
         try:
-            lease = await self._connector.connect(origin.template, [], self._connect_timeout)
+            timeout = self._connect_timeout
+            if connect_timeout is not None and connect_timeout != timeout.sock_connect:
+                timeout = aiohttp.ClientTimeout(total=None, connect=None,
+                                                sock_connect=connect_timeout)
+            lease = await self._connector.connect(origin.template, [], timeout)
             connection = UpstreamProtocol.take_over(lease, closed)
         except BaseException:
             closed()

@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from proxy import validate as v
+from proxy.timeouts import TimeoutOverrides, parse_overrides
 
 # Providers taken from the environment when no config file and no --upstream is given.
 ENV_PROVIDERS = (
@@ -33,6 +34,8 @@ class ProviderConfig:
     catch_all: bool = False
     forward_client_auth: bool = True
     ca_file: str | None = None  # PEM file of CAs to trust for an https base_url
+    # What it changes of the global timeouts, key by key.
+    timeouts: TimeoutOverrides = field(default_factory=TimeoutOverrides)
 
     @property
     def api_key_missing(self) -> bool:
@@ -100,11 +103,12 @@ def _provider(
     catch_all = v.check(v.boolean, item, "catch_all", path, False, problems)
     forward = v.check(v.boolean, item, "forward_client_auth", path, key_env is None, problems)
     ca_file = v.check(v.readable_file, item, "ca_file", path, None, problems)
+    timeouts = parse_overrides(item.get("timeouts"), f"{path}.timeouts", problems)
     if len(problems) > before:
         return None
     return ProviderConfig(
         name=name, type=type_, base_url=base_url.rstrip("/"), api_key_env=key_env,
         api_key=env.get(key_env) if key_env else None, headers=MappingProxyType(dict(headers)),
         models=tuple(models), catch_all=catch_all, forward_client_auth=forward,
-        ca_file=ca_file,
+        ca_file=ca_file, timeouts=timeouts,
     )

@@ -2,10 +2,10 @@
 
 Retried, while nothing has been sent to the client yet (``dispatch.UpstreamCall``): a
 connection that failed or closed without an answer (``UpstreamUnreachable``: refused,
-reset, a kept-alive connection the upstream had dropped), and the statuses 429, 500,
-502, 503 and 504. Not retried: timeouts (the request may be running upstream, and a
-second wait would double the client's), the gateway's own 503 (load shed), any other
-status.
+reset, a kept-alive connection the upstream had dropped), the ``connect`` and
+``headers`` deadlines (``errors.RETRYABLE_ERRORS``: no answer began), and the statuses
+429, 500, 502, 503 and 504. Not retried: the deadlines of a body (first token, stall,
+total: an answer had begun), the gateway's own 503 (load shed), any other status.
 
 The delay is exponential backoff with full jitter (a uniform draw in [0, min(max_delay,
 base_delay * 2^n)]), or the upstream's ``Retry-After`` when it sends one. A

@@ -33,6 +33,8 @@ from yarl import URL
 from proxy import http1
 from proxy.config import Config
 from proxy.errors import (
+    DEADLINE_ERRORS,
+    ConnectTimeout,
     GatewayError,
     UpstreamError,
     UpstreamProtocolError,
@@ -41,6 +43,7 @@ from proxy.errors import (
 )
 from proxy.http1 import UpstreamProtocol
 from proxy.pool import ConnectionPool
+from proxy.timeouts import Deadlines
 
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _CONTROL_POOL_LIMIT = 32
@@ -65,6 +68,8 @@ UPSTREAM_EXCEPTIONS = (aiohttp.ClientError, TimeoutError)
 def translate_exception(exc: BaseException, provider: str) -> GatewayError:
     """The gateway error for an aiohttp failure; the message names the provider only,
     never the URL or headers (they may carry credentials)."""
+    if isinstance(exc, http1.DeadlineExpired):
+        return DEADLINE_ERRORS[exc.key](provider, exc.limit)
     for exc_type, error_type, message in _EXCEPTION_TABLE:
         if isinstance(exc, exc_type):
             detail = _os_detail(exc)
@@ -97,15 +102,25 @@ class UpstreamRequest:
 
 
 class UpstreamClient:
-    """Sends upstream requests over the worker's shared pools."""
+    """Sends upstream requests over the worker's shared pools, each under its
+    provider's deadlines (``timeouts.py``: the global ones, or the provider's own)."""
 
     def __init__(self, config: Config):
         self._config = config
         self._pool = ConnectionPool(limit=config.pool.limit,
                                     keepalive=config.pool.keepalive_timeout,
                                     connect_timeout=config.timeouts.connect)
+        self._default_deadlines = Deadlines.of(config.timeouts)
+        self._deadlines = {p.name: Deadlines.of(config.timeouts, p.timeouts)
+                           for p in config.providers}
         self._control: aiohttp.ClientSession | None = None
         self.in_flight = 0
+
+    def use_providers(self, config: Config) -> None:
+        """After a reload: the new providers' own deadlines over the running global ones
+        (``timeouts`` itself needs a restart)."""
+        self._deadlines = {p.name: Deadlines.of(self._config.timeouts, p.timeouts)
+                           for p in config.providers}
 
     def __repr__(self) -> str:
         state = "open" if self._control else "closed"
@@ -166,18 +181,20 @@ class UpstreamClient:
         origin = self._pool.origin(request.url, request.tls)
         payload = http1.serialize(request.method, request.url, origin.host_header,
                                   request.headers, request.body)
+        deadlines = self._deadlines.get(provider, self._default_deadlines)
         self.in_flight += 1
         try:
-            connection = await self._pool.acquire(origin)
+            connection = await self._pool.acquire(origin, deadlines.connect)
         except BaseException as exc:
             self.in_flight -= 1
+            if isinstance(exc, TimeoutError):  # the connector's own, on sock_connect
+                raise ConnectTimeout(provider, deadlines.connect) from exc
             if isinstance(exc, UPSTREAM_EXCEPTIONS):
                 raise translate_exception(exc, provider) from exc
             raise
         try:
             response = await connection.request(
-                payload, head_only=request.method == "HEAD",
-                read_timeout=self._config.timeouts.read)
+                payload, head_only=request.method == "HEAD", deadlines=deadlines)
         except BaseException as exc:
             self.done(connection, reuse=False)
             if isinstance(exc, http1.HttpProcessingError):

@@ -128,7 +128,7 @@ async def test_upstream_silent_past_the_read_timeout_reaches_every_waiter(
     base = await cacheless_gateway([provider("up", upstream.url)], timeouts={"read": 0.4})
     started = time.monotonic()
     replies = await leader_then_followers(session, base + CHAT, lambda: bool(calls))
-    assert codes(replies) == [(504, "upstream_timeout")] * 4
+    assert codes(replies) == [(504, "upstream_headers_timeout")] * 4
     assert time.monotonic() - started < 2.0
     assert len(calls) == 1, "the followers must wait on the leader's call"
 

@@ -197,7 +197,7 @@ async def test_upstream_timeout_is_504_after_read_timeout(
     status, _, body = await call(f"{gateway}/v1/chat/completions", json=CHAT)
     elapsed = time.perf_counter() - started
     assert status == 504
-    assert_error(body, "upstream_timeout", type_="upstream_error")
+    assert_error(body, "upstream_headers_timeout", type_="upstream_error")
     assert 0.4 <= elapsed < 2.0
 
 

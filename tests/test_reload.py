@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy.app import build_app
 from proxy.keys import hash_secret
+from proxy.server import running
 from proxy.state import LIVE
 from tests.conftest import MakeConfig, StartUpstream
 from tests.test_workers import Spawned, free_port, poll_healthz, spawn_proxy, stop
@@ -203,3 +204,30 @@ async def test_sections_that_need_a_restart_keep_their_running_values(
     assert gateway.config.server.port != 9999 and gateway.config.pool.limit != 3
     assert gateway.config.timeouts.read != 1
     assert "server, pool, timeouts changed but need a restart" in caplog.text
+
+
+async def test_a_reloaded_provider_runs_under_its_own_deadlines(
+    make_config: MakeConfig, start_upstream: StartUpstream,
+) -> None:
+    """Per-provider ``timeouts`` are part of the provider entry, so a reload applies
+    them (only the global ``timeouts`` section needs a restart)."""
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post(CHAT, hang)
+    url = f"{await start_upstream(app)}/v1"
+    entry = {"name": "slow", "type": "openai_compat", "base_url": url, "models": ["m"]}
+    config = make_config([entry], server={"port": 0}, cache={"enabled": False})
+    gateway_app = build_app(config)
+    async with running(config, app=gateway_app) as base:
+        gateway_app[LIVE].reload(make_config([{**entry, "timeouts": {"headers": 0.3}}],
+                                             cache={"enabled": False}))
+        async with aiohttp.ClientSession() as session:
+            started = time.monotonic()
+            async with session.post(base + CHAT, json={"model": "m", "messages": []}) as r:
+                body = await r.json()
+            waited = time.monotonic() - started
+    assert (r.status, body["error"]["code"]) == (504, "upstream_headers_timeout")
+    assert waited < 5

@@ -56,7 +56,7 @@ async def test_connect_timeout_is_504(unanswered_port: int, start_gateway: Start
     started = time.perf_counter()
     status, _, body = await fetch(f"{url}/v1/chat/completions", body=CHAT)
     elapsed = time.perf_counter() - started
-    assert (status, error_code(body)) == (504, "upstream_timeout")
+    assert (status, error_code(body)) == (504, "connect_timeout")
     assert READ * 0.8 < elapsed < READ + 1.5
     assert str(unanswered_port) not in body.decode()
 
@@ -69,7 +69,7 @@ async def test_read_timeout_before_the_head_is_504(
         started = time.perf_counter()
         status, _, body = await fetch(f"{url}/v1/chat/completions", body=CHAT)
         elapsed = time.perf_counter() - started
-        assert (status, error_code(body)) == (504, "upstream_timeout")
+        assert (status, error_code(body)) == (504, "upstream_headers_timeout")
         assert READ * 0.8 < elapsed < READ + 1.5
     assert [len(c.requests) for c in upstream.inference] == [1, 1]
 
@@ -92,7 +92,7 @@ async def test_read_timeout_mid_body(sse: bool, raw_upstream: StartRaw,
     started = time.perf_counter()
     status, _, body = await fetch(f"{url}/v1/chat/completions", body={**CHAT, "stream": sse})
     elapsed = time.perf_counter() - started
-    assert error_code(body) == "upstream_timeout"
+    assert error_code(body) == "stream_stalled"
     assert READ * 0.8 < elapsed < READ + 1.5
     if sse:  # the status was out with the first event: the error is an SSE event
         assert status == 200
