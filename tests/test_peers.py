@@ -114,3 +114,27 @@ async def test_the_clients_cache_headers_reach_the_owning_worker(
             assert len(calls) == 8
     finally:
         assert await stop(proxy) == 0, proxy.output()
+
+
+async def test_a_forwarded_request_waits_as_long_as_the_owner_does(
+    start_upstream: StartUpstream, tmp_path: Path,
+) -> None:
+    """The owner runs the call under the provider's deadlines (here headers 5 s, longer
+    than read 0.2 s); the hop to it must not give up first with a 502."""
+    calls: list[int] = []
+    upstream = await start_upstream(_slow_upstream(calls))  # answers after 0.4 s
+    port = free_port()
+    config = tmp_path / "proxy.yaml"
+    config.write_text("timeouts: {read: 0.2, headers: 5}\n")
+    proxy = spawn_proxy(["--workers", "2", "--port", str(port), "--config", str(config),
+                         "--upstream", f"{upstream}/v1"], tmp_path)
+    try:
+        async with fresh_connections() as session:
+            await poll_healthz(session, f"http://127.0.0.1:{port}/healthz",
+                               lambda s: len(set(s.values())) == 2, [proxy])
+            url = f"http://127.0.0.1:{port}{CHAT}"
+            answers = await asyncio.gather(*(_post(session, url, 0) for _ in range(10)))
+        assert [status for status, _, _ in answers] == [200] * 10, proxy.output()
+        assert len(calls) == 1
+    finally:
+        assert await stop(proxy) == 0, proxy.output()
