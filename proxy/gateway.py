@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from proxy.auth import KeyRing
@@ -30,6 +30,7 @@ from proxy.config import Config
 from proxy.dedup import InflightRequests
 from proxy.discovery import ModelCatalog
 from proxy.dispatch import Dispatcher
+from proxy.failure_log import FailureLog
 from proxy.limits import AdaptiveLimiter, LimitSettings
 from proxy.peers import Peers
 from proxy.providers import Provider, build_provider
@@ -55,6 +56,7 @@ class Shared:
     cache: AnswerCache
     peers: Peers
     rate_limiter: RateLimiter
+    failures: FailureLog = field(default_factory=FailureLog)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as error:
+        if error.status >= 500:
+            request.app[LIVE].shared.failures(f"{request.method} {request.path}",
+                                              request.get(REQUEST_ID, "-"), error)
         return error_response(error)
     except web.HTTPException as exc:
         if exc.status < 400:
