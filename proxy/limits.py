@@ -79,7 +79,7 @@ class LimitSettings:
     initial: int = 64
     min: int = 4
     max: int = 1024
-    queue_size: int = 256
+    queue_size: int = 1024
     queue_timeout: float = 2.0
     tolerance: float = 1.5
     slack: float = 0.01

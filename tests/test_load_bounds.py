@@ -89,11 +89,9 @@ async def test_idle_connections_do_not_delay_a_request(upstream: Proc,
 @pytest.mark.timeout(180)
 async def test_500_concurrent_clients_10000_requests_no_errors(upstream: Proc,
                                                                tmp_path: Path) -> None:
-    # 500 in flight at once: the adaptive limit starts above that and every request may
-    # queue (the defaults, 64 + a queue of 256, would shed the rest with 503 by design).
-    limits = {"initial": 512, "max": 1024, "queue_size": 1024, "queue_timeout": 30}
+    # The default limits: 64 in flight at first, the others queue (up to 1024, 2 s).
     with nofile_raised(4 * CLIENTS + 512):
-        async with gateway_process(tmp_path, config(upstream, limits=limits)) as gateway:
+        async with gateway_process(tmp_path, config(upstream)) as gateway:
             started = time.monotonic()
             outcomes = await hammer(gateway.url, CLIENTS, PER_CLIENT)
             elapsed = time.monotonic() - started
