@@ -23,7 +23,8 @@ from ``server.*`` in the config:
   fault (through nginx: a 502 "upstream prematurely closed");
 * parser errors get OpenAI-shaped JSON (aiohttp: text/plain) and a debug log line
   (aiohttp: an ERROR traceback per bad request, which any client could flood);
-* HTTP/0.9 (400) and transfer codings other than ``chunked`` (501), which llhttp accepts.
+* HTTP/0.9 and chunked HTTP/1.0 (400), and transfer codings other than ``chunked`` (501),
+  which llhttp accepts.
 
 Hot path: each connection has at most one timer, set for its earliest deadline. When it
 fires it re-arms for the deadline that holds then, if any (as aiohttp's keep-alive timer
@@ -40,7 +41,7 @@ import time
 from typing import Any
 
 from aiohttp import hdrs, web
-from aiohttp.http import HttpVersion10, RawRequestMessage
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
@@ -321,7 +322,11 @@ def _refusal(message: RawRequestMessage, head_limit: int) -> GatewayError | None
         return HeadersTooLarge(head_limit)
     if message.version < HttpVersion10:
         return MalformedRequest("HTTP/0.9")
-    if message.chunked and message.headers.get(hdrs.TRANSFER_ENCODING, "").lower() != "chunked":
+    if not message.chunked:
+        return None
+    if message.version < HttpVersion11:  # RFC 9112 section 6.1: its framing is faulty
+        return MalformedRequest("Transfer-Encoding in HTTP/1.0")
+    if message.headers.get(hdrs.TRANSFER_ENCODING, "").lower() != "chunked":
         return UnsupportedTransferEncoding()
     return None
 

@@ -86,6 +86,12 @@ CASES = {
     "bare LF in a chunk extension": HEAD + b"Transfer-Encoding: chunked\r\n\r\n%x;a\nb\r\n"
         % N + CHAT_BODY + b"\r\n0\r\n\r\n",
     "HTTP/0.9": b"GET /v1/models\r\n\r\n",
+    "chunked on HTTP/1.0": HEAD.replace(b"HTTP/1.1", b"HTTP/1.0") + b"Connection: keep-alive"
+        b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(),
+    "a tab in the request line": chat_request().replace(b"POST ", b"POST\t", 1),
+    "a lower-case version": chat_request().replace(b"HTTP/1.1", b"http/1.1", 1),
+    "a control character in the target": chat_request().replace(b"completions",
+                                                                b"comp\x01letions", 1),
     "garbage": b"\x00\x01\x02\x03 not http at all\r\n\r\n",
     "words": b"HELLO WORLD\r\n\r\n",
     "a TLS client hello": b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(32)
