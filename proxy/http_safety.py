@@ -80,6 +80,9 @@ class MalformedRequest(GatewayError):
         super().__init__(f"The request is not valid HTTP/1.1 ({reason}); it was not "
                          "forwarded.")
 
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}  # also when the error middleware answers it
+
 
 class UnsupportedTransferEncoding(GatewayError):
     status = 501  # RFC 9112 section 6.1: a transfer coding the server does not understand
