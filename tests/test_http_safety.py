@@ -3,19 +3,18 @@ exercised with raw sockets against the real gateway and a real upstream that rec
 every request it gets: 431 for an oversized head, 413 for a chunked body over the limit,
 a trickled head dropped, a stalled or trickled body answered 408, idle keep-alive
 connections closed, connections over ``server.max_connections`` answered 503, and a
-slow upstream never cut by any of these. Request smuggling: test_http_safety_smuggling.py.
+slow upstream never cut by any of these. Request smuggling: test_http_safety_smuggling.py;
+the configuration keys: test_http_safety_config.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,10 +23,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.config import ConfigError, Overrides, ServerConfig, config_from_dict, load_config
-from proxy.providers import PROVIDER_TYPES
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
-from tests.test_nginx import directives
 from tests.wire import CHAT, gateway, post_json
 
 CHAT_BODY = orjson.dumps(CHAT)
@@ -385,40 +381,3 @@ async def until_admitted(url: str) -> Reply:
         assert time.monotonic() < deadline, "the closed connection's slot never came back"
         await asyncio.sleep(0.05)
     return reply
-
-
-# --- configuration -----------------------------------------------------------------------
-
-def test_the_gateway_keeps_idle_connections_longer_than_nginx() -> None:
-    """nginx must close an idle upstream connection before the gateway does, or it may
-    send a request on a connection the gateway is closing at that moment (a 502)."""
-    upstream_block = re.search(r"upstream\s+llm_gateway\s*\{([^}]*)\}", directives())
-    assert upstream_block, "deploy/nginx.conf lost its upstream block"
-    nginx = re.search(r"keepalive_timeout\s+(\d+)s?;", upstream_block[1])
-    assert nginx, "deploy/nginx.conf: set keepalive_timeout in the upstream block"
-    assert int(nginx[1]) < ServerConfig().keepalive_timeout
-
-
-def test_the_safety_keys_are_validated_with_their_key_paths() -> None:
-    raw = {"server": {"max_header_bytes": 0, "header_timeout": -1, "body_timeout": "soon",
-                      "keepalive_timeout": 0, "max_connections": 1.5}}
-    with pytest.raises(ConfigError) as caught:
-        config_from_dict(raw, {}, PROVIDER_TYPES.keys())
-    assert caught.value.problems == [
-        "server.max_header_bytes: must be greater than 0 (got 0)",
-        "server.header_timeout: must be greater than 0 (got -1)",
-        "server.body_timeout: must be a number",
-        "server.keepalive_timeout: must be greater than 0 (got 0)",
-        "server.max_connections: must be an integer",
-    ]
-
-
-def test_the_safety_keys_have_environment_overrides(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    env = {"PROXY_MAX_HEADER_BYTES": "8192", "PROXY_HEADER_TIMEOUT": "5",
-           "PROXY_BODY_TIMEOUT": "30", "PROXY_KEEPALIVE_TIMEOUT": "90",
-           "PROXY_MAX_CONNECTIONS": "100"}
-    server = load_config(Overrides(), env, PROVIDER_TYPES.keys()).server
-    assert (server.max_header_bytes, server.header_timeout, server.body_timeout,
-            server.keepalive_timeout, server.max_connections) == (8192, 5.0, 30.0, 90.0, 100)
