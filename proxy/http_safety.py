@@ -31,6 +31,9 @@ fires it re-arms for the deadline that holds then, if any (as aiohttp's keep-ali
 does), so moving a deadline is an attribute write; a busy connection sees about one timer
 event per ``header_timeout``. Per read, a few attribute reads; per request, a version and
 a chunked check.
+
+This reaches into ``RequestHandler``'s internals (its message queue and ``_ErrInfo``
+entries, as of aiohttp 3.14): tests/test_http_safety*.py fail if an upgrade changes them.
 """
 
 from __future__ import annotations
