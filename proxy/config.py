@@ -48,6 +48,11 @@ ENV_OVERRIDES = {
     "PROXY_WORKERS": ("server", "workers"),
     "PROXY_SOCKET_DIR": ("server", "socket_dir"),
     "PROXY_SHUTDOWN_GRACE": ("server", "shutdown_grace"),
+    "PROXY_MAX_HEADER_BYTES": ("server", "max_header_bytes"),
+    "PROXY_HEADER_TIMEOUT": ("server", "header_timeout"),
+    "PROXY_BODY_TIMEOUT": ("server", "body_timeout"),
+    "PROXY_KEEPALIVE_TIMEOUT": ("server", "keepalive_timeout"),
+    "PROXY_MAX_CONNECTIONS": ("server", "max_connections"),
     "PROXY_CONNECT_TIMEOUT": ("timeouts", "connect"),
     "PROXY_READ_TIMEOUT": ("timeouts", "read"),
     "PROXY_TOTAL_TIMEOUT": ("timeouts", "total"),
@@ -77,6 +82,15 @@ class ServerConfig:
     socket_dir: str | None = None
     # SIGTERM: in-flight requests and streams may finish for this long, then are cut.
     shutdown_grace: float = 30.0
+    # What a client connection may cost (``http_safety.py``): request line + headers,
+    # seconds to send a head and a body, idle keep-alive (longer than nginx's upstream
+    # keepalive_timeout of 60 s, so nginx never reuses a connection being closed), and
+    # open connections per worker.
+    max_header_bytes: int = 32 * 1024
+    header_timeout: float = 15.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 4096
 
 
 @dataclass(frozen=True)
@@ -259,7 +273,9 @@ def _build(
     server = v.section(raw.get("server"), "server", ServerConfig, problems, {
         "host": v.string, "port": v.port, "max_body_bytes": v.positive_int,
         "workers": v.positive_int, "socket_dir": v.string,
-        "shutdown_grace": v.non_negative_number})
+        "shutdown_grace": v.non_negative_number, "max_header_bytes": v.positive_int,
+        "header_timeout": v.positive_number, "body_timeout": v.positive_number,
+        "keepalive_timeout": v.positive_number, "max_connections": v.positive_int})
     if server.workers > 1 and server.port == 0:
         problems.append("server.port: must be a fixed port when server.workers > 1 "
                         "(the workers cannot share a randomly chosen port)")

@@ -2,7 +2,8 @@
 
 ``running()`` is what the CLI and the tests both use, so tests exercise the same runner
 settings as production: handler cancellation on (a client that disconnects cancels its
-handler and so its upstream request) and no access log on the hot path.
+handler and so its upstream request), no access log on the hot path, and the client-side
+limits and timeouts of ``http_safety.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from aiohttp import web
 from proxy.app import build_app
 from proxy.config import DEMO_PROVIDER, Config, ConfigError, with_demo_provider
 from proxy.gateway import Live
+from proxy.http_safety import GuardedRunner
 from proxy.state import LIVE
 from proxy.workers import WorkerSpec
 
@@ -46,7 +48,8 @@ async def running(config: Config, worker: WorkerSpec | None = None,
     listens on its own unix socket, always: nginx and the other workers reach it there.
     """
     worker = worker or WorkerSpec.of(config)
-    runner = web.AppRunner(app or build_app(config, worker), handler_cancellation=True,
+    runner = GuardedRunner(app or build_app(config, worker), config.server,
+                           handler_cancellation=True,
                            access_log=None, shutdown_timeout=config.server.shutdown_grace)
     await runner.setup()
     socket: _OwnSocket | None = None

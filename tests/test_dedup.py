@@ -247,14 +247,22 @@ async def test_stream_fans_out_to_late_subscribers(
     # other clients' (part of the key).
     sdk = openai_client(base, default_headers={"Accept-Encoding": "identity"})
 
+    async def after_two_events() -> None:
+        """Join between the 2nd and 3rd events (150 ms apart), however late the first
+        request started on a busy machine."""
+        for _ in range(400):
+            if len(upstream.written_at) >= 2:
+                return
+            await asyncio.sleep(0.005)
+
     async def late_sdk() -> str:
-        await asyncio.sleep(0.35)
+        await after_two_events()
         stream = await sdk.chat.completions.create(
             model="m", messages=body["messages"], temperature=0, stream=True)
         return "".join([c.choices[0].delta.content or "" async for c in stream])
 
     async def late_raw() -> tuple[float, list[tuple[float, bytes]], dict[str, str]]:
-        await asyncio.sleep(0.35)
+        await after_two_events()
         joined_at = time.monotonic()
         return joined_at, *await read_timed(session, base + CHAT, body)
 
