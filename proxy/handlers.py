@@ -14,7 +14,13 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.discovery import Snapshot
-from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotAllowed, ModelNotFound
+from proxy.errors import (
+    BodyTooLarge,
+    GatewayError,
+    InvalidRequest,
+    ModelNotAllowed,
+    ModelNotFound,
+)
 from proxy.gateway import Gateway
 from proxy.headers import AUTHORIZATION, upstream_request_headers
 from proxy.providers import Call
@@ -41,14 +47,19 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     sharing = sharing_for(call, route.label, request.headers, config.dedup,
                           config.cache)
     timing = request[TIMING]
-    async with gateway.dispatcher.answer(call, route, sharing, timing) as answer:
-        tap(answer, admission)
-        return await send_answer(request, answer, buffered=not call.stream, timing=timing,
-                                 keepalive=config.timeouts.sse_keepalive)
+    try:
+        async with gateway.dispatcher.answer(call, route, sharing, timing) as answer:
+            tap(answer, admission)
+            return await send_answer(request, answer, buffered=not call.stream,
+                                     timing=timing, keepalive=config.timeouts.sse_keepalive)
+    except GatewayError:
+        if admission is not None:  # the gateway's own failure costs the key no tokens
+            await admission.settle(0)
+        raise
 
 
 async def admit(request: web.Request, call: Call, route: Route, limiter: RateLimiter
-          ) -> Admission | None:
+                ) -> Admission | None:
     """What the caller's gateway key allows: this model (else 403), and this request
     within its rate limits (else 429). The admission's x-ratelimit-* headers go on the
     answer (``stamp_response``), and its token estimate is corrected from the answer."""

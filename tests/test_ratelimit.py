@@ -164,3 +164,17 @@ def test_the_estimate_counts_the_prompt_and_the_allowed_completion() -> None:
     assert estimate({"max_tokens": 50}, body) == 151
     assert estimate({"max_completion_tokens": 70, "max_tokens": 50}, body) == 171
     assert estimate({"max_output_tokens": 9}, body) == 110
+
+
+async def test_a_request_the_gateway_fails_costs_no_tokens(
+    start_gateway: StartGateway, make_config: MakeConfig, closed_port: int,
+) -> None:
+    """502s from a dead upstream must not drain the key's token budget into 429s."""
+    key = {"name": "limited", "sha256": hash_secret(SECRET), "tpm": 1000}
+    base = await start_gateway(make_config(
+        [{"name": "up", "type": "openai_compat", "models": ["m"],
+          "base_url": f"http://127.0.0.1:{closed_port}/v1"}],
+        auth={"keys": [key]}, breaker={"failures": 0}))
+    async with aiohttp.ClientSession() as session:
+        statuses = [(await post(session, base, max_tokens=600))[0] for _ in range(3)]
+    assert statuses == [502, 502, 502]
