@@ -56,9 +56,10 @@ class Route:
     @property
     def label(self) -> str:
         """Names the route in sharing keys: requests that could be answered by the same
-        deployments share, whichever one a balancer would pick."""
-        if self.single:
-            return self.provider.name
+        deployments, under the same model names, share, whichever one a balancer would
+        pick."""
+        if self.single:  # the model sent upstream too: an alias may change on reload
+            return f"{self.provider.name}/{self.upstream_model}"
         groups = (self.deployments, *self.fallbacks)
         return "|".join(",".join(f"{t.provider.name}/{t.upstream_model}" for t in group)
                         for group in groups)

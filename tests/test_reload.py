@@ -231,3 +231,29 @@ async def test_a_reloaded_provider_runs_under_its_own_deadlines(
             waited = time.monotonic() - started
     assert (r.status, body["error"]["code"]) == (504, "upstream_headers_timeout")
     assert waited < 5
+
+
+async def test_a_reloaded_alias_does_not_replay_the_old_targets_cached_answer(
+    make_config: MakeConfig, start_upstream: StartUpstream,
+) -> None:
+    models: list[str] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        model = (await request.json())["model"]
+        models.append(model)
+        return web.json_response({"choices": [{"message": {"content": model}}]})
+
+    app = web.Application()
+    app.router.add_post(CHAT, chat)
+    entry = {"name": "up", "type": "openai_compat", "base_url": f"{await start_upstream(app)}/v1"}
+    config = make_config([entry], server={"port": 0}, aliases={"fast": "up/gpt-a"})
+    gateway_app = build_app(config)
+    body = {"model": "fast", "temperature": 0, "messages": []}
+    async with running(config, app=gateway_app) as base, aiohttp.ClientSession() as session:
+        async with session.post(base + CHAT, json=body) as first:
+            assert first.headers["X-Cache"] == "MISS"
+        gateway_app[LIVE].reload(make_config([entry], aliases={"fast": "up/gpt-b"}))
+        async with session.post(base + CHAT, json=body) as second:
+            answer = await second.json()
+    assert answer["choices"][0]["message"]["content"] == "gpt-b"
+    assert models == ["gpt-a", "gpt-b"]
