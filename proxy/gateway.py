@@ -125,7 +125,7 @@ def _dispatcher(config: Config, shared: Shared, providers: list[Provider],
     client = shared.client
     limiters = {p.name: _kept(old.limiters if old and same(p, "limits") else None, p.name)
                 or AdaptiveLimiter(p.name, settings, on_limit_change=client.limit_follower(
-                    p.base_url, p.tls, p.name))
+                    p.base_url, p.tls, p.name, settings.initial))
                 for p in providers}
     retries = {p.name: _kept(old.retries if old and same(p, "retries") else None, p.name)
                or RetryPolicy(config.retries) for p in providers}

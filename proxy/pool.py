@@ -32,6 +32,7 @@ class ConnectionPool:
             total=None, connect=None, sock_connect=connect_timeout)
         self._connector: aiohttp.TCPConnector | None = None
         self._origins: dict[OriginKey, Origin] = {}
+        self._cap_owners: dict[str, object] = {}  # provider -> the limiter that sets its cap
         self._waiters: deque[tuple[Origin, asyncio.Future[UpstreamProtocol | None]]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self.open = 0  # leased connections, and those being opened
@@ -110,11 +111,24 @@ class ConnectionPool:
         if self._sweeper is None:
             self._schedule_sweep()
 
-    def follow_limit(self, url: URL, tls: ssl.SSLContext | None, provider: str, limit: int
-                     ) -> None:
+    def claim_limit(self, url: URL, tls: ssl.SSLContext | None, provider: str,
+                    owner: object, limit: int) -> None:
+        """A new limiter for ``provider`` (start-up, or a reload that changed it): only
+        its ``follow_limit`` calls count from now on, the old one's are ignored, and the
+        provider's cap leaves an origin it no longer uses (a changed ``base_url``)."""
+        self._cap_owners[provider] = owner
+        for origin in self._origins.values():
+            if origin.caps.pop(provider, None) is not None:
+                origin.cap = sum(origin.caps.values())
+        self.follow_limit(url, tls, provider, limit, owner)
+
+    def follow_limit(self, url: URL, tls: ssl.SSLContext | None, provider: str, limit: int,
+                     owner: object) -> None:
         """The adaptive limit of ``provider`` changed (``AdaptiveLimiter.on_limit_change``):
         the origin keeps at most the sum of its providers' limits open, closing idle
         connections over it now and busy ones as they come back."""
+        if self._cap_owners.get(provider) is not owner:
+            return  # a limiter a reload replaced, still releasing its last requests
         origin = self.origin(url, tls)
         origin.caps[provider] = limit
         origin.cap = sum(origin.caps.values())

@@ -158,13 +158,16 @@ class UpstreamClient:
             raise
         self.done(connection, reuse=True)
 
-    def limit_follower(self, url: URL, tls: ssl.SSLContext | None, provider: str
-                       ) -> Callable[[int], None]:
-        """The ``on_limit_change`` hook of ``provider``'s adaptive limiter: the pool keeps
-        no more connections to its origin than the limit allows (issue #3: the shared
-        pool's per-host limit follows the adaptive one)."""
+    def limit_follower(self, url: URL, tls: ssl.SSLContext | None, provider: str,
+                       initial: int) -> Callable[[int], None]:
+        """The ``on_limit_change`` hook of ``provider``'s new adaptive limiter, starting at
+        ``initial``: the pool keeps no more connections to its origin than the limit
+        allows (issue #3: the shared pool's per-host limit follows the adaptive one)."""
+        owner = object()
+        self._pool.claim_limit(url, tls, provider, owner, initial)
+
         def follow(limit: int) -> None:
-            self._pool.follow_limit(url, tls, provider, limit)
+            self._pool.follow_limit(url, tls, provider, limit, owner)
         return follow
 
     def done(self, connection: UpstreamProtocol, *, reuse: bool) -> None:

@@ -67,7 +67,7 @@ async def test_kept_connections_follow_the_adaptive_limit(
     client = UpstreamClient(make_config([]))
     await client.start()
     try:
-        follow = client.limit_follower(URL(upstream.url), None, "prov")
+        follow = client.limit_follower(URL(upstream.url), None, "prov", 64)
         await asyncio.wait_for(asyncio.gather(*(post(client, upstream) for _ in range(3))), 5)
         assert upstream.open == 3
         follow(1)
@@ -80,6 +80,31 @@ async def test_kept_connections_follow_the_adaptive_limit(
         follow(4)  # grows again: new connections are kept up to the new limit
         await asyncio.wait_for(asyncio.gather(*(post(client, upstream) for _ in range(3))), 5)
         assert upstream.open == 3
+    finally:
+        await client.close()
+
+
+async def test_a_replaced_limiter_no_longer_sets_the_origins_cap(
+        raw_upstream: StartRaw, make_config: MakeConfig) -> None:
+    """A reload builds a new limiter for a changed provider: the pool follows it from its
+    initial limit on, and the old one (still releasing requests) is ignored."""
+    upstream = await raw_upstream(held)
+    client = UpstreamClient(make_config([]))
+    await client.start()
+    try:
+        url = URL(upstream.url)
+        old = client.limit_follower(url, None, "prov", 64)
+        old(4)  # learnt low before the reload
+        origin = client._pool.origin(url, None)
+        assert origin.cap == 4
+        client.limit_follower(url, None, "prov", 64)  # the new limiter
+        assert origin.cap == 64
+        old(2)
+        assert origin.cap == 64
+        moved = client.limit_follower(URL("http://127.0.0.2:9/v1"), None, "prov", 16)
+        assert (origin.caps, origin.cap) == ({}, 0)  # base_url changed: the cap left it
+        moved(8)
+        assert client._pool.origin(URL("http://127.0.0.2:9/v1"), None).cap == 8
     finally:
         await client.close()
 
