@@ -42,6 +42,9 @@ class Answer:
     # An error answer (status >= 400) has its whole body in one chunk: it is sent as a
     # plain response with Content-Length, never streamed.
     complete: bool = False
+    # Set by whoever relays the body when it broke (the upstream failed, not the client):
+    # the circuit breaker counts it (``dispatch.UpstreamCall.finish``).
+    failed: bool = False
 
     @property
     def event_stream(self) -> bool:

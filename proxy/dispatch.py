@@ -159,7 +159,8 @@ class Dispatcher:
                 while (chunk := await answer.body.next()) is not None:
                     exchange.append(chunk)
                     await exchange.room()
-            except BaseException:
+            except BaseException as exc:
+                answer.failed = isinstance(exc, GatewayError)  # the upstream broke
                 upstream.finish(failed=True)
                 raise
             upstream.finish(failed=False)
@@ -171,7 +172,8 @@ class Dispatcher:
         except GatewayError as error:
             exchange.finish(error)
         except asyncio.CancelledError:
-            exchange.finish(UpstreamError("the upstream call was cancelled"))
+            if not exchange.done:  # (not while storing a finished answer in the cache)
+                exchange.finish(UpstreamError("the upstream call was cancelled"))
             raise
         finally:
             self.inflight.settled(exchange)
@@ -183,7 +185,8 @@ class UpstreamCall:
     A class rather than stacked context managers: this is the hot path, and each layer
     of those showed in the profile."""
 
-    __slots__ = ("_breaker", "_call", "_client", "_connection", "_judge_body", "_latency",
+    __slots__ = ("_answer", "_breaker", "_call", "_client", "_connection", "_judge_body",
+                 "_latency",
                  "_limiter", "_outcome", "_permit", "_provider", "_retry", "_timing")
 
     def __init__(self, client: UpstreamClient, limiter: AdaptiveLimiter, call: Call,
@@ -201,12 +204,15 @@ class UpstreamCall:
         self._outcome = Outcome.IGNORE
         self._latency: float | None = None
         self._judge_body = False  # the breaker's verdict waits for the body (finish)
+        self._answer: Answer | None = None  # the one returned, for that verdict
 
     async def __aenter__(self) -> Answer:
         return await self.start()
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, traceback: TracebackType | None) -> None:
+        if isinstance(exc, UpstreamError) and self._answer is not None:
+            self._answer.failed = True  # the body broke before anything was relayed
         self.finish(failed=exc_type is not None)
 
     async def start(self) -> Answer:
@@ -269,8 +275,9 @@ class UpstreamCall:
             raise
         if answer.complete or probe:  # a probe's head decides at once: others wait on it
             breaker.record(failed=answer.status in FAILURE_STATUSES)
-        else:  # a body deadline (first token, stall, total) still fails it
+        else:  # a body deadline (first token, stall, total) or a cut still fails it
             self._judge_body = True
+            self._answer = answer
         return answer
 
     def finish(self, *, failed: bool) -> None:
@@ -278,8 +285,10 @@ class UpstreamCall:
         connection, self._connection = self._connection, None
         if self._judge_body:
             self._judge_body = False
-            expired = connection is not None and connection.expired
-            self._breaker.record(failed=True if expired else None if failed else False)
+            broke = (connection is not None and connection.expired) or (
+                self._answer is not None and self._answer.failed)
+            # A client that left says nothing about the upstream.
+            self._breaker.record(failed=True if broke else None if failed else False)
         if connection is not None:
             self._client.done(connection, reuse=not failed)
         permit, self._permit = self._permit, None

@@ -82,7 +82,7 @@ class Balancer:
 class FailoverCall:
     """The candidates tried in turn; as an async context manager, the answer."""
 
-    __slots__ = ("_call", "_current", "_make", "_targets", "_timing")
+    __slots__ = ("_answer", "_call", "_current", "_make", "_targets", "_timing")
 
     def __init__(self, call: Call, targets: list[Target], make: CallFactory,
                  timing: Waits | None):
@@ -91,12 +91,15 @@ class FailoverCall:
         self._make = make
         self._timing = timing
         self._current: Candidate | None = None
+        self._answer: Answer | None = None
 
     async def __aenter__(self) -> Answer:
         return await self.start()
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, traceback: TracebackType | None) -> None:
+        if isinstance(exc, UpstreamError) and self._answer is not None:
+            self._answer.failed = True  # the body broke before anything was relayed
         self.finish(failed=exc_type is not None)
 
     async def start(self) -> Answer:
@@ -114,7 +117,7 @@ class FailoverCall:
             if index < last and answer.status in FAILOVER_STATUSES:
                 upstream.finish(failed=False)  # an error answer is read whole
                 continue
-            self._current = upstream
+            self._current, self._answer = upstream, answer
             answer.headers[PROVIDER] = target.provider.name
             if self._timing is not None:
                 self._timing.upstream_wait += time.perf_counter() - queued

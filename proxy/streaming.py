@@ -67,6 +67,7 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
                 await response.write(chunk)
             chunk = await answer.body.next()
     except GatewayError as error:
+        answer.failed = True
         await _end_with_error(request, response, error, event_stream)
         return response
     await response.write_eof()

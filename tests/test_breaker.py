@@ -122,3 +122,45 @@ def test_a_breaker_with_failures_zero_never_opens() -> None:
         breaker.check()
         breaker.record(failed=True)
     assert breaker.state == "closed"
+
+
+def cut_stream_app(calls: list[int]) -> web.Application:
+    """A 200 event stream that sends one event, then resets the connection."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        calls.append(1)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"n": 0}\n\n')
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["direct", "deduplicated"])
+async def test_streams_the_upstream_cuts_count_as_failures(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    shared: bool,
+) -> None:
+    calls: list[int] = []
+    url = await start_upstream(cut_stream_app(calls))
+    base = await start_gateway(make_config(
+        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
+        breaker={"failures": 2, "cooldown": 60}, cache={"enabled": False}))
+    body = {"model": "m", "messages": MESSAGES, "stream": True,
+            "temperature": 0 if shared else 1}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(f"{base}/v1/chat/completions", json=body) as response:
+                assert response.status == 200
+                assert b"event: error" in await response.read()
+        async with session.post(f"{base}/v1/chat/completions", json=body) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "circuit_open"
+        assert (await health(session, base))["state"] == "open"
+    assert len(calls) == 2
