@@ -86,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if command == "serve":
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the handler is in place
+        # Held, not lost and not fatal, until the reload handler is in place (server.py,
+        # workers.py); a worker inherits the mask through exec.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     config = _load(args)
     if command == "serve":
         _serve(config, words, args.worker_index, functools.partial(_reload, args))

@@ -187,6 +187,7 @@ async def _until_stopped(supervisor_pid: int | None,
         loop.add_signal_handler(sig, stop.set)
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held since start-up
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -197,6 +198,9 @@ async def _until_stopped(supervisor_pid: int | None,
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        # Stopping: a reload now has nothing to do, and must not kill the streams that
+        # are finishing (SIGHUP's default action ends the process).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _listening_on(url: str, worker: WorkerSpec) -> str:

@@ -160,6 +160,7 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
         previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore)
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held since start-up
         return previous
 
     def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -206,8 +207,14 @@ class Supervisor:
     def _start(self, slot: _Slot, now: float) -> None:
         command = list(self._command(slot.index))
         try:
-            # Own process group: the terminal's Ctrl-C goes to the supervisor only.
-            slot.process = subprocess.Popen(command, process_group=0)
+            # Own process group: the terminal's Ctrl-C goes to the supervisor only. SIGHUP
+            # is blocked across the exec: the worker holds a reload until its handler is
+            # in place instead of dying of it (its default action).
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+            try:
+                slot.process = subprocess.Popen(command, process_group=0)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         except OSError as exc:
             delay = slot.backoff.next_delay(0.0)
             log.error("worker %d: cannot start %s (%s); retrying in %.1f s", slot.index,

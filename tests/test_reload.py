@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,16 @@ from proxy.app import build_app
 from proxy.keys import hash_secret
 from proxy.server import running
 from proxy.state import LIVE
+from proxy.workers import Supervisor
 from tests.conftest import MakeConfig, StartUpstream
-from tests.test_workers import Spawned, free_port, poll_healthz, spawn_proxy, stop
+from tests.test_workers import (
+    Spawned,
+    clean_env,
+    free_port,
+    poll_healthz,
+    spawn_proxy,
+    stop,
+)
 
 CHAT = "/v1/chat/completions"
 OLD_KEY, NEW_KEY = "gk-old-secret-1", "gk-new-secret-2"
@@ -257,3 +267,70 @@ async def test_a_reloaded_alias_does_not_replay_the_old_targets_cached_answer(
             answer = await second.json()
     assert answer["choices"][0]["message"]["content"] == "gpt-b"
     assert models == ["gpt-a", "gpt-b"]
+
+
+def spawn_as_the_supervisor_does(argv: list[str], log: Path) -> Spawned:
+    """With SIGHUP blocked across the exec (``Supervisor._start``)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        with log.open("wb") as output:
+            process = subprocess.Popen(argv, env=clean_env(), cwd=log.parent,
+                                       stdout=output, stderr=subprocess.STDOUT)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    return Spawned(log.stem, process, log)
+
+
+async def test_a_sighup_during_start_up_is_held_not_fatal(
+    start_upstream: StartUpstream, tmp_path: Path,
+) -> None:
+    """A worker the supervisor just (re)started gets SIGHUP blocked across the exec, and
+    ``proxy serve`` keeps it blocked until its reload handler is in place: a reload
+    forwarded at that moment is done late instead of killing the worker."""
+    upstreams = {name: await start_upstream(named_upstream(name)) for name in ("a", "b")}
+    path = tmp_path / "proxy.yaml"
+    path.write_text(config_text(upstreams, "b", NEW_KEY))
+    port = free_port()
+    argv = [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port)]
+    spawned = spawn_as_the_supervisor_does(argv, tmp_path / "early.log")
+    process, log = spawned.process, spawned.log
+    try:
+        process.send_signal(signal.SIGHUP)  # before the interpreter is even up
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            await poll_healthz(session, f"http://127.0.0.1:{port}/healthz", bool, [spawned])
+            await until_answered(session, f"http://127.0.0.1:{port}", NEW_KEY, (200, "b"),
+                                 spawned)
+        assert "reload: config from" in log.read_text()
+    finally:
+        assert await stop(spawned) == 0, spawned.output()
+
+
+def test_the_supervisor_starts_workers_with_sighup_blocked(tmp_path: Path) -> None:
+    status = tmp_path / "status"
+    script = f"open({str(status)!r}, 'w').write(open('/proc/self/status').read())"
+    supervisor = Supervisor(lambda index: [sys.executable, "-c", script], 1)
+    slot = supervisor._slots[0]
+    supervisor._start(slot, time.monotonic())
+    assert slot.process is not None
+    assert slot.process.wait(10) == 0
+    blocked = next(int(line.split()[1], 16) for line in status.read_text().splitlines()
+                   if line.startswith("SigBlk:"))
+    assert blocked & (1 << (signal.SIGHUP - 1))
+    assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # ours
+
+
+async def test_a_sighup_while_stopping_does_not_cut_the_streams(
+    start_upstream: StartUpstream, tmp_path: Path,
+) -> None:
+    proxy, base, _, _ = await start(start_upstream, tmp_path)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        await poll_healthz(session, f"{base}/healthz", bool, [proxy])
+        started = asyncio.Event()
+        stream = asyncio.create_task(stream_events(session, base, started))
+        await asyncio.wait_for(started.wait(), 5)
+        proxy.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)  # in the grace period, draining the stream
+        proxy.process.send_signal(signal.SIGHUP)
+        received = await asyncio.wait_for(stream, 10)
+    assert received.count(b'"by":"a"') == 20 and received.endswith(b"data: [DONE]\n\n")
+    assert await asyncio.to_thread(proxy.process.wait, 10) == 0, proxy.output()
