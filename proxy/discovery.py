@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from proxy.errors import GatewayError
@@ -95,6 +95,18 @@ class ModelCatalog:
         if self._snapshot is not None and self._clock() - self._snapshot.taken_at < max_age:
             return self._snapshot
         return await self.refresh()
+
+    def inherit(self, old: ModelCatalog, unchanged: Collection[str]) -> None:
+        """After a reload: keep what ``old`` knew of the providers in ``unchanged``, their
+        last errors always, and the whole result when every provider is unchanged (so a
+        reload that only changed keys or aliases never makes requests wait for, or lose
+        models to, a fresh discovery)."""
+        self._last_errors = {name: error for name, error in old._last_errors.items()
+                             if name in unchanged}
+        names = {p.name for p in self._providers}
+        if old._snapshot is not None and names <= set(unchanged):
+            self._snapshot = Snapshot(tuple(s for s in old._snapshot.statuses
+                                            if s.provider in names), old._snapshot.taken_at)
 
     def refresh_soon(self) -> None:
         """Ask for a background refresh (an unknown model may have just appeared)."""

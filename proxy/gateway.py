@@ -92,9 +92,11 @@ class Live:
             log.warning("reload: %s changed but need a restart; keeping the running values",
                         ", ".join(changed))
         effective = dataclasses.replace(new, **kept)
+        gateway = build_gateway(effective, self.shared, self.gateway)  # may raise: no swap
         self.shared.client.use_providers(effective)
-        self.gateway = build_gateway(effective, self.shared, self.gateway)
-        self.gateway.catalog.refresh_soon()
+        self.gateway = gateway
+        if gateway.catalog.snapshot is None:  # not inherited: some provider changed
+            gateway.catalog.refresh_soon()
         self.reloads += 1
         names = ", ".join(p.name for p in new.providers)
         log.info("reload: config from %s in force; providers: %s; %d gateway keys",
@@ -109,6 +111,10 @@ def build_gateway(config: Config, shared: Shared, previous: Gateway | None) -> G
                            retry_failed_after=config.health_cache_ttl)
     router = ModelRouter(providers, config.aliases, catalog, config.deployments,
                          config.fallbacks)
+    if previous is not None:
+        before = previous.config
+        catalog.inherit(previous.catalog, [p.name for p in config.providers
+                                           if before.provider(p.name) == p])
     return Gateway(config, KeyRing(config.auth.keys), router, catalog,
                    _dispatcher(config, shared, providers, previous))
 

@@ -334,3 +334,33 @@ async def test_a_sighup_while_stopping_does_not_cut_the_streams(
         received = await asyncio.wait_for(stream, 10)
     assert received.count(b'"by":"a"') == 20 and received.endswith(b"data: [DONE]\n\n")
     assert await asyncio.to_thread(proxy.process.wait, 10) == 0, proxy.output()
+
+
+async def test_a_reload_that_leaves_providers_alone_keeps_their_discovered_models(
+    make_config: MakeConfig, start_upstream: StartUpstream,
+) -> None:
+    listed: list[int] = []
+
+    async def models(request: web.Request) -> web.Response:
+        listed.append(1)
+        return web.json_response({"object": "list", "data": [{"id": "found"}]})
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response({"choices": [{"message": {"content": "ok"}}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post(CHAT, chat)
+    entry = {"name": "up", "type": "openai_compat", "base_url": f"{await start_upstream(app)}/v1"}
+    config = make_config([entry], server={"port": 0})
+    gateway_app = build_app(config)
+    body = {"model": "found", "messages": []}
+    async with running(config, app=gateway_app) as base, aiohttp.ClientSession() as session:
+        async with session.post(base + CHAT, json=body) as response:
+            assert response.status == 200
+        gateway_app[LIVE].reload(make_config([entry], aliases={"other": "up/found"}))
+        async with session.post(base + CHAT, json=body) as response:
+            assert response.status == 200
+        async with session.get(base + "/health") as response:
+            assert response.status == 200
+    assert len(listed) == 1  # the new gateway kept the catalog: no wait, no second probe
