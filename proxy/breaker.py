@@ -90,12 +90,16 @@ class CircuitBreaker:
         self._probing = True
         return True
 
-    def record(self, *, failed: bool | None) -> None:
-        """After a request: ``failed`` None when it says nothing (the client left)."""
-        self._probing = False
+    def record(self, *, failed: bool | None, probe: bool = False) -> None:
+        """After a request: ``failed`` None when it says nothing (the client left);
+        ``probe`` when ``check`` made it the half-open probe."""
+        if probe:
+            self._probing = False
         if failed is None:
             return
         if not failed:
+            if self._opened_at is not None and not probe:
+                return  # begun before the circuit opened (a long stream): not news
             self._failures, self._opened_at = 0, None
             return
         self._failures += 1

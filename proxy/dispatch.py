@@ -238,11 +238,11 @@ class UpstreamCall:
                 answer = await self._attempt(request)
             except RETRYABLE_ERRORS:
                 delay = retry.after_error(attempt)
-                if delay is None:
-                    raise
+                if delay is None or not self._breaker.available:
+                    raise  # (a retry into an open circuit would hide this error)
             else:
                 delay = retry.after_status(attempt, answer.status, answer.headers)
-                if delay is None:
+                if delay is None or not self._breaker.available:
                     return answer
                 self.finish(failed=False)  # its error body was read whole
             await asyncio.sleep(delay)
@@ -257,7 +257,7 @@ class UpstreamCall:
         try:
             self._permit = await self._limiter.acquire()
         except BaseException:
-            breaker.record(failed=None)
+            breaker.record(failed=None, probe=probe)
             raise
         started = time.perf_counter()  # the limiter learns from the upstream's time only
         try:
@@ -270,11 +270,11 @@ class UpstreamCall:
             upstream_failed = isinstance(exc, UpstreamError)
             if upstream_failed and self._latency is None:
                 self._outcome = Outcome.ERROR
-            breaker.record(failed=True if upstream_failed else None)
+            breaker.record(failed=True if upstream_failed else None, probe=probe)
             self.finish(failed=True)
             raise
         if answer.complete or probe:  # a probe's head decides at once: others wait on it
-            breaker.record(failed=answer.status in FAILURE_STATUSES)
+            breaker.record(failed=answer.status in FAILURE_STATUSES, probe=probe)
         else:  # a body deadline (first token, stall, total) or a cut still fails it
             self._judge_body = True
             self._answer = answer

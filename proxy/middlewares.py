@@ -46,7 +46,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except GatewayError as error:
         if error.status >= 500:
-            request.app[LIVE].shared.failures(f"{request.method} {request.path}",
+            # raw_path: as sent, so a client cannot forge log lines with %0A.
+            request.app[LIVE].shared.failures(f"{request.method} {request.raw_path}",
                                               request.get(REQUEST_ID, "-"), error)
         return error_response(error)
     except web.HTTPException as exc:

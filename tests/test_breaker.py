@@ -109,9 +109,9 @@ def test_the_half_open_probe_is_alone() -> None:
     assert breaker.check() is True  # the probe
     with pytest.raises(CircuitOpen):
         breaker.check()  # no second request while it runs
-    breaker.record(failed=None)  # its client left: the next request may probe
+    breaker.record(failed=None, probe=True)  # its client left: the next may probe
     assert breaker.check() is True
-    breaker.record(failed=False)
+    breaker.record(failed=False, probe=True)
     assert breaker.state == "closed"
     assert not BreakerSettings(failures=0).failures  # 0 turns the breaker off
 
@@ -164,3 +164,36 @@ async def test_streams_the_upstream_cuts_count_as_failures(
             assert (await response.json())["error"]["code"] == "circuit_open"
         assert (await health(session, base))["state"] == "open"
     assert len(calls) == 2
+
+
+def test_only_the_probe_decides_a_half_open_circuit() -> None:
+    """A call begun before the circuit opened (a long stream, say) that ends later says
+    nothing of the upstream now: it neither closes the circuit nor ends the probe."""
+    now = [0.0]
+    breaker = CircuitBreaker("up", BreakerSettings(failures=1, cooldown=10),
+                             clock=lambda: now[0])
+    breaker.record(failed=True)
+    breaker.record(failed=False)  # a straggler that began while it was closed
+    assert breaker.state == "open"
+    now[0] = 11.0
+    assert breaker.check() is True  # the probe
+    breaker.record(failed=False)  # another straggler, mid-probe
+    with pytest.raises(CircuitOpen):
+        breaker.check()  # still one probe at a time
+    breaker.record(failed=False, probe=True)
+    assert breaker.state == "closed"
+
+
+async def test_a_failure_that_opens_the_circuit_is_relayed_not_retried_into_it(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+) -> None:
+    upstream = Flaky(500)
+    url = await start_upstream(upstream.app())
+    base = await start_gateway(make_config(
+        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
+        breaker={"failures": 1, "cooldown": 60},
+        retries={"max_attempts": 3, "base_delay": 0.01, "max_delay": 0.02}))
+    async with aiohttp.ClientSession() as session:
+        status, _, body = await post(session, base)
+    assert (status, upstream.calls) == (500, 1)  # the upstream's answer, not circuit_open
+    assert body["error"]["message"] == "down"
