@@ -42,6 +42,10 @@ def parse_deployments(raw: Any, providers: Collection[str], aliases: Collection[
         path = f"deployments.{model}"
         if model in aliases:
             problems.append(f"{path}: '{model}' is also an alias; a name is one or the other")
+        prefix, slash, _ = model.partition("/")
+        if slash and prefix in providers:
+            problems.append(f"{path}: '{model}' would never be used: the 'provider/model' "
+                            f"rule sends it to provider '{prefix}'")
         refs: list[DeploymentRef] = []
         for index, entry in enumerate(entries):
             provider, _, upstream = entry.partition("/")

@@ -258,6 +258,9 @@ async def test_a_deployment_group_is_listed_as_a_model(
     ({"deployments": {"gpt-4o": ["a", "a"]}}, "deployments.gpt-4o[1]: 'a' is listed twice"),
     ({"deployments": {"best": ["a"]}, "aliases": {"best": "gpt-4o"}},
      "deployments.best: 'best' is also an alias; a name is one or the other"),
+    ({"deployments": {"a/x": ["a"]}},
+     "deployments.a/x: 'a/x' would never be used: the 'provider/model' rule sends it to "
+     "provider 'a'"),
     ({"fallbacks": {"gpt-4o": ["gpt-4o"]}},
      "fallbacks.gpt-4o: a model cannot be its own fallback"),
     ({"fallbacks": ["gpt-4o"]}, "fallbacks: must map model names to lists of model names"),
