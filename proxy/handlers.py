@@ -84,6 +84,9 @@ async def read_call(request: web.Request, config: Config) -> Call:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(limit) from None
+    except web.RequestPayloadError as exc:  # a body that does not decode (bad gzip, say)
+        raise InvalidRequest(f"The request body could not be read ({exc}).",
+                             code="invalid_body") from None
     # The path and query go upstream byte for byte as the client sent them, escapes
     # included (``match_info`` and even yarl's raw forms are normalised).
     raw_path, _, query = request.raw_path.partition("?")

@@ -294,3 +294,17 @@ async def test_secrets_stay_out_of_errors_health_and_logs(
         assert SECRET.encode() not in text
     assert caplog.records  # the gateway did log (the dead provider's warning at least)
     assert SECRET not in caplog.text
+
+
+async def test_a_body_that_does_not_decode_is_400_and_never_forwarded(
+    mock_upstream: MockUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+) -> None:
+    gateway = await start_gateway(make_config([
+        {"name": "mock", "type": "openai_compat", "base_url": mock_upstream.url,
+         "catch_all": True}]))
+    status, _, body = await call(
+        f"{gateway}/v1/chat/completions", data=b"this is not gzip at all",
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert status == 400
+    assert_error(body, "invalid_body")
+    assert mock_upstream.stats.requests == 0
