@@ -6,11 +6,11 @@ shares them. The ``redis`` package is an extra (``pip install '.[redis]'``) impo
 only when a backend uses it, so a gateway without it runs as before.
 
 A :class:`RedisLink` is the worker's connection pool plus what it knows of Redis's
-health: short timeouts and no backoff retries (redis-py's default would hold a request
-for seconds), and after a failure ``retry_interval`` seconds in which callers fall back
-at once instead of each waiting for a timeout. The outage is logged when it starts, at
-most once a minute while it lasts, and when it ends. The URL may hold a password: only
-:func:`redact`'s form of it is ever logged or shown.
+health: short timeouts and no retries (redis-py's default would hold a request for
+seconds, and run a rate-limit script twice), and after a failure ``retry_interval``
+seconds in which callers fall back at once instead of each waiting for a timeout. The
+outage is logged when it starts, at most once a minute while it lasts, and when it ends.
+The URL may hold a password: only :func:`redact`'s form of it is ever logged or shown.
 """
 
 from __future__ import annotations
@@ -120,12 +120,18 @@ class RedisLink:
         self.settings = settings
         self._consequence = consequence
         self._clock = clock
-        # One retry at once, without backoff: a pooled connection Redis closed (a
-        # restart) is replaced on the spot; a Redis that is down fails fast.
+        # No retry, for any command: redis-py retries a command whose reply timed out
+        # or whose connection broke after it was sent, and a token-bucket script that
+        # has run in Redis would then run twice (a double charge: a spurious 429; a
+        # double refund: past the limit). The safe retry, before sending, is the pool's
+        # own: it finds a pooled connection Redis closed (a restart) and reconnects.
+        # redis-py 8 skips that check on RESP3 (for its maintenance notifications):
+        # hence RESP2, which also spares Redis 5 the HELLO it does not know. A cache
+        # GET/SET could be retried, but one failure only costs a miss.
         self.client: Redis = redis.asyncio.Redis.from_url(
             settings.url, socket_timeout=settings.timeout,
             socket_connect_timeout=settings.connect_timeout,
-            retry=Retry(NoBackoff(), 1))
+            retry=Retry(NoBackoff(), 0), protocol=2)
         self.errors: tuple[type[BaseException], ...] = (
             redis.exceptions.RedisError, OSError, TimeoutError)
         self._down_since: float | None = None

@@ -51,7 +51,8 @@ class RedisServer:
     def start(self, within: float = 10.0) -> None:
         """Start it and wait (bounded) until it answers PING."""
         argv = [self._binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self._directory)]
+                "--save", "", "--appendonly", "no", "--dir", str(self._directory),
+                "--enable-debug-command", "local"]  # DEBUG SLEEP: a slow Redis
         if self.password:
             argv += ["--requirepass", self.password]
         with self._log.open("ab") as output:

@@ -1,17 +1,21 @@
 """The response cache in Redis (issue #4): an answer one gateway process stored is served
 by another from Redis, streamed or not, with no second upstream call; and with Redis
-down, requests are still answered, from the upstream."""
+down, or an entry that cannot be read, requests are still answered, from the upstream."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
-from tests.conftest import StartUpstream
+from tests.conftest import MakeConfig, StartGateway, StartUpstream
 from tests.redis_server import RedisServer, gateway_processes
 from tests.test_cache import CHAT, Upstream, answer_id, chat, post, sse
+
+HEAD = b'[200, "OK", [["Content-Type", "application/json"]]]'
 
 
 async def test_gateway_processes_share_the_cache_and_redis_down_is_a_miss(
@@ -50,3 +54,46 @@ async def test_gateway_processes_share_the_cache_and_redis_down_is_a_miss(
     assert [(status, h["X-Cache"]) for status, h, _ in during] == [(200, "MISS")] * 2
     assert [answer_id(reply) for reply in during] == ["answer-3", "answer-4"]
     assert all("redis redis://127.0.0.1" in log and "is unreachable" in log for log in logs)
+
+
+def frame(head: bytes, body: bytes = b"{}", version: bytes = b"\x01") -> bytes:
+    return version + len(head).to_bytes(4, "big") + head + body
+
+
+@pytest.mark.parametrize("garbage", [
+    frame(b'[200, "OK", [["Content-Type"]]]'),  # a header pair of one
+    frame(b'"abc"'),  # three characters unpack as status, reason and headers
+    frame(b'["200", "OK", []]'),  # a status that is not a number
+    frame(b'[200, "OK", [["X-A", "1\\r\\nX-B: 2"]]]'),  # a header aiohttp refuses
+    frame(HEAD, version=b"\x07"),  # another version
+    frame(HEAD)[:20],  # truncated in the head
+    b"\x01\xff\xff\xff\xff" + HEAD,  # a head longer than the entry
+    b"\x01",
+], ids=["pair", "string", "status", "newline", "version", "truncated", "length", "short"])
+async def test_an_unreadable_entry_is_a_miss_served_from_upstream(
+    garbage: bytes, start_upstream: StartUpstream, start_gateway: StartGateway,
+    make_config: MakeConfig, redis_server: RedisServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import redis.asyncio  # noqa: PLC0415 - an optional extra
+
+    upstream = Upstream()
+    providers = [{"name": "up", "type": "openai_compat",
+                  "base_url": f"{await start_upstream(upstream.app())}/v1", "models": ["m"]}]
+    url = await start_gateway(make_config(providers, cache={"backend": "redis", "ttl": 60},
+                                          redis={"url": redis_server.url})) + CHAT
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    async with client, aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=10)) as session:
+        first = await post(session, url, chat(temperature=0))
+        [key] = await client.keys("proxy:cache:*")
+        await client.set(key, garbage)
+        with caplog.at_level(logging.WARNING):
+            second = await post(session, url, chat(temperature=0))
+            third = await post(session, url, chat(temperature=0))  # stored again
+    assert [(r[0], r[1]["X-Cache"]) for r in (first, second, third)] == [
+        (200, "MISS"), (200, "MISS"), (200, "HIT")]
+    assert [answer_id(r) for r in (second, third)] == ["answer-2", "answer-2"]
+    assert upstream.calls == 2
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("proxy")]
+    assert len([w for w in warnings if "cannot be read" in w]) == 1, warnings
+    assert not [w for w in warnings if "abc" in w or "Content-Type" in w]

@@ -5,6 +5,7 @@ section and its checks, and that nothing imports ``redis`` unless a backend uses
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -53,6 +54,44 @@ async def test_all_or_nothing_debts_and_the_script_reloaded(link: RedisLink) -> 
     assert state.reset > 60  # a debt takes longer than a minute to refill
     await buckets.give("a:tpm", 100, 1000)  # never above the limit
     assert round((await buckets.take([("a:tpm", 100, 0)]))[1][0].remaining) == 100
+
+
+async def test_a_script_call_that_timed_out_is_never_sent_again(
+    redis_server: RedisServer,
+) -> None:
+    """A take whose reply comes after ``timeout`` has run in Redis all the same: sent
+    again, it would charge twice (a spurious 429; a give, a refund twice)."""
+    link = RedisLink(RedisSettings(url=redis_server.url, timeout=1, key_prefix="t:"), "t")
+    buckets = RedisBuckets(link)
+    try:
+        await buckets.take([("k:tpm", 6, 2)])  # the script loaded: 4 left
+        _, blocker = await asyncio.open_connection("127.0.0.1", redis_server.port)
+        blocker.write(b"DEBUG SLEEP 1.6\r\n")  # Redis busy past the take's timeout
+        await asyncio.sleep(0.2)
+        with contextlib.suppress(BackendUnavailable):  # raised once fixed
+            await buckets.take([("k:tpm", 6, 2)])
+        blocker.close()
+        await asyncio.sleep(2)  # Redis awake, and any resent take run
+        tokens = float(await link.client.hget("t:ratelimit:k:tpm", "tokens") or 0)
+    finally:
+        await link.close()
+    assert 1.5 < tokens < 3.5, tokens  # charged once: 4 - 2 (plus 0.1 a second refilled)
+
+
+async def test_a_connection_redis_closed_is_replaced_before_sending(
+    link: RedisLink, redis_server: RedisServer,
+) -> None:
+    """No retry is needed for an idle connection Redis closed (a restart, its ``timeout``):
+    the pool checks it before sending and reconnects."""
+    buckets = RedisBuckets(link)
+    await buckets.take([("k:rpm", 3, 1)])
+    reader, killer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+    killer.write(b"CLIENT KILL TYPE normal\r\n")  # all but itself: the pooled one
+    assert await reader.readline() == b":1\r\n"
+    killer.close()
+    await asyncio.sleep(0.1)  # its FIN arrived
+    assert (await buckets.take([("k:rpm", 3, 1)]))[0] is None
+    assert link.up
 
 
 async def test_an_unreachable_redis_is_backend_unavailable_logged_once(
