@@ -17,6 +17,7 @@ Every failure a client can see is one of these, rendered with OpenAI's error sha
         └── UpstreamTimeout           504 upstream_error (upstream_timeout)
             └── DeadlineExceeded      504: one of a provider's deadlines (timeouts.py)
                 ├── ConnectTimeout            (connect_timeout)           retried
+                │   └── PoolTimeout           (connect_timeout): no free pooled connection
                 ├── HeadersTimeout            (upstream_headers_timeout)
                 ├── FirstTokenTimeout         (first_token_timeout)
                 ├── StreamStalled             (stream_stalled)
@@ -157,6 +158,15 @@ class ConnectTimeout(DeadlineExceeded):
     code = "connect_timeout"
     key = "connect"
     template = "Upstream '{provider}' did not accept a connection within {limit:g} s"
+
+
+class PoolTimeout(ConnectTimeout):
+    """The connect deadline passed while every connection of the worker's pool was busy
+    (``pool.limit``): the upstream was never asked, so the message says so rather than
+    send the operator after the upstream's network (httpx's ``PoolTimeout``)."""
+
+    template = ("No upstream connection for '{provider}' became free within {limit:g} s: "
+                "this worker's pool.limit connections were all busy")
 
 
 class HeadersTimeout(DeadlineExceeded):

@@ -3,10 +3,10 @@
 Connections are opened by the shared ``aiohttp.TCPConnector`` (aiodns resolver and DNS
 cache, happy eyeballs, TLS) and leased for their whole life (``http1.py`` says why).
 This pool keeps what a connector's pool would: the limit on open connections across all
-origins, a FIFO of requests waiting for one, and per origin a stack of idle keep-alive
-connections that close after ``keepalive`` seconds unused. It hands a connection given
-back straight to a waiter for the same origin, so a waiter never needs a new one while
-an idle one exists.
+origins, a FIFO of requests waiting for one (each at most its connect deadline), and per
+origin a stack of idle keep-alive connections that close after ``keepalive`` seconds
+unused. It hands a connection given back straight to a waiter for the same origin, so a
+waiter never needs a new one while an idle one exists.
 """
 
 from __future__ import annotations
@@ -24,10 +24,16 @@ from proxy.http1 import Origin, UpstreamProtocol
 OriginKey = tuple[str, str | None, int | None, int]
 
 
+class WaitTimeout(TimeoutError):
+    """At the limit, no connection became free within the connect deadline: this
+    worker's pool was full, the upstream was never asked (httpx's ``PoolTimeout``)."""
+
+
 class ConnectionPool:
     def __init__(self, *, limit: int, keepalive: float, connect_timeout: float):
         self.limit = limit
         self._keepalive = keepalive
+        self._default_connect = connect_timeout
         self._connect_timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=connect_timeout)
         self._connector: aiohttp.TCPConnector | None = None
@@ -59,31 +65,66 @@ class ConnectionPool:
 
     async def acquire(self, origin: Origin, connect_timeout: float | None = None
                       ) -> UpstreamProtocol:
-        """An idle connection to ``origin``, a new one (opened within
-        ``connect_timeout``, else the pool's), or, at the limit, the next one given
-        back (raises aiohttp's connection errors)."""
-        while True:
-            connection = self._idle(origin)
-            if connection is not None:
-                return connection
-            if self.open < self.limit or self._close_an_idle_one():
-                return await self._lease(origin, connect_timeout)
-            waiter: asyncio.Future[UpstreamProtocol | None] = (
-                asyncio.get_running_loop().create_future())
-            entry = (origin, waiter)
+        """An idle connection to ``origin``, else a new one (opened within
+        ``connect_timeout``, else the pool's), else, at the limit, one given back
+        (``_wait``). Raises aiohttp's connection errors, ``TimeoutError`` when opening
+        took too long and :class:`WaitTimeout` when no connection became free."""
+        connection = self._idle(origin)
+        if connection is not None:
+            return connection
+        if self.open < self.limit or self._close_an_idle_one():
+            return await self._lease(origin, connect_timeout)
+        return await self._wait(origin, connect_timeout)
+
+    async def _wait(self, origin: Origin, connect_timeout: float | None) -> UpstreamProtocol:
+        """At the limit: the next connection given back, or a new one once a slot is
+        free, waiting and opening together within the connect deadline, so a full pool
+        fails a request instead of holding it forever (nothing hangs). The wait is the
+        slow path: only it arms a timer."""
+        limit = self._default_connect if connect_timeout is None else connect_timeout
+        waiting, front = True, False
+        try:
+            async with asyncio.timeout(limit):
+                while True:
+                    waiting = True
+                    handed = await self._given_back(origin, front=front)
+                    # a newcomer may take the slot first: then queue again, at the front
+                    waiting, front = False, True
+                    if handed is not None:
+                        return handed
+                    connection = self._idle(origin)
+                    if connection is not None:
+                        return connection
+                    if self.open < self.limit or self._close_an_idle_one():
+                        return await self._lease(origin, connect_timeout)
+        except TimeoutError as exc:
+            if waiting:
+                raise WaitTimeout(f"no upstream connection free within {limit:g} s") from exc
+            raise
+
+    async def _given_back(self, origin: Origin, *, front: bool) -> UpstreamProtocol | None:
+        """Queue for the next connection given back (None: a free slot). A waiter that
+        leaves early (its deadline, its client gone) leaves the queue, and passes on
+        what was handed to it at that same moment: no connection, no slot is lost."""
+        waiter: asyncio.Future[UpstreamProtocol | None] = (
+            asyncio.get_running_loop().create_future())
+        entry = (origin, waiter)
+        if front:
+            self._waiters.appendleft(entry)
+        else:
             self._waiters.append(entry)
-            try:
-                handed = await waiter
-            except BaseException:
-                if entry in self._waiters:
-                    self._waiters.remove(entry)
-                elif waiter.done() and not waiter.cancelled():
-                    given = waiter.result()
-                    if given is not None:
-                        self.release(given, reuse=True)  # pass it on
-                raise
-            if handed is not None:
-                return handed
+        try:
+            return await waiter
+        except BaseException:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                given = waiter.result()
+                if given is not None:
+                    self.release(given, reuse=True)
+                elif self.open < self.limit:
+                    self._slot_freed()
+            raise
 
     def release(self, connection: UpstreamProtocol, *, reuse: bool) -> None:
         """Take a connection back after an exchange: to a waiter, to the idle stack, or
@@ -203,6 +244,9 @@ class ConnectionPool:
     def _connection_closed(self) -> None:
         """A leased connection is gone: its slot goes to the first waiter."""
         self.open -= 1
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
         while self._waiters:
             _, waiter = self._waiters.popleft()
             if not waiter.done():

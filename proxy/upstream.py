@@ -36,13 +36,14 @@ from proxy.errors import (
     DEADLINE_ERRORS,
     ConnectTimeout,
     GatewayError,
+    PoolTimeout,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
 from proxy.http1 import UpstreamProtocol
-from proxy.pool import ConnectionPool
+from proxy.pool import ConnectionPool, WaitTimeout
 from proxy.timeouts import Deadlines
 
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -190,7 +191,9 @@ class UpstreamClient:
             connection = await self._pool.acquire(origin, deadlines.connect)
         except BaseException as exc:
             self.in_flight -= 1
-            if isinstance(exc, TimeoutError):  # the connector's own, on sock_connect
+            if isinstance(exc, WaitTimeout):  # the pool was full
+                raise PoolTimeout(provider, deadlines.connect) from exc
+            if isinstance(exc, TimeoutError):  # opening it: sock_connect, or what a wait left
                 raise ConnectTimeout(provider, deadlines.connect) from exc
             if isinstance(exc, UPSTREAM_EXCEPTIONS):
                 raise translate_exception(exc, provider) from exc
