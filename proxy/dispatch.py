@@ -23,7 +23,7 @@ from proxy.answers import Answer, read_upstream
 from proxy.breaker import FAILURE_STATUSES, CircuitBreaker
 from proxy.cache import AnswerCache
 from proxy.dedup import Exchange, Head, InflightRequests
-from proxy.errors import RETRYABLE_ERRORS, GatewayError, UpstreamError
+from proxy.errors import RETRYABLE_ERRORS, GatewayError, PoolTimeout, UpstreamError
 from proxy.failover import Balancer, FailoverCall
 from proxy.headers import DEDUP_OPT, PROVIDER
 from proxy.http1 import UpstreamProtocol
@@ -267,7 +267,9 @@ class UpstreamCall:
             self._outcome = Outcome.OVERLOAD if overloaded else Outcome.SUCCESS
             answer = await read_upstream(self._call, provider, response)
         except BaseException as exc:
-            upstream_failed = isinstance(exc, UpstreamError)
+            # A full pool (shared by every provider) says nothing of this upstream.
+            upstream_failed = isinstance(exc, UpstreamError) and not isinstance(
+                exc, PoolTimeout)
             if upstream_failed and self._latency is None:
                 self._outcome = Outcome.ERROR
             breaker.record(failed=True if upstream_failed else None, probe=probe)
