@@ -13,7 +13,9 @@ WORKDIR /src
 COPY setup.cfg pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY bench ./bench
-RUN pip install .
+# With the redis extra: the image can use a shared Redis for rate limits and the cache
+# (redis.url / PROXY_REDIS_URL); without one configured, redis is never imported.
+RUN pip install '.[redis]'
 
 # Run from an empty directory (a mounted /app/proxy.yaml is picked up): workers start as
 # `python -m proxy`, which would otherwise import the source tree in the working

@@ -128,7 +128,7 @@ def test_installs_into_a_venv_with_pip_as_the_readme_does() -> None:
     venv = re.search(r"python\S* -m venv (\S+)", runs)
     assert venv, "the README installs into a venv"
     assert image_env()["PATH"].startswith(f"{venv[1]}/bin:"), "the venv must come first"
-    assert re.search(r"\bpip install \.(\s|$)", runs), runs
+    assert re.search(r"\bpip install '\.\[redis\]'(\s|$)", runs), runs
     assert "pip install -e" not in runs, "the image's source never changes"
     # The source tree is not the working directory: `python -m proxy` (every worker)
     # would import it instead of the installed package.
