@@ -14,6 +14,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import signal
 import socket as sock
 import stat
@@ -36,6 +37,8 @@ log = logging.getLogger("proxy.server")
 SOCKET_MODE = 0o660
 # How often a supervised worker checks that its supervisor is still alive (seconds).
 ORPHAN_CHECK_SECONDS = 1.0
+# Descriptors beyond sockets: listening sockets, the loop, logs, discovery, peers.
+FD_HEADROOM = 64
 
 
 @asynccontextmanager
@@ -146,6 +149,7 @@ async def serve(given: Config, worker: WorkerSpec | None = None, *,
     SIGHUP calls ``load`` for a new config and puts it in force (``gateway.py``)."""
     worker = worker or WorkerSpec.of(given)
     me = f"worker {worker.index} (pid {os.getpid()})"
+    raise_fd_limit(given)
     async with demo_upstream_if_needed(given) as config:
         app = build_app(config, worker)
         async with running(config, worker, app) as url:
@@ -159,6 +163,24 @@ async def serve(given: Config, worker: WorkerSpec | None = None, *,
             reload = functools.partial(_reload, app[LIVE], load) if load else None
             await _until_stopped(supervisor_pid, reload)
     log.info("%s stopped", me)
+
+
+def raise_fd_limit(config: Config) -> None:
+    """Raise the soft limit on open files to what ``max_connections`` client sockets plus
+    ``pool.limit`` upstream ones need (the hard limit at most), as nginx's
+    ``worker_rlimit_nofile`` does: a common default of 1024 would make the kernel refuse
+    connections long before the gateway's own 503 ``too_many_connections`` applies."""
+    needed = config.server.max_connections + config.pool.limit + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        log.warning("open files limited to %d (hard limit); server.max_connections %d plus "
+                    "pool.limit %d need %d: raise the hard limit (ulimit -Hn, LimitNOFILE=)",
+                    target, config.server.max_connections, config.pool.limit, needed)
 
 
 def _reload(live: Live, load: Callable[[], Config]) -> None:
