@@ -26,7 +26,7 @@ def open_files_limits(pid: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize(("ulimits", "expected_soft", "warns"), [
     ("ulimit -Sn 256", 4096 + 1024 + 64, False),  # the defaults' needs, under the hard limit
-    ("ulimit -Hn 2000 && ulimit -Sn 256", 2000, True),  # capped by the hard limit: say so
+    ("ulimit -Sn 256 && ulimit -Hn 2000", 2000, True),  # capped by the hard limit: say so
 ])
 async def test_the_soft_limit_is_raised_to_what_the_limits_need(
     mock_upstream: MockUpstream, tmp_path: Path, ulimits: str, expected_soft: int,
