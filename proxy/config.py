@@ -20,7 +20,7 @@ import yaml
 
 from proxy import validate as v
 from proxy.breaker import BreakerSettings, parse_breaker
-from proxy.keys import GatewayKey, parse_keys
+from proxy.keys import GatewayKey, parse_keys, read_keys_file
 from proxy.provider_config import (
     ProviderConfig,
     parse_providers,
@@ -333,7 +333,12 @@ def _auth(raw: Any, problems: list[str]) -> AuthConfig:
     if not isinstance(raw, dict):
         problems.append("auth: must be a mapping")
         return AuthConfig()
-    v.known_keys(raw, "auth", ("keys", "limits_backend"), problems)
-    return AuthConfig(keys=parse_keys(raw.get("keys"), problems), limits_backend=v.check(
+    v.known_keys(raw, "auth", ("keys", "keys_file", "limits_backend"), problems)
+    keys = parse_keys(raw.get("keys"), problems)
+    keys_file = v.check(v.string, raw, "keys_file", "auth", None, problems)
+    if keys_file is not None:
+        keys += parse_keys(read_keys_file(keys_file, problems), problems,
+                           f"auth.keys_file ({keys_file})", known=keys)
+    return AuthConfig(keys=keys, limits_backend=v.check(
         v.one_of(*BACKENDS), raw, "limits_backend", "auth", "memory", problems))
 

@@ -13,7 +13,10 @@ import re
 import secrets
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from proxy import validate as v
 
@@ -47,24 +50,41 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def parse_keys(raw: Any, problems: list[str]) -> tuple[GatewayKey, ...]:
-    """``auth.keys``: a list of ``{name, sha256, models}``; every problem is reported."""
+def parse_keys(raw: Any, problems: list[str], path: str = "auth.keys",
+               known: tuple[GatewayKey, ...] = ()) -> tuple[GatewayKey, ...]:
+    """A list of ``{name, sha256, models, rpm, tpm}`` (``auth.keys``, or the list in
+    ``auth.keys_file``, checked against the ``known`` ones); every problem reported."""
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        problems.append("auth.keys: must be a list of keys")
+        problems.append(f"{path}: must be a list of keys")
         return ()
     keys: list[GatewayKey] = []
     for index, item in enumerate(raw):
-        key = _parse_key(item, f"auth.keys[{index}]", problems)
+        key = _parse_key(item, f"{path}[{index}]", problems)
         if key is None:
             continue
-        if any(k.name == key.name for k in keys):
-            problems.append(f"auth.keys[{index}].name: duplicate key name '{key.name}'")
-        elif any(k.sha256 == key.sha256 for k in keys):
-            problems.append(f"auth.keys[{index}].sha256: the same secret as another key")
+        if any(k.name == key.name for k in (*known, *keys)):
+            problems.append(f"{path}[{index}].name: duplicate key name '{key.name}'")
+        elif any(k.sha256 == key.sha256 for k in (*known, *keys)):
+            problems.append(f"{path}[{index}].sha256: the same secret as another key")
         keys.append(key)
     return tuple(keys)
+
+
+def read_keys_file(name: str, problems: list[str]) -> Any:
+    """``auth.keys_file``: a YAML list of keys kept apart from the config (its own
+    permissions, its own deployment); read again on every reload. None when unreadable."""
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(f"auth.keys_file: cannot read {name} ({exc.strerror})")
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problems.append(f"auth.keys_file: {name} is not valid YAML: {exc}")
+        return None
 
 
 def _parse_key(item: Any, path: str, problems: list[str]) -> GatewayKey | None:
