@@ -15,6 +15,7 @@ with ``fallbacks`` also carries, in its route, the deployments of each fallback 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,6 +24,8 @@ from proxy.discovery import ModelCatalog, Snapshot
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.providers import Provider
 from proxy.route_config import EMPTY, DeploymentRef
+
+log = logging.getLogger("proxy.routing")
 
 MODEL_CREATED = 0  # discovery does not know creation times; OpenAI's field is required
 
@@ -77,6 +80,7 @@ class ModelRouter:
                                      for name, upstream in refs)
                         for model, refs in deployments.items()}
         self._fallbacks = dict(fallbacks)
+        self._unroutable: set[str] = set()  # fallback names already warned about
         self._catalog = catalog
         self._static: dict[str, Provider] = {}
         for provider in providers:
@@ -116,9 +120,16 @@ class ModelRouter:
         if not names:
             return route
         snapshot = self._catalog.snapshot
-        groups = tuple(found.deployments for name in names
-                       if (found := self._lookup(name, snapshot)) is not None)
-        return replace(route, fallbacks=groups)
+        groups: list[tuple[Target, ...]] = []
+        for name in names:
+            found = self._lookup(name, snapshot)
+            if found is not None:
+                groups.append(found.deployments)
+            elif snapshot is not None and name not in self._unroutable:
+                self._unroutable.add(name)  # a typo must not go unnoticed; once per name
+                log.warning("fallbacks.%s: '%s' matches no provider's models; skipped",
+                            model, name)
+        return replace(route, fallbacks=tuple(groups))
 
     def route_of(self, model: str, snapshot: Snapshot | None) -> Route | None:
         """Where ``model`` goes with this catalog snapshot, without waiting for one."""

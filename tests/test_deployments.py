@@ -291,3 +291,21 @@ def test_balancer_skips_open_circuits_unless_all_are_open() -> None:
     assert balancer.candidates(route) == [a]  # the client gets a's circuit_open
     now[0] = 11.0  # cooldown over: half-open deployments are tried again
     assert sorted(t.provider.name for t in balancer.candidates(route)[:2]) == ["a", "b"]
+
+
+async def test_a_fallback_that_routes_nowhere_is_warned_about_once(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a = Deployment("a", statuses=[503, 503])
+    await _start(start_upstream, a)
+    url = await _gateway(start_gateway, make_config, [{**a.provider(), "models": ["gpt-4o"]}],
+                         fallbacks={"gpt-4o": ["gpt-4o-minni"]})
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url.replace("/chat/completions", "/models")) as response:
+            assert response.status == 200  # discovery has run: the name is known unknown
+        statuses = [(await _chat(session, url))[0] for _ in range(2)]
+    assert statuses == [503, 503]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "proxy.routing"]
+    assert warnings == ["fallbacks.gpt-4o: 'gpt-4o-minni' matches no provider's models; "
+                        "skipped"]
