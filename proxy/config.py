@@ -337,8 +337,13 @@ def _auth(raw: Any, problems: list[str]) -> AuthConfig:
     keys = parse_keys(raw.get("keys"), problems)
     keys_file = v.check(v.string, raw, "keys_file", "auth", None, problems)
     if keys_file is not None:
-        keys += parse_keys(read_keys_file(keys_file, problems), problems,
+        before = len(problems)
+        filed = parse_keys(read_keys_file(keys_file, problems), problems,
                            f"auth.keys_file ({keys_file})", known=keys)
+        if not filed and len(problems) == before:  # (a file caught half-written, say)
+            problems.append(f"auth.keys_file: {keys_file} holds no keys; an empty file "
+                            "would open the gateway to anyone")
+        keys += filed
     return AuthConfig(keys=keys, limits_backend=v.check(
         v.one_of(*BACKENDS), raw, "limits_backend", "auth", "memory", problems))
 

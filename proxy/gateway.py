@@ -91,6 +91,9 @@ class Live:
         if changed:
             log.warning("reload: %s changed but need a restart; keeping the running values",
                         ", ".join(changed))
+        if running.auth.keys and not new.auth.keys:
+            log.warning("reload: no gateway keys configured any more: anyone who can reach "
+                        "this gateway may now use it")
         effective = dataclasses.replace(new, **kept)
         gateway = build_gateway(effective, self.shared, self.gateway)  # may raise: no swap
         self.shared.client.use_providers(effective)

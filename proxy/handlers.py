@@ -47,13 +47,17 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     sharing = sharing_for(call, route.label, request.headers, config.dedup,
                           config.cache)
     timing = request[TIMING]
+    answered = False
     try:
         async with gateway.dispatcher.answer(call, route, sharing, timing) as answer:
+            answered = True
             tap(answer, admission)
             return await send_answer(request, answer, buffered=not call.stream,
                                      timing=timing, keepalive=config.timeouts.sse_keepalive)
     except GatewayError:
-        if admission is not None:  # the gateway's own failure costs the key no tokens
+        # No answer at all: the gateway's own failure costs the key no tokens. Once one
+        # began (a deadline cut it, say), the upstream worked: the estimate stands.
+        if admission is not None and not answered:
             await admission.settle(0)
         raise
 

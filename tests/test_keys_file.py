@@ -55,6 +55,8 @@ async def test_keys_from_the_file_and_inline_both_work_and_a_reload_rereads_the_
 
 @pytest.mark.parametrize(("content", "problem"), [
     (None, "auth.keys_file: cannot read"),
+    ("", "holds no keys; an empty file would open the gateway to anyone"),
+    ("[]", "holds no keys; an empty file would open the gateway to anyone"),
     ("keys: [", "is not valid YAML"),
     ("name: x", "{file}: must be a list of keys"),
     (yaml.safe_dump([{"name": "x"}]), "{file}[0].sha256: is required"),

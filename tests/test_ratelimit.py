@@ -4,6 +4,7 @@ answers and a stream's final usage chunk), through the real gateway."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -178,3 +179,28 @@ async def test_a_request_the_gateway_fails_costs_no_tokens(
     async with aiohttp.ClientSession() as session:
         statuses = [(await post(session, base, max_tokens=600))[0] for _ in range(3)]
     assert statuses == [502, 502, 502]
+
+
+async def test_an_answer_a_deadline_cut_keeps_its_token_estimate(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+) -> None:
+    """The upstream worked (and billed) before its body stalled: the key is charged."""
+    async def stalling(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/json",
+                                               "Content-Length": "100"})
+        await response.prepare(request)
+        await response.write(b'{"id": "c", ')
+        await asyncio.sleep(5)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stalling)
+    url = await start_upstream(app)
+    key = {"name": "limited", "sha256": hash_secret(SECRET), "tpm": 1000}
+    base = await start_gateway(make_config(
+        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
+        auth={"keys": [key]}, timeouts={"read": 0.3}, cache={"enabled": False}))
+    async with aiohttp.ClientSession() as session:
+        statuses = [(await post(session, base, max_tokens=600))[0] for _ in range(2)]
+    assert statuses == [504, 429]

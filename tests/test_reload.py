@@ -364,3 +364,13 @@ async def test_a_reload_that_leaves_providers_alone_keeps_their_discovered_model
         async with session.get(base + "/health") as response:
             assert response.status == 200
     assert len(listed) == 1  # the new gateway kept the catalog: no wait, no second probe
+
+
+async def test_a_reload_that_drops_every_key_says_the_gateway_is_now_open(
+    make_config: MakeConfig, caplog: pytest.LogCaptureFixture,
+) -> None:
+    a = {"name": "a", "type": "openai_compat", "base_url": "http://127.0.0.1:9/v1"}
+    keyed = make_config([a], auth={"keys": [{"name": "k", "sha256": hash_secret(OLD_KEY)}]})
+    live = build_app(keyed)[LIVE]
+    live.reload(make_config([a]))
+    assert "no gateway keys configured any more" in caplog.text
