@@ -132,6 +132,8 @@ class RedisLink:
             settings.url, socket_timeout=settings.timeout,
             socket_connect_timeout=settings.connect_timeout,
             retry=Retry(NoBackoff(), 0), protocol=2)
+        # A "?protocol=3" in the URL would win over the keyword: RESP2 is not optional.
+        self.client.connection_pool.connection_kwargs["protocol"] = 2
         self.errors: tuple[type[BaseException], ...] = (
             redis.exceptions.RedisError, OSError, TimeoutError)
         self._down_since: float | None = None

@@ -125,7 +125,8 @@ class ModelRouter:
             found = self._lookup(name, snapshot)
             if found is not None:
                 groups.append(found.deployments)
-            elif snapshot is not None and name not in self._unroutable:
+            elif (snapshot is not None and name not in self._unroutable
+                  and all(s.healthy for s in snapshot.statuses)):  # not a failed probe
                 self._unroutable.add(name)  # a typo must not go unnoticed; once per name
                 log.warning("fallbacks.%s: '%s' matches no provider's models; skipped",
                             model, name)

@@ -176,7 +176,10 @@ def raise_fd_limit(config: Config) -> None:
         return
     target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
     if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # a cap below the reported hard limit (macOS)
+            target = soft
     if target < needed:
         log.warning("open files limited to %d (hard limit); server.max_connections %d plus "
                     "pool.limit %d need %d: raise the hard limit (ulimit -Hn, LimitNOFILE=)",
@@ -218,10 +221,12 @@ async def _until_stopped(supervisor_pid: int | None,
                 log.warning("supervisor (pid %d) is gone; stopping", supervisor_pid)
                 stop.set()
     finally:
+        # Stopping: a reload now has nothing to do, and must not kill the streams that
+        # are finishing (SIGHUP's default action ends the process): blocked before its
+        # handler goes, then ignored.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        # Stopping: a reload now has nothing to do, and must not kill the streams that
-        # are finishing (SIGHUP's default action ends the process).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 

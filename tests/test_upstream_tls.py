@@ -12,12 +12,16 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from proxy.app import build_app
+from proxy.server import running
+from proxy.state import LIVE
 from tests.conftest import MakeConfig, StartGateway
 from tests.wire import error_code, fetch
 
@@ -141,3 +145,23 @@ async def test_untrusted_certificate_is_502_naming_the_provider(
     assert SECRET not in listing.decode()
     for message in (orjson.loads(body)["error"]["message"], failure["message"]):
         assert "certificate" in message.lower()  # the reason, not a stray OS error text
+
+
+async def test_a_reload_keeps_the_tls_upstreams_pooled_connection_and_cap(
+        certs: Path, tls_upstream: tuple[str, list[int]], make_config: MakeConfig) -> None:
+    """The pool keys origins on the SSL context: a reload must reuse the provider's
+    (same CA file, unchanged), or it strands the old origin's connections and cap."""
+    base_url, peers = tls_upstream
+    entry = _provider(base_url, ca_file=str(certs / "ca.pem"), models=["tls-m"])
+    config = make_config([entry], env={"SECURE_KEY": SECRET}, server={"port": 0})
+    app = build_app(config)
+    async with running(config, app=app) as base, aiohttp.ClientSession() as session:
+        body = {"model": "tls-m", "messages": [{"role": "user", "content": "hi"}]}
+        async with session.post(f"{base}/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+        app[LIVE].reload(make_config([entry], env={"SECURE_KEY": SECRET}))
+        async with session.post(f"{base}/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+        pool = app[LIVE].shared.client._pool
+        assert len(pool._origins) == 1 and "open=1 idle=1" in repr(pool)
+    assert len(set(peers)) == 1  # the same TLS connection, before and after

@@ -16,6 +16,8 @@ module + one registry line" true.
 
 from __future__ import annotations
 
+import functools
+import os
 import ssl
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -57,6 +59,16 @@ class Call:
         return orjson.dumps({**self.payload, "model": self.upstream_model})
 
 
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """One context per CA file and version of it (a replaced file gets a new one)."""
+    return _tls_context(ca_file, os.stat(ca_file).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _tls_context(ca_file: str, version: int) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_file)
+
+
 class Provider(ABC):
     """One configured upstream. Subclasses set ``type_name`` and implement the hooks."""
 
@@ -69,8 +81,10 @@ class Provider(ABC):
         self.config = config
         self.name = config.name
         self.base_url = URL(config.base_url)
-        # Built once: an SSL context is costly, and the upstream pool keys on it.
-        self.tls = ssl.create_default_context(cafile=config.ca_file) if config.ca_file else None
+        # Shared: an SSL context is costly, and the upstream pool keys its origins on it,
+        # so a reload must find the same one (a new one per reload stranded the old
+        # origin's connections and cap).
+        self.tls = tls_context(config.ca_file) if config.ca_file else None
         self._urls: dict[tuple[str, str], URL] = {}
 
     def __repr__(self) -> str:
