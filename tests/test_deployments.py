@@ -41,7 +41,11 @@ class Deployment:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
         return app
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "gpt-4o"}]})
 
     async def _chat(self, request: web.Request) -> web.Response:
         payload = orjson.loads(await request.read())
