@@ -152,15 +152,20 @@ class ConnectionPool:
         if self._sweeper is None:
             self._schedule_sweep()
 
+    def forget(self, provider: str) -> None:
+        """A provider a reload removed: its cap no longer counts on any origin."""
+        self._cap_owners.pop(provider, None)
+        for origin in self._origins.values():
+            if origin.caps.pop(provider, None) is not None:
+                origin.cap = sum(origin.caps.values())
+
     def claim_limit(self, url: URL, tls: ssl.SSLContext | None, provider: str,
                     owner: object, limit: int) -> None:
         """A new limiter for ``provider`` (start-up, or a reload that changed it): only
         its ``follow_limit`` calls count from now on, the old one's are ignored, and the
         provider's cap leaves an origin it no longer uses (a changed ``base_url``)."""
+        self.forget(provider)
         self._cap_owners[provider] = owner
-        for origin in self._origins.values():
-            if origin.caps.pop(provider, None) is not None:
-                origin.cap = sum(origin.caps.values())
         self.follow_limit(url, tls, provider, limit, owner)
 
     def follow_limit(self, url: URL, tls: ssl.SSLContext | None, provider: str, limit: int,

@@ -119,7 +119,9 @@ class UpstreamClient:
 
     def use_providers(self, config: Config) -> None:
         """After a reload: the new providers' own deadlines over the running global ones
-        (``timeouts`` itself needs a restart)."""
+        (``timeouts`` itself needs a restart); removed ones leave the pool's caps."""
+        for name in self._deadlines.keys() - {p.name for p in config.providers}:
+            self._pool.forget(name)
         self._deadlines = {p.name: Deadlines.of(self._config.timeouts, p.timeouts)
                            for p in config.providers}
 

@@ -105,6 +105,8 @@ async def test_a_replaced_limiter_no_longer_sets_the_origins_cap(
         assert (origin.caps, origin.cap) == ({}, 0)  # base_url changed: the cap left it
         moved(8)
         assert client._pool.origin(URL("http://127.0.0.2:9/v1"), None).cap == 8
+        client._pool.forget("prov")  # a reload removed the provider
+        assert client._pool.origin(URL("http://127.0.0.2:9/v1"), None).cap == 0
     finally:
         await client.close()
 
