@@ -139,7 +139,9 @@ class ConnectionPool:
             if connection.origin is wanted:
                 waiter.set_result(connection)
                 return
-            connection.close()  # its slot goes to the waiter, once it is closed
+            # Its slot goes to the waiter once it is closed: abort, as a graceful TLS
+            # close would hold the slot until the peer's close_notify (up to 30 s).
+            connection.abort()
             self._waiters.appendleft((wanted, waiter))
             return
         origin = connection.origin
@@ -219,7 +221,7 @@ class ConnectionPool:
         """At the limit, an idle connection to another origin gives way to a new one."""
         for origin in self._origins.values():
             if origin.idle:
-                origin.idle.pop(0).close()
+                origin.idle.pop(0).abort()  # idle: nothing to flush; free the slot now
                 return True
         return False
 
