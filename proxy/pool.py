@@ -226,8 +226,8 @@ class ConnectionPool:
         return False
 
     async def _lease(self, origin: Origin, connect_timeout: float | None) -> UpstreamProtocol:
-        if self._connector is None:
-            raise RuntimeError("the upstream pool is used before start() or after close()")
+        if self._connector is None:  # closed at shutdown under a waiter: a 502, not a 500
+            raise aiohttp.ClientConnectionError("the upstream pool is closed")
         self.open += 1
         origin.open += 1
 

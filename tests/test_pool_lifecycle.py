@@ -22,8 +22,10 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from proxy.server import running
+from proxy.upstream import UpstreamClient
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 from tests.wire import ANSWER, CHAT, MODELS, Conn, RawUpstream, fetch, raw_servers, read_request
 
@@ -177,3 +179,13 @@ async def test_upstream_connections_are_closed_at_shutdown(make_config: MakeConf
             assert upstream.open == 2, "the idle control and inference connections"
         assert await _until(lambda: upstream.open == 0, 1), (
             f"{upstream.open} upstream connection(s) still open after the app's cleanup")
+
+
+async def test_a_closed_pool_refuses_with_a_connection_error_not_a_crash(
+        make_config: MakeConfig) -> None:
+    """A waiter woken as the pool closes at shutdown gets what maps to a 502."""
+    client = UpstreamClient(make_config([]))
+    await client.start()
+    await client.close()
+    with pytest.raises(aiohttp.ClientConnectionError, match="pool is closed"):
+        await client._pool.acquire(client._pool.origin(URL("http://127.0.0.1:9/v1"), None))
