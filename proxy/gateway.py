@@ -66,6 +66,12 @@ class Gateway:
     router: ModelRouter
     catalog: ModelCatalog
     dispatcher: Dispatcher
+    # Done once this gateway is in force: new limiters take over the pool's caps.
+    claims: tuple[Callable[[], None], ...] = ()
+
+    def put_in_force(self) -> None:
+        for claim in self.claims:
+            claim()
 
 
 class Live:
@@ -74,6 +80,7 @@ class Live:
     def __init__(self, shared: Shared, config: Config):
         self.shared = shared
         self.gateway = build_gateway(config, shared, None)
+        self.gateway.put_in_force()
         self.reloads = 0
 
     def __repr__(self) -> str:
@@ -98,6 +105,7 @@ class Live:
         gateway = build_gateway(effective, self.shared, self.gateway)  # may raise: no swap
         self.shared.client.use_providers(effective)
         self.gateway = gateway
+        gateway.put_in_force()
         if gateway.catalog.snapshot is None:  # not inherited: some provider changed
             gateway.catalog.refresh_soon()
         self.reloads += 1
@@ -118,12 +126,15 @@ def build_gateway(config: Config, shared: Shared, previous: Gateway | None) -> G
         before = previous.config
         catalog.inherit(previous.catalog, [p.name for p in config.providers
                                            if before.provider(p.name) == p])
-    return Gateway(config, KeyRing(config.auth.keys), router, catalog,
-                   _dispatcher(config, shared, providers, previous))
+    claims: list[Callable[[], None]] = []
+    dispatcher = _dispatcher(config, shared, providers, previous, claims)
+    return Gateway(config, KeyRing(config.auth.keys), router, catalog, dispatcher,
+                   tuple(claims))
 
 
 def _dispatcher(config: Config, shared: Shared, providers: list[Provider],
-                previous: Gateway | None) -> Dispatcher:
+                previous: Gateway | None, claims: list[Callable[[], None]]) -> Dispatcher:
+    """``claims``: what the new limiters' pool followers need done once in force."""
     old = previous.dispatcher if previous is not None else None
     same = _unchanged(config, previous)
     limits = config.limits
@@ -132,10 +143,14 @@ def _dispatcher(config: Config, shared: Shared, providers: list[Provider],
         queue_timeout=limits.queue_timeout, tolerance=limits.tolerance, slack=limits.slack,
         backoff=limits.backoff)
     client = shared.client
-    limiters = {p.name: _kept(old.limiters if old and same(p, "limits") else None, p.name)
-                or AdaptiveLimiter(p.name, settings, on_limit_change=client.limit_follower(
-                    p.base_url, p.tls, p.name, settings.initial))
-                for p in providers}
+    limiters: dict[str, AdaptiveLimiter] = {}
+    for p in providers:
+        kept = _kept(old.limiters if old and same(p, "limits") else None, p.name)
+        if kept is None:
+            follower = client.limit_follower(p.base_url, p.tls, p.name, settings.initial)
+            claims.append(follower.claim)
+            kept = AdaptiveLimiter(p.name, settings, on_limit_change=follower)
+        limiters[p.name] = kept
     retries = {p.name: _kept(old.retries if old and same(p, "retries") else None, p.name)
                or RetryPolicy(config.retries) for p in providers}
     breakers = {p.name: _kept(old.breakers if old and same(p, "breaker") else None, p.name)

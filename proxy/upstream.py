@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +102,25 @@ class UpstreamRequest:
     tls: ssl.SSLContext | None = None  # None: the system's trusted CAs
 
 
+class LimitFollower:
+    """Makes the pool follow one adaptive limiter. ``claim()`` puts it in charge of its
+    provider's cap (the previous limiter's calls are then ignored); a reload claims only
+    once the new gateway is in force, so a build that fails changes nothing."""
+
+    __slots__ = ("_initial", "_pool", "_provider", "_tls", "_url")
+
+    def __init__(self, pool: ConnectionPool, url: URL, tls: ssl.SSLContext | None,
+                 provider: str, initial: int):
+        self._pool, self._url, self._tls = pool, url, tls
+        self._provider, self._initial = provider, initial
+
+    def claim(self) -> None:
+        self._pool.claim_limit(self._url, self._tls, self._provider, self, self._initial)
+
+    def __call__(self, limit: int) -> None:
+        self._pool.follow_limit(self._url, self._tls, self._provider, limit, self)
+
+
 class UpstreamClient:
     """Sends upstream requests over the worker's shared pools, each under its
     provider's deadlines (``timeouts.py``: the global ones, or the provider's own)."""
@@ -162,16 +181,12 @@ class UpstreamClient:
         self.done(connection, reuse=True)
 
     def limit_follower(self, url: URL, tls: ssl.SSLContext | None, provider: str,
-                       initial: int) -> Callable[[int], None]:
+                       initial: int) -> LimitFollower:
         """The ``on_limit_change`` hook of ``provider``'s new adaptive limiter, starting at
-        ``initial``: the pool keeps no more connections to its origin than the limit
-        allows (issue #3: the shared pool's per-host limit follows the adaptive one)."""
-        owner = object()
-        self._pool.claim_limit(url, tls, provider, owner, initial)
-
-        def follow(limit: int) -> None:
-            self._pool.follow_limit(url, tls, provider, limit, owner)
-        return follow
+        ``initial``: once claimed, the pool keeps no more connections to its origin than
+        the limit allows (issue #3: the shared pool's per-host limit follows the
+        adaptive one)."""
+        return LimitFollower(self._pool, url, tls, provider, initial)
 
     def done(self, connection: UpstreamProtocol, *, reuse: bool) -> None:
         """End an exchange begun by :meth:`send`: back to the pool when the answer was

@@ -68,6 +68,7 @@ async def test_kept_connections_follow_the_adaptive_limit(
     await client.start()
     try:
         follow = client.limit_follower(URL(upstream.url), None, "prov", 64)
+        follow.claim()
         await asyncio.wait_for(asyncio.gather(*(post(client, upstream) for _ in range(3))), 5)
         assert upstream.open == 3
         follow(1)
@@ -94,14 +95,18 @@ async def test_a_replaced_limiter_no_longer_sets_the_origins_cap(
     try:
         url = URL(upstream.url)
         old = client.limit_follower(url, None, "prov", 64)
+        old.claim()
         old(4)  # learnt low before the reload
         origin = client._pool.origin(url, None)
         assert origin.cap == 4
-        client.limit_follower(url, None, "prov", 64)  # the new limiter
+        new = client.limit_follower(url, None, "prov", 64)  # the new limiter, built
+        assert origin.cap == 4  # ... but not in force yet: nothing changes
+        new.claim()
         assert origin.cap == 64
         old(2)
         assert origin.cap == 64
         moved = client.limit_follower(URL("http://127.0.0.2:9/v1"), None, "prov", 16)
+        moved.claim()
         assert (origin.caps, origin.cap) == ({}, 0)  # base_url changed: the cap left it
         moved(8)
         assert client._pool.origin(URL("http://127.0.0.2:9/v1"), None).cap == 8
