@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict
 
+from proxy.errors import UpstreamError
 from proxy.headers import client_response_headers
 from proxy.http1 import UpstreamResponse
 from proxy.providers import Call, Provider
@@ -49,6 +51,33 @@ class Answer:
     @property
     def event_stream(self) -> bool:
         return self.headers.get("Content-Type", "").startswith(EVENT_STREAM)
+
+
+class AnswerCall:
+    """An upstream call as the ``async with`` that relays its answer: ``start`` gives
+    the answer's head, ``finish`` ends the call. A body that breaks while the handler
+    reads it whole, before a byte was relayed, marks the answer failed for the circuit
+    breaker (``dispatch.UpstreamCall`` and ``failover.FailoverCall``)."""
+
+    __slots__ = ("_answer",)
+
+    def __init__(self) -> None:
+        self._answer: Answer | None = None  # the one ``start`` returned
+
+    async def start(self) -> Answer:
+        raise NotImplementedError
+
+    def finish(self, *, failed: bool) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Answer:
+        return await self.start()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, traceback: TracebackType | None) -> None:
+        if isinstance(exc, UpstreamError) and self._answer is not None:
+            self._answer.failed = True
+        self.finish(failed=exc_type is not None)
 
 
 class StreamBody:

@@ -16,10 +16,9 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
-from proxy.answers import Answer, read_upstream
+from proxy.answers import Answer, AnswerCall, read_upstream
 from proxy.breaker import FAILURE_STATUSES, CircuitBreaker
 from proxy.cache import AnswerCache
 from proxy.dedup import Exchange, Head, InflightRequests
@@ -179,19 +178,19 @@ class Dispatcher:
             self.inflight.settled(exchange)
 
 
-class UpstreamCall:
+class UpstreamCall(AnswerCall):
     """One upstream call under its provider's concurrency limit, from the slot taken to
     the connection given back; as an async context manager, the direct path's answer.
     A class rather than stacked context managers: this is the hot path, and each layer
     of those showed in the profile."""
 
-    __slots__ = ("_answer", "_breaker", "_call", "_client", "_connection", "_judge_body",
-                 "_latency",
+    __slots__ = ("_breaker", "_call", "_client", "_connection", "_judge_body", "_latency",
                  "_limiter", "_outcome", "_permit", "_provider", "_retry", "_timing")
 
     def __init__(self, client: UpstreamClient, limiter: AdaptiveLimiter, call: Call,
                  provider: Provider, timing: Timing | None, retry: RetryPolicy | None,
                  breaker: CircuitBreaker):
+        super().__init__()
         self._breaker = breaker
         self._timing = timing
         self._retry = retry
@@ -204,16 +203,6 @@ class UpstreamCall:
         self._outcome = Outcome.IGNORE
         self._latency: float | None = None
         self._judge_body = False  # the breaker's verdict waits for the body (finish)
-        self._answer: Answer | None = None  # the one returned, for that verdict
-
-    async def __aenter__(self) -> Answer:
-        return await self.start()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, traceback: TracebackType | None) -> None:
-        if isinstance(exc, UpstreamError) and self._answer is not None:
-            self._answer.failed = True  # the body broke before anything was relayed
-        self.finish(failed=exc_type is not None)
 
     async def start(self) -> Answer:
         """The answer's head (an error answer whole), after as many attempts as the

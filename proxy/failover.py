@@ -16,13 +16,11 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from types import TracebackType
 from typing import Protocol
 
-from proxy.answers import Answer
+from proxy.answers import Answer, AnswerCall
 from proxy.breaker import CircuitBreaker, CircuitOpen
 from proxy.errors import UpstreamError
-from proxy.headers import PROVIDER
 from proxy.limits import AdaptiveLimiter, Overloaded
 from proxy.providers import Call
 from proxy.routing import Route, Target
@@ -79,10 +77,10 @@ class Balancer:
         return limiter.in_flight + limiter.queued
 
 
-class FailoverCall:
+class FailoverCall(AnswerCall):
     """The candidates tried in turn; as an async context manager, the answer."""
 
-    __slots__ = ("_answer", "_call", "_current", "_make", "_targets", "_timing")
+    __slots__ = ("_call", "_current", "_make", "_targets", "_timing")
 
     def __init__(self, call: Call, targets: list[Target], make: CallFactory,
                  timing: Waits | None):
@@ -90,17 +88,8 @@ class FailoverCall:
         self._targets = targets
         self._make = make
         self._timing = timing
+        super().__init__()
         self._current: Candidate | None = None
-        self._answer: Answer | None = None
-
-    async def __aenter__(self) -> Answer:
-        return await self.start()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, traceback: TracebackType | None) -> None:
-        if isinstance(exc, UpstreamError) and self._answer is not None:
-            self._answer.failed = True  # the body broke before anything was relayed
-        self.finish(failed=exc_type is not None)
 
     async def start(self) -> Answer:
         queued = time.perf_counter()
@@ -117,8 +106,7 @@ class FailoverCall:
             if index < last and answer.status in FAILOVER_STATUSES:
                 upstream.finish(failed=False)  # an error answer is read whole
                 continue
-            self._current, self._answer = upstream, answer
-            answer.headers[PROVIDER] = target.provider.name
+            self._current, self._answer = upstream, answer  # (it named its provider)
             if self._timing is not None:
                 self._timing.upstream_wait += time.perf_counter() - queued
             return answer
