@@ -131,8 +131,7 @@ class UpstreamClient:
                                     keepalive=config.pool.keepalive_timeout,
                                     connect_timeout=config.timeouts.connect)
         self._default_deadlines = Deadlines.of(config.timeouts)
-        self._deadlines = {p.name: Deadlines.of(config.timeouts, p.timeouts)
-                           for p in config.providers}
+        self._deadlines = self._providers_deadlines(config)
         self._control: aiohttp.ClientSession | None = None
         self.in_flight = 0
 
@@ -141,8 +140,12 @@ class UpstreamClient:
         (``timeouts`` itself needs a restart); removed ones leave the pool's caps."""
         for name in self._deadlines.keys() - {p.name for p in config.providers}:
             self._pool.forget(name)
-        self._deadlines = {p.name: Deadlines.of(self._config.timeouts, p.timeouts)
-                           for p in config.providers}
+        self._deadlines = self._providers_deadlines(config)
+
+    def _providers_deadlines(self, config: Config) -> dict[str, Deadlines]:
+        """Each provider's own deadlines over the global ones this client started with."""
+        return {p.name: Deadlines.of(self._config.timeouts, p.timeouts)
+                for p in config.providers}
 
     def __repr__(self) -> str:
         state = "open" if self._control else "closed"
