@@ -96,7 +96,10 @@ class UnsupportedTransferEncoding(GatewayError):
         super().__init__("Transfer-Encoding must be exactly 'chunked'.")
 
 
-class RequestTimeout(GatewayError):
+class BodyTimeout(GatewayError):
+    """408: the client's body was too slow (``errors.RequestTimeout`` is the upstream's
+    total deadline, a 504)."""
+
     status = 408
     type = "invalid_request_error"
     code = "request_timeout"
@@ -306,7 +309,7 @@ class GuardedHandler(RequestHandler):
         body = self._body
         if body is not None and not body.is_eof():
             if now >= self._body_deadline:
-                self._fail_body(body, RequestTimeout(settings.body_timeout))
+                self._fail_body(body, BodyTimeout(settings.body_timeout))
             else:
                 self._arm(self._body_deadline)
 

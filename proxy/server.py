@@ -156,7 +156,7 @@ async def serve(given: Config, worker: WorkerSpec | None = None, *,
             names = ", ".join(f"{p.name} ({p.type})" for p in config.providers)
             log.info("%s listening on %s; providers: %s; config: %s", me,
                      _listening_on(url, worker), names, config.source)
-            if config.providers[0].name == "mock" and config.source.startswith("defaults"):
+            if config.providers[0].name == DEMO_PROVIDER and config.source.startswith("defaults"):
                 log.info("no provider configured: answering from the bundled mock upstream; "
                          "set OPENAI_API_KEY, use --upstream URL or a config file for real "
                          "models")

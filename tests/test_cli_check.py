@@ -60,7 +60,8 @@ async def _run(*command: str, cwd: Path | None = None) -> tuple[int, str]:
     return process.returncode, stdout.decode()
 
 
-async def _cli(*args: str) -> tuple[int, str]:
+async def run_cli(*args: str) -> tuple[int, str]:
+    """``python -m proxy ARGS`` without the caller's provider settings; (exit, stdout)."""
     return await _run(sys.executable, "-m", "proxy", *args)
 
 
@@ -115,7 +116,7 @@ async def test_check_reports_auth_failures_and_missing_keys(
     config = await _config(start_upstream, tmp_path / "check.yaml", {
         "good": (good, {}), "denied": (denied, {}), "keyless": (keyless, {"api_key_env": UNSET}),
     })
-    code, out = await _cli("check", "--config", config)
+    code, out = await run_cli("check", "--config", config)
     assert code == 1, out
     rows = _rows(out)
     assert rows["HEADER"].split() == ["PROVIDER", "TYPE", "RESULT", "MODELS", "LATENCY"]
@@ -132,7 +133,7 @@ async def test_check_reports_auth_failures_and_missing_keys(
 
     only_denied = await _config(start_upstream, tmp_path / "denied.yaml",
                                 {"denied": (Upstream(status=401), {})})
-    code, out = await _cli("check", "--config", only_denied)
+    code, out = await run_cli("check", "--config", only_denied)
     assert code == 1, out
     assert "rejected the credentials" in _rows(out)["denied"]
 
@@ -146,7 +147,7 @@ async def test_models_json_and_table_carry_latency_and_models(
         "keyless": (Upstream(models=("x",)), {"api_key_env": UNSET}),
     })
     (code, out), (table_code, table) = await asyncio.gather(
-        _cli("models", "--json", "--config", config), _cli("models", "--config", config))
+        run_cli("models", "--json", "--config", config), run_cli("models", "--config", config))
     assert code == 0, out
     providers = {p["provider"]: p for p in orjson.loads(out)["providers"]}
     assert list(providers) == ["good", "denied", "keyless"]

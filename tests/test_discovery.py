@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ import yaml
 from aiohttp import web
 
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.test_cli_check import run_cli
 
 SECRET = "sk-discovery-secret-0123456789"
 
@@ -239,24 +238,6 @@ async def test_health_is_503_when_every_provider_fails(
     assert all(p["error"] for p in body["providers"])
 
 
-async def _cli(*args: str) -> tuple[int, str]:
-    """``python -m proxy ARGS`` without the caller's provider settings; (exit, stdout)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"OPENAI_API_KEY", "OPENROUTER_API_KEY", "OLLAMA_HOST"}
-           and not k.startswith("PROXY_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        stdout, _ = await asyncio.wait_for(process.communicate(), 20)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, stdout.decode()
-
-
 def _write_config(path: Path, providers: list[dict[str, Any]]) -> str:
     path.write_text(yaml.safe_dump({"providers": providers, "timeouts": {"discovery": 2}}))
     return str(path)
@@ -268,8 +249,8 @@ async def test_cli_models_and_check(start_upstream: StartUpstream, tmp_path: Pat
     mixed = _write_config(tmp_path / "mixed.yaml", [good.provider(), bad.provider()])
     healthy = _write_config(tmp_path / "healthy.yaml", [good.provider()])
     as_json, table, check_mixed, check_healthy = await asyncio.gather(
-        _cli("models", "--json", "--config", mixed), _cli("models", "--config", mixed),
-        _cli("check", "--config", mixed), _cli("check", "--config", healthy))
+        run_cli("models", "--json", "--config", mixed), run_cli("models", "--config", mixed),
+        run_cli("check", "--config", mixed), run_cli("check", "--config", healthy))
 
     assert as_json[0] == 0
     providers = {p["provider"]: p for p in orjson.loads(as_json[1])["providers"]}
