@@ -122,21 +122,35 @@ def build_gateway(config: Config, shared: Shared, previous: Gateway | None) -> G
                            retry_failed_after=config.health_cache_ttl)
     router = ModelRouter(providers, config.aliases, catalog, config.deployments,
                          config.fallbacks)
+    unchanged = _unchanged_providers(config, previous)
     if previous is not None:
-        before = previous.config
-        catalog.inherit(previous.catalog, [p.name for p in config.providers
-                                           if before.provider(p.name) == p])
+        catalog.inherit(previous.catalog, unchanged)
     claims: list[Callable[[], None]] = []
-    dispatcher = _dispatcher(config, shared, providers, previous, claims)
+    dispatcher = _dispatcher(config, shared, providers, previous, unchanged, claims)
     return Gateway(config, KeyRing(config.auth.keys), router, catalog, dispatcher,
                    tuple(claims))
 
 
+def _unchanged_providers(config: Config, previous: Gateway | None) -> set[str]:
+    """The providers whose entry a reload left as it was: their state may be kept."""
+    if previous is None:
+        return set()
+    before = previous.config
+    return {p.name for p in config.providers if before.provider(p.name) == p}
+
+
 def _dispatcher(config: Config, shared: Shared, providers: list[Provider],
-                previous: Gateway | None, claims: list[Callable[[], None]]) -> Dispatcher:
+                previous: Gateway | None, unchanged: set[str],
+                claims: list[Callable[[], None]]) -> Dispatcher:
     """``claims``: what the new limiters' pool followers need done once in force."""
-    old = previous.dispatcher if previous is not None else None
-    same = _unchanged(config, previous)
+    kept_limiters: Mapping[str, AdaptiveLimiter] = {}
+    kept_retries: Mapping[str, RetryPolicy] = {}
+    kept_breakers: Mapping[str, CircuitBreaker] = {}
+    if previous is not None:  # each kind of state, unless its own settings changed
+        old, before = previous.dispatcher, previous.config
+        kept_limiters = _carried(old.limiters, unchanged, before.limits == config.limits)
+        kept_retries = _carried(old.retries, unchanged, before.retries == config.retries)
+        kept_breakers = _carried(old.breakers, unchanged, before.breaker == config.breaker)
     limits = config.limits
     settings = LimitSettings(
         initial=limits.initial, min=limits.min, max=limits.max, queue_size=limits.queue_size,
@@ -145,31 +159,22 @@ def _dispatcher(config: Config, shared: Shared, providers: list[Provider],
     client = shared.client
     limiters: dict[str, AdaptiveLimiter] = {}
     for p in providers:
-        kept = _kept(old.limiters if old and same(p, "limits") else None, p.name)
-        if kept is None:
+        limiter = kept_limiters.get(p.name)
+        if limiter is None:
             follower = client.limit_follower(p.base_url, p.tls, p.name, settings.initial)
             claims.append(follower.claim)
-            kept = AdaptiveLimiter(p.name, settings, on_limit_change=follower)
-        limiters[p.name] = kept
-    retries = {p.name: _kept(old.retries if old and same(p, "retries") else None, p.name)
-               or RetryPolicy(config.retries) for p in providers}
-    breakers = {p.name: _kept(old.breakers if old and same(p, "breaker") else None, p.name)
-                or CircuitBreaker(p.name, config.breaker) for p in providers}
+            limiter = AdaptiveLimiter(p.name, settings, on_limit_change=follower)
+        limiters[p.name] = limiter
+    retries = {p.name: kept_retries.get(p.name) or RetryPolicy(config.retries)
+               for p in providers}
+    breakers = {p.name: kept_breakers.get(p.name) or CircuitBreaker(p.name, config.breaker)
+                for p in providers}
     return Dispatcher(client, shared.tasks, shared.inflight, shared.cache, limiters,
                       config.dedup.max_buffer_bytes, shared.peers, retries, breakers)
 
 
-def _unchanged(config: Config, previous: Gateway | None) -> Callable[[Provider, str], bool]:
-    """``same(provider, section)``: that provider and that settings section are as they
-    were, so its state from the previous gateway may be kept."""
-    before = previous.config if previous is not None else None
-
-    def same(provider: Provider, section: str) -> bool:
-        return (before is not None and before.provider(provider.name) == provider.config
-                and getattr(before, section) == getattr(config, section))
-
-    return same
-
-
-def _kept(states: Mapping[str, T] | None, name: str) -> T | None:
-    return states.get(name) if states is not None else None
+def _carried(states: Mapping[str, T], unchanged: set[str], same_settings: bool
+             ) -> dict[str, T]:
+    """The previous gateway's state of the unchanged providers, if its settings held."""
+    return {name: state for name, state in states.items()
+            if name in unchanged} if same_settings else {}
