@@ -1,17 +1,29 @@
-"""A circuit breaker per provider (issue #4): stop sending requests to an upstream that
-keeps failing, and let one probe through after a cooldown.
+"""A circuit breaker per provider (issues #4, #9): steer traffic away from an upstream
+that is down, and never make an outage of the gateway's own.
 
-States: *closed* (requests flow; ``failures`` consecutive failures open it), *open*
-(requests fail at once with 503 ``circuit_open`` and a ``Retry-After`` of the cooldown
-left, so a dead upstream costs clients milliseconds rather than connect timeouts), and
-*half-open* (after ``cooldown`` seconds one request probes the upstream: its success
-closes the breaker, its failure opens it again). A failure is a connection error, a
-timeout or a 5xx answer; 429 is the upstream pacing us (``limits.py`` handles it), not a
-fault. State is per worker.
+Evidence: only what says the upstream itself is unhealthy fails a call (:func:`fault`):
+no connection, a connection cut midway, the connect or headers deadline, an answer of
+502, 503 or 504. A 500 (often one request's content), a 429 (pacing), a first-token,
+stall or total deadline (one long generation), a client leaving or a full gateway pool
+say nothing against the upstream.
+
+States: *closed* until, over the last ``window`` seconds, at least ``min_requests`` calls
+were judged, at least ``failure_ratio`` of them failed, and the failures came from at
+least ``min_callers`` distinct callers (resilience4j's ``minimumNumberOfCalls`` and
+``failureRateThreshold``; the callers rule keeps one tenant's bad requests from opening
+it for everyone, issue #9). Then *open* for ``cooldown`` seconds, then *half-open*: one
+probe at a time, whose success closes it and whose failure opens it again.
+
+An open breaker only steers: routing sends requests to another deployment. When every
+candidate is open the request is sent anyway (Envoy's panic threshold), and a panic
+request that succeeds closes the breaker; ``fail_fast: true`` answers 503
+``circuit_open`` instead. The window is ten buckets, so a request costs O(1).
+State is per worker.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import time
 from collections.abc import Callable
@@ -19,24 +31,60 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy import validate as v
-from proxy.errors import GatewayError
+from proxy.errors import (
+    FirstTokenTimeout,
+    GatewayError,
+    PoolTimeout,
+    RequestTimeout,
+    StreamStalled,
+    UpstreamError,
+)
 
-FAILURE_STATUSES = frozenset({500, 502, 503, 504})
+FAILURE_STATUSES = frozenset({502, 503, 504})
+# Deadlines one request's own length explains (a long generation), and a full pool of
+# this worker: they say nothing about the upstream's health.
+_NOT_FAULTS = (PoolTimeout, FirstTokenTimeout, StreamStalled, RequestTimeout)
+BUCKETS = 10
+
+
+def fault(exc: BaseException) -> bool | None:
+    """True when ``exc`` says the upstream is unhealthy, None when it says nothing."""
+    if isinstance(exc, UpstreamError) and not isinstance(exc, _NOT_FAULTS):
+        return True
+    return None
 
 
 @dataclass(frozen=True)
 class BreakerSettings:
-    failures: int = 5  # consecutive failures that open it; 0: never opens
+    enabled: bool = True
+    window: float = 30.0  # seconds of calls the ratio is taken over
+    min_requests: int = 10  # judged calls in the window before it may open
+    min_callers: int = 2  # distinct callers among the window's failures
+    failure_ratio: float = 0.5  # failed / judged calls that opens it
     cooldown: float = 10.0  # seconds open before one probe is let through
+    fail_fast: bool = False  # every candidate open: 503 circuit_open, not sent anyway
 
 
 def parse_breaker(raw: Any, problems: list[str]) -> BreakerSettings:
+    if isinstance(raw, dict) and "failures" in raw:  # issue #4's key, consecutive failures
+        raw = dict(raw)
+        if raw.pop("failures") == 0 and "enabled" not in raw:
+            raw["enabled"] = False  # still means off
+        else:
+            problems.append(
+                "breaker.failures: no longer supported (the breaker does not count "
+                "failures in a row); use breaker.failure_ratio, breaker.min_requests, "
+                "breaker.min_callers and breaker.window, or breaker.enabled: false")
     return v.section(raw, "breaker", BreakerSettings, problems, {
-        "failures": v.non_negative_int, "cooldown": v.positive_number})
+        "enabled": v.boolean, "window": v.positive_number,
+        "min_requests": v.positive_int, "min_callers": v.positive_int,
+        "failure_ratio": v.fraction, "cooldown": v.positive_number,
+        "fail_fast": v.boolean})
 
 
 class CircuitOpen(GatewayError):
-    """503 without an upstream call; SDKs retry it as a server error after Retry-After."""
+    """503 without an upstream call (``fail_fast`` only); SDKs retry it after
+    Retry-After."""
 
     status = 503
     code = "circuit_open"
@@ -50,19 +98,39 @@ class CircuitOpen(GatewayError):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
+class Pass(enum.Enum):
+    """How ``check`` let a request through; ``record`` takes it back."""
+
+    CLOSED = "closed"  # the circuit was closed
+    PROBE = "probe"  # the half-open probe
+    PANIC = "panic"  # open, sent anyway: no other candidate
+
+
+class _Bucket:
+    __slots__ = ("callers", "calls", "epoch", "failures")
+
+    def __init__(self) -> None:
+        self.epoch = -1
+        self.calls = self.failures = 0
+        self.callers: set[str] = set()  # failing callers, at most min_callers kept
+
+
 class CircuitBreaker:
     def __init__(self, name: str, settings: BreakerSettings,
                  clock: Callable[[], float] = time.monotonic):
         self.name = name
         self.settings = settings
         self._clock = clock
-        self._failures = 0
+        self._width = settings.window / BUCKETS
+        self._buckets = [_Bucket() for _ in range(BUCKETS)]
         self._opened_at: float | None = None
         self._probing = False
         self.opened = 0  # times it opened, for /health
+        self.panicked = 0  # requests sent through an open circuit, for /health
 
     def __repr__(self) -> str:
-        return f"<CircuitBreaker {self.name!r} {self.state} failures={self._failures}>"
+        calls, failures, _ = self._totals()
+        return f"<CircuitBreaker {self.name!r} {self.state} {failures}/{calls} failed>"
 
     @property
     def state(self) -> str:
@@ -73,42 +141,91 @@ class CircuitBreaker:
 
     @property
     def available(self) -> bool:
-        """Whether a request may go now (closed, or half-open with no probe out): routing
-        prefers available deployments over ones that would fail at once."""
+        """Whether a request may go now without panic (closed, or half-open with no
+        probe out): routing prefers available deployments."""
         if self._opened_at is None:
             return True
         return not self._probing and self._clock() >= self._opened_at + self.settings.cooldown
 
-    def check(self) -> bool:
-        """Before a request: raises ``CircuitOpen`` unless it may go; True when it is
-        the half-open probe (its outcome decides)."""
-        if self._opened_at is None:
-            return False
-        left = self._opened_at + self.settings.cooldown - self._clock()
-        if left > 0 or self._probing:
-            raise CircuitOpen(self.name, max(left, self.settings.cooldown / 10))
-        self._probing = True
-        return True
+    def failure_ratio(self) -> float:
+        """The window's failed share of judged calls: routing's "least bad" in panic."""
+        calls, failures, _ = self._totals()
+        return failures / calls if calls else 0.0
 
-    def record(self, *, failed: bool | None, probe: bool = False) -> None:
-        """After a request: ``failed`` None when it says nothing (the client left);
-        ``probe`` when ``check`` made it the half-open probe."""
-        if probe:
+    def check(self) -> Pass:
+        """Before a request: how it goes (its ``record`` needs that back); raises
+        ``CircuitOpen`` only with ``fail_fast``."""
+        if self._opened_at is None:
+            return Pass.CLOSED
+        left = self._opened_at + self.settings.cooldown - self._clock()
+        if left <= 0 and not self._probing:
+            self._probing = True
+            return Pass.PROBE
+        if self.settings.fail_fast:
+            raise CircuitOpen(self.name, max(left, self.settings.cooldown / 10))
+        self.panicked += 1
+        return Pass.PANIC
+
+    def record(self, *, failed: bool | None, how: Pass = Pass.CLOSED,
+               caller: str = "") -> None:
+        """After a request: ``failed`` None when it says nothing (see :func:`fault`);
+        ``how`` is what ``check`` returned; ``caller`` who sent it (no secret)."""
+        if how is Pass.PROBE:
             self._probing = False
         if failed is None:
             return
-        if not failed:
-            if self._opened_at is not None and not probe:
-                return  # begun before the circuit opened (a long stream): not news
-            self._failures, self._opened_at = 0, None
-            return
-        self._failures += 1
-        if self._opened_at is not None or (
-                self.settings.failures and self._failures >= self.settings.failures):
-            if self._opened_at is None or self.state == "half_open":
-                self.opened += 1
-            self._opened_at = self._clock()
+        if self._opened_at is None:
+            self._count(failed, caller)
+            if failed and self.settings.enabled and self._tripped():
+                self._open()
+        elif not failed:
+            if how is not Pass.CLOSED:  # a probe or panic request: it recovered
+                self._opened_at = None
+                self._buckets = [_Bucket() for _ in range(BUCKETS)]
+            # else begun before the circuit opened (a long stream): not news
+        else:
+            self._count(True, caller)
+            self._open()  # still failing: the cooldown starts again
+
+    def _open(self) -> None:
+        if self._opened_at is None or self.state == "half_open":
+            self.opened += 1
+        self._opened_at = self._clock()
+
+    def _count(self, failed: bool, caller: str) -> None:
+        epoch = int(self._clock() / self._width)
+        bucket = self._buckets[epoch % BUCKETS]
+        if bucket.epoch != epoch:
+            bucket.epoch, bucket.calls, bucket.failures = epoch, 0, 0
+            bucket.callers.clear()
+        bucket.calls += 1
+        if failed:
+            bucket.failures += 1
+            if len(bucket.callers) < self.settings.min_callers:
+                bucket.callers.add(caller)
+
+    def _totals(self) -> tuple[int, int, int]:
+        """Judged calls, failures and distinct failing callers (capped at
+        ``min_callers``: a bucket keeps no more, which is all the rule needs)."""
+        oldest = int(self._clock() / self._width) - BUCKETS
+        calls = failures = 0
+        callers: set[str] = set()
+        for bucket in self._buckets:
+            if bucket.epoch > oldest:
+                calls += bucket.calls
+                failures += bucket.failures
+                callers |= bucket.callers
+        return calls, failures, len(callers)
+
+    def _tripped(self) -> bool:
+        settings = self.settings
+        calls, failures, callers = self._totals()
+        return (calls >= settings.min_requests and callers >= settings.min_callers
+                and failures >= settings.failure_ratio * calls)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"state": self.state, "consecutive_failures": self._failures,
-                "opened_total": self.opened}
+        calls, failures, callers = self._totals()
+        return {"state": self.state, "opened_total": self.opened,
+                "panic_total": self.panicked,
+                "window": {"seconds": self.settings.window, "calls": calls,
+                           "failures": failures, "failing_callers": callers}}

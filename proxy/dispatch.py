@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.answers import Answer, AnswerCall, read_upstream
-from proxy.breaker import FAILURE_STATUSES, CircuitBreaker
+from proxy.breaker import FAILURE_STATUSES, CircuitBreaker, Pass, fault
 from proxy.cache import AnswerCache
 from proxy.dedup import Exchange, Head, InflightRequests
 from proxy.errors import RETRYABLE_ERRORS, GatewayError, PoolTimeout, UpstreamError
@@ -242,11 +242,11 @@ class UpstreamCall(AnswerCall):
         provider = self._provider
         self._outcome, self._latency = Outcome.IGNORE, None
         breaker = self._breaker
-        probe = breaker.check()  # an open circuit: 503 at once, no slot taken
+        how = breaker.check()  # open with fail_fast: 503 at once, no slot taken
         try:
             self._permit = await self._limiter.acquire()
         except BaseException:
-            breaker.record(failed=None, probe=probe)
+            breaker.record(failed=None, how=how)
             raise
         started = time.perf_counter()  # the limiter learns from the upstream's time only
         try:
@@ -261,12 +261,13 @@ class UpstreamCall(AnswerCall):
                 exc, PoolTimeout)
             if upstream_failed and self._latency is None:
                 self._outcome = Outcome.ERROR
-            breaker.record(failed=True if upstream_failed else None, probe=probe)
+            breaker.record(failed=fault(exc), how=how, caller=self._call.caller)
             self.finish(failed=True)
             raise
-        if answer.complete or probe:  # a probe's head decides at once: others wait on it
-            breaker.record(failed=answer.status in FAILURE_STATUSES, probe=probe)
-        else:  # a body deadline (first token, stall, total) or a cut still fails it
+        if answer.complete or how is not Pass.CLOSED:  # a probe's head decides at once
+            breaker.record(failed=answer.status in FAILURE_STATUSES, how=how,
+                           caller=self._call.caller)
+        else:  # a cut mid-body still fails it
             self._judge_body = True
             self._answer = answer
         return answer
@@ -276,10 +277,12 @@ class UpstreamCall(AnswerCall):
         connection, self._connection = self._connection, None
         if self._judge_body:
             self._judge_body = False
-            broke = (connection is not None and connection.expired) or (
-                self._answer is not None and self._answer.failed)
-            # A client that left says nothing about the upstream.
-            self._breaker.record(failed=True if broke else None if failed else False)
+            # A body deadline is this request's length, and a client that left says
+            # nothing of the upstream; a cut is the upstream's.
+            expired = connection is not None and connection.expired
+            broke = self._answer is not None and self._answer.failed
+            self._breaker.record(failed=None if expired or (failed and not broke) else broke,
+                                 caller=self._call.caller)
         if connection is not None:
             self._client.done(connection, reuse=not failed)
         permit, self._permit = self._permit, None

@@ -2,12 +2,14 @@
 
 The order tried: the model's deployments, least in flight first (ties take turns, so an
 idle gateway still spreads its requests), skipping those whose circuit breaker is open;
-then each fallback model's deployments the same way. A deployment that fails (no
-connection, a timeout, an open circuit, its queue full, or an answer of 429 or 5xx)
-hands the request to the next one at once, with no backoff: another deployment is a
-better bet than the same one later. Only the last candidate retries with its
-provider's retry policy, and its failure is what the client sees. All of this happens
-before the client gets a byte: a failure mid-stream is never failed over.
+then each fallback model's deployments the same way. When every one is open, the request
+goes to the least bad (lowest failure ratio) anyway: Envoy's panic threshold, issue #9
+(with ``breaker.fail_fast``, to the first, whose breaker answers 503 ``circuit_open``).
+A deployment that fails (no connection, a timeout, an open circuit, its queue full, or
+an answer of 429 or 5xx) hands the request to the next one at once, with no backoff:
+another deployment is a better bet than the same one later. Only the last candidate
+retries with its provider's retry policy, and its failure is what the client sees. All
+of this happens before the client gets a byte: a failure mid-stream is never failed over.
 """
 
 from __future__ import annotations
@@ -61,8 +63,16 @@ class Balancer:
         ordered: list[Target] = []
         for group in (route.deployments, *route.fallbacks):
             ordered.extend(self._least_loaded(group))
-        # Every circuit open: try the first anyway, so the client gets its circuit_open.
-        return ordered or [route.deployments[0]]
+        if ordered:
+            return ordered
+        first = route.deployments[0]
+        if self._breakers[first.provider.name].settings.fail_fast:
+            return [first]  # so the client gets its circuit_open
+        everyone = [t for group in (route.deployments, *route.fallbacks) for t in group]
+        return [min(everyone, key=self._failure_ratio)]  # panic: stable, first on ties
+
+    def _failure_ratio(self, target: Target) -> float:
+        return self._breakers[target.provider.name].failure_ratio()
 
     def _least_loaded(self, group: Sequence[Target]) -> list[Target]:
         usable = [t for t in group if self._breakers[t.provider.name].available]

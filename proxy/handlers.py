@@ -5,6 +5,7 @@ relay the answer.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from typing import Any
@@ -106,8 +107,21 @@ async def read_call(request: web.Request, config: Config) -> Call:
     return Call(
         method=request.method, endpoint=endpoint, query=query, body=body,
         payload=payload, model=model, stream=bool(payload and payload.get("stream") is True),
-        headers=headers, request_id=request_id,
+        headers=headers, request_id=request_id, caller=_caller(request),
     )
+
+
+def _caller(request: web.Request) -> str:
+    """Who sent the request, for the circuit breaker's distinct callers (issue #9): the
+    gateway key's name, else a hash of the client's Authorization, else its address."""
+    key = request.get(GATEWAY_KEY)
+    if key is not None:
+        return f"key:{key.name}"
+    authorization = request.headers.get(AUTHORIZATION)
+    if authorization:
+        digest = hashlib.blake2b(authorization.encode(), digest_size=8).hexdigest()
+        return f"auth:{digest}"
+    return f"addr:{request.remote}"
 
 
 def _json_object(body: bytes, must_parse: bool) -> dict[str, Any] | None:

@@ -1,47 +1,65 @@
-"""The circuit breaker per provider (issue #4): consecutive failures open it, an open
-breaker answers 503 ``circuit_open`` at once without an upstream call, one probe goes
-through after the cooldown, and ``/health`` shows the state. Real upstreams on loopback."""
+"""The circuit breaker per provider against real upstreams on loopback (issues #4, #9):
+one tenant's 500s or 5xx never open it for the others, a provider that refuses
+connections still gets its requests (a fast 502, no 503 of the gateway's own), and
+``fail_fast`` keeps the old 503 ``circuit_open`` with a half-open probe. The rules
+themselves, with an injected clock, are in test_breaker_rules.py."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 
-from proxy.breaker import BreakerSettings, CircuitBreaker, CircuitOpen
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+# Settings that open on little evidence, so a test sees it open.
+EAGER = {"min_requests": 2, "min_callers": 1}
 
 
 class Flaky:
-    """Answers ``status`` until told otherwise; counts calls."""
+    """Answers ``status`` until told otherwise (``bad_status`` to the requests whose
+    ``user`` is "bad"); counts calls."""
 
-    def __init__(self, status: int):
+    def __init__(self, status: int = 200, bad_status: int = 200):
         self.status = status
+        self.bad_status = bad_status
         self.calls = 0
 
     def app(self) -> web.Application:
         async def chat(request: web.Request) -> web.Response:
-            await request.read()
+            payload = await request.json()
             self.calls += 1
-            if self.status != 200:
+            status = self.bad_status if payload.get("user") == "bad" else self.status
+            if status != 200:
                 return web.json_response({"error": {"message": "down", "type": "x"}},
-                                         status=self.status)
-            return web.json_response({"id": "ok", "object": "chat.completion",
-                                      "created": 0, "model": "m", "choices": []})
+                                         status=status)
+            return web.json_response({
+                "id": "ok", "object": "chat.completion", "created": 0, "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "ok"}}]})
 
         app = web.Application()
         app.router.add_post("/v1/chat/completions", chat)
         return app
 
 
-async def post(session: aiohttp.ClientSession, base: str) -> tuple[int, dict[str, str], Any]:
+def provider(url: str) -> dict[str, Any]:
+    return {"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}
+
+
+async def post(session: aiohttp.ClientSession, base: str, user: str = "good",
+               caller: str = "a") -> tuple[int, dict[str, str], Any]:
     async with session.post(f"{base}/v1/chat/completions",
-                            json={"model": "m", "messages": MESSAGES}) as response:
+                            headers={"Authorization": f"Bearer sk-{caller}"},
+                            json={"model": "m", "messages": MESSAGES, "user": user}
+                            ) as response:
         return response.status, dict(response.headers), await response.json()
 
 
@@ -51,17 +69,80 @@ async def health(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
         return breaker
 
 
-async def test_failures_open_the_breaker_then_a_probe_closes_it(
+async def test_500s_never_open_it_for_the_normal_requests_after_them(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    openai_client: Callable[..., openai.AsyncOpenAI],
+) -> None:
+    upstream = Flaky(bad_status=500)
+    base = await start_gateway(make_config([provider(await start_upstream(upstream.app()))],
+                                           health_cache_ttl=0))
+    async with aiohttp.ClientSession() as session:
+        bad = [(await post(session, base, user="bad", caller=f"c{n % 3}"))[0]
+               for n in range(20)]
+        good = [(await post(session, base, caller=f"c{n % 3}"))[0] for n in range(10)]
+        assert (await health(session, base))["state"] == "closed"
+    assert (bad, good) == ([500] * 20, [200] * 10)
+    sdk = openai_client(base, max_retries=2)  # each bad request is sent three times
+    failed = await asyncio.gather(*(  # at once: the SDK's backoffs overlap
+        sdk.chat.completions.create(model="m", messages=MESSAGES, user="bad")
+        for _ in range(20)), return_exceptions=True)
+    assert all(isinstance(e, openai.InternalServerError) for e in failed), failed
+    for _ in range(10):
+        answer = await sdk.chat.completions.create(model="m", messages=MESSAGES)
+        assert answer.choices[0].message.content == "ok"
+    assert upstream.calls == 30 + 60 + 10
+
+
+async def test_one_callers_502s_and_503s_do_not_open_it_for_another(
     start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    upstream = Flaky(500)
-    url = await start_upstream(upstream.app())
-    base = await start_gateway(make_config(
-        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
-        breaker={"failures": 3, "cooldown": 0.3}, health_cache_ttl=0))
+    upstream = Flaky(bad_status=503)
+    base = await start_gateway(make_config([provider(await start_upstream(upstream.app()))],
+                                           health_cache_ttl=0))
     async with aiohttp.ClientSession() as session:
-        statuses = [(await post(session, base))[0] for _ in range(3)]
-        assert statuses == [500] * 3  # the upstream's own answers, relayed
+        bad = [(await post(session, base, user="bad", caller="tenant"))[0]
+               for _ in range(15)]
+        upstream.bad_status = 502
+        bad += [(await post(session, base, user="bad", caller="tenant"))[0]
+                for _ in range(15)]
+        good = [(await post(session, base, caller="other"))[0] for _ in range(10)]
+        state = await health(session, base)
+    assert (bad, good) == ([503] * 15 + [502] * 15, [200] * 10)
+    assert state["state"] == "closed"
+    assert state["window"]["failing_callers"] == 1  # only ever one caller failing
+    assert upstream.calls == 40
+
+
+async def test_a_provider_refusing_connections_gets_fast_502s_not_circuit_open(
+    start_gateway: StartGateway, make_config: MakeConfig, closed_port: int,
+) -> None:
+    """Its breaker opens, but with no other deployment the requests are still sent: the
+    client sees the upstream's failure, at once (an open circuit is not retried)."""
+    base = await start_gateway(make_config(
+        [provider(f"http://127.0.0.1:{closed_port}")], health_cache_ttl=0,
+        retries={"max_attempts": 3, "base_delay": 0.05, "max_delay": 0.1}))
+    started = time.perf_counter()
+    async with aiohttp.ClientSession() as session:
+        answers = [await post(session, base, caller=f"c{n % 2}") for n in range(30)]
+        state = await health(session, base)
+    elapsed = time.perf_counter() - started
+    assert {(s, b["error"]["code"]) for s, _, b in answers} == {
+        (502, "upstream_unreachable")}
+    assert (state["state"], state["opened_total"]) == ("open", 1)
+    assert state["panic_total"] >= 20
+    assert elapsed < 10, f"30 refused requests took {elapsed:.1f} s"
+
+
+async def test_fail_fast_answers_503_circuit_open_then_a_probe_closes_it(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+) -> None:
+    upstream = Flaky(503)
+    base = await start_gateway(make_config(
+        [provider(await start_upstream(upstream.app()))], health_cache_ttl=0,
+        breaker={"min_requests": 3, "cooldown": 0.3, "fail_fast": True}))
+    async with aiohttp.ClientSession() as session:
+        statuses = [(await post(session, base, caller=f"c{n % 2}"))[0] for n in range(3)]
+        assert statuses == [503] * 3  # the upstream's own answers, relayed
         status, headers, body = await post(session, base)
         assert (status, body["error"]["code"]) == (503, "circuit_open")
         assert int(headers["Retry-After"]) >= 1
@@ -69,8 +150,8 @@ async def test_failures_open_the_breaker_then_a_probe_closes_it(
         assert (await health(session, base))["state"] == "open"
 
         await asyncio.sleep(0.35)  # cooldown over: one probe, which fails
-        assert (await post(session, base))[0] == 500
-        assert (await post(session, base))[0] == 503
+        assert (await post(session, base))[2]["error"]["message"] == "down"
+        assert (await post(session, base))[2]["error"]["code"] == "circuit_open"
         assert upstream.calls == 4
 
         upstream.status = 200
@@ -78,10 +159,12 @@ async def test_failures_open_the_breaker_then_a_probe_closes_it(
         assert (await post(session, base))[0] == 200  # the probe succeeds: closed
         assert [(await post(session, base))[0] for _ in range(3)] == [200] * 3
         state = await health(session, base)
-    assert state == {"state": "closed", "consecutive_failures": 0, "opened_total": 2}
+    assert (state["state"], state["opened_total"], state["window"]["calls"]) == (
+        "closed", 2, 3)
 
 
-@pytest.mark.parametrize(("status", "opens"), [(429, False), (400, False), (503, True)])
+@pytest.mark.parametrize(("status", "opens"), [
+    (429, False), (400, False), (500, False), (502, True), (503, True), (504, True)])
 async def test_only_upstream_faults_count(
     status: int, opens: bool, start_upstream: StartUpstream, start_gateway: StartGateway,
     make_config: MakeConfig,
@@ -89,39 +172,10 @@ async def test_only_upstream_faults_count(
     upstream = Flaky(status)
     url = await start_upstream(upstream.app())
     base = await start_gateway(make_config(
-        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
-        breaker={"failures": 2, "cooldown": 5}))
+        [provider(url)], breaker={**EAGER, "cooldown": 5, "fail_fast": True}))
     async with aiohttp.ClientSession() as session:
         last = [(await post(session, base))[0] for _ in range(3)][-1]
     assert (last == 503 and upstream.calls == 2) is opens
-
-
-def test_the_half_open_probe_is_alone() -> None:
-    now = [0.0]
-    breaker = CircuitBreaker("p", BreakerSettings(failures=1, cooldown=1),
-                             clock=lambda: now[0])
-    assert breaker.check() is False
-    breaker.record(failed=True)
-    with pytest.raises(CircuitOpen):
-        breaker.check()
-    now[0] = 1.0
-    assert breaker.state == "half_open"
-    assert breaker.check() is True  # the probe
-    with pytest.raises(CircuitOpen):
-        breaker.check()  # no second request while it runs
-    breaker.record(failed=None, probe=True)  # its client left: the next may probe
-    assert breaker.check() is True
-    breaker.record(failed=False, probe=True)
-    assert breaker.state == "closed"
-    assert not BreakerSettings(failures=0).failures  # 0 turns the breaker off
-
-
-def test_a_breaker_with_failures_zero_never_opens() -> None:
-    breaker = CircuitBreaker("p", BreakerSettings(failures=0))
-    for _ in range(100):
-        breaker.check()
-        breaker.record(failed=True)
-    assert breaker.state == "closed"
 
 
 def cut_stream_app(calls: list[int]) -> web.Application:
@@ -150,8 +204,8 @@ async def test_streams_the_upstream_cuts_count_as_failures(
     calls: list[int] = []
     url = await start_upstream(cut_stream_app(calls))
     base = await start_gateway(make_config(
-        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
-        breaker={"failures": 2, "cooldown": 60}, cache={"enabled": False}))
+        [provider(url)], breaker={**EAGER, "cooldown": 60, "fail_fast": True},
+        cache={"enabled": False}))
     body = {"model": "m", "messages": MESSAGES, "stream": True,
             "temperature": 0 if shared else 1}
     async with aiohttp.ClientSession() as session:
@@ -166,34 +220,15 @@ async def test_streams_the_upstream_cuts_count_as_failures(
     assert len(calls) == 2
 
 
-def test_only_the_probe_decides_a_half_open_circuit() -> None:
-    """A call begun before the circuit opened (a long stream, say) that ends later says
-    nothing of the upstream now: it neither closes the circuit nor ends the probe."""
-    now = [0.0]
-    breaker = CircuitBreaker("up", BreakerSettings(failures=1, cooldown=10),
-                             clock=lambda: now[0])
-    breaker.record(failed=True)
-    breaker.record(failed=False)  # a straggler that began while it was closed
-    assert breaker.state == "open"
-    now[0] = 11.0
-    assert breaker.check() is True  # the probe
-    breaker.record(failed=False)  # another straggler, mid-probe
-    with pytest.raises(CircuitOpen):
-        breaker.check()  # still one probe at a time
-    breaker.record(failed=False, probe=True)
-    assert breaker.state == "closed"
-
-
 async def test_a_failure_that_opens_the_circuit_is_relayed_not_retried_into_it(
     start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    upstream = Flaky(500)
+    upstream = Flaky(503)
     url = await start_upstream(upstream.app())
     base = await start_gateway(make_config(
-        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
-        breaker={"failures": 1, "cooldown": 60},
+        [provider(url)], breaker={"min_requests": 1, "min_callers": 1, "cooldown": 60},
         retries={"max_attempts": 3, "base_delay": 0.01, "max_delay": 0.02}))
     async with aiohttp.ClientSession() as session:
         status, _, body = await post(session, base)
-    assert (status, upstream.calls) == (500, 1)  # the upstream's answer, not circuit_open
+    assert (status, upstream.calls) == (503, 1)  # the upstream's answer, not circuit_open
     assert body["error"]["message"] == "down"

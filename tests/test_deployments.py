@@ -211,11 +211,11 @@ async def test_fallbacks_apply_to_a_single_provider_model(
 async def test_open_circuit_sends_requests_to_the_other_deployment(
     start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    a, b = Deployment("a", statuses=[500] * 2), Deployment("b")
+    a, b = Deployment("a", statuses=[503] * 2), Deployment("b")
     await _start(start_upstream, a, b)
     url = await _gateway(start_gateway, make_config, [a.provider(), b.provider()],
                          deployments={"gpt-4o": ["a", "b"]},
-                         breaker={"failures": 2, "cooldown": 60})
+                         breaker={"min_requests": 2, "min_callers": 1, "cooldown": 60})
     async with aiohttp.ClientSession() as session:
         answered = [_answered_by(await _chat(session, url)) for _ in range(8)]
         async with session.get(url.replace("/v1/chat/completions", "/health")) as health:
@@ -224,6 +224,41 @@ async def test_open_circuit_sends_requests_to_the_other_deployment(
     assert answered == ["b"] * 8
     assert len(a.models) == 2  # it failed twice, then was left alone
     assert states == {"a": "open", "b": "closed"}
+
+
+async def test_a_deployment_refusing_connections_is_left_alone_once_its_breaker_opens(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    closed_port: int,
+) -> None:
+    """Default breaker settings, two callers: every request fails over to the healthy
+    deployment, and once the dead one's breaker opened it is not tried at all."""
+    b = Deployment("b")
+    await _start(start_upstream, b)
+    dead = {"name": "a", "type": "openai_compat", "models": ["gpt-4o"],
+            "base_url": f"http://127.0.0.1:{closed_port}/v1"}
+    url = await _gateway(start_gateway, make_config, [dead, {**b.provider(),
+                                                             "models": ["gpt-4o"]}],
+                         deployments={"gpt-4o": ["a", "b"]}, health_cache_ttl=0)
+    health = url.replace("/v1/chat/completions", "/health")
+    sessions = [aiohttp.ClientSession(headers={"Authorization": f"Bearer sk-{n}"})
+                for n in range(2)]
+    try:
+        async def breakers() -> dict[str, Any]:
+            async with sessions[0].get(health) as response:
+                return {p["name"]: p["breaker"] for p in (await response.json())["providers"]}
+
+        # (callers change every third request: the turns alternate a and b)
+        answered = [_answered_by(await _chat(sessions[n // 3 % 2], url)) for n in range(40)]
+        opened = (await breakers())["a"]
+        answered += [_answered_by(await _chat(sessions[n // 3 % 2], url)) for n in range(20)]
+        after = await breakers()
+    finally:
+        for session in sessions:
+            await session.close()
+    assert answered == ["b"] * 60 and len(b.models) == 60
+    assert (opened["state"], opened["window"]["failing_callers"]) == ("open", 2)
+    assert after["a"]["window"]["calls"] == opened["window"]["calls"] >= 10  # left alone
+    assert after["b"]["state"] == "closed"
 
 
 async def test_provider_header_on_single_provider_dedup_and_cache(
@@ -277,22 +312,26 @@ def test_routing_tables_are_validated(make_config: MakeConfig, raw: dict[str, An
     assert problem in caught.value.problems
 
 
-def test_balancer_skips_open_circuits_unless_all_are_open() -> None:
+@pytest.mark.parametrize("fail_fast", [False, True])
+def test_balancer_skips_open_circuits_unless_all_are_open(fail_fast: bool) -> None:
     providers = [build_provider(ProviderConfig(name=n, type="openai_compat",
                                                base_url="http://127.0.0.1:1/v1"))
                  for n in ("a", "b", "c")]
     now = [0.0]
-    breakers = {p.name: CircuitBreaker(p.name, BreakerSettings(failures=1, cooldown=10),
-                                       clock=lambda: now[0]) for p in providers}
+    breakers = {p.name: CircuitBreaker(p.name, BreakerSettings(
+        min_requests=1, min_callers=1, cooldown=10, fail_fast=fail_fast),
+        clock=lambda: now[0]) for p in providers}
     limiters = {p.name: AdaptiveLimiter(p.name, LimitSettings()) for p in providers}
     balancer = Balancer(limiters, breakers)
     a, b, c = (Target(p, "m") for p in providers)
     route = Route(a.provider, "m", peers=(b,), fallbacks=((c,),))
     breakers["a"].record(failed=True)
     assert [balancer.candidates(route)[:2] for _ in range(2)] == [[b, c]] * 2
-    breakers["b"].record(failed=True)
+    breakers["b"].record(failed=False)
+    breakers["b"].record(failed=True)  # open, with half its calls failed
     breakers["c"].record(failed=True)
-    assert balancer.candidates(route) == [a]  # the client gets a's circuit_open
+    # Every one open: panic sends it to the least bad; fail_fast to a's circuit_open.
+    assert balancer.candidates(route) == [a if fail_fast else b]
     now[0] = 11.0  # cooldown over: half-open deployments are tried again
     assert sorted(t.provider.name for t in balancer.candidates(route)[:2]) == ["a", "b"]
 

@@ -72,7 +72,7 @@ async def test_a_full_pool_answers_connect_timeout_then_serves_again(
         assert "open=1 idle=0 waiting=0" in repr(client), "the waiter stayed queued"
         # A full pool is this worker's state, not the upstream's: no breaker failure.
         dispatcher = gateway_app[LIVE].gateway.dispatcher
-        assert dispatcher.breaker("prov")["consecutive_failures"] == 0
+        assert dispatcher.breaker("prov")["window"]["failures"] == 0
         release.set()
         assert (await asyncio.wait_for(first, 5))[0] == 200
         status, _, _ = await asyncio.wait_for(fetch(url, body=CHAT), 5)

@@ -198,7 +198,7 @@ async def test_reload_keeps_the_state_of_unchanged_providers(make_config: MakeCo
     assert after.limiters["a"] is before.limiters["a"]
     assert after.retries["a"] is before.retries["a"]
     assert after.breakers["b"] is not before.breakers["b"]  # a new upstream, a new state
-    live.reload(make_config([a], breaker={"failures": 9}))
+    live.reload(make_config([a], breaker={"cooldown": 9}))
     assert live.gateway.dispatcher.breakers["a"] is not before.breakers["a"]
     # b was removed: its adaptive limit no longer caps connections on any origin.
     assert "b" not in live.shared.client._pool._cap_owners

@@ -63,7 +63,8 @@ async def gateway(start_upstream: StartUpstream, closed_port: int, tmp_path: Pat
     upstream = await start_upstream(faults.app())
     config = {"providers": providers(upstream, closed_port, api_key_env="UP_KEY"),
               "auth": {"keys": KEYS}, "timeouts": {"read": 0.5},
-              "retries": {"max_attempts": 1}, "breaker": {"failures": 1, "cooldown": 60}}
+              "retries": {"max_attempts": 1}, "breaker": {"min_requests": 1, "min_callers": 1,
+                                                    "cooldown": 60, "fail_fast": True}}
     async with gateway_process(tmp_path, config, env={"UP_KEY": UPSTREAM_KEY},
                                log_level="DEBUG") as proc:
         yield proc

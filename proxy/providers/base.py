@@ -50,6 +50,9 @@ class Call:
     headers: CIMultiDict[str]  # end-to-end client headers plus X-Forwarded-*, X-Request-ID
     request_id: str
     upstream_model: str | None = None  # set by routing
+    # Who sent it, for the circuit breaker's distinct callers: a gateway key's name, a
+    # hash of the client's Authorization, or its address; never a secret.
+    caller: str = ""
 
     def body_for_upstream(self) -> bytes:
         """The body to send: the client's bytes untouched unless the model name changes
