@@ -232,3 +232,20 @@ async def test_a_failure_that_opens_the_circuit_is_relayed_not_retried_into_it(
         status, _, body = await post(session, base)
     assert (status, upstream.calls) == (503, 1)  # the upstream's answer, not circuit_open
     assert body["error"]["message"] == "down"
+
+
+async def test_an_open_breaker_with_no_other_deployment_still_sends_and_recovers(
+    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+) -> None:
+    upstream = Flaky(503)
+    base = await start_gateway(make_config(
+        [provider(await start_upstream(upstream.app()))], health_cache_ttl=0,
+        breaker={**EAGER, "cooldown": 60}))
+    async with aiohttp.ClientSession() as session:
+        assert [(await post(session, base))[0] for _ in range(4)] == [503] * 4
+        assert (await health(session, base))["state"] == "open"
+        upstream.status = 200
+        assert (await post(session, base))[0] == 200  # sent anyway, long before the cooldown
+        state = await health(session, base)
+    assert upstream.calls == 5
+    assert (state["state"], state["opened_total"], state["panic_total"]) == ("closed", 1, 3)
