@@ -264,7 +264,7 @@ class UpstreamCall(AnswerCall):
             breaker.record(failed=fault(exc), how=how, caller=self._call.caller)
             self.finish(failed=True)
             raise
-        if answer.complete or how is not Pass.CLOSED:  # a probe's head decides at once
+        if answer.complete or how is not Pass.CLOSED:  # a probe, panic: the head decides
             breaker.record(failed=answer.status in FAILURE_STATUSES, how=how,
                            caller=self._call.caller)
         else:  # a cut mid-body still fails it
