@@ -24,7 +24,7 @@ import uvloop
 from proxy import __version__
 from proxy.config import Config, ConfigError, Overrides, load_config
 from proxy.discovery import ModelCatalog, Snapshot
-from proxy.keys import hash_secret, new_secret
+from proxy.keys import hash_secret, new_secret, parse_keys
 from proxy.providers import PROVIDER_TYPES, build_provider
 from proxy.server import demo_upstream_if_needed, serve
 from proxy.tasks import BackgroundTasks
@@ -81,8 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(words)
     command = args.command
     if command == "keys":
-        _keys_hash(args.secret, args.name)
-        return
+        sys.exit(_keys_hash(args.secret, args.name))
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if command == "serve":
@@ -98,16 +97,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(uvloop.run(_check(config)))
 
 
-def _keys_hash(secret: str | None, name: str) -> None:
+def _keys_hash(secret: str | None, name: str) -> int:
     """Print a key's secret (new unless given) once, and the config entry holding only
-    its hash: the secret is for the client and is stored nowhere."""
+    its hash: the secret is for the client and is stored nowhere. Exit 2 for what the
+    config could not use: a blank secret (``--secret "$UNSET"`` must not hash a random
+    one nobody sees) or a name the loader would refuse."""
+    if secret is not None and not secret.strip():
+        print("usage error: --secret is empty; leave it out to make a new random key",
+              file=sys.stderr)
+        return 2
+    if secret is not None and secret != secret.strip():
+        print("usage error: --secret starts or ends with whitespace, which the gateway "
+              "strips from a presented key: the hash would never match", file=sys.stderr)
+        return 2
     made = secret is None
     secret = secret or new_secret()
     digest = hash_secret(secret)
+    problems: list[str] = []
+    parse_keys([{"name": name, "sha256": digest}], problems)
+    if problems:
+        print(f"usage error: --name {name!r} would be refused by the config: "
+              + "; ".join(problems), file=sys.stderr)
+        return 2
     if made:
         print(f"secret: {secret}   (give it to the client; it is shown only now)")
     print(f"sha256: {digest}")
     print(f"config:\n  auth:\n    keys:\n      - name: {name}\n        sha256: {digest}")
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> Overrides:
@@ -200,6 +216,10 @@ async def _models(config: Config, *, as_json: bool) -> int:
 
 
 async def _check(config: Config) -> int:
+    if not config.providers:  # `serve` would answer from the demo mock: nothing to check
+        print(f"check: no providers configured (config: {config.source}); name them in "
+              "a config file, use --upstream URL, or set OPENAI_API_KEY", file=sys.stderr)
+        return 1
     snapshot = await _discover(config)
     rows: list[tuple[str, ...]] = [("PROVIDER", "TYPE", "RESULT", "MODELS", "LATENCY")]
     for s in snapshot.statuses:
