@@ -8,6 +8,7 @@ or usage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
@@ -22,7 +23,7 @@ import orjson
 import uvloop
 
 from proxy import __version__
-from proxy.config import Config, ConfigError, Overrides, load_config
+from proxy.config import Config, ConfigError, Overrides, config_file, load_config
 from proxy.discovery import ModelCatalog, Snapshot
 from proxy.keys import hash_secret, new_secret, parse_keys
 from proxy.providers import PROVIDER_TYPES, build_provider
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     config = _load(args)
     if command == "serve":
-        _serve(config, words, args.worker_index, functools.partial(_reload, args))
+        _serve(config, words, args.worker_index, functools.partial(_reload, _pinned(args)))
     elif command == "models":
         sys.exit(uvloop.run(_models(config, as_json=args.json)))
     else:
@@ -134,9 +135,16 @@ def _overrides(args: argparse.Namespace) -> Overrides:
         workers=getattr(args, "workers", None), socket_dir=getattr(args, "socket_dir", None))
 
 
-def _reload(args: argparse.Namespace) -> Config:
+def _pinned(args: argparse.Namespace) -> Overrides:
+    """The flags, with the config file found at start-up named: a reload reads that
+    file again, and is refused if it is gone, rather than fall back to the defaults."""
+    overrides = _overrides(args)
+    return dataclasses.replace(overrides, config_path=config_file(overrides, os.environ))
+
+
+def _reload(overrides: Overrides) -> Config:
     """SIGHUP: the same file, flags and environment read again (ConfigError raised)."""
-    return load_config(_overrides(args), os.environ, PROVIDER_TYPES.keys())
+    return load_config(overrides, os.environ, PROVIDER_TYPES.keys(), reloading=True)
 
 
 def _load(args: argparse.Namespace) -> Config:

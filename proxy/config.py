@@ -158,6 +158,10 @@ class AuthConfig:
 
     keys: tuple[GatewayKey, ...] = ()
     limits_backend: str = "memory"
+    # ``keys: []`` written out: no keys, on purpose. Only then may a reload remove
+    # every key of a running gateway (``gateway.py``): a file that merely lost its
+    # ``auth`` section must not open the gateway to anyone.
+    open_on_purpose: bool = False
 
 
 @dataclass(frozen=True)
@@ -198,11 +202,17 @@ class Overrides:
 
 
 def load_config(
-    overrides: Overrides, env: Mapping[str, str], provider_types: Collection[str]
+    overrides: Overrides, env: Mapping[str, str], provider_types: Collection[str], *,
+    reloading: bool = False,
 ) -> Config:
-    """Build the config; raises :class:`ConfigError` listing every problem."""
-    path = overrides.config_path or _env_path(env)
+    """Build the config; raises :class:`ConfigError` listing every problem. A reload
+    (``reloading``) refuses an empty file: one caught half-written, or emptied, must
+    not put the defaults (no providers, no keys) in force."""
+    path = config_file(overrides, env)
     raw, source, problems = _read_file(path)
+    if reloading and path is not None and not raw:
+        raise ConfigError([f"{path}: the file is empty (being written?); a reload needs "
+                           "the whole config"])
     _apply_env(raw, env)
     for key in ("host", "port", "workers", "socket_dir"):
         if (value := getattr(overrides, key)) is not None:
@@ -235,6 +245,13 @@ def with_demo_provider(config: Config, base_url: str) -> Config:
     demo = ProviderConfig(name=DEMO_PROVIDER, type="openai_compat", base_url=base_url,
                           catch_all=True)
     return dataclasses.replace(config, providers=(demo,))
+
+
+def config_file(overrides: Overrides, env: Mapping[str, str]) -> Path | None:
+    """The file ``load_config`` reads: ``--config``, ``PROXY_CONFIG``, else
+    ``./proxy.yaml`` if present. The CLI pins it at start-up, so that a reload after
+    ``./proxy.yaml`` was deleted is refused instead of falling back to the defaults."""
+    return overrides.config_path or _env_path(env)
 
 
 def _env_path(env: Mapping[str, str]) -> Path | None:
@@ -356,5 +373,6 @@ def _auth(raw: Any, problems: list[str]) -> AuthConfig:
                             "would open the gateway to anyone")
         keys += filed
     return AuthConfig(keys=keys, limits_backend=v.check(
-        v.one_of(*BACKENDS), raw, "limits_backend", "auth", "memory", problems))
+        v.one_of(*BACKENDS), raw, "limits_backend", "auth", "memory", problems),
+        open_on_purpose=raw.get("keys") == [] and keys_file is None)
 
