@@ -8,6 +8,7 @@ or usage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
@@ -22,9 +23,9 @@ import orjson
 import uvloop
 
 from proxy import __version__
-from proxy.config import Config, ConfigError, Overrides, load_config
+from proxy.config import Config, ConfigError, Overrides, config_file, load_config
 from proxy.discovery import ModelCatalog, Snapshot
-from proxy.keys import hash_secret, new_secret
+from proxy.keys import hash_secret, new_secret, parse_keys
 from proxy.providers import PROVIDER_TYPES, build_provider
 from proxy.server import demo_upstream_if_needed, serve
 from proxy.tasks import BackgroundTasks
@@ -81,8 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(words)
     command = args.command
     if command == "keys":
-        _keys_hash(args.secret, args.name)
-        return
+        sys.exit(_keys_hash(args.secret, args.name))
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if command == "serve":
@@ -91,23 +91,40 @@ def main(argv: Sequence[str] | None = None) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     config = _load(args)
     if command == "serve":
-        _serve(config, words, args.worker_index, functools.partial(_reload, args))
+        _serve(config, words, args.worker_index, functools.partial(_reload, _pinned(args)))
     elif command == "models":
         sys.exit(uvloop.run(_models(config, as_json=args.json)))
     else:
         sys.exit(uvloop.run(_check(config)))
 
 
-def _keys_hash(secret: str | None, name: str) -> None:
+def _keys_hash(secret: str | None, name: str) -> int:
     """Print a key's secret (new unless given) once, and the config entry holding only
-    its hash: the secret is for the client and is stored nowhere."""
+    its hash: the secret is for the client and is stored nowhere. Exit 2 for what the
+    config could not use: a blank secret (``--secret "$UNSET"`` must not hash a random
+    one nobody sees) or a name the loader would refuse."""
+    if secret is not None and not secret.strip():
+        print("usage error: --secret is empty; leave it out to make a new random key",
+              file=sys.stderr)
+        return 2
+    if secret is not None and secret != secret.strip():
+        print("usage error: --secret starts or ends with whitespace, which the gateway "
+              "strips from a presented key: the hash would never match", file=sys.stderr)
+        return 2
     made = secret is None
     secret = secret or new_secret()
     digest = hash_secret(secret)
+    problems: list[str] = []
+    parse_keys([{"name": name, "sha256": digest}], problems)
+    if problems:
+        print(f"usage error: --name {name!r} would be refused by the config: "
+              + "; ".join(problems), file=sys.stderr)
+        return 2
     if made:
         print(f"secret: {secret}   (give it to the client; it is shown only now)")
     print(f"sha256: {digest}")
     print(f"config:\n  auth:\n    keys:\n      - name: {name}\n        sha256: {digest}")
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> Overrides:
@@ -118,9 +135,16 @@ def _overrides(args: argparse.Namespace) -> Overrides:
         workers=getattr(args, "workers", None), socket_dir=getattr(args, "socket_dir", None))
 
 
-def _reload(args: argparse.Namespace) -> Config:
+def _pinned(args: argparse.Namespace) -> Overrides:
+    """The flags, with the config file found at start-up named: a reload reads that
+    file again, and is refused if it is gone, rather than fall back to the defaults."""
+    overrides = _overrides(args)
+    return dataclasses.replace(overrides, config_path=config_file(overrides, os.environ))
+
+
+def _reload(overrides: Overrides) -> Config:
     """SIGHUP: the same file, flags and environment read again (ConfigError raised)."""
-    return load_config(_overrides(args), os.environ, PROVIDER_TYPES.keys())
+    return load_config(overrides, os.environ, PROVIDER_TYPES.keys(), reloading=True)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -200,6 +224,10 @@ async def _models(config: Config, *, as_json: bool) -> int:
 
 
 async def _check(config: Config) -> int:
+    if not config.providers:  # `serve` would answer from the demo mock: nothing to check
+        print(f"check: no providers configured (config: {config.source}); name them in "
+              "a config file, use --upstream URL, or set OPENAI_API_KEY", file=sys.stderr)
+        return 1
     snapshot = await _discover(config)
     rows: list[tuple[str, ...]] = [("PROVIDER", "TYPE", "RESULT", "MODELS", "LATENCY")]
     for s in snapshot.statuses:

@@ -31,6 +31,8 @@ from proxy.redis_store import BACKENDS, RedisSettings, check_backends, parse_red
 from proxy.route_config import (
     EMPTY,
     DeploymentRef,
+    Routable,
+    check_references,
     parse_aliases,
     parse_deployments,
     parse_fallbacks,
@@ -156,6 +158,10 @@ class AuthConfig:
 
     keys: tuple[GatewayKey, ...] = ()
     limits_backend: str = "memory"
+    # ``keys: []`` written out: no keys, on purpose. Only then may a reload remove
+    # every key of a running gateway (``gateway.py``): a file that merely lost its
+    # ``auth`` section must not open the gateway to anyone.
+    open_on_purpose: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,11 +202,17 @@ class Overrides:
 
 
 def load_config(
-    overrides: Overrides, env: Mapping[str, str], provider_types: Collection[str]
+    overrides: Overrides, env: Mapping[str, str], provider_types: Collection[str], *,
+    reloading: bool = False,
 ) -> Config:
-    """Build the config; raises :class:`ConfigError` listing every problem."""
-    path = overrides.config_path or _env_path(env)
-    raw, source = _read_file(path)
+    """Build the config; raises :class:`ConfigError` listing every problem. A reload
+    (``reloading``) refuses an empty file: one caught half-written, or emptied, must
+    not put the defaults (no providers, no keys) in force."""
+    path = config_file(overrides, env)
+    raw, source, problems = _read_file(path)
+    if reloading and path is not None and not raw:
+        raise ConfigError([f"{path}: the file is empty (being written?); a reload needs "
+                           "the whole config"])
     _apply_env(raw, env)
     for key in ("host", "port", "workers", "socket_dir"):
         if (value := getattr(overrides, key)) is not None:
@@ -211,14 +223,17 @@ def load_config(
     elif "providers" not in raw and source == "defaults":
         raw["providers"] = providers_from_env(env)
         source = "environment" if raw["providers"] else "defaults (demo upstream)"
-    return dataclasses.replace(config_from_dict(raw, env, provider_types), source=source)
+    config = config_from_dict(raw, env, provider_types, problems)
+    return dataclasses.replace(config, source=source)
 
 
 def config_from_dict(
-    raw: dict[str, Any], env: Mapping[str, str], provider_types: Collection[str]
+    raw: dict[str, Any], env: Mapping[str, str], provider_types: Collection[str],
+    found: Collection[str] = (),
 ) -> Config:
-    """Validate an already-read config structure (what the YAML file holds)."""
-    problems: list[str] = []
+    """Validate an already-read config structure (what the YAML file holds); ``found``:
+    problems seen in the file's text, reported with the rest."""
+    problems = list(found)
     config = _build(raw, env, provider_types, problems)
     if problems:
         raise ConfigError(problems)
@@ -232,15 +247,23 @@ def with_demo_provider(config: Config, base_url: str) -> Config:
     return dataclasses.replace(config, providers=(demo,))
 
 
+def config_file(overrides: Overrides, env: Mapping[str, str]) -> Path | None:
+    """The file ``load_config`` reads: ``--config``, ``PROXY_CONFIG``, else
+    ``./proxy.yaml`` if present. The CLI pins it at start-up, so that a reload after
+    ``./proxy.yaml`` was deleted is refused instead of falling back to the defaults."""
+    return overrides.config_path or _env_path(env)
+
+
 def _env_path(env: Mapping[str, str]) -> Path | None:
     if env.get("PROXY_CONFIG"):
         return Path(env["PROXY_CONFIG"])
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
 
 
-def _read_file(path: Path | None) -> tuple[dict[str, Any], str]:
+def _read_file(path: Path | None) -> tuple[dict[str, Any], str, list[str]]:
+    """The file's structure, its name, and its duplicate keys (problems to report)."""
     if path is None:
-        return {}, "defaults"
+        return {}, "defaults", []
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -250,10 +273,10 @@ def _read_file(path: Path | None) -> tuple[dict[str, Any], str]:
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
     if raw is None:
-        return {}, str(path)
+        return {}, str(path), []
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of keys"])
-    return raw, str(path)
+    return raw, str(path), v.duplicate_keys(text)
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -301,12 +324,17 @@ def _build(
     aliases = parse_aliases(raw.get("aliases", {}), problems)
     deployments = parse_deployments(raw.get("deployments"), {p.name for p in providers},
                                     aliases, problems)
+    fallbacks = parse_fallbacks(raw.get("fallbacks"), problems)
+    check_references(aliases, fallbacks, Routable(
+        frozenset(p.name for p in providers),
+        frozenset((*(m for p in providers for m in p.models), *deployments)),
+        any(p.catch_all for p in providers)), problems)
     return Config(
         server=server, timeouts=timeouts, pool=pool, dedup=dedup, cache=cache, limits=limits,
         auth=auth, retries=retries, breaker=parse_breaker(raw.get("breaker"), problems),
         redis=redis,
         providers=providers, aliases=aliases, deployments=deployments,
-        fallbacks=parse_fallbacks(raw.get("fallbacks"), problems),
+        fallbacks=fallbacks,
         models_cache_ttl=v.check(v.non_negative_number, raw, "models_cache_ttl", "", 300.0,
                                  problems),
         health_cache_ttl=v.check(v.non_negative_number, raw, "health_cache_ttl", "", 5.0,
@@ -345,5 +373,6 @@ def _auth(raw: Any, problems: list[str]) -> AuthConfig:
                             "would open the gateway to anyone")
         keys += filed
     return AuthConfig(keys=keys, limits_backend=v.check(
-        v.one_of(*BACKENDS), raw, "limits_backend", "auth", "memory", problems))
+        v.one_of(*BACKENDS), raw, "limits_backend", "auth", "memory", problems),
+        open_on_purpose=raw.get("keys") == [] and keys_file is None)
 

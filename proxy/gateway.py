@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from proxy.auth import KeyRing
 from proxy.breaker import CircuitBreaker
 from proxy.cache import AnswerCache
-from proxy.config import Config
+from proxy.config import Config, ConfigError
 from proxy.dedup import InflightRequests
 from proxy.discovery import ModelCatalog
 from proxy.dispatch import Dispatcher
@@ -87,8 +87,17 @@ class Live:
         return f"<Live reloads={self.reloads} source={self.gateway.config.source!r}>"
 
     def reload(self, new: Config) -> Gateway:
-        """Put ``new`` in force (already validated); returns the new gateway."""
+        """Put ``new`` in force (already validated); returns the new gateway. Raises
+        :class:`ConfigError` (nothing swapped) when ``new`` would drop every gateway key
+        without saying so."""
         running = self.gateway.config
+        if running.auth.keys and not new.auth.keys:
+            if not new.auth.open_on_purpose:
+                raise ConfigError(["auth.keys: the new config has no gateway keys, which "
+                                   "would open this gateway to anyone; write `keys: []` "
+                                   "under `auth` to mean it"])
+            log.warning("reload: no gateway keys configured any more (auth.keys: []): "
+                        "anyone who can reach this gateway may now use it")
         kept: dict[str, Any] = {name: getattr(running, name) for name in RESTART_ONLY}
         changed = [name for name, value in kept.items() if getattr(new, name) != value]
         backend = running.auth.limits_backend  # the rate limiter is built once
@@ -98,9 +107,6 @@ class Live:
         if changed:
             log.warning("reload: %s changed but need a restart; keeping the running values",
                         ", ".join(changed))
-        if running.auth.keys and not new.auth.keys:
-            log.warning("reload: no gateway keys configured any more: anyone who can reach "
-                        "this gateway may now use it")
         effective = dataclasses.replace(new, **kept)
         gateway = build_gateway(effective, self.shared, self.gateway)  # may raise: no swap
         self.shared.client.use_providers(effective)

@@ -81,10 +81,12 @@ def read_keys_file(name: str, problems: list[str]) -> Any:
         problems.append(f"auth.keys_file: cannot read {name} ({exc.strerror})")
         return None
     try:
-        return yaml.safe_load(text)
+        keys = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         problems.append(f"auth.keys_file: {name} is not valid YAML: {exc}")
         return None
+    problems.extend(v.duplicate_keys(text, f"auth.keys_file ({name})"))
+    return keys
 
 
 def _parse_key(item: Any, path: str, problems: list[str]) -> GatewayKey | None:

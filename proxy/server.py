@@ -187,19 +187,20 @@ def raise_fd_limit(config: Config) -> None:
 
 
 def _reload(live: Live, load: Callable[[], Config]) -> None:
-    """SIGHUP: a config that fails validation is refused whole, with every reason
-    logged, and the running one stays in force; in-flight requests are never touched."""
+    """SIGHUP: a config that fails validation, or that cannot be put in force (its
+    file gone or empty, every gateway key dropped unsaid), is refused whole, with every
+    reason logged, and the running one stays in force; in-flight requests are never
+    touched."""
     try:
         new = load()
+        running_providers = live.gateway.config.providers
+        if (not new.providers and running_providers
+                and running_providers[0].name == DEMO_PROVIDER):
+            new = with_demo_provider(new, running_providers[0].base_url)
+        live.reload(new)
     except ConfigError as exc:
         log.error("reload refused, the running config stays in force: %s",
                   "; ".join(exc.problems))
-        return
-    running_providers = live.gateway.config.providers
-    if not new.providers and running_providers and running_providers[0].name == DEMO_PROVIDER:
-        new = with_demo_provider(new, running_providers[0].base_url)
-    try:
-        live.reload(new)
     except Exception:  # a bug must not take a serving worker down
         log.exception("reload failed, the running config stays in force")
 

@@ -12,6 +12,8 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 T = TypeVar("T")
 Validator = Callable[[Any], T]
 
@@ -210,3 +212,37 @@ def string_list(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
         raise ValueError("must be a list of non-empty strings")
     return list(value)
+
+
+def duplicate_keys(text: str, path: str = "") -> list[str]:
+    """Keys given twice in one mapping, at any depth, with their key path: YAML keeps
+    the last one silently, so a second ``providers:`` would drop the first list unseen.
+    Text that is not valid YAML gives none (the loader reports it)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return []
+    problems: list[str] = []
+    _duplicates_in(node, path, problems, set())
+    return problems
+
+
+def _duplicates_in(node: yaml.Node | None, path: str, problems: list[str],
+                   seen: set[int]) -> None:
+    if node is None or id(node) in seen:  # an anchor used twice is walked once
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _duplicates_in(item, f"{path}[{index}]", problems, seen)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag.endswith(":merge"):
+                continue
+            key_path, line = join(path, key.value), key.start_mark.line + 1
+            if (first := lines.get((key.tag, key.value))) is not None:
+                problems.append(f"{key_path}: duplicate key (lines {first} and {line}); "
+                                "YAML would silently keep only the last")
+            lines.setdefault((key.tag, key.value), line)
+            _duplicates_in(value, key_path, problems, seen)

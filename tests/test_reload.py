@@ -20,6 +20,7 @@ import yaml
 from aiohttp import web
 
 from proxy.app import build_app
+from proxy.config import ConfigError
 from proxy.keys import hash_secret
 from proxy.server import running
 from proxy.state import LIVE
@@ -368,11 +369,16 @@ async def test_a_reload_that_leaves_providers_alone_keeps_their_discovered_model
     assert len(listed) == 1  # the new gateway kept the catalog: no wait, no second probe
 
 
-async def test_a_reload_that_drops_every_key_says_the_gateway_is_now_open(
+async def test_a_reload_drops_every_key_only_when_the_file_says_so(
     make_config: MakeConfig, caplog: pytest.LogCaptureFixture,
 ) -> None:
     a = {"name": "a", "type": "openai_compat", "base_url": "http://127.0.0.1:9/v1"}
     keyed = make_config([a], auth={"keys": [{"name": "k", "sha256": hash_secret(OLD_KEY)}]})
     live = build_app(keyed)[LIVE]
-    live.reload(make_config([a]))
-    assert "no gateway keys configured any more" in caplog.text
+    for unsaid in ({}, {"auth": {}}, {"auth": {"keys": None}}):
+        with pytest.raises(ConfigError, match="write `keys: \\[\\]` under `auth`"):
+            live.reload(make_config([a], **unsaid))
+        assert live.gateway.config is keyed and live.reloads == 0
+    live.reload(make_config([a], auth={"keys": []}))
+    assert live.gateway.keyring.open and live.reloads == 1
+    assert "no gateway keys configured any more (auth.keys: [])" in caplog.text
