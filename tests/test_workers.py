@@ -31,7 +31,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from bench.mock_payloads import GREETING
 from proxy.config import ConfigError, Overrides, load_config
 from proxy.providers import PROVIDER_TYPES
-from proxy.server import running
+from proxy.server import CannotListen, running
 from proxy.workers import Backoff, Supervisor, WorkerSpec
 from tests.conftest import MakeConfig, MockUpstream
 
@@ -207,7 +207,7 @@ async def test_each_worker_answers_on_its_own_unix_socket(
         assert [a["worker"] for a in answers] == [0, 1]
         assert len({a["pid"] for a in answers}) == 2
         for path in spec.peers:
-            assert stat.S_IMODE(path.stat().st_mode) == 0o660
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666  # server.socket_mode
         assert await stop(proxy) == 0, proxy.output()
         assert not any(path.exists() for path in spec.peers), "sockets left behind"
     finally:
@@ -234,13 +234,13 @@ async def test_a_stale_socket_is_replaced_and_a_live_one_is_refused(
         left_behind.bind(str(path))
     async with running(config, worker):
         assert await unix_healthz(path) == {"status": "ok", "worker": 0, "pid": os.getpid()}
-        with pytest.raises(OSError, match="another process is listening"):
+        with pytest.raises(CannotListen, match="another process listens on it"):
             async with running(config, worker):
                 pass
         assert (await unix_healthz(path))["worker"] == 0  # the live one is untouched
     assert not path.exists()
     path.write_text("not a socket")
-    with pytest.raises(OSError, match="not a socket"):
+    with pytest.raises(CannotListen, match="not a socket"):
         async with running(config, worker):
             pass
     assert path.read_text() == "not a socket"
