@@ -284,3 +284,19 @@ def test_a_worker_with_a_config_error_stops_the_supervisor() -> None:
     started = time.monotonic()
     assert Supervisor(command, 2).run() == 2
     assert time.monotonic() - started < 5
+
+
+async def test_socket_mode_is_set_from_an_octal_string(
+    mock_upstream: MockUpstream, make_config: MakeConfig, socket_dir: Path
+) -> None:
+    config = make_config([{"name": "u", "type": "openai_compat", "base_url": mock_upstream.url}],
+                         server={"port": 0, "socket_dir": str(socket_dir),
+                                 "socket_mode": "0640"})
+    worker = WorkerSpec.of(config)
+    async with running(config, worker):
+        assert stat.S_IMODE(worker.socket_path(0).stat().st_mode) == 0o640
+    for bad in (660, "0999", "66", "01777"):
+        with pytest.raises(ConfigError) as error:
+            make_config([], server={"socket_mode": bad})
+        assert error.value.problems == [
+            'server.socket_mode: must be an octal string such as "0660"'], bad
