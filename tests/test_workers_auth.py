@@ -26,9 +26,16 @@ import yaml
 from aiohttp import web
 
 from proxy.keys import hash_secret
-from proxy.workers import WorkerSpec
+from proxy.workers import PEER_SECRET_ENV, WorkerSpec
 from tests.conftest import StartUpstream
-from tests.test_workers import Spawned, free_port, spawn, stop, wait_for_sockets
+from tests.test_workers import (
+    Spawned,
+    free_port,
+    spawn,
+    stop,
+    unix_healthz,
+    wait_for_sockets,
+)
 
 SECRETS = {"team-a": "sk-gw-team-a-0123456789", "team-b": "sk-gw-team-b-0123456789",
            "only-other": "sk-gw-only-other-012345", "limited": "sk-gw-limited-0123456789"}
@@ -193,7 +200,25 @@ async def test_a_forged_peer_header_gains_nothing(
             async with tcp.post(f"{gateway.url}/v1/chat/completions", json=chat("forged"),
                                 headers=headers) as response:
                 assert response.status == 401, await response.text()
+        pids = [gateway.proxy.process.pid] + [
+            int(str((await unix_healthz(path))["pid"])) for path in gateway.sockets]
+        secret = peer_secret(pids[0], pids[1:])
+    assert secret not in gateway.proxy.output()
     assert upstream.seen == []
+
+
+def peer_secret(supervisor: int, workers: list[int]) -> str:
+    """The secret the workers were started with (from their initial environment), after
+    checking it is on no command line and not in the supervisor's own environment."""
+    environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
+    found = [e.decode().partition("=")[2] for e in environ
+             if e.startswith(f"{PEER_SECRET_ENV}=".encode())]
+    assert len(found) == 1 and len(found[0]) == 64, f"no {PEER_SECRET_ENV} in a worker"
+    for pid in (supervisor, *workers):
+        assert found[0] not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    assert PEER_SECRET_ENV not in Path(f"/proc/{supervisor}/environ").read_text(
+        errors="replace")
+    return found[0]
 
 
 async def test_a_forwarded_request_counts_once_against_the_rate_limit(
