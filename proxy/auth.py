@@ -31,6 +31,14 @@ class KeyRing:
     def open(self) -> bool:
         return not self._by_hash
 
+    def named(self, name: str) -> GatewayKey:
+        """The key called ``name``, for a request a peer worker authenticated already
+        (``peers.py``); ``Unauthorized`` if a reload removed it meanwhile."""
+        key = next((k for k in self._by_hash.values() if k.name == name), None)
+        if key is None:
+            raise Unauthorized("The gateway key is not valid.")
+        return key
+
     def authenticate(self, authorization: str | None) -> GatewayKey:
         """The key behind an ``Authorization: Bearer <secret>`` header, or ``Unauthorized``."""
         scheme, _, secret = (authorization or "").partition(" ")

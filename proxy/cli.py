@@ -2,7 +2,7 @@
 
 The only module that reads ``os.environ``: it hands the environment to the config
 loader once. Exit codes: 0 success, 1 a provider check failed, 2 invalid configuration
-or usage.
+or usage, 3 ``serve`` cannot listen on its address (in use, or not this host's).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -27,10 +28,10 @@ from proxy.config import Config, ConfigError, Overrides, config_file, load_confi
 from proxy.discovery import ModelCatalog, Snapshot
 from proxy.keys import hash_secret, new_secret, parse_keys
 from proxy.providers import PROVIDER_TYPES, build_provider
-from proxy.server import demo_upstream_if_needed, serve
+from proxy.server import CannotListen, check_port_free, demo_upstream_if_needed, serve
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
-from proxy.workers import Supervisor, WorkerSpec
+from proxy.workers import EXIT_CANNOT_LISTEN, PEER_SECRET_ENV, Supervisor, WorkerSpec
 
 COMMANDS = ("serve", "models", "check", "keys")
 log = logging.getLogger("proxy.cli")
@@ -163,34 +164,52 @@ def _serve(config: Config, words: list[str], worker_index: int | None,
     (and so the same config) plus its ``--worker-index``."""
     count = config.server.workers
     if worker_index is None and count > 1:
-        # Workers always get sockets: they forward a deduplicated request to the worker
-        # that owns its key (proxy/peers.py). Without --socket-dir, a private directory.
-        private = None if config.server.socket_dir else tempfile.mkdtemp(prefix="proxy-")
-        socket_dir = config.server.socket_dir or private
-        extra = ["--socket-dir", private] if private else []
-
-        def command(index: int) -> list[str]:
-            return [sys.executable, "-m", "proxy", *words, *extra,
-                    "--worker-index", str(index)]
-
-        log.info("supervisor (pid %d): %d workers on %s:%d (SO_REUSEPORT) and unix sockets "
-                 "in %s", os.getpid(), count, config.server.host, config.server.port,
-                 socket_dir)
-        try:
-            # Workers get their grace period, and a little more to close up.
-            code = Supervisor(command, count,
-                              stop_timeout=config.server.shutdown_grace + 5).run()
-        finally:
-            if private:
-                shutil.rmtree(private, ignore_errors=True)
-        sys.exit(code)
+        sys.exit(_supervise(config, words))
     if worker_index is not None and not 0 <= worker_index < count:
         print(f"usage error: --worker-index must be between 0 and {count - 1}",
               file=sys.stderr)
         sys.exit(2)
-    worker = WorkerSpec.of(config, worker_index or 0, count)
+    # Read once and removed: a reload's environment, and anything this process might
+    # start, never see it.
+    secret = os.environ.pop(PEER_SECRET_ENV, "") if worker_index is not None else ""
+    worker = WorkerSpec.of(config, worker_index or 0, count, secret.encode())
     supervisor = os.getppid() if worker_index is not None else None
-    uvloop.run(serve(config, worker, supervisor_pid=supervisor, load=load))
+    try:
+        uvloop.run(serve(config, worker, supervisor_pid=supervisor, load=load))
+    except CannotListen as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_CANNOT_LISTEN)
+
+
+def _supervise(config: Config, words: list[str]) -> int:
+    """Start the workers once their port is known to be free (else one line and exit
+    3, not a crash loop), with the secret that lets them vouch for requests they
+    forward to each other (``peers.py``) in their environment, never on a command line."""
+    server = config.server
+    try:
+        check_port_free(server.host, server.port)
+    except CannotListen as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_LISTEN
+    # Workers always get sockets: they forward a deduplicated request to the worker
+    # that owns its key (proxy/peers.py). Without --socket-dir, a private directory.
+    private = None if server.socket_dir else tempfile.mkdtemp(prefix="proxy-")
+    extra = ["--socket-dir", private] if private else []
+
+    def command(index: int) -> list[str]:
+        return [sys.executable, "-m", "proxy", *words, *extra, "--worker-index", str(index)]
+
+    log.info("supervisor (pid %d): %d workers on %s:%d (SO_REUSEPORT) and unix sockets "
+             "in %s", os.getpid(), server.workers, server.host, server.port,
+             server.socket_dir or private)
+    env = {**os.environ, PEER_SECRET_ENV: secrets.token_hex(32)}
+    try:
+        # Workers get their grace period, and a little more to close up.
+        return Supervisor(command, server.workers, env=env,
+                          stop_timeout=server.shutdown_grace + 5).run()
+    finally:
+        if private:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 async def _discover(given: Config) -> Snapshot:

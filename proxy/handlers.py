@@ -28,7 +28,7 @@ from proxy.providers import Call
 from proxy.ratelimit import Admission, RateLimiter, estimate
 from proxy.routing import Route
 from proxy.sharing import sharing_for
-from proxy.state import ADMISSION, GATEWAY_KEY, LIVE, REQUEST_ID, TIMING, WORKER
+from proxy.state import ADMISSION, FROM_PEER, GATEWAY_KEY, LIVE, REQUEST_ID, TIMING, WORKER
 from proxy.streaming import send_answer
 from proxy.usage import tap
 
@@ -45,8 +45,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     route = await gateway.router.resolve(call.model)
     admission = await admit(request, call, route, live.shared.rate_limiter)
     call.upstream_model = route.upstream_model
-    sharing = sharing_for(call, route.label, request.headers, config.dedup,
-                          config.cache)
+    key = request.get(GATEWAY_KEY)
+    sharing = sharing_for(call, route.label, request.headers, config.dedup, config.cache,
+                          key.name if key is not None else None)
     timing = request[TIMING]
     answered = False
     try:
@@ -67,12 +68,16 @@ async def admit(request: web.Request, call: Call, route: Route, limiter: RateLim
                 ) -> Admission | None:
     """What the caller's gateway key allows: this model (else 403), and this request
     within its rate limits (else 429). The admission's x-ratelimit-* headers go on the
-    answer (``stamp_response``), and its token estimate is corrected from the answer."""
+    answer (``stamp_response``), and its token estimate is corrected from the answer.
+    A request a peer worker forwarded was admitted there, which also settles its usage:
+    counting it here again would charge the key twice."""
     key = request.get(GATEWAY_KEY)
     if key is None:
         return None
     if call.model is not None and not key.allows(*_model_names(call.model, route)):
         raise ModelNotAllowed(key.name, call.model)
+    if request.get(FROM_PEER, False):
+        return None
     admission = await limiter.admit(key, estimate(call.payload, call.body))
     if admission is not None:
         request[ADMISSION] = admission

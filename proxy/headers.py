@@ -26,14 +26,17 @@ _HOP_BY_HOP_LOWER = frozenset(name.lower() for name in HOP_BY_HOP)
 _RESPONSE_OWNED = frozenset(istr(n) for n in ("Date", "Server"))
 
 REQUEST_ID = istr("X-Request-ID")
-PEER = istr("X-Gateway-Peer")  # marks a request forwarded by another worker (peers.py)
+# A request forwarded by another worker (peers.py): the proof that it is one, and the
+# name of the caller's gateway key, which the forwarded request no longer carries.
+PEER = istr("X-Gateway-Peer")
+PEER_KEY = istr("X-Gateway-Peer-Key")
 # The client's sharing instructions (sharing.py): for the gateway, never the provider.
 DEDUP_OPT = istr("X-Gateway-Dedup")
 CACHE_OPT = istr("X-Gateway-Cache")
 # Response: the deployment that answered (routing.py, failover.py).
 PROVIDER = istr("X-Gateway-Provider")
 _REQUEST_OWNED = frozenset((istr("Host"), istr("Content-Length"), istr("Expect"), PEER,
-                            DEDUP_OPT, CACHE_OPT))
+                            PEER_KEY, DEDUP_OPT, CACHE_OPT))
 AUTHORIZATION = istr("Authorization")
 
 

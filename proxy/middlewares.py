@@ -28,7 +28,9 @@ from proxy.errors import (
     NotFound,
     error_json,
 )
-from proxy.state import ADMISSION, GATEWAY_KEY, LIVE, REQUEST_ID, TIMING
+from proxy.headers import PEER, PEER_KEY
+from proxy.headers import REQUEST_ID as REQUEST_ID_HEADER
+from proxy.state import ADMISSION, FROM_PEER, GATEWAY_KEY, LIVE, REQUEST_ID, TIMING, WORKER
 
 log = logging.getLogger("proxy.errors")
 
@@ -98,10 +100,22 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """With gateway keys configured, every request but liveness and health presents
-    one; the key found is stored under ``GATEWAY_KEY`` for the handlers."""
+    one; the key found is stored under ``GATEWAY_KEY`` for the handlers. A request a
+    peer worker forwarded (``peers.py``), proven by its ``X-Gateway-Peer``, was
+    authenticated there: it names its key instead, and is marked ``FROM_PEER``."""
+    if request.path in OPEN_PATHS:
+        return await handler(request)
     keyring = request.app[LIVE].gateway.keyring
-    if not keyring.open and request.path not in OPEN_PATHS:
-        request[GATEWAY_KEY] = keyring.authenticate(request.headers.get("Authorization"))
+    headers = request.headers
+    named = headers.get(PEER_KEY, "")
+    if PEER in headers and request.app[WORKER].is_peer(
+            headers[PEER], headers.get(REQUEST_ID_HEADER, ""), named):
+        request[FROM_PEER] = True
+        if not keyring.open:  # no name: the peer had no keys (a reload in between)
+            request[GATEWAY_KEY] = (keyring.named(named) if named
+                                    else keyring.authenticate(headers.get("Authorization")))
+    elif not keyring.open:
+        request[GATEWAY_KEY] = keyring.authenticate(headers.get("Authorization"))
     return await handler(request)
 
 

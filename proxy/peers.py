@@ -8,9 +8,15 @@ therefore forwarded, over the owner's unix socket, to the worker its key hashes 
 is one loopback hop, only for shareable requests and only in multi-worker mode; the
 upstream sees one call instead of N.
 
-The forwarded request carries ``X-Gateway-Peer: 1``; a worker never forwards a request
-that has it (no loops), and the header never goes upstream. A client that sends it only
-opts itself out of cross-worker sharing.
+The forwarded request carries ``X-Gateway-Peer: <proof>`` (an HMAC with the secret the
+supervisor gave its workers, ``WorkerSpec.peer_proof``) and, when gateway keys are
+configured, ``X-Gateway-Peer-Key: <key name>``: the client's ``Authorization`` is not
+forwarded (it is never sent upstream), so the owner takes the caller's key from these,
+checks that key's models, and does not count the request against its rate limits a
+second time (this worker admitted it and settles its usage from the answer). A worker
+never forwards a request that has ``X-Gateway-Peer`` (no loops), and neither header goes
+upstream. A client that sends them without a valid proof gains nothing: it is
+authenticated as any client, and only opts itself out of cross-worker sharing.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from yarl import URL
 
 from proxy.answers import Answer, from_response
 from proxy.errors import UpstreamUnreachable
-from proxy.headers import PEER
+from proxy.headers import PEER, PEER_KEY
 from proxy.providers import Call
 from proxy.upstream import UPSTREAM_EXCEPTIONS
 from proxy.workers import WorkerSpec
@@ -56,11 +62,12 @@ class Peers:
                      ) -> AsyncIterator[Answer]:
         """The owner worker's answer to ``call``, relayed as it arrives. ``control``: the
         client's sharing headers (``X-Gateway-Cache``...), which ``call.headers`` lacks
-        because they never go upstream, so that the owner decides as this worker would."""
+        because they never go upstream, so that the owner decides as this worker would,
+        and the caller's gateway key name (``PEER_KEY``), which the proof vouches for."""
         session = self._session(owner)
         headers = call.headers.copy()
         headers.extend(control)
-        headers[PEER] = "1"
+        headers[PEER] = self.worker.peer_proof(call.request_id, headers.get(PEER_KEY, ""))
         url = URL(f"http://worker-{owner}/v1/{call.endpoint}"
                   + (f"?{call.query}" if call.query else ""), encoded=True)
         name = f"worker-{owner}"

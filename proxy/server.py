@@ -34,7 +34,12 @@ from proxy.workers import WorkerSpec
 
 log = logging.getLogger("proxy.server")
 
-SOCKET_MODE = 0o660
+
+class CannotListen(Exception):
+    """The address this worker must listen on is in use or not this host's: fatal (the
+    CLI exits with ``EXIT_CANNOT_LISTEN``), as a restart would fail the same way. The
+    message names the address, and is all an operator needs: no traceback."""
+
 # How often a supervised worker checks that its supervisor is still alive (seconds).
 ORPHAN_CHECK_SECONDS = 1.0
 # Descriptors beyond sockets: listening sockets, the loop, logs, discovery, peers.
@@ -56,13 +61,21 @@ async def running(config: Config, worker: WorkerSpec | None = None,
                            access_log=None, shutdown_timeout=config.server.shutdown_grace)
     await runner.setup()
     socket: _OwnSocket | None = None
+    server = config.server
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port,
+        site = web.TCPSite(runner, server.host, server.port,
                            reuse_port=True if worker.count > 1 else None)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise CannotListen(_cannot_listen(f"{server.host}:{server.port}", exc)) from None
         host, port = runner.addresses[0][:2]
         if worker.socket_dir is not None:
-            socket = await _start_unix_site(runner, worker.socket_path(worker.index))
+            path = worker.socket_path(worker.index)
+            try:
+                socket = await _start_unix_site(runner, path, server.socket_mode)
+            except OSError as exc:
+                raise CannotListen(_cannot_listen(f"unix:{path}", exc)) from None
         yield f"http://{_url_host(host)}:{port}"
     finally:
         await runner.cleanup()
@@ -84,11 +97,52 @@ class _OwnSocket:
                 self.path.unlink()
 
 
-async def _start_unix_site(runner: web.AppRunner, path: Path) -> _OwnSocket:
+def check_port_free(host: str, port: int) -> None:
+    """Before a supervisor starts its workers: ``CannotListen`` unless ``host:port`` can
+    be bound *without* ``SO_REUSEPORT``. The workers share the port with it, and so would
+    silently share it with another gateway started with ``--workers`` on the same port;
+    this probe fails when any process listens there (``SO_REUSEADDR``, as asyncio sets
+    it, only passes over connections in TIME_WAIT)."""
+    where = f"{host}:{port}"
+    try:
+        addresses = set(sock.getaddrinfo(host or None, port, type=sock.SOCK_STREAM,
+                                         flags=sock.AI_PASSIVE))
+    except OSError as exc:
+        raise CannotListen(_cannot_listen(where, exc)) from None
+    probes: list[sock.socket] = []
+    try:
+        for family, kind, proto, _, address in addresses:
+            probe = sock.socket(family, kind, proto)
+            probes.append(probe)
+            probe.setsockopt(sock.SOL_SOCKET, sock.SO_REUSEADDR, 1)
+            if family == sock.AF_INET6:  # as asyncio binds it: IPv6 only
+                probe.setsockopt(sock.IPPROTO_IPV6, sock.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise CannotListen(_cannot_listen(where, exc)) from None
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def _cannot_listen(where: str, exc: OSError) -> str:
+    if isinstance(exc, sock.gaierror):
+        reason = f"unknown host ({exc.strerror})"
+    elif exc.errno == errno.EADDRINUSE:
+        reason = "address already in use (another process listens on it)"
+    elif exc.errno:
+        reason = os.strerror(exc.errno)
+    else:
+        reason = str(exc)
+    return f"cannot listen on {where}: {reason}"
+
+
+async def _start_unix_site(runner: web.AppRunner, path: Path, mode: int) -> _OwnSocket:
     """Listen on ``path`` (start-up only, so the few blocking file calls are fine)."""
     _prepare_socket_path(path)
     await web.UnixSite(runner, str(path)).start()
-    return _claim_socket(path)
+    return _claim_socket(path, mode)
 
 
 def _prepare_socket_path(path: Path) -> None:
@@ -101,7 +155,7 @@ def _prepare_socket_path(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        raise CannotListen(f"cannot listen on unix:{path}: it exists and is not a socket")
     with sock.socket(sock.AF_UNIX, sock.SOCK_STREAM) as probe:
         probe.settimeout(1.0)  # a live listener with a full backlog must not block us
         try:
@@ -111,12 +165,14 @@ def _prepare_socket_path(path: Path) -> None:
             return
         except OSError:
             pass  # busy (EAGAIN, timeout): someone is listening
-    raise OSError(errno.EADDRINUSE, f"{path}: another process is listening on it")
+    raise CannotListen(f"cannot listen on unix:{path}: another process listens on it")
 
 
-def _claim_socket(path: Path) -> _OwnSocket:
-    """Mode 0660: nginx, run in the gateway user's group, may connect; others may not."""
-    path.chmod(SOCKET_MODE)
+def _claim_socket(path: Path, mode: int) -> _OwnSocket:
+    """``server.socket_mode`` (0666 by default): nginx's workers, which run as another
+    user, may connect. The TCP port is open to every local user anyway; gateway keys,
+    not file modes, say who may use the gateway (README "Deployment behind nginx")."""
+    path.chmod(mode)
     return _OwnSocket(path, path.stat().st_ino)
 
 

@@ -9,7 +9,8 @@ out per request with ``X-Gateway-Dedup: off`` and control the cache with
 ``X-Gateway-Cache: on`` (cache a non-deterministic request) or ``off``.
 
 The key covers everything that changes the answer: the caller's identity (so two
-tenants never share an answer), the provider, method, path and query, and the body
+tenants never share an answer: its gateway key's name, the same in the worker a request
+reached and in the one it is forwarded to), the provider, method, path and query, and the body
 canonicalised (orjson, sorted keys) and hashed.
 """
 
@@ -23,7 +24,7 @@ import orjson
 from multidict import CIMultiDictProxy
 
 from proxy.config import CacheConfig, DedupConfig
-from proxy.headers import AUTHORIZATION, CACHE_OPT, DEDUP_OPT, PEER
+from proxy.headers import AUTHORIZATION, CACHE_OPT, DEDUP_OPT, PEER, PEER_KEY
 from proxy.providers import Call
 
 
@@ -35,7 +36,8 @@ class Sharing:
     cache_write: bool = False
     # May go to the worker that owns the key (peers.py): not when a peer sent it here.
     forwardable: bool = False
-    control: tuple[tuple[str, str], ...] = ()  # the client's CONTROL_HEADERS, for a peer
+    # For a peer: the client's CONTROL_HEADERS, and its gateway key's name (PEER_KEY).
+    control: tuple[tuple[str, str], ...] = ()
 
     @property
     def records(self) -> bool:
@@ -44,14 +46,16 @@ class Sharing:
 
 
 ALONE = Sharing(key=None)
-_IDENTITY_HEADERS = (AUTHORIZATION, "OpenAI-Organization", "OpenAI-Project")
+_BILLING_HEADERS = ("OpenAI-Organization", "OpenAI-Project")
 # The client's own sharing instructions, which go with a request forwarded to the worker
 # that owns its key (peers.py) but never upstream (headers.py).
 CONTROL_HEADERS = (CACHE_OPT, DEDUP_OPT)
 
 
 def sharing_for(call: Call, provider: str, client_headers: CIMultiDictProxy[str],
-                dedup: DedupConfig, cache: CacheConfig) -> Sharing:
+                dedup: DedupConfig, cache: CacheConfig, key_name: str | None = None
+                ) -> Sharing:
+    """``key_name``: the caller's gateway key, when keys are configured."""
     if call.method != "POST" or call.payload is None:
         return ALONE
     deterministic = is_deterministic(call.endpoint, call.payload)
@@ -61,10 +65,13 @@ def sharing_for(call: Call, provider: str, client_headers: CIMultiDictProxy[str]
     if not (may_dedup or cache_read or cache_write):
         return ALONE
     forwardable = may_dedup and PEER not in client_headers
-    control = tuple((name, client_headers[name]) for name in CONTROL_HEADERS
-                    if name in client_headers) if forwardable else ()
-    return Sharing(_key(call, provider, client_headers), may_dedup, cache_read, cache_write,
-                   forwardable, control)
+    control: tuple[tuple[str, str], ...] = ()
+    if forwardable:
+        control = tuple((name, client_headers[name]) for name in CONTROL_HEADERS
+                        if name in client_headers)
+        control += ((PEER_KEY, key_name),) if key_name is not None else ()
+    key = _key(call, provider, client_headers, key_name)
+    return Sharing(key, may_dedup, cache_read, cache_write, forwardable, control)
 
 
 def is_deterministic(endpoint: str, payload: dict[str, Any]) -> bool:
@@ -84,11 +91,12 @@ def _cache_rules(headers: CIMultiDictProxy[str], cache: CacheConfig, determinist
     return "no-cache" not in directives, True
 
 
-def _key(call: Call, provider: str, headers: CIMultiDictProxy[str]) -> bytes:
+def _key(call: Call, provider: str, headers: CIMultiDictProxy[str], key_name: str | None
+         ) -> bytes:
     digest = hashlib.blake2b(digest_size=20)
     # Accept-Encoding changes the answer's bytes (a gzip body must never reach a client
     # that did not ask for one): it is part of what is shared.
-    for part in (caller_identity(headers), headers.get("Accept-Encoding", ""), provider,
+    for part in (caller_identity(headers, key_name), headers.get("Accept-Encoding", ""), provider,
                  call.method, call.endpoint, call.query):
         digest.update(part.encode())
         digest.update(b"\0")
@@ -96,8 +104,11 @@ def _key(call: Call, provider: str, headers: CIMultiDictProxy[str]) -> bytes:
     return digest.digest()
 
 
-def caller_identity(headers: CIMultiDictProxy[str]) -> str:
-    """Who is asking: the client's credentials (its gateway key when keys are configured,
-    else what drop-in mode forwards) and the OpenAI organization and project it bills
-    to; hashed where they are used, never stored."""
-    return "\n".join(headers.get(name, "") for name in _IDENTITY_HEADERS)
+def caller_identity(headers: CIMultiDictProxy[str], key_name: str | None = None) -> str:
+    """Who is asking: its gateway key's name when keys are configured (a request a peer
+    forwarded has no ``Authorization`` left, but its key's name, so both workers compute
+    the same identity), else the credentials drop-in mode forwards; and the OpenAI
+    organization and project it bills to. Hashed where used, never stored."""
+    # A NUL never occurs in a header value: a key name cannot pass for an Authorization.
+    who = f"\0key\0{key_name}" if key_name is not None else headers.get(AUTHORIZATION, "")
+    return "\n".join([who, *(headers.get(name, "") for name in _BILLING_HEADERS)])

@@ -24,3 +24,5 @@ REQUEST_ID = web.RequestKey("request_id", str)
 TIMING = web.RequestKey("timing", Timing)
 GATEWAY_KEY = web.RequestKey("gateway_key", GatewayKey)  # set when keys are configured
 ADMISSION = web.RequestKey("admission", Admission)  # a rate-limited key's request
+# Forwarded by a peer worker that proved it (peers.py): authenticated and admitted there.
+FROM_PEER = web.RequestKey("from_peer", bool)

@@ -19,18 +19,24 @@ spin), and on SIGTERM or SIGINT forwards SIGTERM to every worker, waits for them
 (bounded, then SIGKILL) and exits 0. Workers run in their own process group, so a
 terminal's Ctrl-C reaches the supervisor only and each worker is stopped exactly once.
 SIGHUP is forwarded to every worker, which reloads the config file itself.
+
+A request one worker forwards to another (``peers.py``) proves where it comes from with
+an HMAC keyed by a secret the supervisor makes at start-up and hands to its workers in
+their environment (``PEER_SECRET_ENV``), never on a command line or in a log: nginx and
+any local user may connect to the same sockets, and must not pass for a worker.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import select
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -42,9 +48,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proxy.workers")
 
-# A worker exiting with this status hit a configuration or usage error: restarting it
-# would fail the same way, so the supervisor stops (the CLI's exit code convention).
+# A worker exiting with one of these statuses would fail the same way if restarted, so
+# the supervisor stops with it (the CLI's exit code convention): a configuration or
+# usage error, or an address it cannot listen on (in use, or not this host's).
 EXIT_CONFIG_ERROR = 2
+EXIT_CANNOT_LISTEN = 3
+FATAL_EXITS = {EXIT_CONFIG_ERROR: "configuration error", EXIT_CANNOT_LISTEN: "cannot listen"}
+# The supervisor's per-start secret, in each worker's environment only (cli.py reads it
+# once and removes it).
+PEER_SECRET_ENV = "PROXY_PEER_SECRET"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -54,18 +66,35 @@ class WorkerSpec:
 
     Built once per worker process and stored under ``state.WORKER``. ``socket_dir`` is
     ``None`` when workers listen on TCP only (then there are no peer sockets).
+    ``peer_secret`` is empty outside a supervised worker: then no request is a peer's.
     """
 
     index: int = 0
     count: int = 1
     socket_dir: Path | None = None
+    peer_secret: bytes = field(default=b"", repr=False, compare=False)
 
     @classmethod
-    def of(cls, config: Config, index: int = 0, count: int = 1) -> WorkerSpec:
+    def of(cls, config: Config, index: int = 0, count: int = 1,
+           peer_secret: bytes = b"") -> WorkerSpec:
         """The spec for worker ``index`` of ``count`` with ``config``'s socket directory."""
         socket_dir = config.server.socket_dir
-        return cls(index=index, count=count,
+        return cls(index=index, count=count, peer_secret=peer_secret,
                    socket_dir=Path(socket_dir) if socket_dir is not None else None)
+
+    def peer_proof(self, request_id: str, key_name: str) -> str:
+        """What a forwarded request carries in ``X-Gateway-Peer``: bound to its request
+        id and to the gateway key name it claims, so that a proof seen once vouches for
+        nothing else."""
+        message = f"{request_id}\n{key_name}".encode("utf-8", "replace")
+        return hmac.new(self.peer_secret, message, "sha256").hexdigest()
+
+    def is_peer(self, proof: str, request_id: str, key_name: str) -> bool:
+        """Whether ``proof`` shows the request was forwarded by a worker of this gateway."""
+        if not self.peer_secret or not proof:
+            return False
+        expected = self.peer_proof(request_id, key_name).encode()
+        return hmac.compare_digest(proof.encode("utf-8", "replace"), expected)
 
     def socket_path(self, i: int) -> Path:
         """Where worker ``i`` listens (the same rule in every worker and in nginx.conf)."""
@@ -117,8 +146,10 @@ class Supervisor:
     docstring. ``run()`` blocks the calling (main) thread and returns the exit code."""
 
     def __init__(self, command: Callable[[int], Sequence[str]], count: int, *,
-                 stop_timeout: float = 30.0, backoff: Callable[[], Backoff] = Backoff):
+                 stop_timeout: float = 30.0, backoff: Callable[[], Backoff] = Backoff,
+                 env: Mapping[str, str] | None = None):
         self._command = command
+        self._env = env  # the workers' environment (None: this process's)
         self._stop_timeout = stop_timeout
         self._slots = [_Slot(index=i, backoff=backoff()) for i in range(count)]
         self._stopping = False
@@ -188,10 +219,10 @@ class Supervisor:
                 continue
             lived = now - slot.started_at
             delay = slot.backoff.next_delay(lived)
-            if status == EXIT_CONFIG_ERROR:
-                log.error("worker %d (pid %d) exited with status 2 (configuration error); "
-                          "stopping all workers", slot.index, slot.process.pid)
-                self._stopping, self._exit_code = True, EXIT_CONFIG_ERROR
+            if status in FATAL_EXITS:
+                log.error("worker %d (pid %d) exited with status %d (%s); stopping all "
+                          "workers", slot.index, slot.process.pid, status, FATAL_EXITS[status])
+                self._stopping, self._exit_code = True, status
             else:
                 log.warning("worker %d (pid %d) died (%s) after %.1f s; restarting it in "
                             "%.1f s", slot.index, slot.process.pid, describe_exit(status),
@@ -212,7 +243,7 @@ class Supervisor:
             # in place instead of dying of it (its default action).
             held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
             try:
-                slot.process = subprocess.Popen(command, process_group=0)
+                slot.process = subprocess.Popen(command, process_group=0, env=self._env)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
         except OSError as exc:

@@ -31,7 +31,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from bench.mock_payloads import GREETING
 from proxy.config import ConfigError, Overrides, load_config
 from proxy.providers import PROVIDER_TYPES
-from proxy.server import running
+from proxy.server import CannotListen, running
 from proxy.workers import Backoff, Supervisor, WorkerSpec
 from tests.conftest import MakeConfig, MockUpstream
 
@@ -207,7 +207,7 @@ async def test_each_worker_answers_on_its_own_unix_socket(
         assert [a["worker"] for a in answers] == [0, 1]
         assert len({a["pid"] for a in answers}) == 2
         for path in spec.peers:
-            assert stat.S_IMODE(path.stat().st_mode) == 0o660
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666  # server.socket_mode
         assert await stop(proxy) == 0, proxy.output()
         assert not any(path.exists() for path in spec.peers), "sockets left behind"
     finally:
@@ -234,13 +234,13 @@ async def test_a_stale_socket_is_replaced_and_a_live_one_is_refused(
         left_behind.bind(str(path))
     async with running(config, worker):
         assert await unix_healthz(path) == {"status": "ok", "worker": 0, "pid": os.getpid()}
-        with pytest.raises(OSError, match="another process is listening"):
+        with pytest.raises(CannotListen, match="another process listens on it"):
             async with running(config, worker):
                 pass
         assert (await unix_healthz(path))["worker"] == 0  # the live one is untouched
     assert not path.exists()
     path.write_text("not a socket")
-    with pytest.raises(OSError, match="not a socket"):
+    with pytest.raises(CannotListen, match="not a socket"):
         async with running(config, worker):
             pass
     assert path.read_text() == "not a socket"
@@ -284,3 +284,19 @@ def test_a_worker_with_a_config_error_stops_the_supervisor() -> None:
     started = time.monotonic()
     assert Supervisor(command, 2).run() == 2
     assert time.monotonic() - started < 5
+
+
+async def test_socket_mode_is_set_from_an_octal_string(
+    mock_upstream: MockUpstream, make_config: MakeConfig, socket_dir: Path
+) -> None:
+    config = make_config([{"name": "u", "type": "openai_compat", "base_url": mock_upstream.url}],
+                         server={"port": 0, "socket_dir": str(socket_dir),
+                                 "socket_mode": "0640"})
+    worker = WorkerSpec.of(config)
+    async with running(config, worker):
+        assert stat.S_IMODE(worker.socket_path(0).stat().st_mode) == 0o640
+    for bad in (660, "0999", "66", "01777"):
+        with pytest.raises(ConfigError) as error:
+            make_config([], server={"socket_mode": bad})
+        assert error.value.problems == [
+            'server.socket_mode: must be an octal string such as "0660"'], bad
