@@ -92,7 +92,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     config = _load(args)
     if command == "serve":
-        _serve(config, words, args.worker_index, functools.partial(_reload, _pinned(args)))
+        pinned = _pinned(args)
+        if args.config is None and pinned.config_path is not None:
+            # Workers (restarted ones too) read the file this start found, not whatever
+            # ./proxy.yaml is later: one deleted meanwhile is an error, never the defaults.
+            words += ["--config", str(pinned.config_path.resolve())]
+        _serve(config, words, args.worker_index, functools.partial(_reload, pinned))
     elif command == "models":
         sys.exit(uvloop.run(_models(config, as_json=args.json)))
     else:

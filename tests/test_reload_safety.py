@@ -9,6 +9,7 @@ workers."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -121,3 +122,33 @@ async def test_two_workers_both_refuse_a_reload_of_a_deleted_file(
                 assert await ask(session, base, "sk-anyone") == (200, "a")
     finally:
         assert await stop(proxy) == 0, proxy.output()
+
+
+async def test_a_worker_restarted_after_the_file_was_deleted_never_opens_the_gateway(
+    start_upstream: StartUpstream, tmp_path: Path,
+) -> None:
+    """The supervisor restarts a dead worker with the start-up command line: it must read
+    the file found at start-up (pinned), not fall back to the defaults when it is gone.
+    A worker that cannot read it exits with the config-error status, which stops the
+    gateway: loud, rather than a worker open to anyone on the operator's upstream key."""
+    proxy, base, _ = await implicit_gateway(start_upstream, tmp_path, "--workers", "2")
+    try:
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector,
+                                         timeout=aiohttp.ClientTimeout(total=5)) as session:
+            seen = await poll_healthz(session, f"{base}/healthz", lambda s: len(s) == 2,
+                                      [proxy])
+            (tmp_path / "proxy.yaml").unlink()
+            os.kill(next(pid for pid, index in seen.items() if index == 0), signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            while proxy.process.poll() is None and time.monotonic() < deadline:
+                try:
+                    status, _ = await ask(session, base, "sk-anyone")
+                    assert status != 200, proxy.output()
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(proxy.process.wait, 10) == 2, proxy.output()
+        assert "cannot read config file" in proxy.output()
+    finally:
+        await stop(proxy)
