@@ -16,9 +16,10 @@ the gateway is stopped:
 * ``2 workers``: ``--workers 2`` on one port (SO_REUSEPORT); a worker that does not own
   a request's key forwards it to the one that does (``proxy/peers.py``);
 * ``nginx + 2 workers``: the shipped ``deploy/nginx.conf`` (only the certificate, the
-  port, the socket directory and temp paths substituted, as ``tests/test_nginx.py``
-  does, plus one measurement-only ``add_header`` naming the worker nginx chose) in front
-  of ``--workers 2 --socket-dir``, over HTTPS with a throwaway certificate (not
+  port, the socket directory and temp paths substituted: unlike ``tests/test_nginx.py``,
+  which runs the file as shipped on /run/proxy, a benchmark must not disturb a gateway
+  the user runs there; plus one measurement-only ``add_header`` naming the worker nginx
+  chose) in front of ``--workers 2 --socket-dir``, over HTTPS with a throwaway certificate (not
   verified); skipped when no nginx binary is found.
 
 How to read the table: ``upstream calls`` is what the upstream counted; ``statuses``
@@ -164,7 +165,7 @@ def _sub(pattern: str, replacement: str, text: str) -> str:
 
 
 def render_nginx(prefix: Path, port: int, sockets: Path) -> Path:
-    """The shipped config with only this run's paths and port (as tests/test_nginx.py),
+    """The shipped config with this run's paths and port (its own socket directory),
     plus ``X-Bench-Worker: $upstream_addr`` so the client sees which worker was chosen."""
     cert, key = make_certificate(prefix)
     text = SHIPPED_NGINX.read_text()
