@@ -22,7 +22,12 @@ from proxy.errors import (
     ModelNotFound,
 )
 from proxy.gateway import Gateway
-from proxy.headers import AUTHORIZATION, upstream_request_headers
+from proxy.headers import (
+    AUTHORIZATION,
+    CONTENT_ENCODING,
+    check_content_coding,
+    upstream_request_headers,
+)
 from proxy.providers import Call
 from proxy.ratelimit import Admission, RateLimiter, estimate
 from proxy.routing import Route
@@ -84,6 +89,7 @@ async def read_call(request: web.Request, config: Config) -> Call:
     limit = config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
+    decoded = check_content_coding(request.headers)  # a 415 leaves the body unread
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -103,6 +109,8 @@ async def read_call(request: web.Request, config: Config) -> Call:
                                        scheme=request.scheme, request_id=request_id)
     if GATEWAY_KEY in request:
         headers.popall(AUTHORIZATION, None)  # the gateway's key is never sent upstream
+    if decoded:  # the decoded bytes go upstream, framed by their own Content-Length
+        headers.popall(CONTENT_ENCODING, None)
     return Call(
         method=request.method, endpoint=endpoint, query=query, body=body,
         payload=payload, model=model, stream=bool(payload and payload.get("stream") is True),
