@@ -145,7 +145,7 @@ async def list_models(request: web.Request) -> web.Response:
     """``GET /v1/models``: every provider's models, merged. Providers that failed are
     listed under ``errors`` beside the others' models (SDKs ignore the extra key)."""
     gateway = request.app[LIVE].gateway
-    snapshot = await gateway.catalog.current()
+    snapshot = await _listing(request, gateway)
     body: dict[str, Any] = {"object": "list", "data": _visible_models(request, gateway, snapshot)}
     failed = [{"provider": s.provider, "message": s.error}
               for s in snapshot.statuses if not s.healthy]
@@ -157,11 +157,23 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model"]
     gateway = request.app[LIVE].gateway
-    snapshot = await gateway.catalog.current()
+    snapshot = await _listing(request, gateway)
     for entry in _visible_models(request, gateway, snapshot):
         if entry["id"] == model_id:
             return json_response(entry)
     raise ModelNotFound(model_id)
+
+
+async def _listing(request: web.Request, gateway: Gateway) -> Snapshot:
+    """The catalog; a provider that lists only with each caller's key (the ``--upstream``
+    drop-in) is asked with this caller's ``Authorization``. Not with gateway keys: the
+    caller's is then the gateway's key, never sent upstream (issue 9)."""
+    snapshot = await gateway.catalog.current()
+    authorization = request.headers.get(AUTHORIZATION)
+    if (authorization and GATEWAY_KEY not in request
+            and any(s.caller_key for s in snapshot.statuses)):
+        return await gateway.catalog.for_caller(snapshot, authorization)
+    return snapshot
 
 
 def _visible_models(request: web.Request, gateway: Gateway, snapshot: Snapshot
@@ -199,6 +211,7 @@ async def health(request: web.Request) -> web.Response:
     providers = [{
         "name": s.provider, "type": s.type, "status": "healthy" if s.healthy else "unhealthy",
         "latency_ms": s.latency_ms, "models": len(s.models), "error": s.error,
+        "needs_caller_key": s.caller_key,
         "last_error": catalog.last_error(s.provider),
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.checked_at)),
         "concurrency": dispatcher.limits(s.provider),
