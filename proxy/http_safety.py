@@ -23,8 +23,10 @@ from ``server.*`` in the config:
   fault (through nginx: a 502 "upstream prematurely closed");
 * parser errors get OpenAI-shaped JSON (aiohttp: text/plain) and a debug log line
   (aiohttp: an ERROR traceback per bad request, which any client could flood);
-* HTTP/0.9 and chunked HTTP/1.0 (400), and transfer codings other than ``chunked`` (501),
-  which llhttp accepts.
+* HTTP/0.9 and chunked HTTP/1.0 (400), and transfer codings other than ``chunked`` (501:
+  ``gzip, chunked``, which llhttp accepts, and ``gzip`` alone, which it refuses as a 400);
+* a content coding aiohttp cannot decode here (``br`` without Brotli): 415; a body that
+  fails to decode is not drained afterwards (aiohttp would log a traceback for it).
 
 Hot path: each connection has at most one timer, set for its earliest deadline. When it
 fires it re-arms for the deadline that holds then, if any (as aiohttp's keep-alive timer
