@@ -256,6 +256,8 @@ async def _check(config: Config) -> int:
     rows: list[tuple[str, ...]] = [("PROVIDER", "TYPE", "RESULT", "MODELS", "LATENCY")]
     for s in snapshot.statuses:
         result = "ok" if s.healthy else f"FAILED: {s.error}"
+        if s.caller_key:  # the drop-in without a key: up, lists with each client's key
+            result = "ok (reachable; needs each client's own key)"
         rows.append((s.provider, s.type, result, str(len(s.models)), f"{s.latency_ms:.0f} ms"))
     _print_table(rows)
     return 0 if all(s.healthy for s in snapshot.statuses) else 1

@@ -12,9 +12,12 @@ first request of a worker ever waits for discovery. Concurrent callers share one
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.errors import GatewayError
 from proxy.providers import Provider
@@ -31,6 +34,10 @@ class ProviderStatus:
     models: tuple[str, ...]
     error: str | None
     checked_at: float  # wall clock, for display
+    # Reachable, but lists its models only with each caller's own key (drop-in mode).
+    caller_key: bool = False
+    # The upstream's own entries (created, owned_by) when listed for one caller.
+    entries: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +47,20 @@ class Snapshot:
 
     def status(self, provider: str) -> ProviderStatus | None:
         return next((s for s in self.statuses if s.provider == provider), None)
+
+
+CALLER_TTL = 5.0  # seconds a caller's own listing is reused (issue 9: never across callers)
+CALLER_ENTRIES = 256  # callers remembered at once
+
+
+def takes_caller_key(provider: Provider) -> bool:
+    """The drop-in (``--upstream``, or any ``catch_all`` provider): no key of its own and
+    the client's ``Authorization`` forwarded, so each client sends its own upstream key.
+    Any other keyless provider that refuses a listing is reported as failing (a key the
+    operator forgot: ``proxy check`` must say so)."""
+    config = provider.config
+    return (config.catch_all and config.forward_client_auth and not config.api_key_env
+            and not config.api_key)
 
 
 class ModelCatalog:
@@ -59,6 +80,8 @@ class ModelCatalog:
         self._snapshot: Snapshot | None = None
         self._refresh: asyncio.Task[Snapshot] | None = None
         self._last_errors: dict[str, str] = {}
+        # sha256(provider, caller's Authorization) -> (taken at, that caller's status)
+        self._callers: dict[bytes, tuple[float, ProviderStatus]] = {}
 
     def __repr__(self) -> str:
         age = None if self._snapshot is None else round(self._clock() - self._snapshot.taken_at)
@@ -117,6 +140,51 @@ class ModelCatalog:
         refresh other callers wait on."""
         return await asyncio.shield(self._start_refresh())
 
+    async def for_caller(self, snapshot: Snapshot, authorization: str) -> Snapshot:
+        """``snapshot`` with each provider that lists only with the caller's key listed
+        with ``authorization`` (kept ``CALLER_TTL`` s under a hash of it, never shared)."""
+        statuses = await asyncio.gather(*(
+            self._caller_status(s, authorization) if s.caller_key else _same(s)
+            for s in snapshot.statuses))
+        return Snapshot(tuple(statuses), snapshot.taken_at)
+
+    async def _caller_status(self, status: ProviderStatus, authorization: str
+                             ) -> ProviderStatus:
+        key = hashlib.sha256(f"{status.provider}\0{authorization}".encode()).digest()
+        now = self._clock()
+        cached = self._callers.get(key)
+        if cached is not None and now - cached[0] < CALLER_TTL:
+            return cached[1]
+        provider = next(p for p in self._providers if p.name == status.provider)
+        started = time.perf_counter()
+        entries: list[dict[str, Any]] = []
+        error, _ = await self._guarded(provider.list_models_as(self._client, authorization),
+                                       entries)
+        found = dataclasses.replace(
+            status, healthy=error is None, error=error, models=tuple(e["id"] for e in entries),
+            entries={e["id"]: e for e in entries}, checked_at=time.time(),
+            latency_ms=round((time.perf_counter() - started) * 1000, 1))
+        if len(self._callers) >= CALLER_ENTRIES:
+            self._callers = {k: v for k, v in self._callers.items() if now - v[0] < CALLER_TTL}
+            if len(self._callers) >= CALLER_ENTRIES:
+                self._callers.pop(next(iter(self._callers)))
+        self._callers[key] = (now, found)
+        return found
+
+    async def _guarded(self, listing: Awaitable[Sequence[Any]], into: list[Any]
+                       ) -> tuple[str | None, str | None]:
+        """Await ``listing`` under the discovery deadline into ``into``; the error's
+        message and code, if any."""
+        try:
+            into.extend(await asyncio.wait_for(listing, self._timeout))
+        except TimeoutError:
+            return f"no answer within {self._timeout:g} s", None
+        except GatewayError as exc:
+            return exc.message, exc.code
+        except Exception as exc:  # one provider's bug must not fail the rest
+            return f"discovery failed ({type(exc).__name__})", None
+        return None, None
+
     def _start_refresh(self) -> asyncio.Task[Snapshot]:
         if self._refresh is None:
             self._refresh = self._tasks.spawn(self._run_refresh(), name="model-discovery")
@@ -134,21 +202,23 @@ class ModelCatalog:
         started = time.perf_counter()
         error: str | None = None
         models: list[str] = []
+        caller_key = False
         if provider.config.api_key_missing:
             error = f"API key missing: environment variable {provider.config.api_key_env} is unset"
         else:
-            try:
-                models = await asyncio.wait_for(provider.list_models(self._client),
-                                                self._timeout)
-            except TimeoutError:
-                error = f"no answer within {self._timeout:g} s"
-            except GatewayError as exc:
-                error = exc.message
-            except Exception as exc:  # one provider's bug must not fail the rest
-                error = f"discovery failed ({type(exc).__name__})"
+            error, code = await self._guarded(provider.list_models(self._client), models)
+            # Refused without a key by a provider that gets each caller's own: it answered,
+            # so it is up (issue 9: the drop-in's /health was a 503, its listing empty).
+            caller_key = code == "upstream_auth_failed" and takes_caller_key(provider)
+            if caller_key:
+                error = None
         if error is not None:
             self._last_errors[provider.name] = error
         return ProviderStatus(
             provider=provider.name, type=provider.type_name, healthy=error is None,
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
-            models=tuple(models), error=error, checked_at=time.time())
+            models=tuple(models), error=error, checked_at=time.time(), caller_key=caller_key)
+
+
+async def _same(status: ProviderStatus) -> ProviderStatus:
+    return status

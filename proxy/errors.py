@@ -11,6 +11,7 @@ Every failure a client can see is one of these, rendered with OpenAI's error sha
     ├── ModelNotAllowed               403 invalid_request_error (model_not_allowed)
     ├── MethodNotAllowed              405 invalid_request_error (method_not_allowed)
     ├── BodyTooLarge                  413 invalid_request_error (request_too_large)
+    ├── UnsupportedContentEncoding    415 invalid_request_error (unsupported_content_encoding)
     └── UpstreamError                 502 upstream_error (upstream_error)
         ├── UpstreamUnreachable       502 upstream_error (upstream_unreachable)
         ├── UpstreamProtocolError     502 upstream_error (upstream_protocol_error)
@@ -63,6 +64,19 @@ class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+
+
+class UnsupportedContentEncoding(InvalidRequest):
+    """A request ``Content-Encoding`` this gateway does not decode: refused, since
+    routing must read the body and the upstream must get what its header says."""
+
+    status = 415
+    code = "unsupported_content_encoding"
+
+    def __init__(self, supported: str):
+        # The header's value is not echoed: messages are never built from headers.
+        super().__init__(f"The request's Content-Encoding is not supported: send the body "
+                         f"uncompressed or in one of: {supported}.")
 
 
 class NotFound(GatewayError):

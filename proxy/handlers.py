@@ -23,7 +23,12 @@ from proxy.errors import (
     ModelNotFound,
 )
 from proxy.gateway import Gateway
-from proxy.headers import AUTHORIZATION, upstream_request_headers
+from proxy.headers import (
+    AUTHORIZATION,
+    CONTENT_ENCODING,
+    check_content_coding,
+    upstream_request_headers,
+)
 from proxy.providers import Call
 from proxy.ratelimit import Admission, RateLimiter, estimate
 from proxy.routing import Route
@@ -90,6 +95,7 @@ async def read_call(request: web.Request, config: Config) -> Call:
     limit = config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
+    decoded = check_content_coding(request.headers)  # a 415 leaves the body unread
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -109,6 +115,8 @@ async def read_call(request: web.Request, config: Config) -> Call:
                                        scheme=request.scheme, request_id=request_id)
     if GATEWAY_KEY in request:
         headers.popall(AUTHORIZATION, None)  # the gateway's key is never sent upstream
+    if decoded:  # the decoded bytes go upstream, framed by their own Content-Length
+        headers.popall(CONTENT_ENCODING, None)
     return Call(
         method=request.method, endpoint=endpoint, query=query, body=body,
         payload=payload, model=model, stream=bool(payload and payload.get("stream") is True),
@@ -156,7 +164,7 @@ async def list_models(request: web.Request) -> web.Response:
     """``GET /v1/models``: every provider's models, merged. Providers that failed are
     listed under ``errors`` beside the others' models (SDKs ignore the extra key)."""
     gateway = request.app[LIVE].gateway
-    snapshot = await gateway.catalog.current()
+    snapshot = await _listing(request, gateway)
     body: dict[str, Any] = {"object": "list", "data": _visible_models(request, gateway, snapshot)}
     failed = [{"provider": s.provider, "message": s.error}
               for s in snapshot.statuses if not s.healthy]
@@ -168,11 +176,23 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model"]
     gateway = request.app[LIVE].gateway
-    snapshot = await gateway.catalog.current()
+    snapshot = await _listing(request, gateway)
     for entry in _visible_models(request, gateway, snapshot):
         if entry["id"] == model_id:
             return json_response(entry)
     raise ModelNotFound(model_id)
+
+
+async def _listing(request: web.Request, gateway: Gateway) -> Snapshot:
+    """The catalog; a provider that lists only with each caller's key (the ``--upstream``
+    drop-in) is asked with this caller's ``Authorization``. Not with gateway keys: the
+    caller's is then the gateway's key, never sent upstream (issue 9)."""
+    snapshot = await gateway.catalog.current()
+    authorization = request.headers.get(AUTHORIZATION)
+    if (authorization and GATEWAY_KEY not in request
+            and any(s.caller_key for s in snapshot.statuses)):
+        return await gateway.catalog.for_caller(snapshot, authorization)
+    return snapshot
 
 
 def _visible_models(request: web.Request, gateway: Gateway, snapshot: Snapshot
@@ -210,6 +230,7 @@ async def health(request: web.Request) -> web.Response:
     providers = [{
         "name": s.provider, "type": s.type, "status": "healthy" if s.healthy else "unhealthy",
         "latency_ms": s.latency_ms, "models": len(s.models), "error": s.error,
+        "needs_caller_key": s.caller_key,
         "last_error": catalog.last_error(s.provider),
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.checked_at)),
         "concurrency": dispatcher.limits(s.provider),

@@ -11,7 +11,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+from proxy.errors import UnsupportedContentEncoding
 
 HOP_BY_HOP = frozenset(
     istr(name)
@@ -38,6 +41,11 @@ PROVIDER = istr("X-Gateway-Provider")
 _REQUEST_OWNED = frozenset((istr("Host"), istr("Content-Length"), istr("Expect"), PEER,
                             PEER_KEY, DEDUP_OPT, CACHE_OPT))
 AUTHORIZATION = istr("Authorization")
+CONTENT_ENCODING = istr("Content-Encoding")
+# The request content codings aiohttp's parser decodes before the handler reads the body
+# (one coding, case-insensitive; br and zstd only with their optional packages installed).
+DECODED_CODINGS = ("gzip", "deflate", *(("br",) if HAS_BROTLI else ()),
+                   *(("zstd",) if HAS_ZSTD else ()))
 
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -84,6 +92,20 @@ def upstream_request_headers(
     headers.setdefault("X-Forwarded-Proto", scheme)
     headers[REQUEST_ID] = request_id
     return headers
+
+
+def check_content_coding(incoming: CIMultiDictProxy[str]) -> bool:
+    """Whether the request's ``Content-Encoding`` must be dropped: aiohttp decoded the body
+    (or it is ``identity``), and the decoded bytes must not go upstream under that header
+    (issue 9: the upstream failed to decode them, retries followed, the breaker opened).
+    Any other coding aiohttp leaves encoded, which the gateway cannot route on: 415."""
+    values = incoming.getall(CONTENT_ENCODING, ())
+    if not values:
+        return False
+    coding = ",".join(values).strip().lower()
+    if len(values) == 1 and coding.isascii() and coding in (*DECODED_CODINGS, "identity"):
+        return True
+    raise UnsupportedContentEncoding(", ".join(DECODED_CODINGS))
 
 
 def client_response_headers(upstream: CIMultiDictProxy[str], request_id: str

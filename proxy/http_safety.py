@@ -23,8 +23,10 @@ from ``server.*`` in the config:
   fault (through nginx: a 502 "upstream prematurely closed");
 * parser errors get OpenAI-shaped JSON (aiohttp: text/plain) and a debug log line
   (aiohttp: an ERROR traceback per bad request, which any client could flood);
-* HTTP/0.9 and chunked HTTP/1.0 (400), and transfer codings other than ``chunked`` (501),
-  which llhttp accepts.
+* HTTP/0.9 and chunked HTTP/1.0 (400), and transfer codings other than ``chunked`` (501:
+  ``gzip, chunked``, which llhttp accepts, and ``gzip`` alone, which it refuses as a 400);
+* a content coding aiohttp cannot decode here (``br`` without Brotli): 415; a body that
+  fails to decode is not drained afterwards (aiohttp would log a traceback for it).
 
 Hot path: each connection has at most one timer, set for its earliest deadline. When it
 fires it re-arms for the deadline that holds then, if any (as aiohttp's keep-alive timer
@@ -45,19 +47,32 @@ from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    ContentEncodingError,
+    HttpProcessingError,
+    LineTooLong,
+)
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from proxy.config import ServerConfig
-from proxy.errors import GatewayError
+from proxy.errors import GatewayError, UnsupportedContentEncoding
+from proxy.headers import DECODED_CODINGS
 from proxy.middlewares import error_response
 
 log = logging.getLogger("proxy.http_safety")
 
 MAX_HEADERS = 128  # header fields per request (aiohttp's default, made explicit)
 _TOO_MANY_HEADERS = "Too many headers received"  # aiohttp's message for MAX_HEADERS
+# llhttp's message for a request whose Transfer-Encoding does not end in "chunked"
+# (``gzip`` alone, say): a coding it does not implement, no framing ambiguity, so a 501
+# (RFC 9112 section 6.1). "chunked" not last, or twice, is llhttp's "Invalid
+# `Transfer-Encoding` header value", and with a Content-Length it is its own error: both
+# stay 400. (aiohttp's pure-Python parser, without its C extension, uses this message for
+# all three: they get 501, still refused and never forwarded.)
+_TE_NOT_CHUNKED = "Request has invalid `Transfer-Encoding`"
 REFUSAL_LOG_INTERVAL = 60.0  # seconds between two "connections refused" warnings
 
 
@@ -93,7 +108,8 @@ class UnsupportedTransferEncoding(GatewayError):
     code = "unsupported_transfer_encoding"
 
     def __init__(self) -> None:
-        super().__init__("Transfer-Encoding must be exactly 'chunked'.")
+        super().__init__("The only transfer coding this gateway accepts is 'chunked' "
+                         "(Transfer-Encoding: chunked); the request was not forwarded.")
 
 
 class BodyTimeout(GatewayError):
@@ -226,6 +242,12 @@ class GuardedHandler(RequestHandler):
             self._parsed(queued)
         elif in_head and self._head_bytes > self._guard.settings.max_header_bytes:
             self._queue_error(HeadersTooLarge(self._guard.settings.max_header_bytes))
+        body = self._body
+        if body is not None and body.exception() is not None:
+            # A body that failed to decode (bad gzip): the handler answers 400; aiohttp
+            # would then drain the rest and log its error as an "Unhandled exception"
+            # traceback. Read nothing more: close once the answer is sent.
+            self._lingering_time = 0.0
 
     def handle_error(self, request: BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
@@ -353,6 +375,10 @@ def _client_error(exc: BaseException | None, head_limit: int) -> GatewayError | 
     if isinstance(exc, LineTooLong) or (
             isinstance(exc, BadHttpMessage) and exc.message == _TOO_MANY_HEADERS):
         return HeadersTooLarge(head_limit)
+    if isinstance(exc, ContentEncodingError):  # br or zstd without its package, at the head
+        return UnsupportedContentEncoding(", ".join(DECODED_CODINGS))  # (a bad body: 400)
+    if isinstance(exc, BadHttpMessage) and exc.message.startswith(_TE_NOT_CHUNKED):
+        return UnsupportedTransferEncoding()
     if isinstance(exc, HttpProcessingError):
         return MalformedRequest(type(exc).__name__)
     return None

@@ -173,11 +173,13 @@ class ModelRouter:
         when it routes to this provider, else ``provider/model``; then the aliases."""
         listed: dict[str, dict[str, Any]] = {}
         for provider in self.providers:
+            status = snapshot.status(provider.name)
+            upstream = status.entries if status is not None else {}
             for model in _served(snapshot, provider):
                 route = self._lookup(model, snapshot)
                 bare = route is not None and route.provider is provider
                 model_id = model if bare else f"{provider.name}/{model}"
-                listed.setdefault(model_id, _entry(model_id, provider.name))
+                listed.setdefault(model_id, _entry(model_id, provider.name, upstream.get(model)))
         for group, targets in self._groups.items():
             listed.setdefault(group, _entry(group, targets[0].provider.name))
         for alias, target in self._aliases.items():
@@ -200,5 +202,12 @@ def _models(snapshot: Snapshot, provider: Provider) -> tuple[str, ...]:
     return status.models if status is not None else ()
 
 
-def _entry(model_id: str, owner: str) -> dict[str, Any]:
+def _entry(model_id: str, owner: str, upstream: Mapping[str, Any] | None = None
+           ) -> dict[str, Any]:
+    """A listing entry; an upstream's own entry (a caller's drop-in listing) keeps its
+    ``created`` and ``owned_by`` as the upstream sent them."""
+    if upstream is not None:
+        return {**upstream, "id": model_id, "object": "model",
+                "created": upstream.get("created", MODEL_CREATED),
+                "owned_by": upstream.get("owned_by", owner)}
     return {"id": model_id, "object": "model", "created": MODEL_CREATED, "owned_by": owner}

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from bench.mock_payloads import GREETING
 from tests.conftest import MockUpstream, StartUpstream
+from tests.test_dropin_models import keyed_upstream
 
 AsyncClientFactory = Callable[..., openai.AsyncOpenAI]
 # Variables that would configure providers or the server behind the test's back.
@@ -155,6 +156,26 @@ async def test_dropin_authorization(
         answer = await client.chat.completions.create(model="any-model", messages=HELLO)
         assert answer.choices[0].message.content == "recorded"
     assert seen == [expected]
+
+
+async def test_dropin_lists_models_with_each_callers_own_key(
+    start_upstream: StartUpstream, openai_client: AsyncClientFactory, tmp_path: Path,
+) -> None:
+    """Issue 9: with no upstream key, models.list() was empty (a 401 under ``errors``),
+    models.retrieve() a 404 and /health a 503."""
+    seen: list[str | None] = []
+    upstream = await start_upstream(keyed_upstream(seen))
+    async with _serving(["--upstream", f"{upstream}/v1"], _clean_env(), tmp_path) as (url, _):
+        a = openai_client(url, api_key="sk-caller-a")
+        b = openai_client(url, api_key="sk-caller-b")
+        assert [(m.id, m.owned_by) async for m in a.models.list()] == [("model-a", "org-a")]
+        assert [m.id async for m in b.models.list()] == ["model-b1", "model-b2"]
+        assert (await a.models.retrieve("model-a")).created == 1700000001
+        with pytest.raises(openai.NotFoundError):
+            await b.models.retrieve("model-a")
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/health") as response:
+            assert response.status == 200, await response.text()
+    assert set(seen) <= {None, "Bearer sk-caller-a", "Bearer sk-caller-b"}
 
 
 async def test_invalid_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:

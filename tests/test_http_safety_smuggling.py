@@ -60,6 +60,11 @@ CASES = {
     "transfer-encoding xchunked": HEAD + b"Transfer-Encoding: xchunked\r\n\r\n" + chunked(),
     "transfer-encoding gzip, chunked": HEAD + b"Transfer-Encoding: gzip, chunked\r\n\r\n"
         + chunked(),
+    "transfer-encoding gzip": HEAD + b"Transfer-Encoding: gzip\r\n\r\n" + CHAT_BODY,
+    "transfer-encoding gzip and content-length": HEAD + b"Transfer-Encoding: gzip\r\n"
+        b"Content-Length: %d\r\n\r\n" % N + CHAT_BODY,
+    "transfer-encoding chunked, gzip": HEAD + b"Transfer-Encoding: chunked, gzip\r\n\r\n"
+        + chunked(),
     "space before the colon": HEAD + b"Transfer-Encoding : chunked\r\n\r\n" + chunked(),
     "transfer-encoding twice": HEAD + b"Transfer-Encoding: chunked\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n" + chunked(),
@@ -138,11 +143,29 @@ async def test_ambiguous_or_malformed_requests_never_reach_the_upstream(
     assert upstream.requests == [("POST", "/v1/chat/completions", CHAT_BODY)]
 
 
-async def test_a_transfer_coding_other_than_chunked_gets_501(safe_gateway: Safe,
-                                                             connect: Connect) -> None:
+@pytest.mark.parametrize("case", ["transfer-encoding gzip, chunked", "transfer-encoding gzip"])
+async def test_a_transfer_coding_other_than_chunked_gets_501(
+        safe_gateway: Safe, connect: Connect, case: str) -> None:
+    """As the README says, ``gzip`` alone too (issue 9: it was llhttp's 400)."""
     url, upstream = await safe_gateway()
-    answer = await answer_to(url, CASES["transfer-encoding gzip, chunked"], connect)
-    assert re.match(rb"HTTP/1\.[01] 501 ", answer) and b"unsupported_transfer_encoding" in answer
+    answer = await answer_to(url, CASES[case], connect)
+    assert re.match(rb"HTTP/1\.[01] 501 ", answer), answer
+    assert b'"code":"unsupported_transfer_encoding"' in answer
+    assert b"Connection: close" in answer
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("case", [
+    "transfer-encoding gzip and content-length", "transfer-encoding chunked, gzip",
+    "transfer-encoding not final", "transfer-encoding twice", "transfer-encoding obs-folded",
+    "content-length and transfer-encoding"])
+async def test_an_ambiguous_transfer_encoding_stays_400(
+        safe_gateway: Safe, connect: Connect, case: str) -> None:
+    """Framing two parsers could read differently is malformed, not merely unsupported."""
+    url, upstream = await safe_gateway()
+    answer = await answer_to(url, CASES[case], connect)
+    assert re.match(rb"HTTP/1\.[01] 400 ", answer), answer
+    assert b'"code":"malformed_request"' in answer
     assert upstream.requests == []
 
 

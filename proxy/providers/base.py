@@ -110,6 +110,13 @@ class Provider(ABC):
     async def list_models(self, client: UpstreamClient) -> list[str]:
         """The model names this upstream serves, as it names them (no prefix)."""
 
+    async def list_models_as(self, client: UpstreamClient, authorization: str
+                             ) -> list[dict[str, Any]]:
+        """The upstream's own listing entries as the caller holding ``authorization``
+        sees them (a provider that takes each caller's key, the ``--upstream`` drop-in).
+        Default: :meth:`list_models`'s names, asked without the caller's key."""
+        return [{"id": name} for name in await self.list_models(client)]
+
     def url(self, path: str, query: str = "") -> URL:
         """``base_url`` joined with ``path``, keeping the base's own path prefix. The few
         paths clients use are remembered (building a URL showed in the profile); the

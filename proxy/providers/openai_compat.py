@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.headers import AUTHORIZATION
 from proxy.providers.base import Call, Provider, models_error
 from proxy.upstream import UpstreamClient, UpstreamRequest
 
@@ -33,6 +34,18 @@ class OpenAICompatProvider(Provider):
         if status != 200:
             raise models_error(self, status, body)
         return _model_ids(body)
+
+    async def list_models_as(self, client: UpstreamClient, authorization: str
+                             ) -> list[dict[str, Any]]:
+        headers = self.control_headers()
+        headers[AUTHORIZATION] = authorization  # only for a provider with no key of its own
+        status, body = await client.get_json(self.url("models"), headers, self.name, self.tls)
+        if status != 200:
+            raise models_error(self, status, body)
+        data = body.get("data") if isinstance(body, dict) else body
+        return [item for item in data or () if isinstance(item, dict)
+                and isinstance(item.get("id"), str) and item["id"]] \
+            if isinstance(data, list) else []
 
 
 def _model_ids(body: Any) -> list[str]:
