@@ -27,9 +27,9 @@ from tests.test_http_safety import (
     recording_upstream,
     safe_gateway,
 )
-from tests.test_nginx import behind_nginx, needs_nginx, sockets
+from tests.test_nginx import behind_nginx, needs_nginx
 
-__all__ = ["connect", "safe_gateway", "sockets"]  # fixtures used here
+__all__ = ["connect", "safe_gateway"]  # fixtures used here
 
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
 N = len(CHAT_BODY)
@@ -208,11 +208,11 @@ NGINX_CASES = ("content-length and transfer-encoding", "CL.TE with a smuggled re
 
 @needs_nginx
 async def test_through_nginx_nothing_malformed_reaches_the_upstream(
-        start_upstream: StartUpstream, tmp_path: Path, sockets: Path) -> None:
+        start_upstream: StartUpstream, tmp_path: Path) -> None:
     """nginx refuses most of these itself; whatever it passes on, the gateway refuses."""
     recorder = Recorder()
     upstream = await start_upstream(recording_upstream(recorder))
-    async with behind_nginx(upstream, tmp_path, sockets) as deployment:
+    async with behind_nginx(upstream, tmp_path) as deployment:
         tls = deployment.tls()
         for name in NGINX_CASES:
             answer = await _over_tls(deployment.port, tls, CASES[name].replace(
