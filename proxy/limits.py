@@ -13,8 +13,10 @@ The controller is TCP's AIMD (RFC 5681), as Netflix concurrency-limits' ``AIMDLi
   even from a limit far above the load. At most once per round trip: a failure counts
   only if its request was admitted after the last cut (TCP NewReno's recovery point), so
   a burst of failures admitted under the old limit cuts once.
-* **Increase** by one for each success admitted after the last cut and released while
-  every slot was taken or requests waited (the limit was the bottleneck), up to ``max``.
+* **Increase** by 1/limit for each success admitted after the last cut and released
+  while every slot was taken or requests waited (the limit was the bottleneck), up to
+  ``max``: about one slot per round trip at the limit, TCP's congestion avoidance (+1
+  per success, as AIMDLimit, let ``bench/overload.py``'s upstream reject 12x more).
   Successes below the limit leave it alone.
 
 The limit starts at ``initial`` (default: ``max``), so a burst against an upstream that
@@ -289,7 +291,7 @@ class AdaptiveLimiter:
         if serial > self._cut_at:  # admitted under the current limit: it is evidence
             if outcome is Outcome.SUCCESS:
                 if saturated:
-                    self._set_estimate(self._estimate + 1)
+                    self._set_estimate(self._estimate + 1 / self._estimate)
             elif outcome is not Outcome.IGNORE:
                 self._back_off()
         if self._waiters:
