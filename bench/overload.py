@@ -1,4 +1,5 @@
-"""Load shedding: an upstream that slows down under load, offered more than it can take.
+"""Load shedding: an upstream that slows down and pushes back under load, offered more
+than it can take.
 
 Why (issue #3, "Adaptive connection limits"): a proxy without limits passes every
 request on; an upstream that slows down as its concurrency grows then serves fewer
@@ -11,11 +12,14 @@ How: the upstream (this script with ``--serve-upstream``, in its own process) an
 chat completion after ``base + step * max(0, in_flight - knee)`` seconds, ``in_flight``
 counted when the request arrives: 50 ms up to 8 concurrent requests, 10 ms more for each
 one beyond (``--base``, ``--step``, ``--knee``). Its throughput peaks at 160 req/s (8 in
-flight) and falls towards 100 req/s as concurrency grows. Two targets, each with a fresh
-upstream, one after the other:
+flight) and falls towards 100 req/s as concurrency grows. With ``--reject-above`` (16)
+requests in progress it pushes back (issue 9: the limiter now moves only on such
+evidence): a request arriving then is answered 429 (odd calls) or 503 (even ones) after
+``--reject-delay`` (0.2 s: a busy front end), and does not count as in progress. Two
+targets, each with a fresh upstream, one after the other:
 
-* ``gateway``: ``python -m proxy serve --upstream ... --config`` with ``limits: {initial:
-  8, min: 2, max: 64, queue_size: 16, queue_timeout: 0.5}``;
+* ``gateway``: ``python -m proxy serve --upstream ... --config`` with ``limits: {min: 2,
+  max: 64, queue_size: 16, queue_timeout: 0.5}`` (the limit starts at ``max``);
 * ``naive``: ``bench/naive_proxy.py`` (one shared ClientSession, no limits).
 
 The client is an open loop written here with aiohttp: ``--rate`` (400) requests per
@@ -61,7 +65,8 @@ from bench.memory import run_until_signal
 
 BODY = orjson.dumps({"model": "mock-gpt", "messages": [
     {"role": "user", "content": "Say hello to the benchmark."}]})
-LIMITS = {"initial": 8, "min": 2, "max": 64, "queue_size": 16, "queue_timeout": 0.5}
+LIMITS = {"min": 2, "max": 64, "queue_size": 16, "queue_timeout": 0.5}
+BUSY = {"error": {"message": "overloaded", "type": "server_error", "code": None}}
 
 
 # --- the upstream (its own process) ------------------------------------------------------
@@ -69,21 +74,29 @@ LIMITS = {"initial": 8, "min": 2, "max": 64, "queue_size": 16, "queue_timeout": 
 
 @dataclass
 class SlowUpstream:
-    """Latency ``base + step * max(0, in_flight - knee)``, fixed when a request arrives."""
+    """Latency ``base + step * max(0, in_flight - knee)``, fixed when a request arrives;
+    a request arriving with ``reject_above`` in progress gets 429 or 503 instead."""
 
     base: float
     step: float
     knee: int
+    reject_above: int
+    reject_delay: float
     in_flight: int = 0
     max_in_flight: int = 0
     calls: int = 0
+    rejected: int = 0
 
     async def chat(self, request: web.Request) -> web.Response:
         self.calls += 1
+        await request.read()
+        if self.in_flight >= self.reject_above:
+            self.rejected += 1
+            await asyncio.sleep(self.reject_delay)
+            return web.json_response(BUSY, status=429 if self.calls % 2 else 503)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            await request.read()
             await asyncio.sleep(self.base + self.step * max(0, self.in_flight - self.knee))
             return web.json_response({
                 "id": "chatcmpl-slow", "object": "chat.completion", "created": 0,
@@ -99,12 +112,13 @@ class SlowUpstream:
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response({"calls": self.calls, "max_in_flight": self.max_in_flight,
-                                  "in_flight": self.in_flight})
+                                  "in_flight": self.in_flight, "rejected": self.rejected})
 
 
 def serve_upstream(args: argparse.Namespace) -> None:
     """``--serve-upstream PORT``: serve until SIGTERM/SIGINT (aiohttp's run_app)."""
-    upstream = SlowUpstream(args.base, args.step, args.knee)
+    upstream = SlowUpstream(args.base, args.step, args.knee, args.reject_above,
+                            args.reject_delay)
     app = web.Application()
     app.router.add_post("/v1/chat/completions", upstream.chat)
     app.router.add_get("/v1/models", upstream.models)
@@ -119,7 +133,7 @@ def serve_upstream(args: argparse.Namespace) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    outcome: str  # the status ("200", "503", ...) or the failure ("timeout", ...)
+    outcome: str  # the status ("200", "503" shed by the gateway, ...) or the failure
     due: float  # seconds after the start of the run
     seconds: float  # from due to the whole answer read
     retry_after: bool
@@ -132,8 +146,11 @@ async def one(session: aiohttp.ClientSession, url: str, start: float, due: float
     try:
         async with session.post(url, data=BODY,
                                 headers={"Content-Type": "application/json"}) as answer:
-            await answer.read()
+            body = await answer.read()
             outcome, retry_after = str(answer.status), "Retry-After" in answer.headers
+            if answer.status == 503 and b"gateway_overloaded" not in body:
+                # relayed from the upstream, or another gateway 503 (circuit_open)
+                outcome = "503 circuit_open" if b"circuit_open" in body else "503 upstream"
     except TimeoutError:
         outcome = "timeout"
     except aiohttp.ClientError as exc:
@@ -214,12 +231,16 @@ def start_pair(name: str, args: argparse.Namespace, workdir: Path,
     py, up, port = sys.executable, free_port(), free_port()
     upstream = Process(f"upstream-{name}", [
         py, "-m", "bench.overload", "--serve-upstream", str(up), "--base", str(args.base),
-        "--step", str(args.step), "--knee", str(args.knee)], workdir, None)
+        "--step", str(args.step), "--knee", str(args.knee),
+        "--reject-above", str(args.reject_above), "--reject-delay", str(args.reject_delay)],
+        workdir, None)
     stack.callback(upstream.stop)
     wait_ready(upstream, f"http://127.0.0.1:{up}/v1/models")
     if name == "gateway":
         config = workdir / "gateway.yaml"
-        config.write_bytes(orjson.dumps({"limits": LIMITS}))  # JSON is YAML
+        # JSON is YAML. The breaker is off: this measures the limiter alone (the upstream's
+        # 503s would open it and every answer would be circuit_open).
+        config.write_bytes(orjson.dumps({"limits": LIMITS, "breaker": {"failures": 0}}))
         argv = [py, "-m", "proxy", "serve", "--config", str(config), "--upstream",
                 f"http://127.0.0.1:{up}/v1", "--port", str(port), "--log-level", "WARNING"]
         ready = "/healthz"
@@ -253,7 +274,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"overload: {name}", file=sys.stderr)
             targets[name] = await measure(name, args, Path(tmp))
     settings = {key: getattr(args, key) for key in
-                ("rate", "duration", "connections", "timeout", "base", "step", "knee")}
+                ("rate", "duration", "connections", "timeout", "base", "step", "knee",
+                 "reject_above", "reject_delay")}
     return {"settings": settings, "limits": LIMITS, "targets": targets}
 
 
@@ -272,14 +294,15 @@ def markdown(report: dict[str, Any]) -> str:
             "shed_p50_ms", "shed_p99_ms", "shed_retry_after", "other"]
     lines = [f"Open loop {s['rate']:g} req/s for {s['duration']:g} s on <= {s['connections']} "
              f"connections, timeout {s['timeout']:g} s; upstream {s['base'] * 1000:g} ms + "
-             f"{s['step'] * 1000:g} ms per request in flight beyond {s['knee']}; gateway "
+             f"{s['step'] * 1000:g} ms per request in flight beyond {s['knee']}, 429/503 "
+             f"in {s['reject_delay'] * 1000:g} ms from {s['reject_above']}; gateway "
              f"limits {report['limits']}", "",
-             "| target | " + " | ".join(cols) + " | upstream calls / max in flight |",
+             "| target | " + " | ".join(cols) + " | upstream calls / rejected / max in flight |",
              "|---" * (len(cols) + 2) + "|"]
     for name, r in targets.items():
         up = r["upstream"]
         lines.append(f"| {name} | " + " | ".join(_cell(r[c]) for c in cols)
-                     + f" | {up['calls']} / {up['max_in_flight']} |")
+                     + f" | {up['calls']} / {up['rejected']} / {up['max_in_flight']} |")
     if "limiter" in targets.get("gateway", {}):
         lines += ["", f"Gateway limiter after the run: {_cell(targets['gateway']['limiter'])}"]
     seconds = range(max(len(r["ok_p50_ms_by_second"]) for r in targets.values()))
@@ -301,6 +324,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", type=float, default=0.05, help="upstream base latency, s")
     parser.add_argument("--step", type=float, default=0.01, help="s per request beyond knee")
     parser.add_argument("--knee", type=int, default=8, help="upstream's comfortable load")
+    parser.add_argument("--reject-above", type=int, default=16,
+                        help="in progress at which the upstream answers 429/503")
+    parser.add_argument("--reject-delay", type=float, default=0.2,
+                        help="seconds the upstream takes to answer 429/503")
     parser.add_argument("--json", action="store_true", help="print JSON, not Markdown")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return parser

@@ -127,16 +127,15 @@ class CacheConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     """Each provider's adaptive concurrency limit (``limits.py``): the controller keeps
-    it within [min, max]; requests over it wait up to ``queue_timeout`` seconds in a
-    queue of ``queue_size``, then get 503 + Retry-After."""
+    it within [min, max], starting at ``initial`` (None: ``max``); requests over it wait
+    up to ``queue_timeout`` seconds in a queue of ``queue_size``, then get 503 +
+    Retry-After."""
 
-    initial: int = 64
+    initial: int | None = None
     min: int = 4
     max: int = 1024
     queue_size: int = 1024
     queue_timeout: float = 2.0
-    tolerance: float = 1.5
-    slack: float = 0.01
     backoff: float = 0.9
 
 
@@ -351,15 +350,26 @@ def _build(
     )
 
 
+# Keys of the latency gradient issue 9 removed: named in the error, not just "unknown".
+_RETIRED_LIMITS = ("tolerance", "slack")
+
+
 def _limits(raw: Any, problems: list[str]) -> LimitsConfig:
+    if isinstance(raw, dict):
+        for key in _RETIRED_LIMITS:
+            if key in raw:
+                problems.append(f"limits.{key}: no longer exists: the limit no longer "
+                                "follows latency, only 429/503 and connection errors; "
+                                "remove it")
+        raw = {k: val for k, val in raw.items() if k not in _RETIRED_LIMITS}
     limits = v.section(raw, "limits", LimitsConfig, problems, {
         "initial": v.positive_int, "min": v.positive_int, "max": v.positive_int,
         "queue_size": v.non_negative_int, "queue_timeout": v.positive_number,
-        "tolerance": v.at_least(1.0), "slack": v.non_negative_number,
         "backoff": v.fraction})
+    start = limits.max if limits.initial is None else limits.initial
     if limits.max < limits.min:
         problems.append("limits.max: must not be below limits.min")
-    elif not limits.min <= limits.initial <= limits.max:
+    elif not limits.min <= start <= limits.max:
         problems.append("limits.initial: must be between limits.min and limits.max")
     return limits
 

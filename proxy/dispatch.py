@@ -287,4 +287,4 @@ class UpstreamCall(AnswerCall):
             self._client.done(connection, reuse=not failed)
         permit, self._permit = self._permit, None
         if permit is not None:
-            permit.release(self._outcome, latency=self._latency)
+            permit.release(self._outcome)

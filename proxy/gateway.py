@@ -160,14 +160,13 @@ def _dispatcher(config: Config, shared: Shared, providers: list[Provider],
     limits = config.limits
     settings = LimitSettings(
         initial=limits.initial, min=limits.min, max=limits.max, queue_size=limits.queue_size,
-        queue_timeout=limits.queue_timeout, tolerance=limits.tolerance, slack=limits.slack,
-        backoff=limits.backoff)
+        queue_timeout=limits.queue_timeout, backoff=limits.backoff)
     client = shared.client
     limiters: dict[str, AdaptiveLimiter] = {}
     for p in providers:
         limiter = kept_limiters.get(p.name)
         if limiter is None:
-            follower = client.limit_follower(p.base_url, p.tls, p.name, settings.initial)
+            follower = client.limit_follower(p.base_url, p.tls, p.name, settings.start)
             claims.append(follower.claim)
             limiter = AdaptiveLimiter(p.name, settings, on_limit_change=follower)
         limiters[p.name] = limiter
