@@ -184,7 +184,7 @@ class UpstreamCall(AnswerCall):
     A class rather than stacked context managers: this is the hot path, and each layer
     of those showed in the profile."""
 
-    __slots__ = ("_breaker", "_call", "_client", "_connection", "_judge_body", "_latency",
+    __slots__ = ("_breaker", "_call", "_client", "_connection", "_headers_seen", "_judge_body",
                  "_limiter", "_outcome", "_permit", "_provider", "_retry", "_timing")
 
     def __init__(self, client: UpstreamClient, limiter: AdaptiveLimiter, call: Call,
@@ -201,7 +201,7 @@ class UpstreamCall(AnswerCall):
         self._connection: UpstreamProtocol | None = None
         self._permit: Permit | None = None
         self._outcome = Outcome.IGNORE
-        self._latency: float | None = None
+        self._headers_seen = False  # an error after them is not a connection error
         self._judge_body = False  # the breaker's verdict waits for the body (finish)
 
     async def start(self) -> Answer:
@@ -240,7 +240,7 @@ class UpstreamCall(AnswerCall):
     async def _attempt(self, request: UpstreamRequest) -> Answer:
         """One try: take a slot, send, read the head (and an error answer's body)."""
         provider = self._provider
-        self._outcome, self._latency = Outcome.IGNORE, None
+        self._outcome, self._headers_seen = Outcome.IGNORE, False
         breaker = self._breaker
         how = breaker.check()  # open with fail_fast: 503 at once, no slot taken
         try:
@@ -248,10 +248,9 @@ class UpstreamCall(AnswerCall):
         except BaseException:
             breaker.record(failed=None, how=how)
             raise
-        started = time.perf_counter()  # the limiter learns from the upstream's time only
         try:
             self._connection, response = await self._client.send(request, provider.name)
-            self._latency = time.perf_counter() - started
+            self._headers_seen = True
             overloaded = response.status in OVERLOAD_STATUSES
             self._outcome = Outcome.OVERLOAD if overloaded else Outcome.SUCCESS
             answer = await read_upstream(self._call, provider, response)
@@ -259,7 +258,7 @@ class UpstreamCall(AnswerCall):
             # A full pool (shared by every provider) says nothing of this upstream.
             upstream_failed = isinstance(exc, UpstreamError) and not isinstance(
                 exc, PoolTimeout)
-            if upstream_failed and self._latency is None:
+            if upstream_failed and not self._headers_seen:
                 self._outcome = Outcome.ERROR
             breaker.record(failed=fault(exc), how=how, caller=self._call.caller)
             self.finish(failed=True)
