@@ -137,6 +137,7 @@ class LimitsConfig:
     queue_size: int = 1024
     queue_timeout: float = 2.0
     backoff: float = 0.9
+    forget_after: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -365,7 +366,7 @@ def _limits(raw: Any, problems: list[str]) -> LimitsConfig:
     limits = v.section(raw, "limits", LimitsConfig, problems, {
         "initial": v.positive_int, "min": v.positive_int, "max": v.positive_int,
         "queue_size": v.non_negative_int, "queue_timeout": v.positive_number,
-        "backoff": v.fraction})
+        "backoff": v.fraction, "forget_after": v.positive_number})
     start = limits.max if limits.initial is None else limits.initial
     if limits.max < limits.min:
         problems.append("limits.max: must not be below limits.min")

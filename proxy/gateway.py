@@ -160,7 +160,8 @@ def _dispatcher(config: Config, shared: Shared, providers: list[Provider],
     limits = config.limits
     settings = LimitSettings(
         initial=limits.initial, min=limits.min, max=limits.max, queue_size=limits.queue_size,
-        queue_timeout=limits.queue_timeout, backoff=limits.backoff)
+        queue_timeout=limits.queue_timeout, backoff=limits.backoff,
+        forget_after=limits.forget_after)
     client = shared.client
     limiters: dict[str, AdaptiveLimiter] = {}
     for p in providers:

@@ -21,6 +21,10 @@ The controller is TCP's AIMD (RFC 5681), as Netflix concurrency-limits' ``AIMDLi
 
 The limit starts at ``initial`` (default: ``max``), so a burst against an upstream that
 does not push back passes untouched; the queue only matters once the limit was lowered.
+A lowered limit is **forgotten** after ``forget_after`` seconds without a new overload or
+error: demand then raises it at once (``_forget``), so one 503 at a quiet moment, which
+cuts to ``min``, cannot shed a later burst; an upstream that keeps pushing back keeps
+its evidence fresh, and its limit.
 State is per worker. The controller reads the injectable ``clock`` (for the hold time
 behind Retry-After); queue deadlines run on the event loop's clock.
 """
@@ -51,6 +55,7 @@ class LimitSettings:
 
     ``initial`` None: start at ``max`` (issue 9: no limit until evidence arrives).
     ``backoff``: the share of the requests in flight kept on 429/503/connection errors.
+    ``forget_after``: seconds a lowered limit holds without fresh overload evidence.
     """
 
     initial: int | None = None
@@ -59,6 +64,7 @@ class LimitSettings:
     queue_size: int = 1024
     queue_timeout: float = 2.0
     backoff: float = 0.9
+    forget_after: float = 10.0
 
     @property
     def start(self) -> int:
@@ -70,6 +76,7 @@ class LimitSettings:
             ("initial", not self.min <= self.start <= self.max),
             ("queue_size", self.queue_size < 0), ("queue_timeout", self.queue_timeout <= 0),
             ("backoff", not 0 < self.backoff < 1),
+            ("forget_after", self.forget_after <= 0),
         ) if wrong]
         if bad:
             raise ValueError(f"invalid limit settings: {', '.join(bad)}")
@@ -185,6 +192,7 @@ class AdaptiveLimiter:
         self._granted = 0  # serial of the last grant
         self._cut_at = 0  # serial of the last grant before the last cut
         self._cuts = 0
+        self._evidence_at = -math.inf  # the last overload or error seen (``_clock``)
         self._hold = 0.0  # smoothed time a slot is held, for Retry-After
 
     @property
@@ -219,6 +227,8 @@ class AdaptiveLimiter:
         """A slot for one upstream request: at once below the limit when nobody waits
         (no barging past the queue), else after waiting in line. Raises ``Overloaded`` at
         once when the queue is full, or when no slot frees within ``queue_timeout``."""
+        if self._in_flight >= self._limit and self._stale():
+            self._forget()  # no fresh evidence: the limit is not the upstream's any more
         if self._in_flight < self._limit and not self._waiters:
             self._grant()
             return Permit(self, self._clock(), self._granted)
@@ -263,7 +273,25 @@ class AdaptiveLimiter:
         # deadline in the same iteration cannot both happen.
         if not fut.done():
             self._waiters.remove(fut)
-            fut.set_result(0)
+            if self._stale():  # the evidence that queued it is old: admit, not shed
+                self._forget()  # (unless the limit is at ``max``: the operator's cap)
+            if self._in_flight < self._limit:
+                self._grant()
+                fut.set_result(self._granted)
+            else:
+                fut.set_result(0)
+
+    def _stale(self) -> bool:
+        """Whether the upstream has not pushed back for ``forget_after`` seconds."""
+        return self._clock() - self._evidence_at >= self.settings.forget_after
+
+    def _forget(self) -> None:
+        """Raise a limit that holds on old evidence to what is asked of it now: one 503
+        long ago must not shed today's burst (issue 9, first do no harm)."""
+        asked = self._in_flight + len(self._waiters) + 1
+        if asked > self._estimate:
+            self._set_estimate(float(asked))
+            self._wake()
 
     def _wake(self) -> None:
         """Hand free slots to the oldest waiters; skips one cancelled in this iteration."""
@@ -294,6 +322,8 @@ class AdaptiveLimiter:
                     self._set_estimate(self._estimate + 1 / self._estimate)
             elif outcome is not Outcome.IGNORE:
                 self._back_off()
+        if outcome is Outcome.OVERLOAD or outcome is Outcome.ERROR:
+            self._evidence_at = self._clock()  # fresh, even within a round trip
         if self._waiters:
             self._wake()
 

@@ -291,7 +291,12 @@ async def test_defaults_start_at_max() -> None:
 
 
 async def test_queued_requests_raise_the_limit_with_each_success() -> None:
-    lim = limiter(FakeClock(), initial=2, max=10)
+    lim = limiter(FakeClock(), initial=4, max=10, backoff=0.5)
+    first = [await lim.acquire() for _ in range(4)]
+    first[0].release(Outcome.OVERLOAD)  # fresh evidence: the limit holds, at 0.5 x 4
+    for permit in first[1:]:  # admitted before the cut: they say nothing
+        permit.release(Outcome.SUCCESS)
+    assert lim.limit == 2
     holders = [await lim.acquire(), await lim.acquire()]
     waiters = [asyncio.create_task(lim.acquire()) for _ in range(4)]
     await asyncio.sleep(0)
@@ -327,3 +332,52 @@ def test_settings_are_checked() -> None:
         LimitSettings(initial=2, min=4)
     with pytest.raises(ValueError, match="backoff"):
         LimitSettings(backoff=1.5)
+
+
+# --- evidence is forgotten ---------------------------------------------------------------
+
+async def test_a_lowered_limit_is_forgotten_without_fresh_evidence() -> None:
+    """One 503 at low concurrency cuts the limit to ``min``; long after it, with no
+    overload since, a burst is not held to that old figure: it is admitted at once."""
+    clock = FakeClock()
+    lim = AdaptiveLimiter("openai", LimitSettings(), clock=clock)
+    (await lim.acquire()).release(Outcome.OVERLOAD)
+    assert lim.limit == 4
+    clock.now += 5.0  # fresh: the lowered limit holds
+    held = [await lim.acquire() for _ in range(4)]
+    with pytest.raises(Overloaded):
+        await asyncio.wait_for(lim.acquire(), 5)  # (queue_timeout 2 s of real time)
+    clock.now += 5.0  # forget_after (10 s) since the evidence
+    burst = [await asyncio.wait_for(lim.acquire(), 0.1) for _ in range(100)]
+    assert lim.in_flight == 104 and lim.limit >= 104
+    for permit in held + burst:
+        permit.release(Outcome.SUCCESS)
+    assert lim.snapshot()["shed_total"] == 1
+
+
+async def test_a_waiter_whose_evidence_went_stale_is_admitted_not_shed() -> None:
+    lim = AdaptiveLimiter("openai", LimitSettings(min=1, queue_timeout=0.3,
+                                                  forget_after=0.1))
+    holder = await lim.acquire()
+    (await lim.acquire()).release(Outcome.OVERLOAD)  # limit -> 1, holder still in flight
+    assert lim.limit == 1
+    started = time.perf_counter()
+    waiter = await asyncio.wait_for(lim.acquire(), 1)
+    assert 0.25 <= time.perf_counter() - started < 0.6
+    assert lim.snapshot()["shed_total"] == 0 and lim.in_flight == 2
+    holder.release(Outcome.SUCCESS)
+    waiter.release(Outcome.SUCCESS)
+
+
+async def test_evidence_that_keeps_coming_keeps_the_limit() -> None:
+    clock = FakeClock()
+    lim = AdaptiveLimiter("openai", LimitSettings(queue_size=0), clock=clock)
+    for _ in range(5):  # an overload every 5 s: never forget_after (10 s) without one
+        (await lim.acquire()).release(Outcome.OVERLOAD)
+        clock.now += 5.0
+    held = [await lim.acquire() for _ in range(lim.limit)]
+    assert len(held) == 4
+    with pytest.raises(Overloaded):
+        await lim.acquire()
+    for permit in held:
+        permit.release(Outcome.SUCCESS)

@@ -113,3 +113,43 @@ async def test_1000_concurrent_long_requests_streams_too_get_no_503(
     assert outcomes == Counter({"200": 1000}), outcomes
     assert most >= 900, most  # (connection set-up spreads the arrivals a little)
     assert took < 25, took
+
+
+class OnceOverloadedUpstream(LongUpstream):
+    """Answers its first request 503 at once (one request's bad luck), then like
+    ``LongUpstream``: the only overload evidence the gateway ever gets."""
+
+    def __init__(self, delay: float):
+        super().__init__(delay)
+        self.refused = 0
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        if not self.refused:
+            self.refused += 1
+            return web.json_response({"error": {"message": "busy", "type": "server_error",
+                                                "code": None, "param": None}}, status=503)
+        return await super().chat(request)
+
+
+async def test_one_old_503_does_not_shed_a_later_burst(
+    start_upstream: StartUpstream, tmp_path: Path,
+) -> None:
+    """A single 503 at low concurrency cuts the limit to ``min`` (4); once
+    ``limits.forget_after`` has passed with no overload since, a burst is admitted at
+    once instead of being held to 4 and shed after the queue timeout."""
+    upstream = OnceOverloadedUpstream(1.0)
+    url = await start_upstream(upstream.app())
+    config = {"providers": [{"name": "up", "type": "openai_compat",
+                             "base_url": f"{url}/v1", "models": ["m"]}],
+              "retries": {"max_attempts": 1}, "limits": {"forget_after": 1}}
+    with nofile_raised(4 * 100 + 256):
+        async with gateway_process(tmp_path, config, log_level="WARNING") as gateway:
+            assert await burst(gateway.url + CHAT, 1, 0, within=10) == Counter({"503": 1})
+            async with aiohttp.ClientSession() as session, \
+                    session.get(gateway.url + "/health") as response:
+                limiter = (await response.json())["providers"][0]["concurrency"]
+            assert limiter["limit"] == 4, limiter
+            await asyncio.sleep(1.2)
+            outcomes = await burst(gateway.url + CHAT, 100, 4, within=20)
+    assert outcomes == Counter({"200": 100}), outcomes
+    assert upstream.most >= 90, upstream.most

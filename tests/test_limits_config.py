@@ -31,3 +31,10 @@ def test_initial_must_lie_within_min_and_max() -> None:
         load({"initial": 2000})
     with pytest.raises(ConfigError, match=r"limits\.initial"):
         load({"min": 10, "max": 20, "initial": 5})
+
+
+def test_forget_after_is_a_positive_number_of_seconds() -> None:
+    assert load(None).forget_after == 10.0
+    assert load({"forget_after": 2.5}).forget_after == 2.5
+    with pytest.raises(ConfigError, match=r"limits\.forget_after"):
+        load({"forget_after": 0})
