@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     models_cmd.add_argument("--json", action="store_true", help="print JSON")
     check_cmd = commands.add_parser("check", help="check every provider; exit 1 if one fails")
     _config_flags(check_cmd)
+    check_cmd.add_argument("--offline", action="store_true",
+                           help="only validate the configuration, like nginx -t: no provider "
+                                "is contacted")
     keys_cmd = commands.add_parser("keys", help="gateway keys")
     keys_actions = keys_cmd.add_subparsers(dest="action", required=True)
     hash_cmd = keys_actions.add_parser(
@@ -100,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _serve(config, words, args.worker_index, functools.partial(_reload, pinned))
     elif command == "models":
         sys.exit(uvloop.run(_models(config, as_json=args.json)))
+    elif args.offline:
+        sys.exit(_check_offline(config))
     else:
         sys.exit(uvloop.run(_check(config)))
 
@@ -249,9 +254,7 @@ async def _models(config: Config, *, as_json: bool) -> int:
 
 async def _check(config: Config) -> int:
     if not config.providers:  # `serve` would answer from the demo mock: nothing to check
-        print(f"check: no providers configured (config: {config.source}); name them in "
-              "a config file, use --upstream URL, or set OPENAI_API_KEY", file=sys.stderr)
-        return 1
+        return _no_providers(config)
     snapshot = await _discover(config)
     rows: list[tuple[str, ...]] = [("PROVIDER", "TYPE", "RESULT", "MODELS", "LATENCY")]
     for s in snapshot.statuses:
@@ -261,6 +264,32 @@ async def _check(config: Config) -> int:
         rows.append((s.provider, s.type, result, str(len(s.models)), f"{s.latency_ms:.0f} ms"))
     _print_table(rows)
     return 0 if all(s.healthy for s in snapshot.statuses) else 1
+
+
+def _check_offline(config: Config) -> int:
+    """``check --offline``: the config loaded (``_load`` already exited 2 on any problem);
+    say what it holds, and exit 1 for what cannot work without asking anyone: no
+    provider at all, or a provider whose key variable is not set."""
+    if not config.providers:
+        return _no_providers(config)
+    rows: list[tuple[str, ...]] = [("PROVIDER", "TYPE", "BASE URL", "CREDENTIALS")]
+    for p in config.providers:
+        if p.api_key_env is None:
+            credentials = "the client's own" if p.forward_client_auth else "none"
+        else:
+            credentials = f"${p.api_key_env}" + (" NOT SET" if p.api_key_missing else "")
+        rows.append((p.name, p.type, p.base_url, credentials))
+    _print_table(rows)
+    keys = len(config.auth.keys)
+    print(f"config ok: {config.source}; {len(config.providers)} providers, "
+          f"{keys} gateway keys" + ("" if keys else " (open to anyone who can reach it)"))
+    return 1 if any(p.api_key_missing for p in config.providers) else 0
+
+
+def _no_providers(config: Config) -> int:
+    print(f"check: no providers configured (config: {config.source}); name them in "
+          "a config file, use --upstream URL, or set OPENAI_API_KEY", file=sys.stderr)
+    return 1
 
 
 def _status_json(s: object) -> dict[str, object]:
