@@ -107,11 +107,12 @@ class Pass(enum.Enum):
 
 
 class _Bucket:
-    __slots__ = ("callers", "calls", "epoch", "failures")
+    __slots__ = ("broken", "callers", "calls", "epoch", "failures")
 
     def __init__(self) -> None:
         self.epoch = -1
         self.calls = self.failures = 0
+        self.broken = 0  # failures of the connection itself
         self.callers: set[str] = set()  # failing callers, at most min_callers kept
 
 
@@ -167,61 +168,77 @@ class CircuitBreaker:
         return Pass.PANIC
 
     def record(self, *, failed: bool | None, how: Pass = Pass.CLOSED,
-               caller: str = "") -> None:
+               caller: str = "", connection: bool = False) -> None:
         """After a request: ``failed`` None when it says nothing (see :func:`fault`);
-        ``how`` is what ``check`` returned; ``caller`` who sent it (no secret)."""
+        ``how`` is what ``check`` returned; ``caller`` who sent it (no secret);
+        ``connection`` when the failure is the connection's (refused, cut, a connect or
+        headers deadline), which no request's content explains: those need no second
+        caller (one application on one key must still be steered off a dead host)."""
         if how is Pass.PROBE:
             self._probing = False
         if failed is None:
             return
         if self._opened_at is None:
-            self._count(failed, caller)
+            self._count(failed, caller, connection)
             if failed and self.settings.enabled and self._tripped():
                 self._open()
         elif not failed:
             if how is not Pass.CLOSED:  # a probe or panic request: it recovered
-                self._opened_at = None
+                self._opened_at, self._probing = None, False
                 self._buckets = [_Bucket() for _ in range(BUCKETS)]
             # else begun before the circuit opened (a long stream): not news
         else:
-            self._count(True, caller)
+            self._count(True, caller, connection)
             self._open()  # still failing: the cooldown starts again
 
     def _open(self) -> None:
         if self._opened_at is None or self.state == "half_open":
             self.opened += 1
-        self._opened_at = self._clock()
+        # A probe still out from before is not this opening's: after the new cooldown
+        # a new probe may go (else routing skipped it until the old one's head came).
+        self._opened_at, self._probing = self._clock(), False
 
-    def _count(self, failed: bool, caller: str) -> None:
+    def _count(self, failed: bool, caller: str, connection: bool) -> None:
         epoch = int(self._clock() / self._width)
         bucket = self._buckets[epoch % BUCKETS]
         if bucket.epoch != epoch:
-            bucket.epoch, bucket.calls, bucket.failures = epoch, 0, 0
+            bucket.epoch, bucket.calls, bucket.failures, bucket.broken = epoch, 0, 0, 0
             bucket.callers.clear()
         bucket.calls += 1
         if failed:
             bucket.failures += 1
+            bucket.broken += connection
             if len(bucket.callers) < self.settings.min_callers:
                 bucket.callers.add(caller)
 
     def _totals(self) -> tuple[int, int, int]:
         """Judged calls, failures and distinct failing callers (capped at
         ``min_callers``: a bucket keeps no more, which is all the rule needs)."""
+        calls, failures, callers, _ = self._window()
+        return calls, failures, callers
+
+    def _window(self) -> tuple[int, int, int, int]:
         oldest = int(self._clock() / self._width) - BUCKETS
-        calls = failures = 0
+        calls = failures = broken = 0
         callers: set[str] = set()
         for bucket in self._buckets:
             if bucket.epoch > oldest:
                 calls += bucket.calls
                 failures += bucket.failures
+                broken += bucket.broken
                 callers |= bucket.callers
-        return calls, failures, len(callers)
+        return calls, failures, len(callers), broken
 
     def _tripped(self) -> bool:
+        """Enough calls, and a failure ratio over the threshold: from ``min_callers``
+        callers, or of connection failures alone (a dead host, whoever asks)."""
         settings = self.settings
-        calls, failures, callers = self._totals()
-        return (calls >= settings.min_requests and callers >= settings.min_callers
-                and failures >= settings.failure_ratio * calls)
+        calls, failures, callers, broken = self._window()
+        if calls < settings.min_requests:
+            return False
+        threshold = settings.failure_ratio * calls
+        return (failures >= threshold and callers >= settings.min_callers) \
+            or broken >= threshold
 
     def snapshot(self) -> dict[str, Any]:
         calls, failures, callers = self._totals()

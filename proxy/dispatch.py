@@ -22,7 +22,7 @@ from proxy.answers import Answer, AnswerCall, read_upstream
 from proxy.breaker import FAILURE_STATUSES, CircuitBreaker, Pass, fault
 from proxy.cache import AnswerCache
 from proxy.dedup import Exchange, Head, InflightRequests
-from proxy.errors import RETRYABLE_ERRORS, GatewayError, PoolTimeout, UpstreamError
+from proxy.errors import RETRYABLE_ERRORS, GatewayError, UpstreamError
 from proxy.failover import Balancer, FailoverCall
 from proxy.headers import DEDUP_OPT, PROVIDER
 from proxy.http1 import UpstreamProtocol
@@ -255,12 +255,13 @@ class UpstreamCall(AnswerCall):
             self._outcome = Outcome.OVERLOAD if overloaded else Outcome.SUCCESS
             answer = await read_upstream(self._call, provider, response)
         except BaseException as exc:
-            # A full pool (shared by every provider) says nothing of this upstream.
-            upstream_failed = isinstance(exc, UpstreamError) and not isinstance(
-                exc, PoolTimeout)
+            # The same faults for both: not a full pool (shared by every provider), not a
+            # deadline a long answer explains (a non-stream answer past `total`).
+            upstream_failed = fault(exc)
             if upstream_failed and not self._headers_seen:
                 self._outcome = Outcome.ERROR
-            breaker.record(failed=fault(exc), how=how, caller=self._call.caller)
+            breaker.record(failed=upstream_failed, how=how, caller=self._call.caller,
+                           connection=True)
             self.finish(failed=True)
             raise
         if answer.complete or how is not Pass.CLOSED:  # a probe, panic: the head decides
@@ -281,6 +282,7 @@ class UpstreamCall(AnswerCall):
             expired = connection is not None and connection.expired
             broke = self._answer is not None and self._answer.failed
             self._breaker.record(failed=None if expired or (failed and not broke) else broke,
+                                 connection=True,
                                  caller=self._call.caller)
         if connection is not None:
             self._client.done(connection, reuse=not failed)

@@ -156,3 +156,35 @@ def test_the_breaker_section() -> None:
         "breaker.min_requests: must be greater than 0 (got 0)",
         "breaker.failure_ratio: must be between 0 and 1, exclusive (got 1.5)",
     ]
+
+
+def test_connection_failures_from_one_caller_open_it() -> None:
+    """One application on one key, or every client behind one nginx: a host that
+    refuses connections must still be steered around (review of issue 9). Error
+    answers (502/503/504), which a request's content can cause, still need two callers."""
+    cb = breaker([0.0], min_requests=10)
+    for _ in range(20):
+        cb.record(failed=True, caller="the-only-app", connection=False)
+    assert cb.state == "closed"
+    for _ in range(20):
+        cb.record(failed=True, caller="the-only-app", connection=True)
+    assert cb.state == "open"
+
+
+def test_a_probe_left_over_from_before_does_not_block_the_next_one() -> None:
+    """A panic success closes the circuit while a probe is still out; the circuit opens
+    again; after the new cooldown a new probe must go, not wait for the old one."""
+    now = [0.0]
+    cb = breaker(now, min_requests=2, min_callers=1, cooldown=10)
+    feed(cb, failures=2)
+    assert cb.state == "open"
+    now[0] = 11.0
+    assert cb.check() is Pass.PROBE  # out, and slow
+    assert cb.check() is Pass.PANIC
+    cb.record(failed=False, how=Pass.PANIC)  # it recovered: closed
+    assert cb.state == "closed"
+    feed(cb, failures=2)  # (window emptied on close) open again
+    assert cb.state == "open"
+    now[0] = 22.0
+    assert cb.available
+    assert cb.check() is Pass.PROBE
