@@ -26,6 +26,7 @@ from proxy.gateway import Gateway
 from proxy.headers import (
     AUTHORIZATION,
     CONTENT_ENCODING,
+    PEER_KEY,
     check_content_coding,
     upstream_request_headers,
 )
@@ -50,9 +51,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     route = await gateway.router.resolve(call.model)
     admission = await admit(request, call, route, live.shared.rate_limiter)
     call.upstream_model = route.upstream_model
-    key = request.get(GATEWAY_KEY)
     sharing = sharing_for(call, route.label, request.headers, config.dedup, config.cache,
-                          key.name if key is not None else None)
+                          _caller_key_name(request))
     timing = request[TIMING]
     answered = False
     try:
@@ -67,6 +67,17 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         if admission is not None and not answered:
             await admission.settle(0)
         raise
+
+
+def _caller_key_name(request: web.Request) -> str | None:
+    """The gateway key the caller used, for its sharing identity. A proven peer's named
+    key counts even when this worker has none any more (a reload removing every key
+    reached it first): its caller's ``Authorization`` was not forwarded, so without the
+    name every tenant of that peer would share one identity."""
+    key = request.get(GATEWAY_KEY)
+    if key is not None:
+        return str(key.name)
+    return (request.headers.get(PEER_KEY) or None) if request.get(FROM_PEER) else None
 
 
 async def admit(request: web.Request, call: Call, route: Route, limiter: RateLimiter
