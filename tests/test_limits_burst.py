@@ -101,7 +101,9 @@ async def test_300_concurrent_one_second_requests_all_succeed(
     outcomes, took, most = await run_burst(start_upstream, tmp_path, count=300, delay=1.0,
                                            stream_every=0)
     assert outcomes == Counter({"200": 300}), outcomes
-    assert most == 300  # the gateway passed them on at once, none queued
+    # Passed on at once, none queued (connection set-up spreads the arrivals a little:
+    # 294 were seen once on a loaded machine; a limit of 32 would show as 32).
+    assert most >= 270, most
     assert took < 15, took
 
 
