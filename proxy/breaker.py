@@ -34,6 +34,7 @@ from proxy import validate as v
 from proxy.errors import (
     FirstTokenTimeout,
     GatewayError,
+    HeadersTimeout,
     PoolTimeout,
     RequestTimeout,
     StreamStalled,
@@ -47,11 +48,15 @@ _NOT_FAULTS = (PoolTimeout, FirstTokenTimeout, StreamStalled, RequestTimeout)
 BUCKETS = 10
 
 
-def fault(exc: BaseException) -> bool | None:
-    """True when ``exc`` says the upstream is unhealthy, None when it says nothing."""
-    if isinstance(exc, UpstreamError) and not isinstance(exc, _NOT_FAULTS):
-        return True
-    return None
+def fault(exc: BaseException, stream: bool = True) -> bool | None:
+    """True when ``exc`` says the upstream is unhealthy, None when it says nothing. A
+    non-stream answer's headers come once it is generated, so for it the headers
+    deadline is one long answer's length too, not a sign of ill health."""
+    if not isinstance(exc, UpstreamError) or isinstance(exc, _NOT_FAULTS):
+        return None
+    if not stream and isinstance(exc, HeadersTimeout):
+        return None
+    return True
 
 
 @dataclass(frozen=True)

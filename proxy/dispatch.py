@@ -257,7 +257,7 @@ class UpstreamCall(AnswerCall):
         except BaseException as exc:
             # The same faults for both: not a full pool (shared by every provider), not a
             # deadline a long answer explains (a non-stream answer past `total`).
-            upstream_failed = fault(exc)
+            upstream_failed = fault(exc, self._call.stream)
             if upstream_failed and not self._headers_seen:
                 self._outcome = Outcome.ERROR
             breaker.record(failed=upstream_failed, how=how, caller=self._call.caller,

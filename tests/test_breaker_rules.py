@@ -136,6 +136,12 @@ def test_which_errors_are_upstream_faults(error: Exception, counts: bool | None)
     assert fault(error) is counts
 
 
+def test_a_non_stream_headers_deadline_is_one_long_answer_not_a_fault() -> None:
+    """A non-stream answer's headers come once it is generated (review of issue 9)."""
+    assert fault(HeadersTimeout("up", 1), stream=False) is None
+    assert fault(ConnectTimeout("up", 1), stream=False) is True
+
+
 def parse(breaker: object) -> BreakerSettings:
     return config_from_dict({"breaker": breaker}, {}, PROVIDER_TYPES.keys()).breaker
 
