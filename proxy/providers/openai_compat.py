@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from multidict import CIMultiDict
+
 from proxy.headers import AUTHORIZATION
 from proxy.providers.base import Call, Provider, models_error
 from proxy.upstream import UpstreamClient, UpstreamRequest
@@ -29,28 +31,26 @@ class OpenAICompatProvider(Provider):
         )
 
     async def list_models(self, client: UpstreamClient) -> list[str]:
-        status, body = await client.get_json(self.url("models"), self.control_headers(),
-                                             self.name, self.tls)
-        if status != 200:
-            raise models_error(self, status, body)
-        return _model_ids(body)
+        return [entry["id"] for entry in await self._listing(client, self.control_headers())]
 
     async def list_models_as(self, client: UpstreamClient, authorization: str
                              ) -> list[dict[str, Any]]:
         headers = self.control_headers()
         headers[AUTHORIZATION] = authorization  # only for a provider with no key of its own
+        return await self._listing(client, headers)
+
+    async def _listing(self, client: UpstreamClient, headers: CIMultiDict[str]
+                       ) -> list[dict[str, Any]]:
+        """``GET models``: the upstream's entries that have an ``id``, as it sent them."""
         status, body = await client.get_json(self.url("models"), headers, self.name, self.tls)
         if status != 200:
             raise models_error(self, status, body)
-        data = body.get("data") if isinstance(body, dict) else body
-        return [item for item in data or () if isinstance(item, dict)
-                and isinstance(item.get("id"), str) and item["id"]] \
-            if isinstance(data, list) else []
+        return _model_entries(body)
 
 
-def _model_ids(body: Any) -> list[str]:
+def _model_entries(body: Any) -> list[dict[str, Any]]:
     data = body.get("data") if isinstance(body, dict) else body
     if not isinstance(data, list):
         return []
-    ids = (item.get("id") if isinstance(item, dict) else None for item in data)
-    return [model for model in ids if isinstance(model, str) and model]
+    return [item for item in data
+            if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]]
