@@ -2,16 +2,18 @@
 that is down, and never make an outage of the gateway's own.
 
 Evidence: only what says the upstream itself is unhealthy fails a call (:func:`fault`):
-no connection, a connection cut midway, the connect or headers deadline, an answer of
-502, 503 or 504. A 500 (often one request's content), a 429 (pacing), a first-token,
-stall or total deadline (one long generation), a client leaving or a full gateway pool
-say nothing against the upstream.
+no connection, a connection cut midway, the connect deadline or a stream's headers
+deadline, an answer of 502, 503 or 504. A 500 (often one request's content), a 429
+(pacing), a first-token, stall or total deadline or a non-stream request's headers
+deadline (one long generation), a client leaving or a full gateway pool say nothing
+against the upstream.
 
 States: *closed* until, over the last ``window`` seconds, at least ``min_requests`` calls
 were judged, at least ``failure_ratio`` of them failed, and the failures came from at
 least ``min_callers`` distinct callers (resilience4j's ``minimumNumberOfCalls`` and
 ``failureRateThreshold``; the callers rule keeps one tenant's bad requests from opening
-it for everyone, issue #9). Then *open* for ``cooldown`` seconds, then *half-open*: one
+it for everyone, issue #9), or connection failures alone reached the ratio (a dead host,
+whoever asks). Then *open* for ``cooldown`` seconds, then *half-open*: one
 probe at a time, whose success closes it and whose failure opens it again.
 
 An open breaker only steers: routing sends requests to another deployment. When every
@@ -135,7 +137,7 @@ class CircuitBreaker:
         self.panicked = 0  # requests sent through an open circuit, for /health
 
     def __repr__(self) -> str:
-        calls, failures, _ = self._totals()
+        calls, failures, _, _ = self._totals()
         return f"<CircuitBreaker {self.name!r} {self.state} {failures}/{calls} failed>"
 
     @property
@@ -155,7 +157,7 @@ class CircuitBreaker:
 
     def failure_ratio(self) -> float:
         """The window's failed share of judged calls: routing's "least bad" in panic."""
-        calls, failures, _ = self._totals()
+        calls, failures, _, _ = self._totals()
         return failures / calls if calls else 0.0
 
     def check(self) -> Pass:
@@ -216,13 +218,9 @@ class CircuitBreaker:
             if len(bucket.callers) < self.settings.min_callers:
                 bucket.callers.add(caller)
 
-    def _totals(self) -> tuple[int, int, int]:
-        """Judged calls, failures and distinct failing callers (capped at
-        ``min_callers``: a bucket keeps no more, which is all the rule needs)."""
-        calls, failures, callers, _ = self._window()
-        return calls, failures, callers
-
-    def _window(self) -> tuple[int, int, int, int]:
+    def _totals(self) -> tuple[int, int, int, int]:
+        """Judged calls, failures, distinct failing callers (capped at ``min_callers``:
+        a bucket keeps no more, which is all the rule needs) and connection failures."""
         oldest = int(self._clock() / self._width) - BUCKETS
         calls = failures = broken = 0
         callers: set[str] = set()
@@ -238,7 +236,7 @@ class CircuitBreaker:
         """Enough calls, and a failure ratio over the threshold: from ``min_callers``
         callers, or of connection failures alone (a dead host, whoever asks)."""
         settings = self.settings
-        calls, failures, callers, broken = self._window()
+        calls, failures, callers, broken = self._totals()
         if calls < settings.min_requests:
             return False
         threshold = settings.failure_ratio * calls
@@ -246,7 +244,7 @@ class CircuitBreaker:
             or broken >= threshold
 
     def snapshot(self) -> dict[str, Any]:
-        calls, failures, callers = self._totals()
+        calls, failures, callers, _ = self._totals()
         return {"state": self.state, "opened_total": self.opened,
                 "panic_total": self.panicked,
                 "window": {"seconds": self.settings.window, "calls": calls,
