@@ -290,21 +290,13 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         node[key_path[-1]] = v.parse_scalar(env[variable])
 
 
-def _file_mode(value: Any) -> int:
-    """An octal string such as ``"0660"`` (a bare YAML 0660 would be read as decimal)."""
-    digits = value.removeprefix("0") if isinstance(value, str) and len(value) == 4 else value
-    if not isinstance(digits, str) or len(digits) != 3 or not set(digits) <= set("01234567"):
-        raise ValueError('must be an octal string such as "0660"')
-    return int(digits, 8)
-
-
 def _build(
     raw: dict[str, Any], env: Mapping[str, str], types: Collection[str], problems: list[str]
 ) -> Config:
     v.known_keys(raw, "", Config.__dataclass_fields__.keys() - {"source"}, problems)
     server = v.section(raw.get("server"), "server", ServerConfig, problems, {
         "host": v.string, "port": v.port, "max_body_bytes": v.positive_int,
-        "workers": v.positive_int, "socket_dir": v.string, "socket_mode": _file_mode,
+        "workers": v.positive_int, "socket_dir": v.string, "socket_mode": v.file_mode,
         "shutdown_grace": v.non_negative_number, "max_header_bytes": v.positive_int,
         "header_timeout": v.positive_number, "body_timeout": v.positive_number,
         "keepalive_timeout": v.positive_number, "max_connections": v.positive_int})

@@ -208,6 +208,14 @@ def header_map(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def file_mode(value: Any) -> int:
+    """An octal string such as ``"0660"`` (a bare YAML 0660 would be read as decimal)."""
+    digits = value.removeprefix("0") if isinstance(value, str) and len(value) == 4 else value
+    if not isinstance(digits, str) or len(digits) != 3 or not set(digits) <= set("01234567"):
+        raise ValueError('must be an octal string such as "0660"')
+    return int(digits, 8)
+
+
 def string_list(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
         raise ValueError("must be a list of non-empty strings")
