@@ -11,6 +11,7 @@ concurrent long requests against an upstream that does not push back passes with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,10 +29,17 @@ CHAT = "/v1/chat/completions"
 
 class LongUpstream:
     """Answers after ``delay`` s, a stream as two events ``delay`` s after its headers;
-    never 429/503. Counts the most requests in flight at once."""
+    never 429/503. Counts the most requests in flight at once.
 
-    def __init__(self, delay: float):
+    With ``expected``, every request first waits (up to ``hold`` s) until that many are
+    in flight together, so the count does not depend on how fast a loaded machine opens
+    the client's connections: a gateway that passes everything on at once shows exactly
+    ``expected``; one that holds requests back shows its limit."""
+
+    def __init__(self, delay: float, expected: int = 0, hold: float = 8.0):
         self.delay = delay
+        self.expected, self.hold = expected, hold
+        self.everyone = asyncio.Event()
         self.in_flight = self.most = 0
 
     def app(self) -> web.Application:
@@ -43,7 +51,12 @@ class LongUpstream:
         payload = await request.json()
         self.in_flight += 1
         self.most = max(self.most, self.in_flight)
+        if self.in_flight >= self.expected:
+            self.everyone.set()
         try:
+            if self.expected:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.everyone.wait(), self.hold)
             if not payload.get("stream"):
                 await asyncio.sleep(self.delay)
                 return web.json_response({"id": "long", "object": "chat.completion"})
@@ -83,7 +96,7 @@ async def burst(url: str, count: int, stream_every: int, within: float) -> Count
 
 async def run_burst(start_upstream: StartUpstream, tmp_path: Path, *, count: int,
                     delay: float, stream_every: int) -> tuple[Counter[str], float, int]:
-    upstream = LongUpstream(delay)
+    upstream = LongUpstream(delay, expected=count)
     url = await start_upstream(upstream.app())
     config = {"providers": [{"name": "up", "type": "openai_compat",
                              "base_url": f"{url}/v1", "models": ["m"]}]}
@@ -101,9 +114,7 @@ async def test_300_concurrent_one_second_requests_all_succeed(
     outcomes, took, most = await run_burst(start_upstream, tmp_path, count=300, delay=1.0,
                                            stream_every=0)
     assert outcomes == Counter({"200": 300}), outcomes
-    # Passed on at once, none queued (connection set-up spreads the arrivals a little:
-    # 294 were seen once on a loaded machine; a limit of 32 would show as 32).
-    assert most >= 270, most
+    assert most == 300, most  # passed on together, none held back (a limit of 32 shows 32)
     assert took < 15, took
 
 
@@ -113,7 +124,7 @@ async def test_1000_concurrent_long_requests_streams_too_get_no_503(
     outcomes, took, most = await run_burst(start_upstream, tmp_path, count=1000,
                                            delay=2.5, stream_every=2)
     assert outcomes == Counter({"200": 1000}), outcomes
-    assert most >= 900, most  # (connection set-up spreads the arrivals a little)
+    assert most == 1000, most
     assert took < 25, took
 
 
@@ -122,7 +133,7 @@ class OnceOverloadedUpstream(LongUpstream):
     ``LongUpstream``: the only overload evidence the gateway ever gets."""
 
     def __init__(self, delay: float):
-        super().__init__(delay)
+        super().__init__(delay, expected=100)
         self.refused = 0
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -154,4 +165,4 @@ async def test_one_old_503_does_not_shed_a_later_burst(
             await asyncio.sleep(1.2)
             outcomes = await burst(gateway.url + CHAT, 100, 4, within=20)
     assert outcomes == Counter({"200": 100}), outcomes
-    assert upstream.most >= 90, upstream.most
+    assert upstream.most == 100, upstream.most
