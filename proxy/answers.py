@@ -24,6 +24,7 @@ from proxy.errors import UpstreamError
 from proxy.headers import client_response_headers
 from proxy.http1 import UpstreamResponse
 from proxy.providers import Call, Provider
+from proxy.record import Origin
 from proxy.upstream import UPSTREAM_EXCEPTIONS, translate_exception
 
 EVENT_STREAM = "text/event-stream"
@@ -47,6 +48,9 @@ class Answer:
     # Set by whoever relays the body when it broke (the upstream failed, not the client):
     # the circuit breaker counts it (``dispatch.UpstreamCall.finish``).
     failed: bool = False
+    # Which provider answered, after how many tries (``record.Origin``); None for a
+    # cached answer. Read into the request's record by the handler.
+    origin: Origin | None = None
 
     @property
     def event_stream(self) -> bool:

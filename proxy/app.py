@@ -18,6 +18,7 @@ from proxy.backends import rate_limiter, redis_link, response_cache
 from proxy.config import Config
 from proxy.dedup import InflightRequests
 from proxy.gateway import Live, Shared
+from proxy.metrics import Metrics
 from proxy.middlewares import (
     auth_middleware,
     context_middleware,
@@ -25,8 +26,9 @@ from proxy.middlewares import (
     stamp_response,
 )
 from proxy.peers import Peers
+from proxy.record import Observer
 from proxy.redis_store import RedisLink
-from proxy.state import LIVE, WORKER
+from proxy.state import LIVE, METRICS, OBSERVERS, WORKER
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
 from proxy.workers import WorkerSpec
@@ -34,8 +36,8 @@ from proxy.workers import WorkerSpec
 log = logging.getLogger("proxy.app")
 
 MIDDLEWARES = (
-    error_middleware,  # outermost: every failure below leaves OpenAI-shaped
-    context_middleware,  # request id and overhead clock, so a 401 has them too
+    context_middleware,  # outermost: request id, clock and record, so a 401 has them too
+    error_middleware,  # every failure below leaves OpenAI-shaped
     auth_middleware,
 )
 
@@ -47,6 +49,11 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
                           client_max_size=config.server.max_body_bytes)
     worker = worker or WorkerSpec.of(config)
     app[WORKER] = worker
+    metrics = Metrics()
+    app[METRICS] = metrics
+    # What is told of each request once it has ended (record.py).
+    observers: list[Observer] = [metrics.observe]
+    app[OBSERVERS] = observers
     redis = redis_link(config)  # None unless a backend uses Redis
     if redis is not None:
         app.on_cleanup.append(lambda _: redis.close())  # after _lifecycle's own cleanup
@@ -68,6 +75,7 @@ def _shared(config: Config, worker: WorkerSpec, redis: RedisLink | None) -> Shar
 def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/healthz", handlers.healthz)
     router.add_get("/health", handlers.health)
+    router.add_get("/metrics", handlers.metrics)
     router.add_get("/v1/models", handlers.list_models)
     router.add_get("/v1/models/{model:.+}", handlers.get_model)
     router.add_route("*", "/v1/{tail:.+}", handlers.proxy_handler)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
-from proxy.errors import Unauthorized
+from proxy.errors import AdminKeyRequired, Unauthorized
 from proxy.keys import GatewayKey, hash_secret
 
 # Liveness and health carry no secrets and must answer load balancers without a key.
@@ -50,3 +50,13 @@ class KeyRing:
         if key is None or not hmac.compare_digest(key.sha256, digest):
             raise Unauthorized("The gateway key is not valid.")
         return key
+
+
+def require_admin(key: GatewayKey | None, keyring: KeyRing) -> None:
+    """The operator's pages: open when the gateway has no keys (as everything is), else
+    only to an admin key (``AdminKeyRequired``: 403). ``key`` is the one the auth
+    middleware found."""
+    if keyring.open:
+        return
+    if key is None or not key.admin:
+        raise AdminKeyRequired()

@@ -32,6 +32,7 @@ from multidict import CIMultiDict
 
 from proxy.answers import Answer
 from proxy.errors import GatewayError
+from proxy.record import Origin
 
 
 class FellBehind(GatewayError):
@@ -46,6 +47,7 @@ class Head:
     reason: str
     headers: tuple[tuple[str, str], ...]
     complete: bool
+    origin: Origin | None = None
 
 
 class Exchange:
@@ -169,7 +171,7 @@ class Subscription:
             await exchange._changed.wait()
         head = exchange.head
         return Answer(head.status, head.reason, CIMultiDict(head.headers), self,
-                      complete=head.complete)
+                      complete=head.complete, origin=head.origin)
 
     async def next(self) -> bytes | None:
         """The next chunk of the shared answer (a ``Body``), waiting for it if needed."""

@@ -15,7 +15,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from proxy.answers import Answer, AnswerCall, read_upstream
@@ -29,6 +28,7 @@ from proxy.http1 import UpstreamProtocol
 from proxy.limits import AdaptiveLimiter, Outcome, Permit
 from proxy.peers import Peers
 from proxy.providers import Call, Provider
+from proxy.record import Origin, Record
 from proxy.retry import RetryPolicy
 from proxy.routing import Route, Target
 from proxy.sharing import Sharing
@@ -36,18 +36,6 @@ from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient, UpstreamRequest
 
 OVERLOAD_STATUSES = frozenset({429, 503})
-
-
-@dataclass(slots=True)
-class Timing:
-    """When the gateway got the request, and how long it then waited on upstreams:
-    the difference is the gateway's own overhead (``X-Gateway-Overhead-Ms``)."""
-
-    started: float
-    upstream_wait: float = 0.0
-
-    def overhead_ms(self) -> float:
-        return (time.perf_counter() - self.started - self.upstream_wait) * 1000
 
 
 class Dispatcher:
@@ -79,27 +67,29 @@ class Dispatcher:
         """The provider's circuit breaker state, for ``/health``."""
         return self.breakers[provider].snapshot()
 
-    def answer(self, call: Call, route: Route, sharing: Sharing, timing: Timing
+    def answer(self, call: Call, route: Route, sharing: Sharing, record: Record
                ) -> AbstractAsyncContextManager[Answer]:
         """The answer to ``call``, for the ``async with`` that relays it."""
         if sharing.key is None:  # the direct path: no generator-based context manager
-            return self._upstream_call(call, route, timing)
-        return self._shared(call, route, sharing, timing)
+            return self._upstream_call(call, route, record)
+        return self._shared(call, route, sharing, record)
 
     @asynccontextmanager
     async def _shared(self, call: Call, route: Route, sharing: Sharing,
-                      timing: Timing) -> AsyncIterator[Answer]:
+                      record: Record) -> AsyncIterator[Answer]:
         assert sharing.key is not None
         owner = self.peers.owner(sharing.key) if sharing.forwardable else None
         if owner is not None:
             waited_from = time.perf_counter()
+            record.peer = True
             async with self.peers.answer(call, owner, sharing.control) as answer:
-                timing.upstream_wait += time.perf_counter() - waited_from
+                record.upstream_wait += time.perf_counter() - waited_from
                 yield answer
             return
         cached = await self.cache.lookup(sharing.key) if sharing.cache_read else None
         if cached is not None:
             cached.headers["X-Cache"] = "HIT"
+            record.cache = "hit"
             yield cached
             return
         exchange, role = self._exchange(call, route, sharing)
@@ -107,29 +97,30 @@ class Dispatcher:
         try:
             waited_from = time.perf_counter()
             answer = await subscription.answer()
-            timing.upstream_wait += time.perf_counter() - waited_from
+            record.upstream_wait += time.perf_counter() - waited_from
             if sharing.dedup:
-                answer.headers[DEDUP_OPT] = role
+                answer.headers[DEDUP_OPT] = record.dedup = role
             if sharing.cache_write:
                 answer.headers["X-Cache"] = "MISS"
+                record.cache = "miss"
             yield answer
         finally:
             exchange.leave(subscription)
 
-    def _upstream_call(self, call: Call, route: Route, timing: Timing | None
+    def _upstream_call(self, call: Call, route: Route, record: Record | None
                        ) -> UpstreamCall | FailoverCall:
         if route.single:
-            return self._deployment_call(call, route.provider, timing, may_retry=True)
+            return self._deployment_call(call, route.provider, record, may_retry=True)
         return FailoverCall(call, self._balancer.candidates(route), self._failover_leg,
-                            timing)
+                            record, route.deployments)
 
     def _failover_leg(self, call: Call, target: Target, may_retry: bool) -> UpstreamCall:
         return self._deployment_call(call, target.provider, None, may_retry=may_retry)
 
-    def _deployment_call(self, call: Call, provider: Provider, timing: Timing | None, *,
+    def _deployment_call(self, call: Call, provider: Provider, record: Record | None, *,
                          may_retry: bool) -> UpstreamCall:
         name = provider.name
-        return UpstreamCall(self._client, self.limiters[name], call, provider, timing,
+        return UpstreamCall(self._client, self.limiters[name], call, provider, record,
                             self.retries[name] if may_retry else None, self.breakers[name])
 
     def _exchange(self, call: Call, route: Route, sharing: Sharing
@@ -154,7 +145,8 @@ class Dispatcher:
             answer = await upstream.start()
             try:
                 exchange.set_head(Head(answer.status, answer.reason,
-                                       tuple(answer.headers.items()), answer.complete))
+                                       tuple(answer.headers.items()), answer.complete,
+                                       answer.origin))
                 while (chunk := await answer.body.next()) is not None:
                     exchange.append(chunk)
                     await exchange.room()
@@ -184,15 +176,28 @@ class UpstreamCall(AnswerCall):
     A class rather than stacked context managers: this is the hot path, and each layer
     of those showed in the profile."""
 
-    __slots__ = ("_breaker", "_call", "_client", "_connection", "_headers_seen", "_judge_body",
-                 "_limiter", "_outcome", "_permit", "_provider", "_retry", "_timing")
+    __slots__ = (
+        "_breaker",
+        "_call",
+        "_client",
+        "_connection",
+        "_headers_seen",
+        "_judge_body",
+        "_limiter",
+        "_outcome",
+        "_permit",
+        "_provider",
+        "_record",
+        "_retry",
+        "tries",
+    )
 
     def __init__(self, client: UpstreamClient, limiter: AdaptiveLimiter, call: Call,
-                 provider: Provider, timing: Timing | None, retry: RetryPolicy | None,
+                 provider: Provider, record: Record | None, retry: RetryPolicy | None,
                  breaker: CircuitBreaker):
         super().__init__()
         self._breaker = breaker
-        self._timing = timing
+        self._record = record
         self._retry = retry
         self._client = client
         self._limiter = limiter
@@ -203,6 +208,7 @@ class UpstreamCall(AnswerCall):
         self._outcome = Outcome.IGNORE
         self._headers_seen = False  # an error after them is not a connection error
         self._judge_body = False  # the breaker's verdict waits for the body (finish)
+        self.tries = 0  # attempts sent (for the answer's ``Origin``)
 
     async def start(self) -> Answer:
         """The answer's head (an error answer whole), after as many attempts as the
@@ -215,8 +221,9 @@ class UpstreamCall(AnswerCall):
         else:
             answer = await self._attempts(request, retry)
         answer.headers[PROVIDER] = self._provider.name
-        if self._timing is not None:
-            self._timing.upstream_wait += time.perf_counter() - queued
+        answer.origin = Origin(self._provider.name, self._call.upstream_model, self.tries)
+        if self._record is not None:
+            self._record.upstream_wait += time.perf_counter() - queued
         return answer
 
     async def _attempts(self, request: UpstreamRequest, retry: RetryPolicy) -> Answer:
@@ -241,6 +248,7 @@ class UpstreamCall(AnswerCall):
         """One try: take a slot, send, read the head (and an error answer's body)."""
         provider = self._provider
         self._outcome, self._headers_seen = Outcome.IGNORE, False
+        self.tries += 1
         breaker = self._breaker
         how = breaker.check()  # open with fail_fast: 503 at once, no slot taken
         try:

@@ -9,6 +9,7 @@ Every failure a client can see is one of these, rendered with OpenAI's error sha
     │   └── ModelNotFound             404 invalid_request_error (model_not_found)
     ├── Unauthorized                  401 invalid_request_error (invalid_api_key)
     ├── ModelNotAllowed               403 invalid_request_error (model_not_allowed)
+    ├── AdminKeyRequired              403 invalid_request_error (admin_key_required)
     ├── MethodNotAllowed              405 invalid_request_error (method_not_allowed)
     ├── BodyTooLarge                  413 invalid_request_error (request_too_large)
     ├── UnsupportedContentEncoding    415 invalid_request_error (unsupported_content_encoding)
@@ -118,6 +119,17 @@ class ModelNotAllowed(GatewayError):
     def __init__(self, key: str, model: str):
         super().__init__(f"The gateway key '{key}' may not use the model '{model}'.",
                          param="model")
+
+
+class AdminKeyRequired(GatewayError):
+    """403: an operator's page (``/metrics``, ``/ui``) and the key is not an admin key."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "admin_key_required"
+
+    def __init__(self) -> None:
+        super().__init__("This page needs an admin gateway key (auth.keys[].admin: true).")
 
 
 class MethodNotAllowed(GatewayError):

@@ -35,13 +35,15 @@ FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 class Candidate(Protocol):
     """What ``FailoverCall`` needs of one upstream call (``dispatch.UpstreamCall``)."""
 
+    tries: int  # attempts it sent
+
     async def start(self) -> Answer: ...
 
     def finish(self, *, failed: bool) -> None: ...
 
 
 class Waits(Protocol):
-    """``dispatch.Timing``: where the time spent on upstreams is added up."""
+    """``record.Record``: where the time spent on upstreams is added up."""
 
     upstream_wait: float
 
@@ -90,20 +92,23 @@ class Balancer:
 class FailoverCall(AnswerCall):
     """The candidates tried in turn; as an async context manager, the answer."""
 
-    __slots__ = ("_call", "_current", "_make", "_targets", "_timing")
+    __slots__ = ("_call", "_current", "_make", "_primary", "_record", "_targets")
 
     def __init__(self, call: Call, targets: list[Target], make: CallFactory,
-                 timing: Waits | None):
+                 record: Waits | None, primary: Sequence[Target] = ()):
+        """``primary``: the model's own deployments (the others are its fallbacks)."""
         self._call = call
+        self._primary = primary
         self._targets = targets
         self._make = make
-        self._timing = timing
+        self._record = record
         super().__init__()
         self._current: Candidate | None = None
 
     async def start(self) -> Answer:
         queued = time.perf_counter()
         last = len(self._targets) - 1
+        tries = 0
         for index, target in enumerate(self._targets):
             call = dataclasses.replace(self._call, upstream_model=target.upstream_model)
             upstream = self._make(call, target, index == last)
@@ -112,13 +117,18 @@ class FailoverCall(AnswerCall):
             except FAILOVER_ERRORS:
                 if index == last:
                     raise
+                tries += upstream.tries
                 continue
+            tries += upstream.tries
             if index < last and answer.status in FAILOVER_STATUSES:
                 upstream.finish(failed=False)  # an error answer is read whole
                 continue
             self._current, self._answer = upstream, answer  # (it named its provider)
-            if self._timing is not None:
-                self._timing.upstream_wait += time.perf_counter() - queued
+            if answer.origin is not None and index:
+                answer.origin.attempts = tries
+                answer.origin.taken = "failover" if target in self._primary else "fallback"
+            if self._record is not None:
+                self._record.upstream_wait += time.perf_counter() - queued
             return answer
         raise AssertionError("a route has at least one candidate")
 

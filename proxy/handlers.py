@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.config import Config
 from proxy.discovery import Snapshot
@@ -32,14 +33,29 @@ from proxy.headers import (
 )
 from proxy.providers import Call
 from proxy.ratelimit import Admission, RateLimiter, estimate
+from proxy.record import Origin, Record
 from proxy.routing import Route
 from proxy.sharing import sharing_for
-from proxy.state import ADMISSION, FROM_PEER, GATEWAY_KEY, LIVE, REQUEST_ID, TIMING, WORKER
+from proxy.state import (
+    ADMISSION,
+    FROM_PEER,
+    GATEWAY_KEY,
+    LIVE,
+    METRICS,
+    RECORD,
+    REQUEST_ID,
+    WORKER,
+)
 from proxy.streaming import send_answer
 from proxy.usage import tap
 
 # Endpoints whose POST body must name a model; other /v1/ paths may omit it.
 MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "responses"})
+# The endpoints named in logs and metrics as themselves; any other path is "/v1/other"
+# (a label must never take a value the client chose).
+NAMED_ENDPOINTS = MODEL_ENDPOINTS | frozenset({
+    "moderations", "images/generations", "audio/speech", "audio/transcriptions",
+    "audio/translations", "rerank", "files", "batches"})
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
@@ -47,26 +63,39 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     live = request.app[LIVE]
     gateway = live.gateway  # read once: a reload meanwhile does not change this request's
     config = gateway.config
+    record = request[RECORD]
     call = await read_call(request, config)
+    _note_call(record, call, request)
     route = await gateway.router.resolve(call.model)
+    record.origin = Origin(route.provider.name, route.upstream_model, attempts=0)
     admission = await admit(request, call, route, live.shared.rate_limiter)
     call.upstream_model = route.upstream_model
     sharing = sharing_for(call, route.label, request.headers, config.dedup, config.cache,
-                          _caller_key_name(request))
-    timing = request[TIMING]
+                          record.key_name)
     answered = False
     try:
-        async with gateway.dispatcher.answer(call, route, sharing, timing) as answer:
+        async with gateway.dispatcher.answer(call, route, sharing, record) as answer:
             answered = True
+            if answer.origin is not None:
+                record.origin, record.upstream_status = answer.origin, answer.status
             tap(answer, admission)
             return await send_answer(request, answer, buffered=not call.stream,
-                                     timing=timing, keepalive=config.timeouts.sse_keepalive)
+                                     record=record, keepalive=config.timeouts.sse_keepalive)
     except GatewayError:
         # No answer at all: the gateway's own failure costs the key no tokens. Once one
         # began (a deadline cut it, say), the upstream worked: the estimate stands.
         if admission is not None and not answered:
             await admission.settle(0)
         raise
+
+
+def _note_call(record: Record, call: Call, request: web.Request) -> None:
+    """What the access log and metrics say of the request, once it is understood."""
+    endpoint = call.endpoint
+    record.path = f"/v1/{endpoint}" if endpoint in NAMED_ENDPOINTS else "/v1/other"
+    record.model, record.stream = call.model, call.stream
+    record.key_name = _caller_key_name(request)
+    record.bytes_in = len(call.body)
 
 
 def _caller_key_name(request: web.Request) -> str | None:
@@ -251,6 +280,12 @@ async def health(request: web.Request) -> web.Response:
     status = "ok" if healthy == len(providers) else "degraded" if healthy else "unavailable"
     return json_response({"status": status, "providers": providers},
                          status=200 if healthy else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: the Prometheus text format (``metrics.py``)."""
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def json_response(body: dict[str, Any], status: int = 200) -> web.Response:

@@ -33,6 +33,8 @@ class GatewayKey:
     models: tuple[str, ...] = ()
     rpm: int | None = None  # requests per minute; None: unlimited (ratelimit.py)
     tpm: int | None = None  # tokens per minute, estimated then corrected from `usage`
+    # May read the operator's pages (``/metrics``, ``/ui``, every key's ``/v1/usage``).
+    admin: bool = False
 
     def allows(self, *model_names: str) -> bool:
         if not self.models:
@@ -52,7 +54,7 @@ def hash_secret(secret: str) -> str:
 
 def parse_keys(raw: Any, problems: list[str], path: str = "auth.keys",
                known: tuple[GatewayKey, ...] = ()) -> tuple[GatewayKey, ...]:
-    """A list of ``{name, sha256, models, rpm, tpm}`` (``auth.keys``, or the list in
+    """A list of ``{name, sha256, models, rpm, tpm, admin}`` (``auth.keys``, or the list in
     ``auth.keys_file``, checked against the ``known`` ones); every problem reported."""
     if raw is None:
         return ()
@@ -93,16 +95,18 @@ def _parse_key(item: Any, path: str, problems: list[str]) -> GatewayKey | None:
     if not isinstance(item, dict):
         problems.append(f"{path}: must be a mapping with name and sha256")
         return None
-    v.known_keys(item, path, ("name", "sha256", "models", "rpm", "tpm"), problems)
+    v.known_keys(item, path, ("name", "sha256", "models", "rpm", "tpm", "admin"), problems)
     before = len(problems)
     name = v.required(v.provider_name, item, "name", path, problems)
     digest = v.required(_sha256, item, "sha256", path, problems)
     models: list[str] = v.check(v.string_list, item, "models", path, [], problems)
     rpm = v.check(v.positive_int, item, "rpm", path, None, problems)
     tpm = v.check(v.positive_int, item, "tpm", path, None, problems)
+    admin = v.check(v.boolean, item, "admin", path, False, problems)
     if len(problems) > before:
         return None
-    return GatewayKey(name=name, sha256=digest, models=tuple(models), rpm=rpm, tpm=tpm)
+    return GatewayKey(name=name, sha256=digest, models=tuple(models), rpm=rpm, tpm=tpm,
+                      admin=admin)
 
 
 def _sha256(value: Any) -> str:

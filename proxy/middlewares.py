@@ -1,14 +1,17 @@
 """The middlewares, in the order ``app.py`` lists them (outermost first).
 
-``error_middleware`` is outermost: whatever fails below it, a handler's ``GatewayError``
-or aiohttp's own ``HTTPException`` (unknown route, wrong method, body too large), leaves
-as one OpenAI-shaped error. Then ``context_middleware`` starts the overhead clock and
-names the request, and ``auth_middleware`` finds the caller's gateway key. Limits and
-metrics come after it.
+``context_middleware`` is outermost: it names the request, starts its ``Record`` (and
+the overhead clock), and once the request is over, however it ended, hands the record
+to the observers (access log, metrics, usage). Inside it ``error_middleware`` turns
+whatever fails below, a handler's ``GatewayError`` or aiohttp's own ``HTTPException``
+(unknown route, wrong method, body too large), into one OpenAI-shaped error, so the
+record sees the status the client got. Then ``auth_middleware`` finds the caller's
+gateway key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -19,7 +22,6 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy.auth import OPEN_PATHS
-from proxy.dispatch import Timing
 from proxy.errors import (
     BodyTooLarge,
     GatewayError,
@@ -30,7 +32,17 @@ from proxy.errors import (
 )
 from proxy.headers import PEER, PEER_KEY
 from proxy.headers import REQUEST_ID as REQUEST_ID_HEADER
-from proxy.state import ADMISSION, FROM_PEER, GATEWAY_KEY, LIVE, REQUEST_ID, TIMING, WORKER
+from proxy.record import CLIENT_DISCONNECT, Record
+from proxy.state import (
+    ADMISSION,
+    FROM_PEER,
+    GATEWAY_KEY,
+    LIVE,
+    OBSERVERS,
+    RECORD,
+    REQUEST_ID,
+    WORKER,
+)
 
 log = logging.getLogger("proxy.errors")
 
@@ -47,6 +59,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as error:
+        request[RECORD].error_code = error.code
         if error.status >= 500:
             # raw_path: as sent, so a client cannot forge log lines with %0A.
             request.app[LIVE].shared.failures(f"{request.method} {request.raw_path}",
@@ -55,7 +68,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http_exception(request, exc))
+        mapped = _from_http_exception(request, exc)
+        request[RECORD].error_code = mapped.code
+        return error_response(mapped)
     except ConnectionError:
         raise  # the client went away: there is nobody to answer
     except Exception:
@@ -87,14 +102,44 @@ def _new_id() -> str:
 
 @web.middleware
 async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Start the clock for ``X-Gateway-Overhead-Ms``, and name the request: the client's
-    ``X-Request-ID`` when it is sane, else a new one. The id goes upstream
-    (``handlers``) and back to the client (``stamp_response``). One middleware for both:
-    each layer costs on every request."""
-    request[TIMING] = Timing(time.perf_counter())
+    """Name the request (the client's ``X-Request-ID`` when it is sane, else a new one:
+    it goes upstream and back to the client) and keep its :class:`Record`, handed to the
+    observers when it ends. One middleware for all of it: each layer costs on every
+    request."""
     given = request.headers.get("X-Request-ID", "")
-    request[REQUEST_ID] = given if given and _VALID_REQUEST_ID.match(given) else _new_id()
-    return await handler(request)
+    request_id = given if given and _VALID_REQUEST_ID.match(given) else _new_id()
+    request[REQUEST_ID] = request_id
+    record = request[RECORD] = Record(time.perf_counter(), request.method,
+                                      request_id=request_id, client=request.remote)
+    try:
+        response = await handler(request)
+    except (asyncio.CancelledError, ConnectionError):
+        record.ended, record.status = CLIENT_DISCONNECT, 499  # nginx's code for it
+        raise
+    except web.HTTPException as exc:  # a redirect, say (errors were answered below)
+        record.status = exc.status
+        raise
+    else:
+        record.status = response.status
+        if record.first_byte is None:  # a whole answer: its head goes out right after
+            record.first_byte = time.perf_counter()
+        record.bytes_out = (response.body_length if response.prepared
+                            else response.content_length or 0)
+    finally:
+        _observe(request, record)
+    return response
+
+
+def _observe(request: web.Request, record: Record) -> None:
+    record.finished = time.perf_counter()
+    if not record.path:
+        resource = request.match_info.route.resource
+        record.path = resource.canonical if resource is not None else "other"
+    for observer in request.app[OBSERVERS]:
+        try:
+            observer(record)
+        except Exception:  # one broken observer must not fail the request or the others
+            log.exception("observer %r failed", observer)
 
 
 @web.middleware
@@ -129,6 +174,6 @@ async def stamp_response(request: web.Request, response: web.StreamResponse) -> 
     admission = request.get(ADMISSION)
     if admission is not None:
         response.headers.update(admission.headers)
-    timing = request.get(TIMING)
-    if timing is not None:
-        response.headers["X-Gateway-Overhead-Ms"] = f"{timing.overhead_ms():.3f}"
+    record = request.get(RECORD)
+    if record is not None:
+        response.headers["X-Gateway-Overhead-Ms"] = f"{record.overhead_ms():.3f}"

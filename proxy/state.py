@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.dispatch import Timing
 from proxy.gateway import Live
 from proxy.keys import GatewayKey
+from proxy.metrics import Metrics
 from proxy.ratelimit import Admission
+from proxy.record import Observer, Record
 from proxy.upstream import UpstreamClient
 from proxy.workers import WorkerSpec
 
@@ -21,7 +22,10 @@ WORKER = web.AppKey("worker", WorkerSpec)  # which worker this process is; its p
 CLIENT = web.AppKey("upstream_client", UpstreamClient)  # bench/floor_proxy.py's app
 
 REQUEST_ID = web.RequestKey("request_id", str)
-TIMING = web.RequestKey("timing", Timing)
+RECORD = web.RequestKey("record", Record)  # what the request did (``record.py``)
+# Told of every request once it has ended (the access log, metrics, usage): ``app.py``.
+OBSERVERS = web.AppKey("observers", list[Observer])
+METRICS = web.AppKey("metrics", Metrics)  # GET /metrics, the status page
 GATEWAY_KEY = web.RequestKey("gateway_key", GatewayKey)  # set when keys are configured
 ADMISSION = web.RequestKey("admission", Admission)  # a rate-limited key's request
 # Forwarded by a peer worker that proved it (peers.py): authenticated and admitted there.

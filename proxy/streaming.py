@@ -24,8 +24,8 @@ import time
 from aiohttp import web
 
 from proxy.answers import Answer, Body
-from proxy.dispatch import Timing
-from proxy.errors import GatewayError, sse_error_event
+from proxy.errors import DeadlineExceeded, GatewayError, sse_error_event
+from proxy.record import TIMEOUT, UPSTREAM_ERROR, Record
 
 log = logging.getLogger("proxy.streaming")
 
@@ -34,7 +34,7 @@ KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 
 async def send_answer(request: web.Request, answer: Answer, buffered: bool,
-                      timing: Timing, keepalive: float = 0.0) -> web.StreamResponse:
+                      record: Record, keepalive: float = 0.0) -> web.StreamResponse:
     """Relay ``answer``. ``buffered`` (a non-stream request) holds the status back until
     the body is in (up to ``SMALL_ANSWER``): a failure before it still becomes a clean
     error status. Time spent waiting for those bytes is the upstream's, not overhead."""
@@ -48,7 +48,7 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
     if buffered and not event_stream:
         waited_from = time.perf_counter()
         first, ended = await _gather_small(answer.body)
-        timing.upstream_wait += time.perf_counter() - waited_from
+        record.upstream_wait += time.perf_counter() - waited_from
         if ended:  # the usual JSON answer: one response, head and body in one write
             headers.popall("Content-Length", None)
             return web.Response(status=answer.status, reason=answer.reason,
@@ -58,6 +58,7 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
     response = web.StreamResponse(status=answer.status, reason=answer.reason,
                                   headers=headers)
     await response.prepare(request)
+    record.first_byte = time.perf_counter()
     try:
         chunk: bytes | None = first
         if event_stream and not first and keepalive > 0:
@@ -68,6 +69,7 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
             chunk = await answer.body.next()
     except GatewayError as error:
         answer.failed = True
+        record.ended = TIMEOUT if isinstance(error, DeadlineExceeded) else UPSTREAM_ERROR
         await _end_with_error(request, response, error, event_stream)
         return response
     await response.write_eof()

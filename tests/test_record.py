@@ -1,0 +1,146 @@
+"""The request record (``proxy/record.py``): what the observers (access log, metrics,
+usage) are told of each request once it has ended. A real gateway app with an observer
+added, a real upstream on loopback, the official SDK or aiohttp as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.app import build_app
+from proxy.config import Config
+from proxy.keys import hash_secret
+from proxy.record import Record
+from proxy.server import running
+from proxy.state import OBSERVERS
+from tests.conftest import MakeConfig, StartUpstream
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+ANSWER = {"id": "x", "object": "chat.completion", "choices": [],
+          "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}
+
+
+@asynccontextmanager
+async def observed(config: Config) -> AsyncIterator[tuple[str, list[Record]]]:
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, host="127.0.0.1", port=0))
+    app = build_app(config)
+    seen: list[Record] = []
+    app[OBSERVERS].append(seen.append)
+    async with running(config, app=app) as url:
+        yield url, seen
+
+
+async def until(seen: list[Record], count: int) -> None:
+    for _ in range(200):
+        if len(seen) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(seen)} records, wanted {count}")
+
+
+def provider(name: str, url: str) -> dict[str, object]:
+    return {"name": name, "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}
+
+
+async def test_a_chat_request_is_recorded_with_its_route_and_origin(
+    start_upstream: StartUpstream, make_config: MakeConfig,
+) -> None:
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response(ANSWER)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    url = await start_upstream(app)
+    async with observed(make_config([provider("up", url)], cache={"enabled": False})) \
+            as (gateway, seen), aiohttp.ClientSession() as session:
+        async with session.post(f"{gateway}/v1/chat/completions", json=CHAT) as response:
+            assert response.status == 200
+            await response.read()
+        async with session.get(f"{gateway}/v1/nowhere/at/all") as response:
+            assert response.status == 404
+        await until(seen, 2)
+    chat_record, missing = seen
+    assert (chat_record.path, chat_record.method, chat_record.status) == (
+        "/v1/chat/completions", "POST", 200)
+    assert chat_record.model == "m" and chat_record.provider == "up"
+    assert chat_record.origin is not None and chat_record.origin.attempts == 1
+    assert chat_record.upstream_status == 200 and chat_record.ended == "completed"
+    assert chat_record.bytes_in > 0 and chat_record.bytes_out > 0
+    first = chat_record.time_to_first_byte()
+    assert first is not None and 0 < first <= chat_record.duration()
+    assert missing.path == "/v1/other" and missing.status == 404
+
+
+async def test_a_refused_request_and_a_failover_are_recorded(
+    start_upstream: StartUpstream, make_config: MakeConfig, closed_port: int,
+) -> None:
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response(ANSWER)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    url = await start_upstream(app)
+    dead = provider("dead", f"http://127.0.0.1:{closed_port}")
+    config = make_config([dead, provider("alive", url)], cache={"enabled": False},
+                         dedup={"mode": "off"}, deployments={"m": ["dead", "alive"]},
+                         auth={"keys": [{"name": "team-a",
+                                         "sha256": hash_secret("sk-gw-secret-1")}]})
+    async with observed(config) as (gateway, seen), aiohttp.ClientSession() as session:
+        async with session.post(f"{gateway}/v1/chat/completions", json=CHAT) as response:
+            assert response.status == 401
+        for _ in range(2):  # the balancer takes turns: one of the two meets "dead" first
+            async with session.post(f"{gateway}/v1/chat/completions", json=CHAT, headers={
+                    "Authorization": "Bearer sk-gw-secret-1"}) as response:
+                assert response.status == 200, await response.text()
+        await until(seen, 3)
+    refused, *served = seen
+    assert refused.status == 401 and refused.error_code == "invalid_api_key"
+    assert refused.key_name is None
+    assert {r.key_name for r in served} == {"team-a"}
+    assert {r.provider for r in served} == {"alive"}
+    failed_over = [r for r in served if r.origin is not None and r.origin.taken]
+    assert len(failed_over) == 1, served
+    assert failed_over[0].origin is not None
+    assert (failed_over[0].origin.taken, failed_over[0].origin.attempts) == ("failover", 2)
+
+
+@pytest.mark.parametrize("cut", ["upstream", "client"])
+async def test_how_a_stream_ended_is_recorded(
+    start_upstream: StartUpstream, make_config: MakeConfig, cut: str,
+) -> None:
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"n": 1}\n\n')
+        if cut == "upstream":
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        await asyncio.sleep(5)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    url = await start_upstream(app)
+    config = make_config([provider("up", url)], cache={"enabled": False})
+    async with observed(config) as (gateway, seen), aiohttp.ClientSession() as session:
+        async with session.post(f"{gateway}/v1/chat/completions",
+                                json={**CHAT, "stream": True}) as response:
+            assert response.status == 200
+            await response.content.readuntil(b"\n\n")
+            if cut == "upstream":
+                await response.read()
+        await until(seen, 1)
+    (record,) = seen
+    assert record.stream
+    if cut == "upstream":
+        assert (record.ended, record.status) == ("upstream_error", 200)
+    else:
+        assert (record.ended, record.status) == ("client_disconnect", 499)
