@@ -10,6 +10,8 @@ repeated (``--rounds``); the table shows medians across rounds. Targets:
 * ``floor``: ``bench/floor_proxy.py``, a bare ``web.Application`` relaying through the
   gateway's own upstream client and nothing else: the ceiling for the gateway's design,
   so ``gateway/floor`` is what its features cost;
+* ``baseline`` (``--baseline DIR``): the same gateway command run from another checkout,
+  so a change's cost is measured before/after in one run (``gateway/baseline``);
 * ``nginx``: ``proxy_pass`` with upstream keep-alive (the compiled reference), when an
   ``nginx`` binary exists (PATH or /usr/sbin), else skipped with a note.
 
@@ -41,13 +43,10 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,12 +56,9 @@ import orjson
 
 from bench import mock_payloads as payloads
 from bench.load import LoadResult
+from bench.procs import REPO, Process, free_port, nginx_argv, nginx_binary, wait_ready
 
-REPO = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
-_READY_TIMEOUT = 20.0
-_STOP_TIMEOUT = 5.0
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -84,105 +80,11 @@ def scenario(name: str, rate: float | None) -> Scenario:
     return Scenario(name, 64, rate=rate)
 
 
-class Process:
-    """A child this run started (the only kind it ever stops), with its log file."""
-
-    def __init__(self, name: str, argv: list[str], workdir: Path, core: int | None) -> None:
-        self.name, self.log = name, workdir / f"{name}.log"
-        prefix = ["taskset", "-c", str(core)] if core is not None else []
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        with self.log.open("wb") as log:  # the child keeps its own copy of the descriptor
-            self.popen = subprocess.Popen(  # taskset execs: the pid is the program's
-                prefix + argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
-
-    def pids(self) -> list[int]:
-        """This process and its children (nginx's worker), read from /proc."""
-        pid = self.popen.pid
-        with contextlib.suppress(OSError):
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            return [pid, *map(int, children)]
-        return [pid]
-
-    def rss_mb(self) -> float:
-        total = 0
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        return round(total / 1024, 1)
-
-    def cpu_seconds(self) -> float:
-        total = 0
-        for pid in self.pids():
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / _TICK
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(_STOP_TIMEOUT)
-
-
 @dataclass
 class Target:
     name: str
     url: str
     proc: Process | None  # the proxy under test; None for direct
-
-
-def free_port() -> int:
-    """A port free right now on 127.0.0.1 (the kernel picks it; the child binds it next)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_ready(proc: Process, url: str) -> None:
-    """Poll ``url`` until it answers 200, the process exits, or 20 s pass."""
-    deadline = time.monotonic() + _READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1.0) as answer:
-            if answer.status == 200:  # URLError and HTTPError are OSErrors
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{proc.name} not ready after {_READY_TIMEOUT:g} s:\n{proc.tail()}")
-
-
-def nginx_binary() -> str | None:
-    found = shutil.which("nginx")
-    return found or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
-
-
-def nginx_argv(workdir: Path, name: str, port: int, location: str, extra: str = "") -> list[str]:
-    """Command line of one minimal nginx (one worker, no access log) in its own prefix."""
-    binary = nginx_binary()
-    if binary is None:
-        raise RuntimeError("no nginx binary on PATH or at /usr/sbin/nginx")
-    prefix = workdir / name
-    prefix.mkdir()
-    temp = " ".join(f"{kind}_temp_path {prefix}/{kind};"
-                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    (prefix / "nginx.conf").write_text(
-        f"worker_processes 1; error_log {prefix}/error.log warn; pid {prefix}/nginx.pid;\n"
-        f"events {{ worker_connections 4096; }}\n"
-        f"http {{ access_log off; {temp} keepalive_requests 1000000; {extra}\n"
-        f"  server {{ listen 127.0.0.1:{port}; client_max_body_size 32m;\n"
-        f"    location / {{ {location} }} }} }}\n")
-    return [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"]
 
 
 def _proxy_pass(upstream_port: int) -> tuple[str, str]:
@@ -206,8 +108,9 @@ def start_all(sc: Scenario, args: argparse.Namespace, workdir: Path, pin: bool,
               stack: contextlib.ExitStack) -> tuple[Process, list[Target]]:
     """Start the upstream, then every proxy in front of it; all registered for stopping."""
     py, procs = sys.executable, {}
-    def launch(name: str, argv: list[str], core: int, port: int, ready: str) -> str:
-        procs[name] = proc = Process(name, argv, workdir, core if pin else None)
+    def launch(name: str, argv: list[str], core: int, port: int, ready: str,
+               code: Path = REPO) -> str:
+        procs[name] = proc = Process(name, argv, workdir, core if pin else None, code)
         stack.callback(proc.stop)
         wait_ready(proc, f"http://127.0.0.1:{port}{ready}")
         return f"http://127.0.0.1:{port}"
@@ -225,6 +128,11 @@ def start_all(sc: Scenario, args: argparse.Namespace, workdir: Path, pin: bool,
                                       "--port", str(naive)], 0, naive, "/v1/models"),
             "floor": launch("floor", [py, "-m", "bench.floor_proxy", "--upstream", base,
                                       "--port", str(floor)], 0, floor, "/v1/models")}
+    if args.baseline is not None:  # the same gateway command, another checkout's code
+        port = free_port()
+        urls["baseline"] = launch("baseline", [py, "-m", "proxy", "serve", "--upstream",
+                                               f"{base}/v1", "--port", str(port)], 0, port,
+                                  "/healthz", code=args.baseline)
     if nginx_binary() is not None:
         argv = nginx_argv(workdir, "nginx", nginx, *_proxy_pass(up))
         urls["nginx"] = launch("nginx", argv, 0, nginx, "/v1/models")
@@ -248,10 +156,15 @@ def measure(target: Target, upstream: Process, sc: Scenario, args: argparse.Name
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed on {target.name}: {done.stderr.decode()}")
     result = LoadResult.from_json(orjson.loads(done.stdout.splitlines()[-1]))
-    shares = [round((p.cpu_seconds() - before) / busy, 2) for p, before in
-              zip((q for q in (upstream, target.proc) if q is not None), cpu, strict=True)]
-    return {"result": result, "upstream_cpu": shares[0],
-            "proxy_cpu": shares[1] if len(shares) > 1 else None}
+    used = [p.cpu_seconds() - before for p, before in
+            zip((q for q in (upstream, target.proc) if q is not None), cpu, strict=True)]
+    # CPU per request (the warm-up's requests estimated at the measured rate): on a shared
+    # machine this moves less than req/s does when another process takes the core.
+    per_request = (round(used[1] / (result.rps * busy) * 1e6, 1)
+                   if len(used) > 1 and result.rps else None)
+    return {"result": result, "upstream_cpu": round(used[0] / busy, 2),
+            "proxy_cpu": round(used[1] / busy, 2) if len(used) > 1 else None,
+            "proxy_us_per_req": per_request}
 
 
 def _median(values: list[float]) -> float:
@@ -274,6 +187,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "upstream_cpu": _median([run["upstream_cpu"] for run in runs])}
     if runs[0]["proxy_cpu"] is not None:
         summary["proxy_cpu"] = _median([run["proxy_cpu"] for run in runs])
+        summary["us_per_req"] = _median([run["proxy_us_per_req"] for run in runs])
     if results[0].ttfb_ms is not None:
         summary["ttfb_p50"] = _median([r.ttfb_ms.p50 for r in results if r.ttfb_ms])
         summary["ttfb_p99"] = _median([r.ttfb_ms.p99 for r in results if r.ttfb_ms])
@@ -286,9 +200,13 @@ def ratios(sc: Scenario, summary: dict[str, dict[str, Any]]) -> dict[str, float]
     out: dict[str, float] = {}
     gateway, direct = summary.get("gateway"), summary.get("direct")
     # Closed loop only: at a fixed rate there is no throughput ratio.
-    for other in ("direct", "naive", "floor", "nginx"):
+    for other in ("direct", "baseline", "naive", "floor", "nginx"):
         if not sc.rate and gateway and other in summary and summary[other]["rps"]:
             out[f"gateway/{other}"] = round(gateway["rps"] / summary[other]["rps"], 2)
+    base = summary.get("baseline")
+    if gateway and base and gateway.get("us_per_req") and base.get("us_per_req"):
+        out["CPU per request gateway/baseline"] = round(
+            gateway["us_per_req"] / base["us_per_req"], 2)
     for name, s in summary.items():
         if direct and name != "direct":
             keys = ("ttfb_p50", "ttfb_p99", "gap") if sc.stream else ("p50", "p99", "mean")
@@ -310,7 +228,7 @@ def markdown(report: dict[str, Any]) -> str:
     sc = report["scenario"]
     cols = ["rps", "rps_range", "p50", "p90", "p99", "max", "mean"]
     cols += ["ttfb_p50", "ttfb_p99", "gap"] if sc["stream"] else []
-    cols += ["proxy_cpu", "upstream_cpu", "gen_cpu", "errors"]
+    cols += ["proxy_cpu", "us_per_req", "upstream_cpu", "gen_cpu", "errors"]
     load = f"rate {sc['rate']:g} req/s" if sc["rate"] else "closed loop"
     body = (f"stream of {sc['chunks']} chunks {sc['interval'] * 1000:g} ms apart"
             if sc["stream"] else "non-stream")
@@ -381,9 +299,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="static: nginx answering a constant chat completion, so the "
                              "upstream never caps a proxy (throughput only)")
     parser.add_argument("--json", action="store_true", help="print JSON, not Markdown")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also measure the gateway of another checkout (e.g. a git "
+                             "worktree of the commit before a change): target 'baseline'")
     args = parser.parse_args(argv)
     if not 0 < args.duration <= 600:
         parser.error("--duration must be in (0, 600]")
+    if args.baseline is not None and not (args.baseline / "proxy" / "cli.py").is_file():
+        parser.error(f"--baseline {args.baseline}: not a checkout of this project")
     if args.upstream == "static" and (args.scenario != "throughput" or not nginx_binary()):
         parser.error("--upstream static needs nginx and the throughput scenario")
     for signum in (signal.SIGINT, signal.SIGTERM):  # even if a shell set SIGINT ignored

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from bench.compare import nginx_binary
+from bench.procs import nginx_binary
 
 REPO = Path(__file__).resolve().parent.parent
 # Variables that would configure the gateway's providers or server behind the test's back.
