@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import orjson
@@ -25,11 +25,12 @@ import uvloop
 
 from proxy import __version__
 from proxy.config import Config, ConfigError, Overrides, config_file, load_config
-from proxy.discovery import ModelCatalog, Snapshot
+from proxy.discovery import ModelCatalog, ProviderStatus, Snapshot
 from proxy.keys import hash_secret, new_secret, parse_keys
 from proxy.providers import PROVIDER_TYPES, build_provider
 from proxy.server import CannotListen, check_port_free, demo_upstream_if_needed, serve
 from proxy.tasks import BackgroundTasks
+from proxy.terminal import Progress, Style, print_table
 from proxy.upstream import UpstreamClient
 from proxy.workers import EXIT_CANNOT_LISTEN, PEER_SECRET_ENV, Supervisor, WorkerSpec
 
@@ -102,11 +103,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             words += ["--config", str(pinned.config_path.resolve())]
         _serve(config, words, args.worker_index, functools.partial(_reload, pinned))
     elif command == "models":
-        sys.exit(uvloop.run(_models(config, as_json=args.json)))
+        sys.exit(uvloop.run(_models(config, os.environ, as_json=args.json)))
     elif args.offline:
         sys.exit(_check_offline(config))
     else:
-        sys.exit(uvloop.run(_check(config)))
+        sys.exit(uvloop.run(_check(config, os.environ)))
 
 
 def _keys_hash(secret: str | None, name: str) -> int:
@@ -222,23 +223,38 @@ def _supervise(config: Config, words: list[str]) -> int:
             shutil.rmtree(private, ignore_errors=True)
 
 
-async def _discover(given: Config) -> Snapshot:
+async def _discover(given: Config, env: Mapping[str, str]) -> Snapshot:
+    """Every provider asked at once; each one's line on stderr as soon as it answered
+    (``terminal.Progress``), so a slow provider shows as the one still waited for."""
     async with demo_upstream_if_needed(given) as config:
         client = UpstreamClient(config)
         tasks = BackgroundTasks()
+        progress = Progress([p.name for p in config.providers], sys.stderr, env)
         await client.start()
         try:
             catalog = ModelCatalog([build_provider(p) for p in config.providers], client,
                                    tasks, ttl=config.models_cache_ttl,
-                                   timeout=config.timeouts.discovery)
+                                   timeout=config.timeouts.discovery,
+                                   on_probe=functools.partial(_show_probe, progress))
+            tasks.spawn(progress.spin(), name="progress")
             return await catalog.refresh()
         finally:
             await tasks.close()
+            progress.close()
             await client.close()
 
 
-async def _models(config: Config, *, as_json: bool) -> int:
-    snapshot = await _discover(config)
+def _show_probe(progress: Progress, s: ProviderStatus) -> None:
+    if s.healthy:
+        detail = f"{len(s.models)} models" + (", needs each client's own key"
+                                              if s.caller_key else "")
+    else:
+        detail = s.error or "failed"
+    progress.finished(s.provider, s.healthy, f"{detail} ({s.latency_ms:.0f} ms)")
+
+
+async def _models(config: Config, env: Mapping[str, str], *, as_json: bool) -> int:
+    snapshot = await _discover(config, env)
     if as_json:
         print(orjson.dumps({"providers": [_status_json(s) for s in snapshot.statuses]},
                            option=orjson.OPT_INDENT_2).decode())
@@ -248,21 +264,21 @@ async def _models(config: Config, *, as_json: bool) -> int:
             status = "ok" if s.healthy else f"error: {s.error}"
             for model in s.models or ("-",):
                 rows.append((s.provider, model, status, f"{s.latency_ms:.0f} ms"))
-        _print_table(rows)
+        print_table(rows, Style.for_stream(sys.stdout, env), status_column=2)
     return 0 if any(s.healthy for s in snapshot.statuses) else 1
 
 
-async def _check(config: Config) -> int:
+async def _check(config: Config, env: Mapping[str, str]) -> int:
     if not config.providers:  # `serve` would answer from the demo mock: nothing to check
         return _no_providers(config)
-    snapshot = await _discover(config)
+    snapshot = await _discover(config, env)
     rows: list[tuple[str, ...]] = [("PROVIDER", "TYPE", "RESULT", "MODELS", "LATENCY")]
     for s in snapshot.statuses:
         result = "ok" if s.healthy else f"FAILED: {s.error}"
         if s.caller_key:  # the drop-in without a key: up, lists with each client's key
             result = "ok (reachable; needs each client's own key)"
         rows.append((s.provider, s.type, result, str(len(s.models)), f"{s.latency_ms:.0f} ms"))
-    _print_table(rows)
+    print_table(rows, Style.for_stream(sys.stdout, env), status_column=2)
     return 0 if all(s.healthy for s in snapshot.statuses) else 1
 
 
@@ -279,7 +295,7 @@ def _check_offline(config: Config) -> int:
         else:
             credentials = f"${p.api_key_env}" + (" NOT SET" if p.api_key_missing else "")
         rows.append((p.name, p.type, p.base_url, credentials))
-    _print_table(rows)
+    print_table(rows)
     keys = len(config.auth.keys)
     print(f"config ok: {config.source}; {len(config.providers)} providers, "
           f"{keys} gateway keys" + ("" if keys else " (open to anyone who can reach it)"))
@@ -296,9 +312,3 @@ def _status_json(s: object) -> dict[str, object]:
     fields = ("provider", "type", "healthy", "latency_ms", "models", "error")
     return {name: getattr(s, name) for name in fields}
 
-
-def _print_table(rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-              .rstrip())
