@@ -1,4 +1,4 @@
-"""Command line: ``proxy serve | models | check | keys hash``.
+"""Command line: ``proxy serve | init | models | check | keys hash``.
 
 The only module that reads ``os.environ``: it hands the environment to the config
 loader once. Exit codes: 0 success, 1 a provider check failed, 2 invalid configuration
@@ -23,18 +23,18 @@ from pathlib import Path
 import orjson
 import uvloop
 
-from proxy import __version__
+from proxy import __version__, init_wizard
 from proxy.config import Config, ConfigError, Overrides, config_file, load_config
 from proxy.discovery import ModelCatalog, ProviderStatus, Snapshot
 from proxy.keys import hash_secret, new_secret, parse_keys
 from proxy.providers import PROVIDER_TYPES, build_provider
 from proxy.server import CannotListen, check_port_free, demo_upstream_if_needed, serve
 from proxy.tasks import BackgroundTasks
-from proxy.terminal import Progress, Style, print_table
+from proxy.terminal import Progress, Style, is_terminal, print_table
 from proxy.upstream import UpstreamClient
 from proxy.workers import EXIT_CANNOT_LISTEN, PEER_SECRET_ENV, Supervisor, WorkerSpec
 
-COMMANDS = ("serve", "models", "check", "keys")
+COMMANDS = ("serve", "init", "models", "check", "keys")
 log = logging.getLogger("proxy.cli")
 
 
@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     check_cmd.add_argument("--offline", action="store_true",
                            help="only validate the configuration, like nginx -t: no provider "
                                 "is contacted")
+    init_cmd = commands.add_parser(
+        "init", help="write a starter config from a local Ollama and the provider keys set")
+    init_cmd.add_argument("--config", type=Path,
+                          help="the file to write (default $PROXY_CONFIG, else ./proxy.yaml)")
+    init_cmd.add_argument("--yes", action="store_true",
+                          help="ask nothing: every provider found, port 8080, no gateway key")
+    init_cmd.add_argument("--force", action="store_true", help="replace an existing file")
     keys_cmd = commands.add_parser("keys", help="gateway keys")
     keys_actions = keys_cmd.add_subparsers(dest="action", required=True)
     hash_cmd = keys_actions.add_parser(
@@ -88,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = args.command
     if command == "keys":
         sys.exit(_keys_hash(args.secret, args.name))
+    if command == "init":
+        path = config_file(Overrides(config_path=args.config), os.environ) or Path("proxy.yaml")
+        sys.exit(init_wizard.run(path, os.environ, PROVIDER_TYPES.keys(), yes=args.yes,
+                                 force=args.force, interactive=is_terminal(sys.stdin)))
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if command == "serve":
