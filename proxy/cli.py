@@ -1,4 +1,4 @@
-"""Command line: ``proxy serve | models | check | keys hash``.
+"""Command line: ``proxy serve | init | models | check | keys hash``.
 
 The only module that reads ``os.environ``: it hands the environment to the config
 loader once. Exit codes: 0 success, 1 a provider check failed, 2 invalid configuration
@@ -17,23 +17,24 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import orjson
 import uvloop
 
-from proxy import __version__
+from proxy import __version__, init_wizard
 from proxy.config import Config, ConfigError, Overrides, config_file, load_config
-from proxy.discovery import ModelCatalog, Snapshot
+from proxy.discovery import ModelCatalog, ProviderStatus, Snapshot
 from proxy.keys import hash_secret, new_secret, parse_keys
 from proxy.providers import PROVIDER_TYPES, build_provider
 from proxy.server import CannotListen, check_port_free, demo_upstream_if_needed, serve
 from proxy.tasks import BackgroundTasks
+from proxy.terminal import Progress, Style, is_terminal, print_table
 from proxy.upstream import UpstreamClient
 from proxy.workers import EXIT_CANNOT_LISTEN, PEER_SECRET_ENV, Supervisor, WorkerSpec
 
-COMMANDS = ("serve", "models", "check", "keys")
+COMMANDS = ("serve", "init", "models", "check", "keys")
 log = logging.getLogger("proxy.cli")
 
 
@@ -59,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     check_cmd.add_argument("--offline", action="store_true",
                            help="only validate the configuration, like nginx -t: no provider "
                                 "is contacted")
+    init_cmd = commands.add_parser(
+        "init", help="write a starter config from a local Ollama and the provider keys set")
+    init_cmd.add_argument("--config", type=Path,
+                          help="the file to write (default $PROXY_CONFIG, else ./proxy.yaml)")
+    init_cmd.add_argument("--yes", action="store_true",
+                          help="ask nothing: every provider found, port 8080, no gateway key")
+    init_cmd.add_argument("--force", action="store_true", help="replace an existing file")
     keys_cmd = commands.add_parser("keys", help="gateway keys")
     keys_actions = keys_cmd.add_subparsers(dest="action", required=True)
     hash_cmd = keys_actions.add_parser(
@@ -87,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = args.command
     if command == "keys":
         sys.exit(_keys_hash(args.secret, args.name))
+    if command == "init":
+        path = config_file(Overrides(config_path=args.config), os.environ) or Path("proxy.yaml")
+        sys.exit(init_wizard.run(path, os.environ, PROVIDER_TYPES.keys(), yes=args.yes,
+                                 force=args.force, interactive=is_terminal(sys.stdin)))
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if command == "serve":
@@ -102,11 +114,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             words += ["--config", str(pinned.config_path.resolve())]
         _serve(config, words, args.worker_index, functools.partial(_reload, pinned))
     elif command == "models":
-        sys.exit(uvloop.run(_models(config, as_json=args.json)))
+        sys.exit(uvloop.run(_models(config, os.environ, as_json=args.json)))
     elif args.offline:
         sys.exit(_check_offline(config))
     else:
-        sys.exit(uvloop.run(_check(config)))
+        sys.exit(uvloop.run(_check(config, os.environ)))
 
 
 def _keys_hash(secret: str | None, name: str) -> int:
@@ -222,23 +234,38 @@ def _supervise(config: Config, words: list[str]) -> int:
             shutil.rmtree(private, ignore_errors=True)
 
 
-async def _discover(given: Config) -> Snapshot:
+async def _discover(given: Config, env: Mapping[str, str]) -> Snapshot:
+    """Every provider asked at once; each one's line on stderr as soon as it answered
+    (``terminal.Progress``), so a slow provider shows as the one still waited for."""
     async with demo_upstream_if_needed(given) as config:
         client = UpstreamClient(config)
         tasks = BackgroundTasks()
+        progress = Progress([p.name for p in config.providers], sys.stderr, env)
         await client.start()
         try:
             catalog = ModelCatalog([build_provider(p) for p in config.providers], client,
                                    tasks, ttl=config.models_cache_ttl,
-                                   timeout=config.timeouts.discovery)
+                                   timeout=config.timeouts.discovery,
+                                   on_probe=functools.partial(_show_probe, progress))
+            tasks.spawn(progress.spin(), name="progress")
             return await catalog.refresh()
         finally:
             await tasks.close()
+            progress.close()
             await client.close()
 
 
-async def _models(config: Config, *, as_json: bool) -> int:
-    snapshot = await _discover(config)
+def _show_probe(progress: Progress, s: ProviderStatus) -> None:
+    if s.healthy:
+        detail = f"{len(s.models)} models" + (", needs each client's own key"
+                                              if s.caller_key else "")
+    else:
+        detail = s.error or "failed"
+    progress.finished(s.provider, s.healthy, f"{detail} ({s.latency_ms:.0f} ms)")
+
+
+async def _models(config: Config, env: Mapping[str, str], *, as_json: bool) -> int:
+    snapshot = await _discover(config, env)
     if as_json:
         print(orjson.dumps({"providers": [_status_json(s) for s in snapshot.statuses]},
                            option=orjson.OPT_INDENT_2).decode())
@@ -248,21 +275,21 @@ async def _models(config: Config, *, as_json: bool) -> int:
             status = "ok" if s.healthy else f"error: {s.error}"
             for model in s.models or ("-",):
                 rows.append((s.provider, model, status, f"{s.latency_ms:.0f} ms"))
-        _print_table(rows)
+        print_table(rows, Style.for_stream(sys.stdout, env), status_column=2)
     return 0 if any(s.healthy for s in snapshot.statuses) else 1
 
 
-async def _check(config: Config) -> int:
+async def _check(config: Config, env: Mapping[str, str]) -> int:
     if not config.providers:  # `serve` would answer from the demo mock: nothing to check
         return _no_providers(config)
-    snapshot = await _discover(config)
+    snapshot = await _discover(config, env)
     rows: list[tuple[str, ...]] = [("PROVIDER", "TYPE", "RESULT", "MODELS", "LATENCY")]
     for s in snapshot.statuses:
         result = "ok" if s.healthy else f"FAILED: {s.error}"
         if s.caller_key:  # the drop-in without a key: up, lists with each client's key
             result = "ok (reachable; needs each client's own key)"
         rows.append((s.provider, s.type, result, str(len(s.models)), f"{s.latency_ms:.0f} ms"))
-    _print_table(rows)
+    print_table(rows, Style.for_stream(sys.stdout, env), status_column=2)
     return 0 if all(s.healthy for s in snapshot.statuses) else 1
 
 
@@ -279,7 +306,7 @@ def _check_offline(config: Config) -> int:
         else:
             credentials = f"${p.api_key_env}" + (" NOT SET" if p.api_key_missing else "")
         rows.append((p.name, p.type, p.base_url, credentials))
-    _print_table(rows)
+    print_table(rows)
     keys = len(config.auth.keys)
     print(f"config ok: {config.source}; {len(config.providers)} providers, "
           f"{keys} gateway keys" + ("" if keys else " (open to anyone who can reach it)"))
@@ -296,9 +323,3 @@ def _status_json(s: object) -> dict[str, object]:
     fields = ("provider", "type", "healthy", "latency_ms", "models", "error")
     return {name: getattr(s, name) for name in fields}
 
-
-def _print_table(rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-              .rstrip())

@@ -69,7 +69,8 @@ class ModelCatalog:
     def __init__(self, providers: Sequence[Provider], client: UpstreamClient,
                  tasks: BackgroundTasks, *, ttl: float, timeout: float,
                  retry_failed_after: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 on_probe: Callable[[ProviderStatus], None] | None = None):
         self._providers = tuple(providers)
         self._client = client
         self._tasks = tasks
@@ -77,6 +78,8 @@ class ModelCatalog:
         self._retry_failed_after = min(ttl, retry_failed_after)
         self._timeout = timeout
         self._clock = clock
+        # Told of each provider as soon as it answered (the CLI's progress lines).
+        self._on_probe = on_probe
         self._snapshot: Snapshot | None = None
         self._refresh: asyncio.Task[Snapshot] | None = None
         self._last_errors: dict[str, str] = {}
@@ -214,10 +217,13 @@ class ModelCatalog:
                 error = None
         if error is not None:
             self._last_errors[provider.name] = error
-        return ProviderStatus(
+        status = ProviderStatus(
             provider=provider.name, type=provider.type_name, healthy=error is None,
             latency_ms=round((time.perf_counter() - started) * 1000, 1),
             models=tuple(models), error=error, checked_at=time.time(), caller_key=caller_key)
+        if self._on_probe is not None:
+            self._on_probe(status)
+        return status
 
 
 async def _same(status: ProviderStatus) -> ProviderStatus:
