@@ -295,10 +295,13 @@ async def _check(config: Config, env: Mapping[str, str]) -> int:
 
 def _check_offline(config: Config) -> int:
     """``check --offline``: the config loaded (``_load`` already exited 2 on any problem);
-    say what it holds, and exit 1 for what cannot work without asking anyone: no
-    provider at all, or a provider whose key variable is not set."""
+    say what it holds, and exit 1 for what cannot work without asking anyone: a
+    provider whose key variable is not set. No provider at all is a valid file (the
+    one ``proxy init`` writes when it finds none): ``serve`` runs the demo mock."""
     if not config.providers:
-        return _no_providers(config)
+        print(f"config ok: {config.source}; no providers: `proxy serve` answers from its "
+              "built-in mock upstream until one is named")
+        return 0
     rows: list[tuple[str, ...]] = [("PROVIDER", "TYPE", "BASE URL", "CREDENTIALS")]
     for p in config.providers:
         if p.api_key_env is None:
