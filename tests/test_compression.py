@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -342,3 +345,18 @@ def test_bad_compression_settings_are_refused(make_config: MakeConfig,
     with pytest.raises(ConfigError) as caught:
         make_config([], compression=section)
     assert problem in str(caught.value)
+
+
+def test_the_benchmark_runs_and_shows_what_it_exists_to_show() -> None:
+    """``bench/compression.py`` as a user runs it, with tiny bounds (its own 60 s
+    ``--timeout`` stops it first; it starts nothing outside its own process)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.compression", "--requests", "2", "--rounds", "1",
+         "--timeout", "60", "--json"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, timeout=90, check=True)
+    report = orjson.loads(done.stdout)
+    ratios = {(r["case"], r["variant"]): r["ratio"] for r in report["results"]}
+    assert ratios[("embeddings", "identity")] == ratios[("models", "identity")] == 1
+    assert ratios[("embeddings", "gzip-1")] < 0.6
+    assert ratios[("models", "gzip-1")] < 0.1
+    assert {z["level"] for z in report["zlib"]} == {1, 3, 6}
