@@ -99,27 +99,34 @@ def _weight(params: str) -> float:
 
 def compressible(headers: CIMultiDict[str]) -> bool:
     """Whether the answer with these headers may be gzip'ed by the gateway at all
-    (its size aside): not encoded yet, text-like, no ``no-transform``. When it may, the
-    answer varies with ``Accept-Encoding``, and says so."""
+    (its size aside): not encoded yet, text-like, no ``no-transform``."""
     if CONTENT_ENCODING in headers:
         return False
     content_type = headers.get("Content-Type", "").lower()
     if not any(kind in content_type for kind in _TEXT_LIKE):
         return False
-    if "no-transform" in headers.get("Cache-Control", "").lower():
-        return False
-    if not any("accept-encoding" in value.lower() or value.strip() == "*"
-               for value in headers.getall(VARY, ())):
-        headers.add(VARY, "Accept-Encoding")
-    return True
+    return "no-transform" not in headers.get("Cache-Control", "").lower()
+
+
+def vary_on_accept_encoding(headers: CIMultiDict[str]) -> None:
+    """Add ``Vary: Accept-Encoding`` beside any ``Vary`` the upstream sent, unless it
+    already covers it (names it, or ``*``)."""
+    for value in headers.getall(VARY, ()):
+        if "accept-encoding" in value.lower() or value.strip() == "*":
+            return
+    headers.add(VARY, "Accept-Encoding")
 
 
 def gzip_for(config: CompressionConfig, accept_encoding: str | None,
              headers: CIMultiDict[str]) -> ZLibCompressor | None:
     """A gzip compressor for this answer, with its headers set (``Content-Encoding``,
     no ``Content-Length``: the caller frames the new body), or ``None`` to send it as
-    it is. For answers already known to be larger than ``config.min_bytes``."""
-    if not config.enabled or not compressible(headers) or not accepts_gzip(accept_encoding):
+    it is. For answers already known to be larger than ``config.min_bytes``. Either way
+    a compressible answer varies with ``Accept-Encoding``, and says so."""
+    if not config.enabled or not compressible(headers):
+        return None
+    vary_on_accept_encoding(headers)
+    if not accepts_gzip(accept_encoding):
         return None
     headers[CONTENT_ENCODING] = "gzip"
     headers.popall("Content-Length", None)

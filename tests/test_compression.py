@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -347,16 +344,28 @@ def test_bad_compression_settings_are_refused(make_config: MakeConfig,
     assert problem in str(caught.value)
 
 
-def test_the_benchmark_runs_and_shows_what_it_exists_to_show() -> None:
-    """``bench/compression.py`` as a user runs it, with tiny bounds (its own 60 s
-    ``--timeout`` stops it first; it starts nothing outside its own process)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.compression", "--requests", "2", "--rounds", "1",
-         "--timeout", "60", "--json"],
-        cwd=Path(__file__).resolve().parent.parent, capture_output=True, timeout=90, check=True)
-    report = orjson.loads(done.stdout)
-    ratios = {(r["case"], r["variant"]): r["ratio"] for r in report["results"]}
-    assert ratios[("embeddings", "identity")] == ratios[("models", "identity")] == 1
-    assert ratios[("embeddings", "gzip-1")] < 0.6
-    assert ratios[("models", "gzip-1")] < 0.1
-    assert {z["level"] for z in report["zlib"]} == {1, 3, 6}
+async def test_ollama_embeddings_translated_by_the_gateway_are_gzipped(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    raw: aiohttp.ClientSession,
+) -> None:
+    """Ollama never compresses; its ``/api/embed`` answer, translated to an OpenAI
+    list by the gateway, is the typical large uncompressed body."""
+    vectors = [[i / 1536 + j for i in range(1536)] for j in range(16)]
+
+    async def tags(request: web.Request) -> web.Response:
+        return web.json_response({"models": [{"name": "emb", "model": "emb"}]})
+
+    async def embed(request: web.Request) -> web.Response:
+        return web.json_response({"model": "emb", "embeddings": vectors,
+                                  "prompt_eval_count": 16})
+
+    app = web.Application()
+    app.router.add_get("/api/tags", tags)
+    app.router.add_post("/api/embed", embed)
+    url = await start_upstream(app)
+    base = await start_gateway(make_config([{"name": "ol", "type": "ollama",
+                                             "base_url": url, "models": ["emb"]}]))
+    payload = {"model": "emb", "input": ["t"] * 16}
+    plain = await post(raw, f"{base}/v1/embeddings", payload, IDENTITY)
+    assert [item["embedding"] for item in orjson.loads(plain[2])["data"]] == vectors
+    assert_gzip(await post(raw, f"{base}/v1/embeddings", payload, GZIP), plain[2])
