@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -46,13 +47,15 @@ def sized(size: int) -> bytes:
 class Upstream:
     """Answers what each request's JSON asks for: ``inputs`` embeddings, or a chat answer
     of ``size`` bytes (streamed as SSE when ``stream``) with ``headers`` and ``status``;
-    ``cut`` stops after that many bytes of a larger promised body; ``gzipped`` sends it
+    ``cut`` stops after that many bytes of a larger promised body, ``hold`` waits after
+    that many for ``release``; ``gzipped`` sends it
     gzip'ed, as an upstream that compresses itself does."""
 
     def __init__(self, delay: float = 0.0):
         self.calls = 0
         self.delay = delay
         self.sent: list[bytes] = []
+        self.release = asyncio.Event()  # ``hold``: the rest of the body may go
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -86,6 +89,8 @@ class Upstream:
             return await self._events(request, body)
         if "cut" in asked:
             return await self._cut(request, body, asked["cut"])
+        if "hold" in asked:
+            return await self._hold(request, body, asked["hold"])
         return web.Response(status=asked.get("status", 200), body=body, headers=headers)
 
     async def _events(self, request: web.Request, body: bytes) -> web.StreamResponse:
@@ -93,6 +98,15 @@ class Upstream:
         await response.prepare(request)
         for part in (b"data: " + body + b"\n\n", b"data: [DONE]\n\n"):
             await response.write(part)
+        await response.write_eof()
+        return response
+
+    async def _hold(self, request: web.Request, body: bytes, at: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(body[:at])
+        await asyncio.wait_for(self.release.wait(), 5)
+        await response.write(body[at:])
         await response.write_eof()
         return response
 
@@ -294,6 +308,30 @@ async def test_cache_hits_and_dedup_followers_are_gzipped_too(
     assert hit[1]["X-Cache"] == "HIT"
     for reply in (*together, hit):
         assert_gzip(reply, upstream.sent[0])
+
+
+async def test_a_large_gzipped_answer_is_relayed_as_it_arrives(
+    gateway: Gateway, raw: aiohttp.ClientSession,
+) -> None:
+    """Past ``SMALL_ANSWER`` each chunk is compressed and flushed as it comes: the
+    client decodes what the upstream sent so far before the rest exists."""
+    upstream = Upstream()
+    url = f"{await gateway(upstream)}/v1/chat/completions"
+    at = SMALL_ANSWER + 50_000
+    payload = {"model": MODEL, "size": 600_000, "hold": at}
+    async with raw.post(url, json=payload, headers=GZIP) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        decoder = zlib.decompressobj(31)
+        decoded = b""
+        while len(decoded) < at:
+            chunk = await asyncio.wait_for(response.content.readany(), 5)
+            assert chunk, "the answer ended early"
+            decoded += decoder.decompress(chunk)
+        assert len(decoded) == at  # all of it, and nothing the upstream has not sent
+        upstream.release.set()
+        decoded += decoder.decompress(await response.read()) + decoder.flush()
+    assert decoded == upstream.sent[0]
+    assert decoder.eof
 
 
 async def test_an_upstream_cut_mid_answer_never_looks_complete(
