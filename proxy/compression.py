@@ -20,8 +20,8 @@ Every answer that passes the first three, compressed or not, carries
 ``Vary: Accept-Encoding`` so a shared cache in front keeps the two forms apart.
 
 Level 1 is the default: on a 16 x 1536 embeddings answer (509 KiB of floats) it takes
-5.1 ms for 47 % of the size where level 6 takes 31 ms for 44 %; a 300-model listing
-shrinks to 3.4 % at any level (bench/RESULTS.md, "Response compression").
+4.9 ms for 47 % of the size where level 6 takes 30 ms for 44 %; a 300-model listing
+shrinks to 4-6 % at any level (bench/RESULTS.md, "Response compression").
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@
   it (``compression.py``): in one piece when it fits in ``SMALL_ANSWER``, else chunk by
   chunk as it streams (one gzip member, chunked framing, each chunk flushed): the
   largest answers, a big embeddings batch, are the ones it pays most for, and memory
-  stays bounded. Event
-  streams and error answers never are. Event streams carry ``X-Accel-Buffering: no`` so an nginx in
-  front passes each event on at once.
+  stays bounded. Event streams and error answers never are.
+* Event streams carry ``X-Accel-Buffering: no`` so an nginx in front passes each event
+  on at once.
 * After the first byte there is no second status (STYLE.md point 11): an upstream that
   fails mid-answer ends an event stream with an SSE ``error`` event and never with
   ``data: [DONE]``, and any other body by aborting the connection, so a truncated answer
@@ -67,7 +67,8 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
             return web.Response(status=answer.status, reason=answer.reason,
                                 headers=headers, body=first)
     gzip = None
-    if len(first) > compression.min_bytes:  # a large non-stream answer, continuing
+    # ``first`` holds bytes only for a non-stream answer larger than SMALL_ANSWER.
+    if len(first) > compression.min_bytes:
         gzip = gzip_for(compression, request.headers.get(ACCEPT_ENCODING), headers)
     # Whatever the body, once it streams no nginx in front may hold it back.
     headers["X-Accel-Buffering"] = "no"
