@@ -20,6 +20,7 @@ import yaml
 
 from proxy import validate as v
 from proxy.breaker import BreakerSettings, parse_breaker
+from proxy.compression import CompressionConfig, parse_compression
 from proxy.keys import GatewayKey, parse_keys, read_keys_file
 from proxy.provider_config import (
     ProviderConfig,
@@ -177,6 +178,7 @@ class Config:
     retries: RetryConfig = RetryConfig()
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     models_cache_ttl: float = 300.0
     health_cache_ttl: float = 5.0
     providers: tuple[ProviderConfig, ...] = ()
@@ -333,7 +335,7 @@ def _build(
     return Config(
         server=server, timeouts=timeouts, pool=pool, dedup=dedup, cache=cache, limits=limits,
         auth=auth, retries=retries, breaker=parse_breaker(raw.get("breaker"), problems),
-        redis=redis,
+        redis=redis, compression=parse_compression(raw.get("compression"), problems),
         providers=providers, aliases=aliases, deployments=deployments,
         fallbacks=fallbacks,
         models_cache_ttl=v.check(v.non_negative_number, raw, "models_cache_ttl", "", 300.0,

@@ -12,8 +12,10 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy.compression import ACCEPT_ENCODING, maybe_gzip
 from proxy.config import Config
 from proxy.discovery import Snapshot
 from proxy.errors import (
@@ -80,7 +82,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
                 record.origin, record.upstream_status = answer.origin, answer.status
             tap(answer, admission)
             return await send_answer(request, answer, buffered=not call.stream,
-                                     record=record, keepalive=config.timeouts.sse_keepalive)
+                                     record=record, keepalive=config.timeouts.sse_keepalive,
+                                     compression=config.compression)
     except GatewayError:
         # No answer at all: the gateway's own failure costs the key no tokens. Once one
         # began (a deadline cut it, say), the upstream worked: the estimate stands.
@@ -210,7 +213,7 @@ async def list_models(request: web.Request) -> web.Response:
               for s in snapshot.statuses if not s.healthy]
     if failed:
         body["errors"] = failed
-    return json_response(body)
+    return await large_json_response(request, gateway, body)
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -219,7 +222,7 @@ async def get_model(request: web.Request) -> web.Response:
     snapshot = await _listing(request, gateway)
     for entry in _visible_models(request, gateway, snapshot):
         if entry["id"] == model_id:
-            return json_response(entry)
+            return await large_json_response(request, gateway, entry)
     raise ModelNotFound(model_id)
 
 
@@ -291,3 +294,15 @@ async def metrics(request: web.Request) -> web.Response:
 def json_response(body: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body),
                         content_type="application/json")
+
+
+async def large_json_response(request: web.Request, gateway: Gateway, body: dict[str, Any]
+                              ) -> web.Response:
+    """``json_response`` for the gateway's own answers that can be large (300 models
+    listed are ~23 KiB of JSON, 1.3 KiB gzip'ed): compressed as a proxied answer would be
+    (``compression.py``)."""
+    data = orjson.dumps(body)
+    headers = CIMultiDict({"Content-Type": "application/json"})
+    data = await maybe_gzip(gateway.config.compression, request.headers.get(ACCEPT_ENCODING),
+                            headers, data)
+    return web.Response(body=data, headers=headers)

@@ -4,8 +4,14 @@
   client's SDK raises the provider's own error (``RateLimitError`` with the provider's
   ``Retry-After``, say).
 * Any other answer streams: each chunk is written to the client as it arrives, nothing
-  holds a whole response. Event streams carry ``X-Accel-Buffering: no`` so an nginx in
-  front passes each event on at once.
+  holds a whole response.
+* A non-stream answer over ``compression.min_bytes`` is gzip'ed for a client that accepts
+  it (``compression.py``): in one piece when it fits in ``SMALL_ANSWER``, else chunk by
+  chunk as it streams (one gzip member, chunked framing, each chunk flushed): the
+  largest answers, a big embeddings batch, are the ones it pays most for, and memory
+  stays bounded. Event streams and error answers never are.
+* Event streams carry ``X-Accel-Buffering: no`` so an nginx in front passes each event
+  on at once.
 * After the first byte there is no second status (STYLE.md point 11): an upstream that
   fails mid-answer ends an event stream with an SSE ``error`` event and never with
   ``data: [DONE]``, and any other body by aborting the connection, so a truncated answer
@@ -20,10 +26,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 
 from aiohttp import web
+from aiohttp.compression_utils import ZLibCompressor
 
 from proxy.answers import Answer, Body
+from proxy.compression import ACCEPT_ENCODING, CompressionConfig, gzip_for, maybe_gzip
 from proxy.errors import DeadlineExceeded, GatewayError, sse_error_event
 from proxy.record import TIMEOUT, UPSTREAM_ERROR, Record
 
@@ -34,7 +43,8 @@ KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 
 async def send_answer(request: web.Request, answer: Answer, buffered: bool,
-                      record: Record, keepalive: float = 0.0) -> web.StreamResponse:
+                      record: Record, keepalive: float = 0.0, *,
+                      compression: CompressionConfig) -> web.StreamResponse:
     """Relay ``answer``. ``buffered`` (a non-stream request) holds the status back until
     the body is in (up to ``SMALL_ANSWER``): a failure before it still becomes a clean
     error status. Time spent waiting for those bytes is the upstream's, not overhead."""
@@ -51,8 +61,15 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
         record.upstream_wait += time.perf_counter() - waited_from
         if ended:  # the usual JSON answer: one response, head and body in one write
             headers.popall("Content-Length", None)
+            if len(first) > compression.min_bytes:
+                first = await maybe_gzip(compression, request.headers.get(ACCEPT_ENCODING),
+                                         headers, first)
             return web.Response(status=answer.status, reason=answer.reason,
                                 headers=headers, body=first)
+    gzip = None
+    # ``first`` holds bytes only for a non-stream answer larger than SMALL_ANSWER.
+    if len(first) > compression.min_bytes:
+        gzip = gzip_for(compression, request.headers.get(ACCEPT_ENCODING), headers)
     # Whatever the body, once it streams no nginx in front may hold it back.
     headers["X-Accel-Buffering"] = "no"
     response = web.StreamResponse(status=answer.status, reason=answer.reason,
@@ -60,6 +77,9 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
     await response.prepare(request)
     record.first_byte = time.perf_counter()
     try:
+        if gzip is not None:
+            await _relay_gzip(response, answer.body, first, gzip)
+            return response
         chunk: bytes | None = first
         if event_stream and not first and keepalive > 0:
             chunk = await _first_event(answer.body, response, keepalive)
@@ -74,6 +94,20 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
         return response
     await response.write_eof()
     return response
+
+
+async def _relay_gzip(response: web.StreamResponse, body: Body, first: bytes,
+                      gzip: ZLibCompressor) -> None:
+    """The rest of a large non-stream answer as one gzip member, each chunk compressed
+    and written as it arrives: a sync flush per chunk lets the client decode all it has
+    (zlib would otherwise hold up to a block back), for 0.1 % more bytes with 16 KiB
+    chunks, 2.6 % with 1 KiB ones (16 x 1536 embedding floats)."""
+    chunk: bytes | None = first
+    while chunk is not None:
+        if chunk:
+            await response.write(await gzip.compress(chunk) + gzip.flush(zlib.Z_SYNC_FLUSH))
+        chunk = await body.next()
+    await response.write_eof(gzip.flush())
 
 
 async def _first_event(body: Body, response: web.StreamResponse, interval: float
