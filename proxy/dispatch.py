@@ -216,14 +216,16 @@ class UpstreamCall(AnswerCall):
         request = self._provider.prepare(self._call)
         queued = time.perf_counter()  # waits (slots, backoff) are the upstream's time
         retry = self._retry
-        if retry is None:  # a failover leg: the next deployment is the retry
-            answer = await self._attempt(request)
-        else:
-            answer = await self._attempts(request, retry)
+        try:
+            if retry is None:  # a failover leg: the next deployment is the retry
+                answer = await self._attempt(request)
+            else:
+                answer = await self._attempts(request, retry)
+        finally:  # failed tries, their backoff and deadlines too are the upstream's time
+            if self._record is not None:
+                self._record.upstream_wait += time.perf_counter() - queued
         answer.headers[PROVIDER] = self._provider.name
         answer.origin = Origin(self._provider.name, self._call.upstream_model, self.tries)
-        if self._record is not None:
-            self._record.upstream_wait += time.perf_counter() - queued
         return answer
 
     async def _attempts(self, request: UpstreamRequest, retry: RetryPolicy) -> Answer:

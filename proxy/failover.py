@@ -107,6 +107,13 @@ class FailoverCall(AnswerCall):
 
     async def start(self) -> Answer:
         queued = time.perf_counter()
+        try:
+            return await self._first_good()
+        finally:  # the legs that failed are upstream time too, not the gateway's
+            if self._record is not None:
+                self._record.upstream_wait += time.perf_counter() - queued
+
+    async def _first_good(self) -> Answer:
         last = len(self._targets) - 1
         tries = 0
         for index, target in enumerate(self._targets):
@@ -127,8 +134,6 @@ class FailoverCall(AnswerCall):
             if answer.origin is not None and index:
                 answer.origin.attempts = tries
                 answer.origin.taken = "failover" if target in self._primary else "fallback"
-            if self._record is not None:
-                self._record.upstream_wait += time.perf_counter() - queued
             return answer
         raise AssertionError("a route has at least one candidate")
 

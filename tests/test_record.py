@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -144,3 +145,23 @@ async def test_how_a_stream_ended_is_recorded(
         assert (record.ended, record.status) == ("upstream_error", 200)
     else:
         assert (record.ended, record.status) == ("client_disconnect", 499)
+
+
+async def test_failed_tries_and_their_backoff_are_upstream_time_not_overhead(
+    make_config: MakeConfig, closed_port: int,
+) -> None:
+    """The status page showed 87-219 ms of "overhead" on requests to a refusing
+    upstream: failed tries and their backoff were not counted as the upstream's time."""
+    config = make_config([provider("down", f"http://127.0.0.1:{closed_port}")],
+                         cache={"enabled": False},
+                         retries={"max_attempts": 3, "base_delay": 0.2, "max_delay": 0.2,
+                                  "budget": 1.0})
+    async with observed(config) as (gateway, seen), aiohttp.ClientSession() as session:
+        for _ in range(3):  # full-jitter backoff: each request waits 0-400 ms
+            async with session.post(f"{gateway}/v1/chat/completions", json=CHAT) as response:
+                assert response.status == 502
+        await until(seen, 3)
+    waited = sum(r.upstream_wait for r in seen)
+    assert waited > 0.1, waited
+    for record in seen:
+        assert record.overhead_ms() - (time.perf_counter() - record.finished) * 1000 < 50
