@@ -102,8 +102,8 @@ async def test_the_page_shows_the_traffic_it_was_sent(
         await page.wait_for(f"{DASHBOARD} >= 1")
         assert await text(page, "#requests") == "8"
         assert await text(page, "#cache") == "2 hits · 5 misses"
-        assert await text(page, "#cache-rate") == "29 %"
-        assert (await text(page, "#errors")).startswith("1 4xx (13 %) · 0 5xx")
+        assert await text(page, "#cache-rate") == "29\u00a0%"
+        assert (await text(page, "#errors")).startswith("1 4xx (13\u00a0%) · 0 5xx")
         assert await text(page, "#overall") == "ok"
         cells = await provider_cells(page, "local-up")
         assert cells[:3] == ["local-up (openai_compat)", "healthy", "closed"]
