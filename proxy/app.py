@@ -29,6 +29,7 @@ from proxy.peers import Peers
 from proxy.record import Observer
 from proxy.redis_store import RedisLink
 from proxy.state import LIVE, METRICS, OBSERVERS, WORKER
+from proxy.status import HISTORY, History
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
 from proxy.workers import WorkerSpec
@@ -54,6 +55,7 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     # What is told of each request once it has ended (record.py).
     observers: list[Observer] = [metrics.observe]
     app[OBSERVERS] = observers
+    app[HISTORY] = History()  # the status page's recent samples (status.py)
     redis = redis_link(config)  # None unless a backend uses Redis
     if redis is not None:
         app.on_cleanup.append(lambda _: redis.close())  # after _lifecycle's own cleanup
@@ -76,6 +78,8 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/healthz", handlers.healthz)
     router.add_get("/health", handlers.health)
     router.add_get("/metrics", handlers.metrics)
+    router.add_get("/ui", handlers.status_page)
+    router.add_get("/ui/stats", handlers.status_stats)
     router.add_get("/v1/models", handlers.list_models)
     router.add_get("/v1/models/{model:.+}", handlers.get_model)
     router.add_route("*", "/v1/{tail:.+}", handlers.proxy_handler)

@@ -15,6 +15,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy import status as stats
+from proxy.auth import require_admin
 from proxy.compression import ACCEPT_ENCODING, maybe_gzip
 from proxy.config import Config
 from proxy.discovery import Snapshot
@@ -267,10 +269,18 @@ async def healthz(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """Every provider probed in parallel (cached ``health_cache_ttl`` seconds); 200 when
     at least one is healthy. Shows names, latencies and errors, never credentials."""
-    gateway = request.app[LIVE].gateway
+    providers = await provider_view(request.app[LIVE].gateway)
+    status, healthy = overall(providers)
+    return json_response({"status": status, "providers": providers},
+                         status=200 if healthy else 503)
+
+
+async def provider_view(gateway: Gateway) -> list[dict[str, Any]]:
+    """Each provider as ``/health`` and the status page show it: its probe (cached
+    ``health_cache_ttl`` seconds), and this worker's concurrency limiter and breaker."""
     catalog, dispatcher = gateway.catalog, gateway.dispatcher
     snapshot = await catalog.fresh(gateway.config.health_cache_ttl)
-    providers = [{
+    return [{
         "name": s.provider, "type": s.type, "status": "healthy" if s.healthy else "unhealthy",
         "latency_ms": s.latency_ms, "models": len(s.models), "error": s.error,
         "needs_caller_key": s.caller_key,
@@ -279,10 +289,35 @@ async def health(request: web.Request) -> web.Response:
         "concurrency": dispatcher.limits(s.provider),
         "breaker": dispatcher.breaker(s.provider),
     } for s in snapshot.statuses]
-    healthy = sum(1 for s in snapshot.statuses if s.healthy)
+
+
+def overall(providers: list[dict[str, Any]]) -> tuple[str, int]:
+    """The gateway's status from its providers', and how many are healthy."""
+    healthy = sum(1 for p in providers if p["status"] == "healthy")
     status = "ok" if healthy == len(providers) else "degraded" if healthy else "unavailable"
-    return json_response({"status": status, "providers": providers},
-                         status=200 if healthy else 503)
+    return status, healthy
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """``GET /ui``: the status page. It holds no figures, so it loads without a key;
+    its script fetches them from ``/ui/stats`` with the admin key the operator types."""
+    return web.Response(body=stats.PAGE.body, headers=stats.PAGE.headers)
+
+
+async def status_stats(request: web.Request) -> web.Response:
+    """``GET /ui/stats``: the page's figures (``status.py``); an admin key when the
+    gateway has keys. Providers are this worker's view; counters are the metrics'."""
+    gateway = request.app[LIVE].gateway
+    require_admin(request.get(GATEWAY_KEY), gateway.keyring)
+    providers = await provider_view(gateway)
+    now = stats.sample(request.app[METRICS].collect())
+    state, _ = overall(providers)
+    worker = request.app[WORKER]
+    body = {"status": state, "worker": worker.index, "pid": os.getpid(),
+            "time": time.time(), "totals": stats.totals(now),
+            "live": stats.live(request.app[stats.HISTORY].add(now)),
+            "providers": stats.provider_rows(providers, now)}
+    return json_response(body, headers=stats.NO_STORE)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -291,9 +326,10 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def json_response(body: dict[str, Any], status: int = 200) -> web.Response:
+def json_response(body: dict[str, Any], status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body),
-                        content_type="application/json")
+                        content_type="application/json", headers=headers)
 
 
 async def large_json_response(request: web.Request, gateway: Gateway, body: dict[str, Any]
