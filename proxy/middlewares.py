@@ -131,6 +131,8 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def _observe(request: web.Request, record: Record) -> None:
+    if record.forwarded:
+        return  # the worker the client reached observes it
     record.finished = time.perf_counter()
     if not record.path:
         resource = request.match_info.route.resource
@@ -155,7 +157,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     named = headers.get(PEER_KEY, "")
     if PEER in headers and request.app[WORKER].is_peer(
             headers[PEER], headers.get(REQUEST_ID_HEADER, ""), named):
-        request[FROM_PEER] = True
+        request[FROM_PEER] = request[RECORD].forwarded = True
         if not keyring.open:  # no name: the peer had no keys (a reload in between)
             request[GATEWAY_KEY] = (keyring.named(named) if named
                                     else keyring.authenticate(headers.get("Authorization")))

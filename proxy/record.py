@@ -62,7 +62,10 @@ class Record:
     origin: Origin | None = None
     cache: str | None = None  # "hit" | "miss"
     dedup: str | None = None  # "leader" | "follower"
-    peer: bool = False  # answered by (or for) the worker owning the request's key
+    peer: bool = False  # answered by the worker owning the request's key (peers.py)
+    # Forwarded here by the worker the client reached: that one observes the request
+    # (once: a request must not count twice in metrics, logs or usage).
+    forwarded: bool = False
     status: int = 0
     error_code: str | None = None
     upstream_status: int | None = None
