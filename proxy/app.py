@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy import handlers
+from proxy.access_log import AccessLog
 from proxy.backends import rate_limiter, redis_link, response_cache
 from proxy.config import Config
 from proxy.dedup import InflightRequests
@@ -53,6 +54,7 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     app[METRICS] = metrics
     # What is told of each request once it has ended (record.py).
     observers: list[Observer] = [metrics.observe]
+    observers.append(AccessLog())  # last: it reads what the others may fill (usage)
     app[OBSERVERS] = observers
     redis = redis_link(config)  # None unless a backend uses Redis
     if redis is not None:
