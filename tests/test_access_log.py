@@ -6,12 +6,14 @@ stream, a client that goes away mid-stream, an upstream cut mid-stream, a refuse
 upstream (502) and an unknown route. Every line must parse as JSON, each request must
 have exactly one access line with the right fields, and no secret may appear; then
 ``access_log: false``, ``PROXY_LOG_FORMAT=text``, ``--log-level WARNING`` (over
-``PROXY_LOG_LEVEL=DEBUG``) and two workers.
+``PROXY_LOG_LEVEL=DEBUG``), two workers, and a SIGHUP turning the access log off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yaml
 
 from proxy.keys import hash_secret
 from tests.conftest import StartUpstream
@@ -87,6 +90,14 @@ async def client_goes_away(session: aiohttp.ClientSession, url: str, faults: Fau
         await response.content.readuntil(b"\n\n")
         response.close()
     await asyncio.wait_for(faults.endless_cancelled.wait(), 15)
+
+
+async def logged(proc: Proc, text: str, times: int) -> None:
+    """Until ``text`` is in the output ``times`` times (bounded)."""
+    deadline = time.monotonic() + 15
+    while proc.spawned.log.read_text().count(text) < times:
+        assert time.monotonic() < deadline, proc.output()
+        await asyncio.sleep(0.05)
 
 
 def lines_of(proc: Proc) -> list[dict[str, Any]]:
@@ -220,7 +231,11 @@ async def test_workers_log_json_one_access_line_per_request(
 ) -> None:
     async with gateway(start_upstream, faults, closed_port, tmp_path,
                        extra={"server": {"workers": 2}}) as proc:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        await logged(proc, "listening on", 2)  # both workers, not only the first ready
+        # A connection per request: SO_REUSEPORT spreads them over the workers.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
+                                         connector=aiohttp.TCPConnector(force_close=True)
+                                         ) as session:
             for n in range(6):
                 assert await call(session, proc.url, f"t-w{n}", FULL_KEY, "POST", CHAT,
                                   chat("ok-m")) == 200
@@ -230,3 +245,22 @@ async def test_workers_log_json_one_access_line_per_request(
     assert len([x for x in lines if x.get("message", "").startswith("effective")]) == 1
     listening = [x for x in lines if "listening on" in x.get("message", "")]
     assert len(listening) == 2, lines  # both workers, in JSON
+
+
+async def test_sighup_applies_a_new_logging_section(
+    start_upstream: StartUpstream, faults: Faults, closed_port: int, tmp_path: Path,
+) -> None:
+    async with gateway(start_upstream, faults, closed_port, tmp_path) as proc:
+        path = tmp_path / "gateway.yaml"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            assert await call(session, proc.url, "t-before", FULL_KEY, "POST", CHAT,
+                              chat("ok-m")) == 200
+            changed = yaml.safe_load(path.read_text())
+            changed["logging"] = {"access_log": False, "level": "DEBUG"}
+            path.write_text(yaml.safe_dump(changed))
+            proc.spawned.process.send_signal(signal.SIGHUP)
+            await logged(proc, "reload: config from", 1)
+            assert await call(session, proc.url, "t-after", FULL_KEY, "POST", CHAT,
+                              chat("ok-m")) == 200
+        assert await stop(proc.spawned) == 0, proc.output()
+    assert set(access_lines(lines_of(proc))) == {"t-before"}
