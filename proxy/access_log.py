@@ -39,7 +39,7 @@ class AccessLine(Fields):
         f = self.fields
         rest = " ".join(f"{name}={value}" for name, value in f.items()
                         if name not in _HEAD and value is not None and value is not False)
-        return f"{f['method']} {f['route']} {f['status']} {f['duration_ms']}ms {rest}"
+        return f"{f['method']} {f['route']} {f['status']} {f['duration_ms']}ms {rest}".rstrip()
 
 
 class _AccessRecord(logging.LogRecord):

@@ -122,13 +122,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def use_json(settings: LoggingSettings, stream: TextIO) -> bool:
+    """``auto``: JSON for machines (a file, a pipe, a container's log), text for people."""
     if settings.format != "auto":
         return settings.format == "json"
     isatty = getattr(stream, "isatty", None)
     return not (isatty is not None and isatty())
 
 
-class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+class _Handler(logging.StreamHandler[TextIO]):
     """Ours, so that :func:`configure` replaces only the handler it installed."""
 
 

@@ -6,13 +6,19 @@ stream, a client that goes away mid-stream, an upstream cut mid-stream, a refuse
 upstream (502) and an unknown route. Every line must parse as JSON, each request must
 have exactly one access line with the right fields, and no secret may appear; then
 ``access_log: false``, ``PROXY_LOG_FORMAT=text``, ``--log-level WARNING`` (over
-``PROXY_LOG_LEVEL=DEBUG``), two workers, and a SIGHUP turning the access log off.
+``PROXY_LOG_LEVEL=DEBUG``), two workers, a SIGHUP turning the access log off, and
+text by default when the output is a terminal (a pty).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import pty
+import select
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,7 +34,7 @@ from proxy.keys import hash_secret
 from tests.conftest import StartUpstream
 from tests.faulty import CHAT, Faults, chat, providers
 from tests.procs import Proc, gateway_process
-from tests.test_workers import stop
+from tests.test_workers import clean_env, free_port, stop
 
 UPSTREAM_KEY = "sk-upstream-Ac7dLq2WnZ9xPe4R"
 LIMITED_KEY = "sk-gw-limited-Ub3kMv8TsY1oQh6J"
@@ -264,3 +270,31 @@ async def test_sighup_applies_a_new_logging_section(
                               chat("ok-m")) == 200
         assert await stop(proc.spawned) == 0, proc.output()
     assert set(access_lines(lines_of(proc))) == {"t-before"}
+
+
+def read_until(fd: int, text: bytes, within: float) -> bytes:
+    """What the terminal ``fd`` shows until ``text`` appears (bounded)."""
+    seen = b""
+    deadline = time.monotonic() + within
+    while text not in seen and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.1)[0]:
+            seen += os.read(fd, 65536)
+    return seen
+
+
+def test_auto_format_is_text_on_a_terminal(tmp_path: Path) -> None:
+    port = free_port()
+    terminal, side = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--upstream", "http://127.0.0.1:9/v1",
+         "--port", str(port)], stdin=subprocess.DEVNULL, stdout=side, stderr=side,
+        env=clean_env(), cwd=tmp_path)
+    os.close(side)
+    try:
+        shown = read_until(terminal, b"listening on", 20)
+    finally:
+        process.terminate()
+        process.wait(10)
+        os.close(terminal)
+    assert b" INFO proxy.server: worker 0 " in shown, shown
+    assert b'{"time"' not in shown, shown
