@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from proxy import handlers
+from proxy.access_log import AccessLog
 from proxy.backends import rate_limiter, redis_link, response_cache
 from proxy.config import Config
 from proxy.dedup import InflightRequests
@@ -54,6 +55,7 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     app[METRICS] = metrics
     # What is told of each request once it has ended (record.py).
     observers: list[Observer] = [metrics.observe]
+    observers.append(AccessLog())  # last: it reads what the others may fill (usage)
     app[OBSERVERS] = observers
     app[HISTORY] = History()  # the status page's recent samples (status.py)
     redis = redis_link(config)  # None unless a backend uses Redis

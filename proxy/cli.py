@@ -27,6 +27,7 @@ from proxy import __version__, init_wizard
 from proxy.config import Config, ConfigError, Overrides, config_file, load_config
 from proxy.discovery import ModelCatalog, ProviderStatus, Snapshot
 from proxy.keys import hash_secret, new_secret, parse_keys
+from proxy.logs import Fields, configure, redacted
 from proxy.providers import PROVIDER_TYPES, build_provider
 from proxy.server import CannotListen, check_port_free, demo_upstream_if_needed, serve
 from proxy.tasks import BackgroundTasks
@@ -83,8 +84,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key-env", metavar="NAME",
                         help="with --upstream: env var holding the upstream key "
                              "(default: forward the client's Authorization)")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="overrides PROXY_LOG_LEVEL and logging.level (default INFO)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -99,14 +100,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         path = config_file(Overrides(config_path=args.config), os.environ) or Path("proxy.yaml")
         sys.exit(init_wizard.run(path, os.environ, PROVIDER_TYPES.keys(), yes=args.yes,
                                  force=args.force, interactive=is_terminal(sys.stdin)))
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if command == "serve":
         # Held, not lost and not fatal, until the reload handler is in place (server.py,
         # workers.py); a worker inherits the mask through exec.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     config = _load(args)
+    configure(config.logging)  # workers: the same flags and environment, the same logs
     if command == "serve":
+        if args.worker_index is None:  # once per gateway, not once per worker
+            log.info(Fields({"message": "effective config (secrets redacted)",
+                             "config": redacted(config)}))
         pinned = _pinned(args)
         if args.config is None and pinned.config_path is not None:
             # Workers (restarted ones too) read the file this start found, not whatever
@@ -155,7 +158,8 @@ def _overrides(args: argparse.Namespace) -> Overrides:
         config_path=args.config, upstream=args.upstream,
         upstream_api_key_env=args.api_key_env,
         host=getattr(args, "host", None), port=getattr(args, "port", None),
-        workers=getattr(args, "workers", None), socket_dir=getattr(args, "socket_dir", None))
+        workers=getattr(args, "workers", None), socket_dir=getattr(args, "socket_dir", None),
+        log_level=args.log_level)
 
 
 def _pinned(args: argparse.Namespace) -> Overrides:
@@ -166,8 +170,11 @@ def _pinned(args: argparse.Namespace) -> Overrides:
 
 
 def _reload(overrides: Overrides) -> Config:
-    """SIGHUP: the same file, flags and environment read again (ConfigError raised)."""
-    return load_config(overrides, os.environ, PROVIDER_TYPES.keys(), reloading=True)
+    """SIGHUP: the same file, flags and environment read again (ConfigError raised).
+    The logging settings apply as soon as the new file validates."""
+    config = load_config(overrides, os.environ, PROVIDER_TYPES.keys(), reloading=True)
+    configure(config.logging)
+    return config
 
 
 def _load(args: argparse.Namespace) -> Config:

@@ -22,6 +22,7 @@ from proxy import validate as v
 from proxy.breaker import BreakerSettings, parse_breaker
 from proxy.compression import CompressionConfig, parse_compression
 from proxy.keys import GatewayKey, parse_keys, read_keys_file
+from proxy.logs import LoggingSettings, parse_logging
 from proxy.provider_config import (
     ProviderConfig,
     parse_providers,
@@ -62,6 +63,8 @@ ENV_OVERRIDES = {
     "PROXY_DISCOVERY_TIMEOUT": ("timeouts", "discovery"),
     "PROXY_MODELS_CACHE_TTL": ("models_cache_ttl",),
     "PROXY_REDIS_URL": ("redis", "url"),  # may hold a password: an env var keeps it out of files
+    "PROXY_LOG_LEVEL": ("logging", "level"),
+    "PROXY_LOG_FORMAT": ("logging", "format"),
 }
 
 
@@ -179,6 +182,7 @@ class Config:
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
     models_cache_ttl: float = 300.0
     health_cache_ttl: float = 5.0
     providers: tuple[ProviderConfig, ...] = ()
@@ -202,6 +206,7 @@ class Overrides:
     port: int | None = None
     workers: int | None = None
     socket_dir: str | None = None
+    log_level: str | None = None
 
 
 def load_config(
@@ -220,6 +225,10 @@ def load_config(
     for key in ("host", "port", "workers", "socket_dir"):
         if (value := getattr(overrides, key)) is not None:
             raw.setdefault("server", {})[key] = value
+    if overrides.log_level is not None:
+        logs = raw.get("logging")
+        if logs is None or isinstance(logs, dict):
+            raw["logging"] = {**(logs or {}), "level": overrides.log_level}
     if overrides.upstream is not None:
         raw["providers"] = [upstream_provider(overrides.upstream, overrides.upstream_api_key_env)]
         source += " + --upstream"
@@ -336,6 +345,7 @@ def _build(
         server=server, timeouts=timeouts, pool=pool, dedup=dedup, cache=cache, limits=limits,
         auth=auth, retries=retries, breaker=parse_breaker(raw.get("breaker"), problems),
         redis=redis, compression=parse_compression(raw.get("compression"), problems),
+        logging=parse_logging(raw.get("logging"), problems),
         providers=providers, aliases=aliases, deployments=deployments,
         fallbacks=fallbacks,
         models_cache_ttl=v.check(v.non_negative_number, raw, "models_cache_ttl", "", 300.0,

@@ -32,6 +32,7 @@ from proxy.errors import (
 )
 from proxy.headers import PEER, PEER_KEY
 from proxy.headers import REQUEST_ID as REQUEST_ID_HEADER
+from proxy.logs import CURRENT_REQUEST
 from proxy.record import CLIENT_DISCONNECT, Record
 from proxy.state import (
     ADMISSION,
@@ -109,6 +110,7 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     given = request.headers.get("X-Request-ID", "")
     request_id = given if given and _VALID_REQUEST_ID.match(given) else _new_id()
     request[REQUEST_ID] = request_id
+    named = CURRENT_REQUEST.set(request_id)  # for the lines logged meanwhile (logs.py)
     record = request[RECORD] = Record(time.perf_counter(), request.method,
                                       request_id=request_id, client=request.remote)
     try:
@@ -127,6 +129,7 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
                             else response.content_length or 0)
     finally:
         _observe(request, record)
+        CURRENT_REQUEST.reset(named)
     return response
 
 

@@ -100,7 +100,7 @@ async def test_no_secret_in_process_output_answers_or_health(
     # The secrets were in play: the upstream got its key, and the process did log (at
     # DEBUG level; today its own lines are INFO and up).
     assert set(faults.authorizations) == {f"Bearer {UPSTREAM_KEY}"}
-    assert " INFO " in output and " WARNING " in output, output
+    assert '"level":"INFO"' in output and '"level":"WARNING"' in output, output  # JSON
     for status, text in seen:
         assert not leaked(text), f"{status} answer:\n{text}"
     assert not leaked(output), output

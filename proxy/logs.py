@@ -1,0 +1,184 @@
+"""How the gateway logs: the ``logging`` config section, one handler on stderr, and
+its two formats (issue 10, "Access log").
+
+``json`` (the default when stderr is not a terminal: a container, systemd, a file)
+writes one JSON object per line: ``time`` (ISO 8601, UTC, ms), ``level``, ``logger``,
+``message``, ``request_id`` when the line was logged while a request was handled, and
+``exception`` as a string. ``text`` (the default on a terminal) is the classic
+``time LEVEL logger: message``. A message may be a :class:`Fields` (the access line,
+the start-up config): JSON gets its fields as they are, text its ``str``.
+
+The CLI calls :func:`configure` once the config is loaded, and again on SIGHUP; this
+module reads no environment (``PROXY_LOG_*`` are read with the other variables in
+``config.py``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import orjson
+
+from proxy import validate as v
+from proxy.redis_store import redact
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+FORMATS = ("auto", "json", "text")
+ACCESS_LOGGER = "proxy.access"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+REDACTED = "***"
+# The request being handled, for the ``request_id`` of the lines logged meanwhile
+# (set by ``context_middleware``); None outside a request.
+CURRENT_REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "current_request", default=None)
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """The ``logging`` section. ``level``: PROXY_LOG_LEVEL, ``--log-level``;
+    ``format``: PROXY_LOG_FORMAT (``auto``: json unless stderr is a terminal);
+    ``access_log``: one INFO line per request on the ``proxy.access`` logger."""
+
+    level: str = "INFO"
+    format: str = "auto"
+    access_log: bool = True
+
+
+def _level(value: Any) -> str:
+    if not isinstance(value, str) or value.upper() not in LEVELS:
+        raise ValueError(f"must be one of {', '.join(LEVELS)} (got {value!r})")
+    return value.upper()
+
+
+def parse_logging(raw: Any, problems: list[str]) -> LoggingSettings:
+    return v.section(raw, "logging", LoggingSettings, problems, {
+        "level": _level, "format": v.one_of(*FORMATS), "access_log": v.boolean})
+
+
+class Fields:
+    """A log message made of fields. ``whole``: they are the entire JSON line, time,
+    level and logger included (the access line, built in one dict by its observer);
+    else they are added to the usual ones."""
+
+    __slots__ = ("fields", "whole")
+
+    def __init__(self, fields: dict[str, Any], *, whole: bool = False):
+        self.fields = fields
+        self.whole = whole
+
+    def __str__(self) -> str:
+        fields = dict(self.fields)
+        message = fields.pop("message", "")
+        return f"{message}: {orjson.dumps(fields, default=str).decode()}"
+
+
+class _Clock:
+    """ISO 8601 UTC times with milliseconds; the part down to the second is formatted
+    once per second, not once per line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def iso(self, at: float) -> str:
+        second = int(at)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._prefix}.{int((at - second) * 1000):03d}Z"
+
+
+iso_time = _Clock().iso
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record (see the module doc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.msg
+        if isinstance(msg, Fields) and msg.whole:
+            return orjson.dumps(msg.fields, default=str).decode()
+        line: dict[str, Any] = {"time": iso_time(record.created), "level": record.levelname,
+                                "logger": record.name}
+        if isinstance(msg, Fields):
+            line.update(msg.fields)
+        else:
+            line["message"] = record.getMessage()
+        request_id = getattr(record, "request_id", None) or CURRENT_REQUEST.get()
+        if request_id:
+            line["request_id"] = request_id
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def use_json(settings: LoggingSettings, stream: TextIO) -> bool:
+    """``auto``: JSON for machines (a file, a pipe, a container's log), text for people."""
+    if settings.format != "auto":
+        return settings.format == "json"
+    isatty = getattr(stream, "isatty", None)
+    return not (isatty is not None and isatty())
+
+
+class _Handler(logging.StreamHandler[TextIO]):
+    """Ours, so that :func:`configure` replaces only the handler it installed."""
+
+
+def configure(settings: LoggingSettings, stream: TextIO | None = None) -> None:
+    """Install (or, on SIGHUP, replace) the one handler on the root logger, set the
+    level, and switch the access log on or off: off, ``proxy.access`` sits above
+    every level, so its observer's ``isEnabledFor`` is false and nothing is built."""
+    stream = stream or sys.stderr
+    handler = _Handler(stream)
+    handler.setFormatter(JsonFormatter() if use_json(settings, stream)
+                         else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(settings.level)
+    logging.getLogger(ACCESS_LOGGER).setLevel(
+        logging.NOTSET if settings.access_log else logging.CRITICAL + 1)
+
+
+# Field names whose values are secret wherever they appear in the config.
+_SECRET_FIELDS = frozenset({"api_key", "sha256", "password", "secret", "token"})
+
+
+def redacted(value: Any, name: str = "") -> Any:
+    """A config (any frozen dataclass tree) as plain JSON-able data, with secrets
+    replaced by ``***``: provider keys, gateway key hashes (not secrets, but they let
+    anyone test guesses of a weak secret offline, and the names say which key is
+    which), configured header values, and passwords in URLs (Redis, a base_url)."""
+    if name in _SECRET_FIELDS:
+        return None if value is None else REDACTED
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: redacted(getattr(value, f.name), f.name)
+                for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):  # a header's name is not secret; its value may be a key
+        return {str(key): REDACTED if name == "headers" else redacted(item)
+                for key, item in value.items()}
+    if isinstance(value, tuple | list | set | frozenset):
+        return [redacted(item, name) for item in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return _redacted_text(str(value))
+
+
+def _redacted_text(text: str) -> str:
+    if "://" not in text:
+        return text
+    try:
+        return redact(text)
+    except ValueError:  # not a URL after all: nothing to tell its secret by, so all of it
+        return REDACTED
