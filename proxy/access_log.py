@@ -102,9 +102,6 @@ def line(record: Record) -> dict[str, Any]:
     first = record.first_byte
     duration = record.finished - started
     wait = record.upstream_wait
-    # The gateway's own time before the answer's first byte, as X-Gateway-Overhead-Ms
-    # says: a stream's later chunks are the upstream's pace, not overhead.
-    overhead = (duration if first is None else first - started) - wait
     return {
         "time": "", "level": "INFO", "logger": ACCESS_LOGGER,
         "request_id": record.request_id, "method": record.method, "route": record.path,
@@ -117,7 +114,7 @@ def line(record: Record) -> dict[str, Any]:
         "ttfb_ms": None if first is None else int((first - started) * 1e6 + 0.5) / 1000,
         "duration_ms": int(duration * 1e6 + 0.5) / 1000,
         "upstream_ms": int(wait * 1e6 + 0.5) / 1000,
-        "overhead_ms": int(max(overhead, 0.0) * 1e6 + 0.5) / 1000,
+        "overhead_ms": int(record.overhead() * 1e6 + 0.5) / 1000,
         "tokens_in": tokens_in, "tokens_out": tokens_out, "tokens_cached": cached,
         "tokens_reasoning": reasoning, "tokens_source": source,
         "bytes_in": record.bytes_in, "bytes_out": record.bytes_out,

@@ -222,8 +222,11 @@ class UpstreamCall(AnswerCall):
             else:
                 answer = await self._attempts(request, retry)
         finally:  # failed tries, their backoff and deadlines too are the upstream's time
-            if self._record is not None:
-                self._record.upstream_wait += time.perf_counter() - queued
+            record = self._record
+            if record is not None:
+                record.upstream_wait += time.perf_counter() - queued
+                if record.origin is not None:  # (the answer's own replaces it)
+                    record.origin.attempts = self.tries
         answer.headers[PROVIDER] = self._provider.name
         answer.origin = Origin(self._provider.name, self._call.upstream_model, self.tries)
         return answer

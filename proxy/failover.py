@@ -25,6 +25,7 @@ from proxy.breaker import CircuitBreaker, CircuitOpen
 from proxy.errors import UpstreamError
 from proxy.limits import AdaptiveLimiter, Overloaded
 from proxy.providers import Call
+from proxy.record import Record
 from proxy.routing import Route, Target
 
 # Errors and statuses after which the next candidate is tried.
@@ -40,12 +41,6 @@ class Candidate(Protocol):
     async def start(self) -> Answer: ...
 
     def finish(self, *, failed: bool) -> None: ...
-
-
-class Waits(Protocol):
-    """``record.Record``: where the time spent on upstreams is added up."""
-
-    upstream_wait: float
 
 
 # (call for this target, target, whether it may retry) -> an upstream call
@@ -92,13 +87,14 @@ class Balancer:
 class FailoverCall(AnswerCall):
     """The candidates tried in turn; as an async context manager, the answer."""
 
-    __slots__ = ("_call", "_current", "_make", "_primary", "_record", "_targets")
+    __slots__ = ("_call", "_current", "_make", "_primary", "_record", "_targets", "_tries")
 
     def __init__(self, call: Call, targets: list[Target], make: CallFactory,
-                 record: Waits | None, primary: Sequence[Target] = ()):
+                 record: Record | None, primary: Sequence[Target] = ()):
         """``primary``: the model's own deployments (the others are its fallbacks)."""
         self._call = call
         self._primary = primary
+        self._tries = 0
         self._targets = targets
         self._make = make
         self._record = record
@@ -110,12 +106,14 @@ class FailoverCall(AnswerCall):
         try:
             return await self._first_good()
         finally:  # the legs that failed are upstream time too, not the gateway's
-            if self._record is not None:
-                self._record.upstream_wait += time.perf_counter() - queued
+            record = self._record
+            if record is not None:
+                record.upstream_wait += time.perf_counter() - queued
+                if record.origin is not None:  # (the answer's own replaces it)
+                    record.origin.attempts = self._tries
 
     async def _first_good(self) -> Answer:
         last = len(self._targets) - 1
-        tries = 0
         for index, target in enumerate(self._targets):
             call = dataclasses.replace(self._call, upstream_model=target.upstream_model)
             upstream = self._make(call, target, index == last)
@@ -124,15 +122,15 @@ class FailoverCall(AnswerCall):
             except FAILOVER_ERRORS:
                 if index == last:
                     raise
-                tries += upstream.tries
+                self._tries += upstream.tries
                 continue
-            tries += upstream.tries
+            self._tries += upstream.tries
             if index < last and answer.status in FAILOVER_STATUSES:
                 upstream.finish(failed=False)  # an error answer is read whole
                 continue
             self._current, self._answer = upstream, answer  # (it named its provider)
             if answer.origin is not None and index:
-                answer.origin.attempts = tries
+                answer.origin.attempts = self._tries
                 answer.origin.taken = "failover" if target in self._primary else "fallback"
             return answer
         raise AssertionError("a route has at least one candidate")

@@ -37,7 +37,7 @@ from proxy.headers import (
 )
 from proxy.providers import Call
 from proxy.ratelimit import Admission, RateLimiter, estimate
-from proxy.record import Origin, Record
+from proxy.record import Origin, Record, endpoint_label
 from proxy.routing import Route
 from proxy.sharing import sharing_for
 from proxy.state import (
@@ -55,11 +55,6 @@ from proxy.usage import tap
 
 # Endpoints whose POST body must name a model; other /v1/ paths may omit it.
 MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "responses"})
-# The endpoints named in logs and metrics as themselves; any other path is "/v1/other"
-# (a label must never take a value the client chose).
-NAMED_ENDPOINTS = MODEL_ENDPOINTS | frozenset({
-    "moderations", "images/generations", "audio/speech", "audio/transcriptions",
-    "audio/translations", "rerank", "files", "batches"})
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
@@ -96,8 +91,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 
 def _note_call(record: Record, call: Call, request: web.Request) -> None:
     """What the access log and metrics say of the request, once it is understood."""
-    endpoint = call.endpoint
-    record.path = f"/v1/{endpoint}" if endpoint in NAMED_ENDPOINTS else "/v1/other"
+    record.path = endpoint_label(call.endpoint)
     record.model, record.stream = call.model, call.stream
     record.key_name = _caller_key_name(request)
     record.bytes_in = len(call.body)

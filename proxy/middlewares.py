@@ -33,7 +33,7 @@ from proxy.errors import (
 from proxy.headers import PEER, PEER_KEY
 from proxy.headers import REQUEST_ID as REQUEST_ID_HEADER
 from proxy.logs import CURRENT_REQUEST
-from proxy.record import CLIENT_DISCONNECT, Record
+from proxy.record import CLIENT_DISCONNECT, Record, endpoint_label
 from proxy.state import (
     ADMISSION,
     FROM_PEER,
@@ -137,9 +137,11 @@ def _observe(request: web.Request, record: Record) -> None:
     if record.forwarded:
         return  # the worker the client reached observes it
     record.finished = time.perf_counter()
-    if not record.path:
+    if not record.path:  # the handler did not name it (it never ran, say)
         resource = request.match_info.route.resource
-        record.path = resource.canonical if resource is not None else "other"
+        canonical = resource.canonical if resource is not None else "other"
+        record.path = (endpoint_label(request.path.removeprefix("/v1/"))
+                       if canonical == "/v1/{tail}" else canonical)
     for observer in request.app[OBSERVERS]:
         try:
             observer(record)
@@ -165,7 +167,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             request[GATEWAY_KEY] = (keyring.named(named) if named
                                     else keyring.authenticate(headers.get("Authorization")))
     elif not keyring.open:
-        request[GATEWAY_KEY] = keyring.authenticate(headers.get("Authorization"))
+        key = request[GATEWAY_KEY] = keyring.authenticate(headers.get("Authorization"))
+        request[RECORD].key_name = key.name
     return await handler(request)
 
 

@@ -81,6 +81,13 @@ class Record:
         """The gateway's own time so far: everything but the wait for upstreams."""
         return (time.perf_counter() - self.started - self.upstream_wait) * 1000
 
+    def overhead(self) -> float:
+        """Seconds the gateway itself spent before the answer's first byte (what
+        ``X-Gateway-Overhead-Ms`` said): a stream's later chunks come at the upstream's
+        pace, so they are not overhead."""
+        end = self.first_byte if self.first_byte is not None else self.finished
+        return max(end - self.started - self.upstream_wait, 0.0)
+
     @property
     def provider(self) -> str | None:
         return self.origin.provider if self.origin is not None else None
@@ -91,6 +98,19 @@ class Record:
 
     def time_to_first_byte(self) -> float | None:
         return None if self.first_byte is None else self.first_byte - self.started
+
+
+# The endpoints named in logs and metrics as themselves; any other path under /v1/ is
+# "/v1/other" (a label must never take a value the client chose).
+NAMED_ENDPOINTS = frozenset({
+    "chat/completions", "completions", "embeddings", "responses", "moderations",
+    "images/generations", "audio/speech", "audio/transcriptions", "audio/translations",
+    "rerank", "files", "batches", "models", "usage"})
+
+
+def endpoint_label(endpoint: str) -> str:
+    """The route label of ``/v1/<endpoint>`` (``endpoint`` as the client sent it)."""
+    return f"/v1/{endpoint}" if endpoint in NAMED_ENDPOINTS else "/v1/other"
 
 
 # Called once per request when it has ended, whatever the outcome; must not raise or

@@ -104,6 +104,7 @@ async def test_a_refused_request_and_a_failover_are_recorded(
     refused, *served = seen
     assert refused.status == 401 and refused.error_code == "invalid_api_key"
     assert refused.key_name is None
+    assert refused.path == "/v1/chat/completions"  # named though the handler never ran
     assert {r.key_name for r in served} == {"team-a"}
     assert {r.provider for r in served} == {"alive"}
     failed_over = [r for r in served if r.origin is not None and r.origin.taken]
@@ -163,5 +164,6 @@ async def test_failed_tries_and_their_backoff_are_upstream_time_not_overhead(
         await until(seen, 3)
     waited = sum(r.upstream_wait for r in seen)
     assert waited > 0.1, waited
+    assert seen[0].origin is not None and seen[0].origin.attempts == 3
     for record in seen:
         assert record.overhead_ms() - (time.perf_counter() - record.finished) * 1000 < 50
