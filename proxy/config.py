@@ -166,6 +166,15 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class UsageConfig:
+    """Usage accounting (``accounting.py``): per worker, summed by ``GET /v1/usage``, or
+    ``backend: redis``, flushed every ``flush_interval`` seconds, summed across hosts."""
+
+    backend: str = "memory"
+    flush_interval: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -177,6 +186,7 @@ class Config:
     retries: RetryConfig = RetryConfig()
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    usage: UsageConfig = UsageConfig()
     models_cache_ttl: float = 300.0
     health_cache_ttl: float = 5.0
     providers: tuple[ProviderConfig, ...] = ()
@@ -314,9 +324,11 @@ def _build(
     limits = _limits(raw.get("limits"), problems)
     auth = _auth(raw.get("auth"), problems)
     redis = parse_redis(raw.get("redis"), problems)
+    usage = v.section(raw.get("usage"), "usage", UsageConfig, problems, {
+        "backend": v.one_of(*BACKENDS), "flush_interval": v.positive_number})
     check_backends(redis, {"auth.limits_backend": auth.limits_backend,
-                           "cache.backend": cache.backend if cache.enabled else "memory"},
-                   problems)
+                           "cache.backend": cache.backend if cache.enabled else "memory",
+                           "usage.backend": usage.backend}, problems)
     retries = v.section(raw.get("retries"), "retries", RetryConfig, problems, {
         "max_attempts": v.positive_int, "base_delay": v.positive_number,
         "max_delay": v.positive_number, "max_retry_after": v.non_negative_number,
@@ -333,7 +345,7 @@ def _build(
     return Config(
         server=server, timeouts=timeouts, pool=pool, dedup=dedup, cache=cache, limits=limits,
         auth=auth, retries=retries, breaker=parse_breaker(raw.get("breaker"), problems),
-        redis=redis,
+        redis=redis, usage=usage,
         providers=providers, aliases=aliases, deployments=deployments,
         fallbacks=fallbacks,
         models_cache_ttl=v.check(v.non_negative_number, raw, "models_cache_ttl", "", 300.0,

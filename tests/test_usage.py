@@ -48,6 +48,13 @@ async def post_raw(url: str, body: dict[str, Any], headers: dict[str, str] | Non
         return await response.read()
 
 
+async def get_usage(url: str, secret: str | None = None) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+    async with (aiohttp.ClientSession() as session,
+                session.get(f"{url}/v1/usage", headers=headers) as response):
+        return response.status, orjson.loads(await response.read())
+
+
 @pytest.mark.parametrize(("split", "null"), [("0", "end"), ("7", "end"), ("5", "middle")])
 async def test_a_stream_without_include_usage_gets_the_providers_bytes_exactly(
     start_upstream: StartUpstream, make_config: MakeConfig, split: str, null: str,
@@ -121,3 +128,28 @@ async def test_a_stream_that_ends_early_records_an_estimate(
     assert record.ended == ending
     assert record.usage == Usage(len(body) // 4 + 1, 3, None, None, "estimated")
     assert b'"usage"' not in received
+
+
+async def test_usage_totals_after_known_requests(
+    start_upstream: StartUpstream, make_config: MakeConfig, openai_client: SDK,
+) -> None:
+    async with usage_gateway(start_upstream, make_config) as (url, _, _fake, seen):
+        client = openai_client(url)
+        await client.chat.completions.create(model="m", messages=CHAT["messages"])
+        await post_raw(url, STREAM)  # the gateway asks for the usage
+        await post_raw(url, {**STREAM, "stream_options": {"include_usage": True}})
+        await client.responses.create(model="m", input="hi")
+        await client.embeddings.create(model="m", input="hi", encoding_format="float")
+        cut = orjson.dumps(STREAM)
+        assert b"event: error" in await post_raw(url, STREAM, {"X-Test-End": "cut"})
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"{url}/v1/models") as response:
+            assert response.status == 200  # not an answer with usage: not counted
+        await until(seen, 7)
+        status, totals = await get_usage(url)
+    assert status == 200 and totals["object"] == "usage"
+    assert (totals["backend"], totals["workers"], totals["complete"]) == ("memory", 1, True)
+    assert totals["data"] == [{
+        "key": None, "model": "m", "requests": 6,
+        "input_tokens": 11 * 3 + 5 + 6 + len(cut) // 4 + 1, "output_tokens": 7 * 3 + 4 + 3,
+        "cached_tokens": 3 * 3 + 1, "reasoning_tokens": 2 * 3, "estimated_requests": 1}]
