@@ -133,8 +133,9 @@ class UsageTap:
         if not self._sse:
             self._gather(chunk)
             return chunk
-        if self._guess is not None:
-            self._guess.output = (self._guess.output or 0) + chunk.count(b"data:")
+        guess = self._guess
+        if guess is not None and guess.output is not None:
+            guess.output += chunk.count(b"data:")
         return self._rewrite(chunk) if self._strip else self._scan(chunk)
 
     def _gather(self, chunk: bytes) -> None:
@@ -151,7 +152,7 @@ class UsageTap:
         data = self._carry + chunk if self._carry else chunk
         cut = data.rfind(b"\n") + 1
         self._carry = data[cut:][-_MAX_LINE:] if cut < len(data) else b""
-        if data.find(b'"usage"', 0, cut) >= 0:
+        if _has_usage_object(data, cut):
             for line in data[:cut].split(b"\n"):
                 self._line(line)
         return chunk
@@ -168,9 +169,13 @@ class UsageTap:
             return data
         self._carry = data[cut:]
         whole = data[:cut] if cut < len(data) else data
-        if not self._skip_blank and whole.find(b'"usage"') < 0:
-            return whole
-        return self._strip_lines(whole.split(b"\n")[:-1])
+        if not self._skip_blank:
+            if b'"usage"' not in whole:
+                return whole
+            whole = whole.replace(_NULL_USAGE[0], b"")  # OpenAI's: in every chunk
+            if b'"usage"' not in whole:
+                return whole
+        return self._strip_lines(whole.split(b"\n")[:-1])  # the usage chunk, say
 
     def _strip_lines(self, lines: list[bytes]) -> bytes:
         kept: list[bytes] = []
@@ -234,6 +239,10 @@ class UsageTap:
         if self._admission is not None:
             await self._admission.settle(self._total)
         return rest or None
+
+
+def _has_usage_object(data: bytes, end: int) -> bool:
+    return data.find(b'"usage":{', 0, end) >= 0 or data.find(b'"usage": {', 0, end) >= 0
 
 
 def read_usage(data: bytes) -> tuple[Usage, int] | None:
