@@ -12,7 +12,10 @@ import aiohttp
 import orjson
 
 from proxy.keys import hash_secret
+from proxy.record import Usage
 from tests.conftest import MakeConfig, StartUpstream
+from tests.test_ollama import MODEL, FakeOllama
+from tests.test_record import observed
 from tests.test_usage import REPORTED, STREAM, get_usage, post_raw, until, usage_gateway
 
 SECRETS = {"alice": "sk-gw-alice-1", "bob": "sk-gw-bob-1", "ops": "sk-gw-ops-1"}
@@ -104,3 +107,23 @@ async def test_the_usage_route_is_not_proxied(
         assert response.status == 200
         assert (await response.json())["data"] == []
     assert fake.bodies == []
+
+
+async def test_an_ollama_stream_is_counted_and_its_client_gets_no_usage_chunk(
+    start_upstream: StartUpstream, make_config: MakeConfig,
+) -> None:
+    """Ollama always reports its counts; the translation's usage chunk, asked for by
+    the gateway, never reaches a client that did not ask for it."""
+    fake = FakeOllama()
+    upstream = await start_upstream(fake.app())
+    config = make_config([{"name": "local", "type": "ollama", "base_url": upstream}],
+                         cache={"enabled": False})
+    body = {"model": f"local/{MODEL}", "stream": True, "messages": CHAT["messages"]}
+    async with observed(config) as (url, seen):
+        plain = await post_raw(url, body)
+        asked = await post_raw(url, {**body, **_ask()})
+        await until(seen, 2)
+    assert b'"usage"' not in plain and plain.endswith(b"data: [DONE]\n\n")
+    assert b'"usage":{"prompt_tokens":5,"completion_tokens":7' in asked
+    assert plain.count(b"data:") == asked.count(b"data:") - 1
+    assert [r.usage for r in seen] == [Usage(5, 7, None, None, "reported")] * 2
