@@ -10,7 +10,9 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
+from proxy.config import ConfigError
 from proxy.keys import hash_secret
 from proxy.record import Usage
 from tests.conftest import MakeConfig, StartUpstream
@@ -127,3 +129,29 @@ async def test_an_ollama_stream_is_counted_and_its_client_gets_no_usage_chunk(
     assert b'"usage":{"prompt_tokens":5,"completion_tokens":7' in asked
     assert plain.count(b"data:") == asked.count(b"data:") - 1
     assert [r.usage for r in seen] == [Usage(5, 7, None, None, "reported")] * 2
+
+
+async def test_counting_never_waits_for_an_unreachable_redis(
+    start_upstream: StartUpstream, make_config: MakeConfig, closed_port: int,
+) -> None:
+    """Answers flow while Redis is down; only /v1/usage says it cannot answer."""
+    redis = {"url": f"redis://127.0.0.1:{closed_port}/0", "retry_interval": 0.05}
+    async with usage_gateway(start_upstream, make_config, redis=redis,
+                             usage={"backend": "redis", "flush_interval": 0.05}) \
+            as (url, _, _fake, seen), aiohttp.ClientSession() as session:
+        await post_raw(url, CHAT)
+        await until(seen, 1)
+        async with session.get(f"{url}/v1/usage") as response:
+            assert response.status == 503
+            assert response.headers["Retry-After"] == "1"
+            assert (await response.json())["error"]["code"] == "usage_unavailable"
+
+
+def test_a_redis_usage_backend_needs_a_redis_url(make_config: MakeConfig) -> None:
+    with pytest.raises(ConfigError) as raised:
+        make_config([], usage={"backend": "redis"})
+    assert "redis.url: is required when usage.backend is redis" in raised.value.problems
+    with pytest.raises(ConfigError) as raised:
+        make_config([], usage={"backend": "disk", "flush_interval": 0, "other": 1})
+    assert {p.split(":")[0] for p in raised.value.problems} == {
+        "usage.backend", "usage.flush_interval", "usage.other"}
