@@ -86,8 +86,11 @@ def tap(answer: Answer, call: Call, record: Record, admission: Admission | None,
                                      source="estimated")
     if "Content-Encoding" in answer.headers:
         return  # compressed: unreadable here; the estimates stand
+    strip = call.usage_added and counted
+    if strip:  # fewer bytes than the upstream's length: the stream goes chunked
+        answer.headers.popall("Content-Length", None)
     answer.body = UsageTap(answer.body, record if counted else None, guess, admission,
-                           answer.event_stream, strip=call.usage_added and counted)
+                           answer.event_stream, strip)
 
 
 class _GiveBack:

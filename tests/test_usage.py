@@ -55,7 +55,8 @@ async def get_usage(url: str, secret: str | None = None) -> tuple[int, dict[str,
         return response.status, orjson.loads(await response.read())
 
 
-@pytest.mark.parametrize(("split", "null"), [("0", "end"), ("7", "end"), ("5", "middle")])
+@pytest.mark.parametrize(("split", "null"), [
+    ("0", "end"), ("7", "end"), ("5", "middle"), ("length", "end")])
 async def test_a_stream_without_include_usage_gets_the_providers_bytes_exactly(
     start_upstream: StartUpstream, make_config: MakeConfig, split: str, null: str,
 ) -> None:

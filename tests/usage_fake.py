@@ -6,10 +6,10 @@ OpenAI does: every chunk gains ``"usage":null`` and one last chunk with empty
 Per request, headers script the stream: ``X-Test-End`` ``complete`` (default), ``cut``
 (the connection is aborted after the first three events) or ``stall`` (no byte after
 them: the gateway's read deadline ends it), ``X-Test-Split`` writes the body in pieces
-of that many bytes, ``X-Test-Null`` ``middle`` puts ``"usage":null`` before ``choices``
-(the bench mock's order) instead of last, ``X-Test-Delay`` waits that many seconds
-before the answer's head (so identical requests meet in flight). Every request body is
-kept in ``bodies``.
+of that many bytes (``length``: all at once, with a Content-Length), ``X-Test-Null``
+``middle`` puts ``"usage":null`` before ``choices`` (the bench mock's order) instead of
+last, ``X-Test-Delay`` waits that many seconds before the answer's head (so identical
+requests meet in flight). Every request body is kept in ``bodies``.
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ class UsageUpstream:
 
 async def _stream(request: web.Request, events: list[bytes]) -> web.StreamResponse:
     end = request.headers.get("X-Test-End", "complete")
+    if request.headers.get("X-Test-Split") == "length":  # one body with a Content-Length
+        return web.Response(body=b"".join(events), content_type="text/event-stream")
     split = int(request.headers.get("X-Test-Split", "0"))
     await asyncio.sleep(float(request.headers.get("X-Test-Delay", "0")))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
