@@ -77,7 +77,7 @@ async def test_one_shared_upstream_stream_serves_both_kinds_of_client(
     """Identical deterministic streams in flight together share one upstream call
     (asked for its usage): each client gets what it asked for."""
     deterministic = {**STREAM, "temperature": 0}
-    slow = {"X-Test-Delay": "0.5"}
+    slow = {"X-Test-Delay": "1.0"}  # long enough for both to meet on a loaded machine
     async with usage_gateway(start_upstream, make_config) as (url, upstream, fake, seen):
         direct = await post_raw(upstream, deterministic)
         direct_asked = await post_raw(upstream, {**deterministic, **_ask()})
