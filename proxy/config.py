@@ -167,8 +167,7 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class UsageConfig:
-    """Usage accounting (``accounting.py``): per worker, summed by ``GET /v1/usage``, or
-    ``backend: redis``, flushed every ``flush_interval`` seconds, summed across hosts."""
+    """Usage totals (``accounting.py``): per worker, or in Redis every flush_interval s."""
 
     backend: str = "memory"
     flush_interval: float = 1.0
