@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy import handlers
+from proxy import handlers, usage_api
 from proxy.access_log import AccessLog
+from proxy.accounting import USAGE, Accounting, usage_lifecycle
 from proxy.backends import rate_limiter, redis_link, response_cache
 from proxy.config import Config
 from proxy.dedup import InflightRequests
@@ -53,16 +54,18 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     app[WORKER] = worker
     metrics = Metrics()
     app[METRICS] = metrics
-    # What is told of each request once it has ended (record.py).
-    observers: list[Observer] = [metrics.observe]
-    observers.append(AccessLog())  # last: it reads what the others may fill (usage)
-    app[OBSERVERS] = observers
     app[HISTORY] = History()  # the status page's recent samples (status.py)
     redis = redis_link(config)  # None unless a backend uses Redis
+    accounting = app[USAGE] = Accounting(config.usage, redis)
+    # What is told of each request once it has ended (record.py); the access log last:
+    # it reads what the others may fill.
+    observers: list[Observer] = [metrics.observe, accounting.observe, AccessLog()]
+    app[OBSERVERS] = observers
     if redis is not None:
         app.on_cleanup.append(lambda _: redis.close())  # after _lifecycle's own cleanup
     app[LIVE] = Live(_shared(config, worker, redis), config)
     app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(usage_lifecycle)  # its final flush runs before _lifecycle's end
     app.on_response_prepare.append(stamp_response)
     _add_routes(app.router)
     return app
@@ -84,6 +87,7 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/ui/stats", handlers.status_stats)
     router.add_get("/v1/models", handlers.list_models)
     router.add_get("/v1/models/{model:.+}", handlers.get_model)
+    router.add_get("/v1/usage", usage_api.usage)  # before the catch-all /v1/{tail}
     router.add_route("*", "/v1/{tail:.+}", handlers.proxy_handler)
 
 

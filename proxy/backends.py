@@ -18,7 +18,8 @@ def redis_link(config: Config) -> RedisLink | None:
     """The worker's link to Redis, when a backend uses it (close it at shutdown)."""
     limits = config.auth.limits_backend == "redis"
     cache = config.cache.enabled and config.cache.backend == "redis"
-    if not (limits or cache):
+    usage = config.usage.backend == "redis"
+    if not (limits or cache or usage):
         return None
     fallbacks = []
     if limits:
@@ -28,6 +29,8 @@ def redis_link(config: Config) -> RedisLink | None:
                          "fail_open)")
     if cache:
         fallbacks.append("the cache answers misses")
+    if usage:
+        fallbacks.append("usage totals wait in memory")
     return RedisLink(config.redis, "; ".join(fallbacks) + " until it is back")
 
 

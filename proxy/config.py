@@ -170,6 +170,14 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class UsageConfig:
+    """Usage totals (``accounting.py``): per worker, or in Redis every flush_interval s."""
+
+    backend: str = "memory"
+    flush_interval: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -183,6 +191,7 @@ class Config:
     redis: RedisSettings = field(default_factory=RedisSettings)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    usage: UsageConfig = UsageConfig()
     models_cache_ttl: float = 300.0
     health_cache_ttl: float = 5.0
     providers: tuple[ProviderConfig, ...] = ()
@@ -325,9 +334,11 @@ def _build(
     limits = _limits(raw.get("limits"), problems)
     auth = _auth(raw.get("auth"), problems)
     redis = parse_redis(raw.get("redis"), problems)
+    usage = v.section(raw.get("usage"), "usage", UsageConfig, problems, {
+        "backend": v.one_of(*BACKENDS), "flush_interval": v.positive_number})
     check_backends(redis, {"auth.limits_backend": auth.limits_backend,
-                           "cache.backend": cache.backend if cache.enabled else "memory"},
-                   problems)
+                           "cache.backend": cache.backend if cache.enabled else "memory",
+                           "usage.backend": usage.backend}, problems)
     retries = v.section(raw.get("retries"), "retries", RetryConfig, problems, {
         "max_attempts": v.positive_int, "base_delay": v.positive_number,
         "max_delay": v.positive_number, "max_retry_after": v.non_negative_number,
@@ -344,7 +355,8 @@ def _build(
     return Config(
         server=server, timeouts=timeouts, pool=pool, dedup=dedup, cache=cache, limits=limits,
         auth=auth, retries=retries, breaker=parse_breaker(raw.get("breaker"), problems),
-        redis=redis, compression=parse_compression(raw.get("compression"), problems),
+        redis=redis, usage=usage,
+        compression=parse_compression(raw.get("compression"), problems),
         logging=parse_logging(raw.get("logging"), problems),
         providers=providers, aliases=aliases, deployments=deployments,
         fallbacks=fallbacks,

@@ -51,7 +51,7 @@ from proxy.state import (
     WORKER,
 )
 from proxy.streaming import send_answer
-from proxy.usage import tap
+from proxy.usage import ask_usage, tap
 
 # Endpoints whose POST body must name a model; other /v1/ paths may omit it.
 MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "responses"})
@@ -69,6 +69,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     record.origin = Origin(route.provider.name, route.upstream_model, attempts=0)
     admission = await admit(request, call, route, live.shared.rate_limiter)
     call.upstream_model = route.upstream_model
+    ask_usage(call, route)  # before the sharing key: asked or not, one upstream stream
     sharing = sharing_for(call, route.label, request.headers, config.dedup, config.cache,
                           record.key_name)
     answered = False
@@ -77,7 +78,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             answered = True
             if answer.origin is not None:
                 record.origin, record.upstream_status = answer.origin, answer.status
-            tap(answer, admission)
+            tap(answer, call, record, admission, request.get(FROM_PEER, False))
             return await send_answer(request, answer, buffered=not call.stream,
                                      record=record, keepalive=config.timeouts.sse_keepalive,
                                      compression=config.compression)

@@ -36,6 +36,9 @@ class ProviderConfig:
     ca_file: str | None = None  # PEM file of CAs to trust for an https base_url
     # What it changes of the global timeouts, key by key.
     timeouts: TimeoutOverrides = field(default_factory=TimeoutOverrides)
+    # May the gateway add ``stream_options.include_usage`` to a stream whose client did
+    # not ask (usage accounting, issue 10)? False for an upstream that rejects the field.
+    stream_usage: bool = True
 
     @property
     def api_key_missing(self) -> bool:
@@ -104,11 +107,12 @@ def _provider(
     forward = v.check(v.boolean, item, "forward_client_auth", path, key_env is None, problems)
     ca_file = v.check(v.readable_file, item, "ca_file", path, None, problems)
     timeouts = parse_overrides(item.get("timeouts"), f"{path}.timeouts", problems)
+    stream_usage = v.check(v.boolean, item, "stream_usage", path, True, problems)
     if len(problems) > before:
         return None
     return ProviderConfig(
         name=name, type=type_, base_url=base_url.rstrip("/"), api_key_env=key_env,
         api_key=env.get(key_env) if key_env else None, headers=MappingProxyType(dict(headers)),
         models=tuple(models), catch_all=catch_all, forward_client_auth=forward,
-        ca_file=ca_file, timeouts=timeouts,
+        ca_file=ca_file, timeouts=timeouts, stream_usage=stream_usage,
     )

@@ -1,77 +1,309 @@
-"""Reading ``usage`` off an answer as it is relayed, to correct a rate-limit estimate.
+"""Reading ``usage`` off every answer as it is relayed (issue 10, "Usage accounting").
 
-A :class:`UsageTap` wraps an answer's body (``answers.Body``) for a key with a tokens
-per minute limit: chunks pass through untouched and at once; a JSON answer is kept (up
-to ``MAX_JSON``) and parsed at its end, and in an event stream each ``data:`` line that
-mentions ``usage`` is parsed (the final usage chunk of ``stream_options.include_usage``).
-The correction is made before the body's end is passed on (an await: the buckets may be
-shared, in Redis), so the client's next request already sees it.
+:func:`ask_usage` runs before the upstream call: a stream whose client did not ask for
+its usage is sent with ``stream_options.include_usage`` when every provider of its route
+honours it (``Provider.asks_stream_usage``). :func:`tap` then wraps the answer's body
+(``answers.Body``) in a :class:`UsageTap`, which fills ``record.usage`` for the access
+log, the metrics and the accounting (``accounting.py``), and settles a rate-limited
+key's token estimate (``ratelimit.Admission``) before the body's end is passed on, so
+the key's next request already sees the correction.
+
+* A JSON answer is kept (up to ``MAX_JSON``) and read at its end, only when it mentions
+  ``"usage"``: from its last ``"usage"`` on (one small parse), the whole body if needed.
+* In an event stream only ``data:`` lines whose ``usage`` is an object are parsed.
+* Where the gateway asked for the usage, it takes out what that added, so the client
+  gets exactly the provider's bytes without the option: ``"usage":null`` in each chunk
+  and the last chunk with empty ``choices`` (OpenAI's behaviour). Only complete lines
+  are passed on; a line is never held longer than until its newline arrives.
+* Until a usage is reported, ``record.usage`` holds an estimate, kept current as the
+  answer passes (``source`` "estimated"): the prompt by size (``ratelimit.estimate``)
+  and one output token per ``data:`` event (an OpenAI-style stream sends about one token
+  per event), or per 4 bytes of a JSON answer. A stream that ends early (client gone,
+  upstream cut, deadline) keeps that estimate; ``record.ended`` says why.
+
+A request a peer worker forwarded is not tapped: the worker facing the client strips and
+counts it (``peers.py``), so nothing is taken out twice or counted twice.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 from proxy.answers import Answer, Body
-from proxy.ratelimit import Admission
+from proxy.providers import Call
+from proxy.ratelimit import Admission, estimate
+from proxy.record import Record, Usage
+from proxy.routing import Route
 
-MAX_JSON = 1024 * 1024
-_MAX_LINE = 64 * 1024
+MAX_JSON = 1024 * 1024  # a larger JSON answer is not held: its estimate stands
+_MAX_LINE = 64 * 1024  # a longer partial line is passed on, not held for stripping
+_JSON_BYTES_PER_TOKEN = 4
+# The endpoints whose answers carry token usage; only the first two take stream_options.
+TOKEN_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "responses"})
+_STREAM_USAGE_ENDPOINTS = frozenset({"chat/completions", "completions"})
+# What include_usage adds to each chunk, in the spellings servers use.
+_NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
+_EMPTY_CHOICES = (b'"choices":[]', b'"choices": []')
 
 
-class UsageTap:
-    __slots__ = ("_admission", "_body", "_carry", "_json", "_size", "_sse", "_used")
+def ask_usage(call: Call, route: Route) -> None:
+    """Ask upstream for a stream's usage its client did not ask for (see the module)."""
+    payload = call.payload
+    if not call.stream or payload is None or call.endpoint not in _STREAM_USAGE_ENDPOINTS:
+        return
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return  # the upstream refuses it as it would without the gateway
+    if options is not None and options.get("include_usage") is True:
+        return
+    if _route_asks(route):
+        call.add_stream_usage()
 
-    def __init__(self, body: Body, admission: Admission, event_stream: bool,
-                 used: int | None = None):
-        """``used`` known already (an error answer's 0): the body is not read for it."""
-        self._body = body
-        self._admission = admission
-        self._sse = event_stream and used is None
-        self._json: list[bytes] | None = None if event_stream or used is not None else []
-        self._carry = b""
-        self._size = 0
-        self._used = used
+
+def _route_asks(route: Route) -> bool:
+    if route.single:
+        return route.provider.asks_stream_usage
+    return all(target.provider.asks_stream_usage
+               for group in (route.deployments, *route.fallbacks) for target in group)
+
+
+def tap(answer: Answer, call: Call, record: Record, admission: Admission | None,
+        from_peer: bool = False) -> None:
+    """Wrap ``answer``'s body to read its usage. An error answer costs no tokens: its
+    estimate is given back when its body, already whole, is sent."""
+    counted = call.endpoint in TOKEN_ENDPOINTS and not from_peer
+    if answer.status >= 400:
+        if admission is not None:
+            answer.body = _GiveBack(answer.body, admission)
+        return
+    if not counted and admission is None:
+        return
+    guess: Usage | None = None
+    if counted:
+        guess = record.usage = Usage(input=estimate(None, call.body), output=0,
+                                     source="estimated")
+    if "Content-Encoding" in answer.headers:
+        return  # compressed: unreadable here; the estimates stand
+    strip = call.usage_added and counted
+    if strip:  # fewer bytes than the upstream's length: the stream goes chunked
+        answer.headers.popall("Content-Length", None)
+    answer.body = UsageTap(answer.body, record if counted else None, guess, admission,
+                           answer.event_stream, strip)
+
+
+class _GiveBack:
+    __slots__ = ("_admission", "_body")
+
+    def __init__(self, body: Body, admission: Admission):
+        self._body, self._admission = body, admission
 
     async def next(self) -> bytes | None:
         chunk = await self._body.next()
         if chunk is None:
-            await self._finish()
-        elif self._sse:
-            self._scan(chunk)
-        elif self._json is not None:
-            self._json.append(chunk)
-            self._size += len(chunk)
-            if self._size > MAX_JSON:
-                self._json = None  # too large to hold: the estimate stands
+            await self._admission.settle(0)
         return chunk
 
-    def _scan(self, chunk: bytes) -> None:
-        lines = (self._carry + chunk).split(b"\n")
-        self._carry = lines.pop()[-_MAX_LINE:]
-        for line in lines:
-            if line.startswith(b"data:") and b'"usage"' in line:
-                self._used = _total(line[5:]) or self._used
 
-    async def _finish(self) -> None:
+class UsageTap:
+    """An answer's body, read for its usage as it passes (see the module doc)."""
+
+    __slots__ = ("_admission", "_body", "_carry", "_done", "_guess", "_json", "_record",
+                 "_size", "_skip_blank", "_sse", "_strip", "_total")
+
+    def __init__(self, body: Body, record: Record | None, guess: Usage | None,
+                 admission: Admission | None, event_stream: bool, strip: bool):
+        self._body = body
+        self._record = record
+        self._guess = guess  # the estimate in record.usage until a usage is reported
+        self._admission = admission
+        self._sse = event_stream
+        self._strip = strip and event_stream
+        self._json: list[bytes] | None = None if event_stream else []
+        self._carry = b""  # a partial line
+        self._skip_blank = False  # a dropped event's blank line is still to come
+        self._size = 0
+        self._total: int | None = None  # total tokens reported, for the rate limits
+        self._done = False
+
+    async def next(self) -> bytes | None:
+        if self._done:
+            return None
+        chunk = await self._body.next()
+        if chunk is None:
+            return await self._end()
+        if not self._sse:
+            self._gather(chunk)
+            return chunk
+        guess = self._guess
+        if guess is not None and guess.output is not None:
+            guess.output += chunk.count(b"data:")
+        return self._rewrite(chunk) if self._strip else self._scan(chunk)
+
+    def _gather(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._guess is not None:
+            self._guess.output = self._size // _JSON_BYTES_PER_TOKEN
         if self._json is not None:
-            self._used = _total(b"".join(self._json))
-        await self._admission.settle(self._used)
+            self._json.append(chunk)
+            if self._size > MAX_JSON:
+                self._json = None  # too large to hold: the estimate stands
+
+    def _scan(self, chunk: bytes) -> bytes:
+        """Read usage off whole lines; the chunk itself passes untouched."""
+        data = self._carry + chunk if self._carry else chunk
+        cut = data.rfind(b"\n") + 1
+        self._carry = data[cut:][-_MAX_LINE:] if cut < len(data) else b""
+        if _has_usage_object(data, cut):
+            for line in data[:cut].split(b"\n"):
+                self._line(line)
+        return chunk
+
+    def _rewrite(self, chunk: bytes) -> bytes:
+        """The whole lines so far, less what ``include_usage`` added."""
+        data = self._carry + chunk if self._carry else chunk
+        cut = data.rfind(b"\n") + 1
+        if cut == 0 and len(data) <= _MAX_LINE:
+            self._carry = data
+            return b""
+        if cut == 0:  # a line too long to hold: passed on as it is, and no more stripping
+            self._carry, self._strip = b"", False
+            return data
+        self._carry = data[cut:]
+        whole = data[:cut] if cut < len(data) else data
+        if not self._skip_blank:
+            if b'"usage"' not in whole:
+                return whole
+            whole = whole.replace(_NULL_USAGE[0], b"")  # OpenAI's: in every chunk
+            if b'"usage"' not in whole:
+                return whole
+        return self._strip_lines(whole.split(b"\n")[:-1])  # the usage chunk, say
+
+    def _strip_lines(self, lines: list[bytes]) -> bytes:
+        kept: list[bytes] = []
+        for line in lines:
+            if self._skip_blank:
+                self._skip_blank = False
+                if line in (b"", b"\r"):
+                    continue
+            if line.startswith(b"data:") and b'"usage"' in line:
+                stripped = self._line(line, strip=True)
+                if stripped is None:
+                    self._skip_blank = True
+                else:
+                    kept.append(stripped)
+                continue
+            kept.append(line)
+        return b"\n".join(kept) + b"\n" if kept else b""
+
+    def _line(self, line: bytes, strip: bool = False) -> bytes | None:
+        """Read one ``data:`` line's usage; with ``strip``, the line as the client gets
+        it (None: the event is dropped)."""
+        at = line.find(b'"usage"')
+        if at < 0 or not line.startswith(b"data:"):
+            return line
+        value = line[at + 7:at + 16].lstrip(b": ")
+        if value.startswith(b"null"):
+            if strip:
+                for added in _NULL_USAGE:
+                    if added in line:
+                        return line.replace(added, b"", 1)
+            return line
+        if not value.startswith(b"{"):
+            return line
+        self._reported(read_usage(line[5:]))
+        if strip and any(empty in line for empty in _EMPTY_CHOICES):
+            return None  # the usage chunk include_usage added
+        return line
+
+    def _reported(self, found: tuple[Usage, int] | None) -> None:
+        if found is None:
+            return
+        usage, self._total = found
+        if self._record is not None:
+            self._record.usage = usage
+
+    async def _end(self) -> bytes | None:
+        """The body's end: the last partial line, the JSON's usage, the settlement."""
+        self._done = True
+        rest = b""
+        if self._carry:
+            carry, self._carry = self._carry, b""
+            if self._strip:
+                rest = self._strip_lines([carry]).removesuffix(b"\n")
+            else:
+                self._line(carry)
+        if self._json:
+            body = self._json[0] if len(self._json) == 1 else b"".join(self._json)
+            self._json = None
+            if b'"usage"' in body:
+                self._reported(read_usage(body))
+        if self._admission is not None:
+            await self._admission.settle(self._total)
+        return rest or None
 
 
-def tap(answer: Answer, admission: Admission | None) -> None:
-    """Wrap ``answer``'s body when its tokens must be counted; an error answer costs no
-    tokens, so its estimate is given back (when its body, already whole, is sent)."""
-    if admission is None:
-        return
-    used = 0 if answer.status >= 400 else None
-    answer.body = UsageTap(answer.body, admission, answer.event_stream, used)
+def _has_usage_object(data: bytes, end: int) -> bool:
+    return data.find(b'"usage":{', 0, end) >= 0 or data.find(b'"usage": {', 0, end) >= 0
 
 
-def _total(data: bytes) -> int | None:
-    try:
-        usage = orjson.loads(data).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
+def read_usage(data: bytes) -> tuple[Usage, int] | None:
+    """The usage a JSON object (an answer, a chunk, a Responses event) reports, and its
+    total. Parses from the last ``"usage"`` on first (OpenAI puts it near the end; a
+    ``"usage"`` inside a string would be escaped), the whole object only if needed."""
+    at = data.rfind(b'"usage"')
+    if at < 0:
         return None
-    total = usage.get("total_tokens") if isinstance(usage, dict) else None
-    return total if isinstance(total, int) and total >= 0 else None
+    try:
+        tail = orjson.loads(b"{" + data[at:])
+    except orjson.JSONDecodeError:
+        tail = None
+    usage = tail.get("usage") if isinstance(tail, dict) else None
+    if not isinstance(usage, dict):
+        usage = _whole_usage(data)
+    return _usage(usage) if isinstance(usage, dict) else None
+
+
+def _whole_usage(data: bytes) -> Any:
+    try:
+        whole = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(whole, dict):
+        return None
+    usage = whole.get("usage")
+    response = whole.get("response")  # a Responses API event: response.completed
+    if usage is None and isinstance(response, dict):
+        usage = response.get("usage")
+    return usage
+
+
+def _usage(usage: dict[str, Any]) -> tuple[Usage, int] | None:
+    """Chat/completions (prompt/completion) or Responses (input/output) fields."""
+    prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+    completion = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+    total = _count(usage.get("total_tokens"))
+    if prompt is None and completion is None:
+        return None
+    prompt = prompt or 0
+    if completion is None:  # embeddings: no completion, total = prompt
+        completion = max((total or prompt) - prompt, 0)
+    cached = _detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens")
+    reasoning = _detail(usage, ("completion_tokens_details", "output_tokens_details"),
+                        "reasoning_tokens")
+    found = Usage(prompt, completion, cached, reasoning, "reported")
+    return found, total if total is not None else prompt + completion
+
+
+def _detail(usage: dict[str, Any], names: tuple[str, ...], field: str) -> int | None:
+    for name in names:
+        details = usage.get(name)
+        if isinstance(details, dict):
+            return _count(details.get(field))
+    return None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None

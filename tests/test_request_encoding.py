@@ -81,7 +81,9 @@ async def test_a_compressed_body_goes_upstream_decoded_without_its_coding(
     start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
     url, seen = await _gateway(start_upstream, start_gateway, make_config)
-    plain = orjson.dumps({**CHAT, "stream": stream})
+    # A stream asks for its usage itself, so the gateway adds nothing (tests/test_usage.py).
+    asks = {"stream_options": {"include_usage": True}} if stream else {}
+    plain = orjson.dumps({**CHAT, "stream": stream, **asks})
     assert callable(compress)
     status, answer = await _post(url, compress(plain), coding)
     assert status == 200, answer

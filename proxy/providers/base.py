@@ -53,13 +53,28 @@ class Call:
     # Who sent it, for the circuit breaker's distinct callers: a gateway key's name, a
     # hash of the client's Authorization, or its address; never a secret.
     caller: str = ""
+    # The gateway added ``stream_options.include_usage`` to ``payload`` (``usage.py``):
+    # what it adds to the answer is taken out again before the client sees it.
+    usage_added: bool = False
 
     def body_for_upstream(self) -> bytes:
         """The body to send: the client's bytes untouched unless the model name changes
-        (a ``provider/`` prefix or an alias), the only case that re-serialises."""
-        if self.payload is None or self.upstream_model in (None, self.model):
+        (a ``provider/`` prefix or an alias) or the gateway asked for a stream's usage,
+        the only cases that re-serialise."""
+        if self.payload is None:
             return self.body
-        return orjson.dumps({**self.payload, "model": self.upstream_model})
+        if self.upstream_model not in (None, self.model):
+            return orjson.dumps({**self.payload, "model": self.upstream_model})
+        return orjson.dumps(self.payload) if self.usage_added else self.body
+
+    def add_stream_usage(self) -> None:
+        """Ask upstream for the stream's usage (``stream_options.include_usage``) the
+        client did not ask for, keeping its other stream options."""
+        assert self.payload is not None
+        options = self.payload.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        self.payload = {**self.payload, "stream_options": {**options, "include_usage": True}}
+        self.usage_added = True
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:
@@ -79,10 +94,15 @@ class Provider(ABC):
     # False for a provider whose answers pass through untouched: the relay then reads
     # the upstream body directly, without the translate_* hooks (the hot path).
     translates_body: ClassVar[bool] = True
+    # Honours ``stream_options.include_usage`` as OpenAI does: each chunk gains
+    # ``"usage":null`` and one last chunk with empty ``choices`` carries the usage.
+    honours_stream_usage: ClassVar[bool] = False
 
     def __init__(self, config: ProviderConfig):
         self.config = config
         self.name = config.name
+        # May the gateway ask it for a stream's usage the client did not ask for?
+        self.asks_stream_usage = self.honours_stream_usage and config.stream_usage
         self.base_url = URL(config.base_url)
         # Shared: an SSL context is costly, and the upstream pool keys its origins on it,
         # so a reload must find the same one (a new one per reload stranded the old

@@ -35,6 +35,7 @@ _OPTIONS = {
 
 class OllamaProvider(Provider):
     type_name = "ollama"
+    honours_stream_usage = True  # ollama_stream adds OpenAI's usage chunk when asked
 
     def prepare(self, call: Call) -> UpstreamRequest:
         route = _ROUTES.get(call.endpoint)

@@ -3,7 +3,9 @@ ModelScope, vLLM, LM Studio, llama.cpp, ...).
 
 Nothing is translated: the request path under ``/v1/`` is appended to ``base_url``, the
 client's body bytes go up untouched (unless routing renamed the model), and the answer's
-bytes come back untouched, SSE included.
+bytes come back untouched, SSE included. The one exception: a stream whose client did
+not ask for its usage is sent with ``stream_options.include_usage`` (unless the provider
+has ``stream_usage: false``), and ``usage.py`` takes out what that adds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from proxy.upstream import UpstreamClient, UpstreamRequest
 class OpenAICompatProvider(Provider):
     type_name = "openai_compat"
     translates_body = False
+    honours_stream_usage = True
 
     def prepare(self, call: Call) -> UpstreamRequest:
         return UpstreamRequest(
