@@ -53,6 +53,11 @@ class CompressionConfig:
     level: int = 1
 
 
+# For an answer to a request a peer worker forwarded (peers.py): the worker the client
+# reached compresses it, after reading its usage (a gzip'ed body could not be read).
+NEVER = CompressionConfig(enabled=False, min_bytes=1 << 62)
+
+
 def _level(value: Any) -> int:
     number = v.positive_int(value)
     if number > 9:

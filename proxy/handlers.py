@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import status as stats
 from proxy.auth import require_admin
-from proxy.compression import ACCEPT_ENCODING, maybe_gzip
+from proxy.compression import ACCEPT_ENCODING, NEVER, maybe_gzip
 from proxy.config import Config
 from proxy.discovery import Snapshot
 from proxy.errors import (
@@ -81,7 +81,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             tap(answer, call, record, admission, request.get(FROM_PEER, False))
             return await send_answer(request, answer, buffered=not call.stream,
                                      record=record, keepalive=config.timeouts.sse_keepalive,
-                                     compression=config.compression)
+                                     compression=NEVER if record.forwarded
+                                     else config.compression)
     except GatewayError:
         # No answer at all: the gateway's own failure costs the key no tokens. Once one
         # began (a deadline cut it, say), the upstream worked: the estimate stands.
