@@ -49,15 +49,15 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
                           client_max_size=config.server.max_body_bytes)
     worker = worker or WorkerSpec.of(config)
     app[WORKER] = worker
-    metrics = Metrics()
-    app[METRICS] = metrics
-    # What is told of each request once it has ended (record.py).
-    observers: list[Observer] = [metrics.observe]
-    app[OBSERVERS] = observers
     redis = redis_link(config)  # None unless a backend uses Redis
     if redis is not None:
         app.on_cleanup.append(lambda _: redis.close())  # after _lifecycle's own cleanup
-    app[LIVE] = Live(_shared(config, worker, redis), config)
+    live = app[LIVE] = Live(_shared(config, worker, redis), config)
+    metrics = app[METRICS] = Metrics(live, worker.metrics_dir)
+    live.reload_hooks.append(metrics.reloaded)
+    # What is told of each request once it has ended (record.py).
+    observers: list[Observer] = [metrics.observe]
+    app[OBSERVERS] = observers
     app.cleanup_ctx.append(_lifecycle)
     app.on_response_prepare.append(stamp_response)
     _add_routes(app.router)
@@ -96,6 +96,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.warning("no gateway keys configured (auth.keys): anyone who can reach this "
                     "gateway may use it")
     live.gateway.catalog.refresh_soon()
+    shared.tasks.spawn(app[METRICS].sample_state(), name="metrics-state")
     yield
     await shared.tasks.close()
     await shared.peers.close()

@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy.auth import require_admin
 from proxy.config import Config
 from proxy.discovery import Snapshot
 from proxy.errors import (
@@ -283,7 +284,9 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics``: the Prometheus text format (``metrics.py``)."""
+    """``GET /metrics``: the Prometheus text format (``metrics.py``); with gateway keys
+    configured, for an admin key only."""
+    require_admin(request.get(GATEWAY_KEY), request.app[LIVE].gateway.keyring)
     body = request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -4,22 +4,40 @@ Names follow the OpenTelemetry GenAI and HTTP semantic conventions where they ex
 (``gen_ai.client.operation.duration`` -> ``gen_ai_client_operation_duration_seconds``,
 ...), then the gateway's own under ``gateway_``. :class:`Metrics` is made once per app
 (``app.py``) and fed by :meth:`Metrics.observe`, an observer of each request's
-``Record`` (``record.py``).
+``Record`` (``record.py``); the per-provider state gauges (breaker, adaptive limit,
+queue) are sampled every few seconds and at each scrape (``metrics_state.py``).
 
-Labels are bounded by construction: a model or provider label takes only a name the
-config or discovery knows (anything else is ``other``), a gateway key only its
-configured name; never a request id or anything else the client chose.
+Labels are bounded by construction (``metrics_state.Labels``): a model or provider
+label takes only a name the config or discovery knows (anything else is ``other``), a
+gateway key only its configured name; never a request id or anything else the client
+chose. A labelled child is looked up once and kept in a dict keyed by its label tuple:
+``labels()`` takes a lock and validates on every call.
+
+With ``proxy serve --workers N`` every worker writes its figures to files in one
+directory per gateway (prometheus-client's multiprocess mode, ``metrics_state``), and
+a scrape on any worker sums every worker's files.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 
-from proxy.record import Record
+from proxy import __version__
+from proxy.gateway import Live
+from proxy.metrics_state import (
+    Labels,
+    StateGauges,
+    collect_all,
+    registry_of_all,
+    require_multiprocess,
+)
+from proxy.record import COMPLETED, Record
 
 # Seconds, from a cached answer's milliseconds to a reasoning model's minutes.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60,
@@ -33,14 +51,33 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576,
 
 OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion",
               "/v1/embeddings": "embeddings", "/v1/responses": "chat"}
+RATE_LIMITED = "rate_limit_exceeded"  # ratelimit.RateLimited.code
+# An upstream answer with one of these statuses failed (a 4xx is the caller's mistake,
+# answered correctly; 429 is the upstream refusing).
+_FAILED_UPSTREAM = 500
+_REFUSED = 429
 
 
 class Metrics:
     """Every metric of one gateway app, in ``registry`` (a fresh one per app, so two
-    gateways in one process, as in the tests, never mix their figures)."""
+    gateways in one process, as in the tests, never mix their figures).
 
-    def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry = registry or CollectorRegistry(auto_describe=True)
+    ``multiprocess_dir``: the supervisor's directory (``--workers N``); the scrape then
+    sums every worker's files there instead of reading this process's registry."""
+
+    def __init__(self, live: Live, multiprocess_dir: Path | None = None):
+        if multiprocess_dir is not None:
+            require_multiprocess()
+        self.multiprocess_dir = multiprocess_dir
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.labels = Labels(live)
+        self._define(registry)
+        self.state = StateGauges(live, registry)
+        self._by_request: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._by_operation: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _define(self, registry: CollectorRegistry) -> None:
         model = ("gen_ai_operation_name", "gen_ai_request_model", "gen_ai_provider_name")
         self.operation_duration = Histogram(
             "gen_ai_client_operation_duration_seconds",
@@ -66,6 +103,9 @@ class Metrics:
             ("route", "model", "provider", "status"), registry=registry)
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served.",
                                registry=registry, multiprocess_mode="livesum")
+        self.attempts = Counter(
+            "gateway_upstream_attempts", "Upstream attempts by provider and outcome.",
+            ("provider", "outcome"), registry=registry)
         self.stream_endings = Counter(
             "gateway_stream_endings", "Streams by how they ended.", ("reason",),
             registry=registry)
@@ -73,35 +113,118 @@ class Metrics:
                              ("result",), registry=registry)
         self.dedup = Counter("gateway_dedup_requests", "Shared requests by role.",
                              ("role",), registry=registry)
+        self.rate_limited = Counter(
+            "gateway_rate_limited_requests", "Requests refused by a key's rate limit.",
+            ("key",), registry=registry)
+        self.reloads = Counter("gateway_config_reloads", "Config reloads by result.",
+                               ("result",), registry=registry)
+        self.build_info = Gauge("gateway_build_info", "The running gateway's version.",
+                                ("version",), registry=registry, multiprocess_mode="livemax")
+        self.build_info.labels(__version__).set(1)
 
     def observe(self, record: Record) -> None:
-        """The observer (``record.Observer``): one ended request."""
-        status = str(record.status)
-        provider = record.provider or "none"
-        model = record.model or "none"
-        duration = record.duration()
-        self.requests.labels(record.path, model, provider, status).inc()
-        self.http_duration.labels(record.method, record.path, status).observe(duration)
-        self.overhead.observe(max(record.overhead_ms(), 0.0) / 1000)
-        operation = OPERATIONS.get(record.path)
+        """The observer (``record.Observer``): one ended request. Each labelled child
+        comes from a dict (see the module doc); only what the record says happened is
+        counted, so a cache hit or a follower sends no upstream attempt."""
+        model, provider = self.labels.of(record.model, record.provider)
+        status = record.status
+        key = (record.method, record.path, model, provider, status)
+        children = self._by_request.get(key)
+        if children is None:
+            children = self._by_request[key] = self._request_children(key)
+        requests, http, operation, first_chunk = children
+        duration = record.finished - record.started
+        requests.inc()
+        http.observe(duration)
+        first = record.first_byte
+        ended = first if first is not None else record.finished
+        self.overhead.observe(max(ended - record.started - record.upstream_wait, 0.0))
         if operation is not None:
-            error = "" if record.status < 400 else status
-            self.operation_duration.labels(operation, model, provider, error).observe(
-                duration)
-            first = record.time_to_first_byte()
-            if first is not None and record.status < 400:
-                self.time_to_first_chunk.labels(operation, model, provider).observe(first)
-        if record.stream:
-            self.stream_endings.labels(record.ended).inc()
+            operation.observe(duration)
+            if first_chunk is not None and first is not None:
+                first_chunk.observe(first - record.started)
+            if record.usage is not None:
+                self._tokens(record, model, provider)
+        self._outcomes(record, provider)
+
+    def _request_children(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
+        method, path, model, provider, status = key
+        code = str(status)
+        requests = self.requests.labels(path, model, provider, code)
+        http = self.http_duration.labels(method, path, code)
+        name = OPERATIONS.get(path)
+        if name is None:
+            return requests, http, None, None
+        operation = self.operation_duration.labels(name, model, provider,
+                                                   "" if status < 400 else code)
+        first_chunk = (self.time_to_first_chunk.labels(name, model, provider)
+                       if status < 400 else None)
+        return requests, http, operation, first_chunk
+
+    def _tokens(self, record: Record, model: str, provider: str) -> None:
+        usage = record.usage
+        assert usage is not None
+        key = (OPERATIONS[record.path], model, provider)
+        children = self._by_operation.get(key)
+        if children is None:
+            children = self._by_operation[key] = tuple(
+                self.token_usage.labels(*key, kind)
+                for kind in ("input", "output", "cached", "reasoning"))
+        for child, count in zip(children, (usage.input, usage.output, usage.cached,
+                                           usage.reasoning), strict=True):
+            if count is not None:
+                child.observe(count)
+
+    def _outcomes(self, record: Record, provider: str) -> None:
+        """Attempts, stream endings, cache, dedup and rate-limit refusals."""
+        if record.stream and (record.status < 400 or record.ended != COMPLETED):
+            self._child(self.stream_endings, record.ended).inc()
         if record.cache is not None:
-            self.cache.labels(record.cache).inc()
+            self._child(self.cache, record.cache).inc()
         if record.dedup is not None:
-            self.dedup.labels(record.dedup).inc()
+            self._child(self.dedup, record.dedup).inc()
+        if record.error_code == RATE_LIMITED:
+            self._child(self.rate_limited, self.labels.key(record.key_name)).inc()
+        origin = record.origin
+        if (origin is None or record.cache == "hit" or record.dedup == "follower"
+                or record.peer):
+            return  # no upstream call of this request's own
+        if origin.attempts:
+            earlier = origin.attempts - 1
+            if earlier:
+                self._child(self.attempts, provider, origin.taken or "retry").inc(earlier)
+            upstream = record.upstream_status or 0
+            failed = upstream >= _FAILED_UPSTREAM or upstream == _REFUSED
+            self._child(self.attempts, provider, "error" if failed else "success").inc()
+        elif record.status in (502, 504):  # no answer at all: at least one try failed
+            self._child(self.attempts, provider, "error").inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def reloaded(self, result: str) -> None:
+        """``Live``'s reload hook: "success", "refused" or "error"."""
+        self._child(self.reloads, result).inc()
+
+    async def sample_state(self) -> None:
+        """The background task (``app.py``) keeping the state gauges fresh."""
+        await self.state.sample_forever()
 
     def collect(self) -> Iterable[Metric]:
-        """Every metric family with its samples (the status page reads these)."""
+        """Every metric family with its samples, every worker's summed in
+        multiprocess mode (the status page reads these)."""
+        self.state.sample()
+        if self.multiprocess_dir is not None:
+            return collect_all(self.multiprocess_dir)
         return self.registry.collect()
 
     def exposition(self) -> bytes:
         """The text format a Prometheus scrape gets."""
-        return generate_latest(self.registry)
+        self.state.sample()
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        return generate_latest(registry_of_all(self.multiprocess_dir))
