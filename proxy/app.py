@@ -96,7 +96,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.warning("no gateway keys configured (auth.keys): anyone who can reach this "
                     "gateway may use it")
     live.gateway.catalog.refresh_soon()
-    shared.tasks.spawn(app[METRICS].sample_state(), name="metrics-state")
+    shared.tasks.spawn(app[METRICS].flush_forever(), name="metrics-flush")
     yield
     await shared.tasks.close()
     await shared.peers.close()

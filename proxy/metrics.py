@@ -4,14 +4,16 @@ Names follow the OpenTelemetry GenAI and HTTP semantic conventions where they ex
 (``gen_ai.client.operation.duration`` -> ``gen_ai_client_operation_duration_seconds``,
 ...), then the gateway's own under ``gateway_``. :class:`Metrics` is made once per app
 (``app.py``) and fed by :meth:`Metrics.observe`, an observer of each request's
-``Record`` (``record.py``); the per-provider state gauges (breaker, adaptive limit,
-queue) are sampled every few seconds and at each scrape (``metrics_state.py``).
+``Record`` (``record.py``), which adds to plain-Python accumulators handed to
+prometheus-client once a second and at each scrape (``metrics_pending.py``: a value
+write costs a lock, and a file write with ``--workers N``); the per-provider state
+gauges (breaker, adaptive limit, queue) are sampled then too (``metrics_state.py``).
 
 Labels are bounded by construction (``metrics_state.Labels``): a model or provider
 label takes only a name the config or discovery knows (anything else is ``other``), a
 gateway key only its configured name; never a request id or anything else the client
-chose. A labelled child is looked up once and kept in a dict keyed by its label tuple:
-``labels()`` takes a lock and validates on every call.
+chose. A labelled child (and its accumulator) is looked up once and kept in a dict
+keyed by its label tuple: ``labels()`` takes a lock and validates on every call.
 
 With ``proxy serve --workers N`` every worker writes its figures to files in one
 directory per gateway (prometheus-client's multiprocess mode, ``metrics_state``), and
@@ -20,6 +22,7 @@ a scrape on any worker sums every worker's files.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,9 @@ from prometheus_client.metrics_core import Metric
 
 from proxy import __version__
 from proxy.gateway import Live
+from proxy.metrics_pending import Pending, PendingCounter, PendingHistogram
 from proxy.metrics_state import (
+    FLUSH_SECONDS,
     Labels,
     StateGauges,
     collect_all,
@@ -71,11 +76,14 @@ class Metrics:
         self.multiprocess_dir = multiprocess_dir
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.labels = Labels(live)
+        self.pending = Pending()
         self._define(registry)
         self.state = StateGauges(live, registry)
         self._by_request: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-        self._by_operation: dict[tuple[str, str, str], tuple[Any, ...]] = {}
-        self._children: dict[tuple[Any, ...], Any] = {}
+        self._by_operation: dict[tuple[str, str, str], tuple[PendingHistogram, ...]] = {}
+        self._counters: dict[tuple[Any, ...], PendingCounter] = {}
+        self._overhead = self.pending.histogram(self.overhead)
+        self.in_flight = 0  # requests being served here: context_middleware counts them
 
     def _define(self, registry: CollectorRegistry) -> None:
         model = ("gen_ai_operation_name", "gen_ai_request_model", "gen_ai_provider_name")
@@ -101,7 +109,7 @@ class Metrics:
         self.requests = Counter(
             "gateway_requests", "Requests by route, model, provider and status.",
             ("route", "model", "provider", "status"), registry=registry)
-        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served.",
+        self.in_flight_gauge = Gauge("gateway_requests_in_flight", "Requests being served.",
                                registry=registry, multiprocess_mode="livesum")
         self.attempts = Counter(
             "gateway_upstream_attempts", "Upstream attempts by provider and outcome.",
@@ -132,13 +140,13 @@ class Metrics:
         children = self._by_request.get(key)
         if children is None:
             children = self._by_request[key] = self._request_children(key)
-        requests, http, operation, first_chunk = children
+        count, http, operation, first_chunk = children
         duration = record.finished - record.started
-        requests.inc()
+        count.inc()
         http.observe(duration)
         first = record.first_byte
         ended = first if first is not None else record.finished
-        self.overhead.observe(max(ended - record.started - record.upstream_wait, 0.0))
+        self._overhead.observe(max(ended - record.started - record.upstream_wait, 0.0))
         if operation is not None:
             operation.observe(duration)
             if first_chunk is not None and first is not None:
@@ -150,16 +158,17 @@ class Metrics:
     def _request_children(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
         method, path, model, provider, status = key
         code = str(status)
-        requests = self.requests.labels(path, model, provider, code)
-        http = self.http_duration.labels(method, path, code)
+        pending = self.pending
+        count = pending.counter(self.requests.labels(path, model, provider, code))
+        http = pending.histogram(self.http_duration.labels(method, path, code))
         name = OPERATIONS.get(path)
         if name is None:
-            return requests, http, None, None
-        operation = self.operation_duration.labels(name, model, provider,
-                                                   "" if status < 400 else code)
-        first_chunk = (self.time_to_first_chunk.labels(name, model, provider)
+            return count, http, None, None
+        operation = pending.histogram(self.operation_duration.labels(
+            name, model, provider, "" if status < 400 else code))
+        first_chunk = (pending.histogram(self.time_to_first_chunk.labels(name, model, provider))
                        if status < 400 else None)
-        return requests, http, operation, first_chunk
+        return count, http, operation, first_chunk
 
     def _tokens(self, record: Record, model: str, provider: str) -> None:
         usage = record.usage
@@ -168,7 +177,7 @@ class Metrics:
         children = self._by_operation.get(key)
         if children is None:
             children = self._by_operation[key] = tuple(
-                self.token_usage.labels(*key, kind)
+                self.pending.histogram(self.token_usage.labels(*key, kind))
                 for kind in ("input", "output", "cached", "reasoning"))
         for child, count in zip(children, (usage.input, usage.output, usage.cached,
                                            usage.reasoning), strict=True):
@@ -178,13 +187,13 @@ class Metrics:
     def _outcomes(self, record: Record, provider: str) -> None:
         """Attempts, stream endings, cache, dedup and rate-limit refusals."""
         if record.stream and (record.status < 400 or record.ended != COMPLETED):
-            self._child(self.stream_endings, record.ended).inc()
+            self._inc(self.stream_endings, record.ended).inc()
         if record.cache is not None:
-            self._child(self.cache, record.cache).inc()
+            self._inc(self.cache, record.cache).inc()
         if record.dedup is not None:
-            self._child(self.dedup, record.dedup).inc()
+            self._inc(self.dedup, record.dedup).inc()
         if record.error_code == RATE_LIMITED:
-            self._child(self.rate_limited, self.labels.key(record.key_name)).inc()
+            self._inc(self.rate_limited, self.labels.key(record.key_name)).inc()
         origin = record.origin
         if (origin is None or record.cache == "hit" or record.dedup == "follower"
                 or record.peer):
@@ -192,39 +201,48 @@ class Metrics:
         if origin.attempts:
             earlier = origin.attempts - 1
             if earlier:
-                self._child(self.attempts, provider, origin.taken or "retry").inc(earlier)
+                self._inc(self.attempts, provider, origin.taken or "retry").inc(earlier)
             upstream = record.upstream_status or 0
             failed = upstream >= _FAILED_UPSTREAM or upstream == _REFUSED
-            self._child(self.attempts, provider, "error" if failed else "success").inc()
+            self._inc(self.attempts, provider, "error" if failed else "success").inc()
         elif record.status in (502, 504):  # no answer at all: at least one try failed
-            self._child(self.attempts, provider, "error").inc()
+            self._inc(self.attempts, provider, "error").inc()
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    def _inc(self, counter: Counter, *labels: str) -> PendingCounter:
+        key = (counter, *labels)
+        inc = self._counters.get(key)
+        if inc is None:
+            inc = self._counters[key] = self.pending.counter(counter.labels(*labels))
+        return inc
 
     def reloaded(self, result: str) -> None:
         """``Live``'s reload hook: "success", "refused" or "error"."""
-        self._child(self.reloads, result).inc()
+        self._inc(self.reloads, result).inc()
 
-    async def sample_state(self) -> None:
-        """The background task (``app.py``) keeping the state gauges fresh."""
-        await self.state.sample_forever()
+    def flush(self) -> None:
+        """What this worker counted since the last flush, and its state gauges, into
+        prometheus-client (``metrics_pending.py``)."""
+        self.pending.flush()
+        self.in_flight_gauge.set(self.in_flight)
+        self.state.sample()
+
+    async def flush_forever(self) -> None:
+        """The background task (``app.py``): a flush every ``FLUSH_SECONDS``."""
+        while True:
+            self.flush()
+            await asyncio.sleep(FLUSH_SECONDS)
 
     def collect(self) -> Iterable[Metric]:
         """Every metric family with its samples, every worker's summed in
         multiprocess mode (the status page reads these)."""
-        self.state.sample()
+        self.flush()
         if self.multiprocess_dir is not None:
             return collect_all(self.multiprocess_dir)
         return self.registry.collect()
 
     def exposition(self) -> bytes:
         """The text format a Prometheus scrape gets."""
-        self.state.sample()
+        self.flush()
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         return generate_latest(registry_of_all(self.multiprocess_dir))

@@ -7,7 +7,7 @@ pays two identity checks and a set lookup.
 
 State gauges (:class:`StateGauges`): a breaker turns half-open by the clock, not by an
 event, and a limiter's queue changes on every request; so instead of hooks on the hot
-path they are read every ``SAMPLE_SECONDS`` by one background task per worker, and again
+path they are read every ``FLUSH_SECONDS`` by one background task per worker, and again
 by the worker that answers a scrape.
 
 Multiprocess mode (``--workers N``): prometheus-client picks how it stores values (in
@@ -21,7 +21,6 @@ Gauges use the ``live*`` modes: a dead worker's in-flight count is not counted.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from proxy.gateway import Gateway, Live
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
 OTHER = "other"  # any name the config and the catalog do not know
 NONE = "none"  # no model (a GET /v1/files), no provider (refused before routing)
-SAMPLE_SECONDS = 2.0
+FLUSH_SECONDS = 1.0  # how often a worker hands its figures on (metrics_pending.py)
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -137,11 +136,6 @@ class StateGauges:
                 gauge.labels(gone).set(0)
                 gauge.remove(gone)
         self._shown = shown
-
-    async def sample_forever(self) -> None:
-        while True:
-            self.sample()
-            await asyncio.sleep(SAMPLE_SECONDS)
 
 
 def require_multiprocess() -> None:

@@ -112,8 +112,8 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[REQUEST_ID] = request_id
     record = request[RECORD] = Record(time.perf_counter(), request.method,
                                       request_id=request_id, client=request.remote)
-    in_flight = request.app[METRICS].in_flight
-    in_flight.inc()
+    metrics = request.app[METRICS]
+    metrics.in_flight += 1
     try:
         response = await handler(request)
     except (asyncio.CancelledError, ConnectionError):
@@ -129,7 +129,7 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
         record.bytes_out = (response.body_length if response.prepared
                             else response.content_length or 0)
     finally:
-        in_flight.dec()
+        metrics.in_flight -= 1
         _observe(request, record)
     return response
 

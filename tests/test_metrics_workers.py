@@ -136,15 +136,17 @@ async def test_two_workers_sum_exactly_and_survive_a_killed_worker(
             first, polled = await healthz_until(session, url, proxy, lambda s: len(s) == 2)
             assert sorted(first.values()) == [0, 1]
             assert len(await chats(session, url, 40)) == 2, "one worker served every chat"
-            samples = await scrape(session, url)
-            assert value(samples, "gateway_requests_total", **OK) == 40
+            # Each worker hands its figures on once a second (metrics_pending.py).
+            samples = await until_value(session, url, "gateway_requests_total", 40, proxy,
+                                        **OK)
             assert value(samples, "gateway_requests_total", **HEALTHZ) == polled
             assert value(samples, "http_server_request_duration_seconds_count",
                          http_request_method="POST", http_route=CHAT,
                          http_response_status_code="200") == 40
             assert value(samples, "gateway_upstream_attempts_total", provider="up",
                          outcome="success") == 40
-            assert value(samples, "gateway_requests_in_flight") == 1  # the scrape
+            # Gauges too are each worker's as of its last flush: one a second.
+            await until_value(session, url, "gateway_requests_in_flight", 1, proxy)
             assert value(samples, "gateway_build_info", version=__version__) == 1
 
             slow = asyncio.ensure_future(slow_chat_on(socket_dir / "worker-0.sock"))
@@ -156,10 +158,11 @@ async def test_two_workers_sum_exactly_and_survive_a_killed_worker(
             _, polled_after = await healthz_until(
                 session, url, proxy,
                 lambda s: any(i == 0 and pid not in first for pid, i in s.items()))
-            after = await scrape(session, url)
-            assert value(after, "gateway_requests_in_flight") == 1, "the dead worker's"
+            after = await until_value(session, url, "gateway_requests_total",
+                                      polled + polled_after, proxy, **HEALTHZ)
+            # Not the dead worker's request (its file is gone), however long we wait.
+            await until_value(session, url, "gateway_requests_in_flight", 1, proxy)
             assert value(after, "gateway_requests_total", **OK) == 40
-            assert value(after, "gateway_requests_total", **HEALTHZ) == polled + polled_after
             before = counters(held)
             assert not [k for k, v in before.items() if counters(after).get(k, 0) < v]
 
@@ -190,9 +193,9 @@ async def test_two_gateways_on_one_host_never_share_figures(
                 url = f"http://127.0.0.1:{port}"
                 await healthz_until(session, url, proc, lambda s: len(s) == 2)
                 await chats(session, url, count)
-            for port, count in zip(ports, (3, 5), strict=True):
-                samples = await scrape(session, f"http://127.0.0.1:{port}")
-                assert value(samples, "gateway_requests_total", **OK) == count
+            for proc, port, count in zip(gateways, ports, (3, 5), strict=True):
+                await until_value(session, f"http://127.0.0.1:{port}",
+                                  "gateway_requests_total", count, proc, **OK)
         assert len(list(tmpdir.glob("proxy-metrics-*"))) == 2
         for proc in gateways:
             assert await stop(proc) == 0, proc.output()
