@@ -112,8 +112,8 @@ class Metrics:
         self.in_flight_gauge = Gauge("gateway_requests_in_flight", "Requests being served.",
                                registry=registry, multiprocess_mode="livesum")
         self.attempts = Counter(
-            "gateway_upstream_attempts", "Upstream attempts by provider and outcome.",
-            ("provider", "outcome"), registry=registry)
+            "gateway_upstream_attempts", "Upstream attempts by outcome.", ("outcome",),
+            registry=registry)
         self.stream_endings = Counter(
             "gateway_stream_endings", "Streams by how they ended.", ("reason",),
             registry=registry)
@@ -153,7 +153,7 @@ class Metrics:
                 first_chunk.observe(first - record.started)
             if record.usage is not None:
                 self._tokens(record, model, provider)
-        self._outcomes(record, provider)
+        self._outcomes(record)
 
     def _request_children(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
         method, path, model, provider, status = key
@@ -184,8 +184,11 @@ class Metrics:
             if count is not None:
                 child.observe(count)
 
-    def _outcomes(self, record: Record, provider: str) -> None:
-        """Attempts, stream endings, cache, dedup and rate-limit refusals."""
+    def _outcomes(self, record: Record) -> None:
+        """Attempts, stream endings, cache, dedup and rate-limit refusals. Of a request's
+        attempts, the last one succeeded or failed; each earlier one led to a retry, or
+        to another deployment (failover) or model (fallback) when the answer came from
+        one: the record knows how many there were and where the answer came from."""
         if record.stream and (record.status < 400 or record.ended != COMPLETED):
             self._inc(self.stream_endings, record.ended).inc()
         if record.cache is not None:
@@ -201,12 +204,12 @@ class Metrics:
         if origin.attempts:
             earlier = origin.attempts - 1
             if earlier:
-                self._inc(self.attempts, provider, origin.taken or "retry").inc(earlier)
+                self._inc(self.attempts, origin.taken or "retry").inc(earlier)
             upstream = record.upstream_status or 0
             failed = upstream >= _FAILED_UPSTREAM or upstream == _REFUSED
-            self._inc(self.attempts, provider, "error" if failed else "success").inc()
+            self._inc(self.attempts, "error" if failed else "success").inc()
         elif record.status in (502, 504):  # no answer at all: at least one try failed
-            self._inc(self.attempts, provider, "error").inc()
+            self._inc(self.attempts, "error").inc()
 
     def _inc(self, counter: Counter, *labels: str) -> PendingCounter:
         key = (counter, *labels)

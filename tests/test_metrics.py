@@ -146,8 +146,8 @@ async def test_known_traffic_gives_exact_figures_and_no_secrets(
     assert value(samples, "gateway_requests_total", route=CHAT, model="m",
                  provider="up", status="429") == 1
     assert value(samples, "gateway_rate_limited_requests_total", key="team-b") == 1
-    assert value(samples, "gateway_upstream_attempts_total", provider="up",
-                 outcome="success") == 7  # not the cache hit nor the follower
+    # Not the cache hit nor the follower: they sent nothing upstream.
+    assert value(samples, "gateway_upstream_attempts_total", outcome="success") == 7
     assert value(samples, "gateway_cache_lookups_total", result="hit") == 1
     assert value(samples, "gateway_cache_lookups_total", result="miss") == 1
     assert value(samples, "gateway_dedup_requests_total", role="leader") == 2
@@ -181,6 +181,47 @@ async def test_known_traffic_gives_exact_figures_and_no_secrets(
                  provider="none", status="200") == 1
     for secret in (ADMIN, TEAM, LIMITED):
         assert secret not in text and hash_secret(secret) not in text
+
+
+async def test_attempts_by_outcome_and_an_open_breaker(
+    start_upstream: StartUpstream, make_config: MakeConfig, closed_port: int,
+) -> None:
+    """A retry, a failover, a fallback and failures, each counted once; the failing
+    provider's breaker shows open."""
+    failed_once: set[str] = set()
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        if payload["model"] == "f" and "f" not in failed_once:
+            failed_once.add("f")
+            return web.json_response({"error": {"message": "busy"}}, status=503)
+        return await upstream_chat(request)
+
+    app = web.Application()
+    app.router.add_post(CHAT, flaky)
+    url = await start_upstream(app)
+    dead = {"name": "dead", "type": "openai_compat",
+            "base_url": f"http://127.0.0.1:{closed_port}/v1", "models": ["d", "fb"]}
+    config = make_config(
+        [provider(url), {**provider(url), "name": "flaky", "models": ["f"]}, dead],
+        deployments={"pair": ["dead", "up"]}, fallbacks={"fb": ["m"]},
+        dedup={"mode": "off"}, cache={"enabled": False},
+        retries={"max_attempts": 2, "base_delay": 0.01, "budget": 1.0},
+        breaker={"min_requests": 5, "min_callers": 1, "cooldown": 300})
+    async with gateway(config) as gw, aiohttp.ClientSession() as session:
+        assert await post(session, gw, {**chat("x"), "model": "f"}, key=None) == 200
+        for _ in range(2):  # the balancer takes turns: one meets "dead" first
+            assert await post(session, gw, {**chat("x"), "model": "pair"}, key=None) == 200
+        assert await post(session, gw, {**chat("x"), "model": "fb"}, key=None) == 200
+        for _ in range(3):
+            assert await post(session, gw, {**chat("x"), "model": "d"}, key=None) == 502
+        _, samples = await scrape(session, gw, key=None)
+    attempts = {outcome: value(samples, "gateway_upstream_attempts_total", outcome=outcome)
+                for outcome in ("success", "retry", "failover", "fallback", "error")}
+    assert attempts == {"success": 4, "retry": 1, "failover": 1, "fallback": 1, "error": 3}
+    states = {name: value(samples, "gateway_circuit_breaker_state", provider=name)
+              for name in ("up", "flaky", "dead")}
+    assert states == {"up": 0, "flaky": 0, "dead": 2}
 
 
 async def test_metrics_need_an_admin_key_once_keys_are_configured(
