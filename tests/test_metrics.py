@@ -245,22 +245,31 @@ async def test_metrics_need_an_admin_key_once_keys_are_configured(
 async def test_fifty_unknown_model_names_are_all_other(
     start_upstream: StartUpstream, make_config: MakeConfig,
 ) -> None:
-    """A catch-all provider answers any name; the labels still take only known ones."""
+    """A catch-all provider answers any name; the labels still take only known ones:
+    the config's and the discovered ones."""
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "found"}]})
+
     app = web.Application()
     app.router.add_post(CHAT, upstream_chat)
+    app.router.add_get("/v1/models", models)
     url = await start_upstream(app)
-    config = make_config([provider(url, catch_all=True)])
+    discovering = {"name": "disc", "type": "openai_compat", "base_url": f"{url}/v1"}
+    config = make_config([discovering, provider(url, catch_all=True)])
     rng = random.Random(10)
     names = ["".join(rng.choices(string.ascii_lowercase, k=12)) for _ in range(50)]
     async with gateway(config) as gw, aiohttp.ClientSession() as session:
         for name in names:
             assert await post(session, gw, {**chat("hi"), "model": name}, key=None) == 200
         assert await post(session, gw, chat("known"), key=None) == 200
+        assert await post(session, gw, {**chat("hi"), "model": "found"}, key=None) == 200
         text, samples = await scrape(session, gw, key=None)
     assert value(samples, "gateway_requests_total", route=CHAT, model="other",
                  provider="up", status="200") == 50
     assert value(samples, "gateway_requests_total", route=CHAT, model="m",
                  provider="up", status="200") == 1
+    assert value(samples, "gateway_requests_total", route=CHAT, model="found",
+                 provider="disc", status="200") == 1
     assert not [name for name in names if name in text]
 
 

@@ -168,6 +168,10 @@ async def test_two_workers_sum_exactly_and_survive_a_killed_worker(
             os.kill(proxy.process.pid, signal.SIGHUP)  # each worker reloads: 2 successes
             await until_value(session, url, "gateway_config_reloads_total", 2, proxy,
                               result="success")
+            (tmp_path / "gateway.yaml").write_text("providers: 5\n")  # refused whole
+            os.kill(proxy.process.pid, signal.SIGHUP)
+            await until_value(session, url, "gateway_config_reloads_total", 2, proxy,
+                              result="refused")
         [metrics_dir] = tmpdir.glob("proxy-metrics-*")
         assert {p.name.split("_")[0] for p in metrics_dir.iterdir()} >= {"counter"}
         assert await stop(proxy) == 0, proxy.output()
