@@ -109,8 +109,9 @@ class Metrics:
         self.requests = Counter(
             "gateway_requests", "Requests by route, model, provider and status.",
             ("route", "model", "provider", "status"), registry=registry)
-        self.in_flight_gauge = Gauge("gateway_requests_in_flight", "Requests being served.",
-                               registry=registry, multiprocess_mode="livesum")
+        self.in_flight_gauge = Gauge(
+            "gateway_requests_in_flight", "Requests being served (set at each flush).",
+            registry=registry, multiprocess_mode="livesum")
         self.attempts = Counter(
             "gateway_upstream_attempts", "Upstream attempts by outcome.", ("outcome",),
             registry=registry)

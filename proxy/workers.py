@@ -24,6 +24,10 @@ A request one worker forwards to another (``peers.py``) proves where it comes fr
 an HMAC keyed by a secret the supervisor makes at start-up and hands to its workers in
 their environment (``PEER_SECRET_ENV``), never on a command line or in a log: nginx and
 any local user may connect to the same sockets, and must not pass for a worker.
+
+The workers' metrics live in files in one directory per gateway, summed by a scrape
+on any worker (``metrics_state.py``): the supervisor is told of each dead worker
+(``on_exit``) so that its live gauges stop counting.
 """
 
 from __future__ import annotations
