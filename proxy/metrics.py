@@ -4,10 +4,13 @@ Names follow the OpenTelemetry GenAI and HTTP semantic conventions where they ex
 (``gen_ai.client.operation.duration`` -> ``gen_ai_client_operation_duration_seconds``,
 ...), then the gateway's own under ``gateway_``. :class:`Metrics` is made once per app
 (``app.py``) and fed by :meth:`Metrics.observe`, an observer of each request's
-``Record`` (``record.py``), which adds to plain-Python accumulators handed to
-prometheus-client once a second and at each scrape (``metrics_pending.py``: a value
-write costs a lock, and a file write with ``--workers N``); the per-provider state
-gauges (breaker, adaptive limit, queue) are sampled then too (``metrics_state.py``).
+``Record`` (``record.py``). Records are counted ``BATCH`` at a time, into plain-Python
+accumulators handed to prometheus-client once a second and at each scrape
+(``metrics_pending.py``: a value write costs a lock, and a file write with
+``--workers N``); the per-provider state gauges (breaker, adaptive limit, queue) are
+sampled then too (``metrics_state.py``). Measured inside a gateway under load, a
+request's share was 5.0 us counted at once through ``labels()``-cached children,
+4.0 us through the accumulators, 2.4 us in batches (a warm loop).
 
 Labels are bounded by construction (``metrics_state.Labels``): a model or provider
 label takes only a name the config or discovery knows (anything else is ``other``), a
@@ -61,6 +64,9 @@ RATE_LIMITED = "rate_limit_exceeded"  # ratelimit.RateLimited.code
 # answered correctly; 429 is the upstream refusing).
 _FAILED_UPSTREAM = 500
 _REFUSED = 429
+# Records counted in one loop: the loop stays in the CPU caches (at 1.7 us a record,
+# 64 take ~0.1 ms of the event loop); the flush counts whatever is left.
+BATCH = 64
 
 
 class Metrics:
@@ -83,6 +89,8 @@ class Metrics:
         self._by_operation: dict[tuple[str, str, str], tuple[PendingHistogram, ...]] = {}
         self._counters: dict[tuple[Any, ...], PendingCounter] = {}
         self._overhead = self.pending.histogram(self.overhead)
+        self._success = self._inc(self.attempts, "success")  # most requests' one attempt
+        self._queue: list[Record] = []
         self.in_flight = 0  # requests being served here: context_middleware counts them
 
     def _define(self, registry: CollectorRegistry) -> None:
@@ -132,9 +140,22 @@ class Metrics:
         self.build_info.labels(__version__).set(1)
 
     def observe(self, record: Record) -> None:
-        """The observer (``record.Observer``): one ended request. Each labelled child
-        comes from a dict (see the module doc); only what the record says happened is
-        counted, so a cache hit or a follower sends no upstream attempt."""
+        """The observer (``record.Observer``): one ended request, counted with the
+        next few (``BATCH``) in one loop."""
+        queue = self._queue
+        queue.append(record)
+        if len(queue) >= BATCH:
+            self._drain()
+
+    def _drain(self) -> None:
+        queue, self._queue = self._queue, []
+        for record in queue:
+            self._count(record)
+
+    def _count(self, record: Record) -> None:
+        """One ended request. Each labelled child comes from a dict (see the module
+        doc); only what the record says happened is counted, so a cache hit or a
+        follower sends no upstream attempt."""
         model, provider = self.labels.of(record.model, record.provider)
         status = record.status
         key = (record.method, record.path, model, provider, status)
@@ -202,8 +223,11 @@ class Metrics:
         if (origin is None or record.cache == "hit" or record.dedup == "follower"
                 or record.peer):
             return  # no upstream call of this request's own
-        if origin.attempts:
-            earlier = origin.attempts - 1
+        attempts = origin.attempts
+        if attempts == 1 and record.upstream_status == 200:
+            self._success.inc()
+        elif attempts:
+            earlier = attempts - 1
             if earlier:
                 self._inc(self.attempts, origin.taken or "retry").inc(earlier)
             upstream = record.upstream_status or 0
@@ -224,8 +248,9 @@ class Metrics:
         self._inc(self.reloads, result).inc()
 
     def flush(self) -> None:
-        """What this worker counted since the last flush, and its state gauges, into
+        """What this worker saw since the last flush, and its state gauges, into
         prometheus-client (``metrics_pending.py``)."""
+        self._drain()
         self.pending.flush()
         self.in_flight_gauge.set(self.in_flight)
         self.state.sample()

@@ -64,36 +64,33 @@ class PendingCounter:
 class PendingHistogram:
     """One labelled histogram child's observations since the last flush: their sum and
     a count per bucket (found by bisection; the bounds end in +Inf). The flush writes
-    through the child's own sum and bucket values (its only non-public parts used),
-    or, in a prometheus-client built otherwise, observes through the public method."""
+    through the child's own sum and bucket values, its only non-public parts used
+    (prometheus-client has kept them since its first releases); another layout fails
+    at start-up, not with wrong figures."""
 
-    __slots__ = ("_bounds", "_buckets", "_child", "_counts", "_sum", "total")
+    __slots__ = ("_bounds", "_buckets", "_counts", "_sum", "total")
 
     def __init__(self, child: Histogram):
-        self._child = child
         bounds: list[float] | None = getattr(child, "_upper_bounds", None)
-        self._buckets: list[Any] | None = getattr(child, "_buckets", None)
+        buckets: list[Any] | None = getattr(child, "_buckets", None)
         self._sum: Any = getattr(child, "_sum", None)
-        if (bounds is None or self._buckets is None or self._sum is None
-                or len(bounds) != len(self._buckets) or bounds[-1] != math.inf):
-            bounds = self._buckets = None  # pragma: no cover (another layout)
-        self._bounds = bounds
-        self._counts = [0] * len(bounds or ())
+        if (bounds is None or buckets is None or self._sum is None
+                or len(bounds) != len(buckets) or bounds[-1] != math.inf):
+            raise RuntimeError("this prometheus-client's Histogram has another layout")
+        self._bounds, self._buckets = bounds, buckets
+        self._counts = [0] * len(bounds)
         self.total = 0.0
 
     def observe(self, amount: float) -> None:
-        if self._bounds is None:  # pragma: no cover
-            self._child.observe(amount)
-            return
         self.total += amount
         self._counts[bisect_left(self._bounds, amount)] += 1
 
     def flush(self) -> None:
-        if self._buckets is None or not any(self._counts):
+        counts = self._counts
+        if not any(counts):
             return
         total, self.total = self.total, 0.0
         self._sum.inc(total)
-        counts = self._counts
         for index, count in enumerate(counts):
             if count:
                 self._buckets[index].inc(count)

@@ -55,7 +55,9 @@ class Labels:
 
     def of(self, model: str | None, provider: str | None) -> tuple[str, str]:
         """The ``model`` and ``provider`` label values of one request."""
-        self._fresh()
+        gateway = self._live.gateway
+        if gateway is not self._gateway or gateway.catalog.snapshot is not self._snapshot:
+            self._fresh()
         return (NONE if model is None else model if model in self._models else OTHER,
                 NONE if provider is None else provider if provider in self._providers
                 else OTHER)
