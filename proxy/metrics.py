@@ -155,7 +155,12 @@ class Metrics:
     def _count(self, record: Record) -> None:
         """One ended request. Each labelled child comes from a dict (see the module
         doc); only what the record says happened is counted, so a cache hit or a
-        follower sends no upstream attempt."""
+        follower sends no upstream attempt. A request a peer worker forwarded here is
+        that worker's to count (it answered the client): here only what happened
+        here, the cache, dedup and upstream attempts."""
+        if record.from_peer:
+            self._upstream(record)
+            return
         model, provider = self.labels.of(record.model, record.provider)
         status = record.status
         key = (record.method, record.path, model, provider, status)
@@ -207,18 +212,22 @@ class Metrics:
                 child.observe(count)
 
     def _outcomes(self, record: Record) -> None:
-        """Attempts, stream endings, cache, dedup and rate-limit refusals. Of a request's
-        attempts, the last one succeeded or failed; each earlier one led to a retry, or
-        to another deployment (failover) or model (fallback) when the answer came from
-        one: the record knows how many there were and where the answer came from."""
+        """Stream endings, rate-limit refusals, then :meth:`_upstream`."""
         if record.stream and (record.status < 400 or record.ended != COMPLETED):
             self._inc(self.stream_endings, record.ended).inc()
+        if record.error_code == RATE_LIMITED:
+            self._inc(self.rate_limited, self.labels.key(record.key_name)).inc()
+        self._upstream(record)
+
+    def _upstream(self, record: Record) -> None:
+        """Cache, dedup and attempts. Of a request's attempts, the last one succeeded or
+        failed; each earlier one led to a retry, or to another deployment (failover) or
+        model (fallback) when the answer came from one: the record knows how many there
+        were and where the answer came from."""
         if record.cache is not None:
             self._inc(self.cache, record.cache).inc()
         if record.dedup is not None:
             self._inc(self.dedup, record.dedup).inc()
-        if record.error_code == RATE_LIMITED:
-            self._inc(self.rate_limited, self.labels.key(record.key_name)).inc()
         origin = record.origin
         if (origin is None or record.cache == "hit" or record.dedup == "follower"
                 or record.peer):

@@ -160,6 +160,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if PEER in headers and request.app[WORKER].is_peer(
             headers[PEER], headers.get(REQUEST_ID_HEADER, ""), named):
         request[FROM_PEER] = True
+        request[RECORD].from_peer = True
         if not keyring.open:  # no name: the peer had no keys (a reload in between)
             request[GATEWAY_KEY] = (keyring.named(named) if named
                                     else keyring.authenticate(headers.get("Authorization")))

@@ -63,6 +63,8 @@ class Record:
     cache: str | None = None  # "hit" | "miss"
     dedup: str | None = None  # "leader" | "follower"
     peer: bool = False  # answered by (or for) the worker owning the request's key
+    # Forwarded by a peer worker (the owner's side): that worker counts the request.
+    from_peer: bool = False
     status: int = 0
     error_code: str | None = None
     upstream_status: int | None = None

@@ -35,22 +35,23 @@ OK = {"route": CHAT, "model": "m", "provider": "up", "status": "200"}
 HEALTHZ = {"route": "/healthz", "model": "none", "provider": "none", "status": "200"}
 
 
-def config_file(tmp_path: Path, upstream: str, name: str) -> Path:
+def config_file(tmp_path: Path, upstream: str, name: str, dedup: str = "off") -> Path:
+    """``dedup: off`` (and no cache): no request is forwarded to a peer worker."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({
         "providers": [{"name": "up", "type": "openai_compat", "base_url": upstream,
                        "models": ["m"]}],
-        "dedup": {"mode": "off"}, "cache": {"enabled": False},  # no peer forwarding
+        "dedup": {"mode": dedup}, "cache": {"enabled": False},
         "auth": {"keys": [{"name": "ops", "sha256": hash_secret(ADMIN), "admin": True},
                           {"name": "team-a", "sha256": hash_secret(TEAM)}]}}))
     return path
 
 
 def spawn_gateway(tmp_path: Path, upstream: str, port: int, tmpdir: Path, name: str,
-                  *extra: str) -> Spawned:
+                  *extra: str, dedup: str = "off") -> Spawned:
     """``--workers 2`` with ``TMPDIR`` pointing where the test looks for the directory."""
     argv = [sys.executable, "-m", "proxy", "serve", "--workers", "2", "--port", str(port),
-            "--config", str(config_file(tmp_path, upstream, name)), *extra]
+            "--config", str(config_file(tmp_path, upstream, name, dedup)), *extra]
     return spawn_with_env(name, argv, tmp_path, {"TMPDIR": str(tmpdir)})
 
 
@@ -75,12 +76,15 @@ async def healthz_until(session: aiohttp.ClientSession, url: str, proc: Spawned,
     return seen, answered
 
 
-async def chats(session: aiohttp.ClientSession, url: str, count: int) -> set[str]:
+async def chats(session: aiohttp.ClientSession, url: str, count: int,
+                shared: bool = False) -> set[str]:
     """``count`` chats on fresh connections; the workers that answered, told apart by
-    their request ids' per-process prefix (middlewares._ID_PREFIX)."""
+    their request ids' per-process prefix (middlewares._ID_PREFIX). ``shared``: each a
+    different deterministic request, which the worker owning its key answers."""
     prefixes = set()
-    for _ in range(count):
-        async with session.post(f"{url}{CHAT}", json=BODY,
+    for i in range(count):
+        body = {**BODY, "temperature": 0, "seed": i} if shared else BODY
+        async with session.post(f"{url}{CHAT}", json=body,
                                 headers={"Authorization": f"Bearer {TEAM}"}) as response:
             assert response.status == 200, await response.text()
             await response.read()
@@ -206,3 +210,30 @@ async def test_two_gateways_on_one_host_never_share_figures(
     finally:
         for proc in gateways:
             await stop(proc)
+
+
+async def test_a_request_forwarded_to_its_owner_worker_is_counted_once(
+    mock_upstream: MockUpstream, tmp_path: Path,
+) -> None:
+    """Deterministic requests are shared across workers: the one that got the request
+    forwards it to the worker owning its key (peers.py). Still one request each, one
+    dedup leader and one upstream attempt, whichever worker did what."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proxy = spawn_gateway(tmp_path, mock_upstream.url, port, tmpdir, "gateway",
+                          dedup="deterministic")
+    try:
+        async with fresh_connections() as session:
+            await healthz_until(session, url, proxy, lambda s: len(s) == 2)
+            await chats(session, url, 30, shared=True)
+            samples = await until_value(session, url, "gateway_dedup_requests_total", 30,
+                                        proxy, role="leader")
+            assert value(samples, "gateway_requests_total", **OK) == 30
+            assert value(samples, "gateway_upstream_attempts_total", outcome="success") == 30
+            assert value(samples, "http_server_request_duration_seconds_count",
+                         http_request_method="POST", http_route=CHAT,
+                         http_response_status_code="200") == 30
+    finally:
+        await stop(proxy)
