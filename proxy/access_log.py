@@ -77,8 +77,8 @@ class AccessLog:
 
     def __call__(self, record: Record) -> None:
         log = self._log
-        if not log.isEnabledFor(_INFO):
-            return
+        if record.forwarded or not log.isEnabledFor(_INFO):
+            return  # (a forwarded request: the worker the client reached logs it)
         fields = line(record)
         entry = _AccessRecord(log.name, AccessLine(fields, whole=True))
         fields["time"] = iso_time(entry.created)

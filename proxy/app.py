@@ -52,18 +52,18 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
                           client_max_size=config.server.max_body_bytes)
     worker = worker or WorkerSpec.of(config)
     app[WORKER] = worker
-    metrics = Metrics()
-    app[METRICS] = metrics
     app[HISTORY] = History()  # the status page's recent samples (status.py)
     redis = redis_link(config)  # None unless a backend uses Redis
     accounting = app[USAGE] = Accounting(config.usage, redis)
+    if redis is not None:
+        app.on_cleanup.append(lambda _: redis.close())  # after _lifecycle's own cleanup
+    live = app[LIVE] = Live(_shared(config, worker, redis), config)
+    metrics = app[METRICS] = Metrics(live, worker.metrics_dir)
+    live.reload_hooks.append(metrics.reloaded)
     # What is told of each request once it has ended (record.py); the access log last:
     # it reads what the others may fill.
     observers: list[Observer] = [metrics.observe, accounting.observe, AccessLog()]
     app[OBSERVERS] = observers
-    if redis is not None:
-        app.on_cleanup.append(lambda _: redis.close())  # after _lifecycle's own cleanup
-    app[LIVE] = Live(_shared(config, worker, redis), config)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(usage_lifecycle)  # its final flush runs before _lifecycle's end
     app.on_response_prepare.append(stamp_response)
@@ -106,6 +106,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.warning("no gateway keys configured (auth.keys): anyone who can reach this "
                     "gateway may use it")
     live.gateway.catalog.refresh_soon()
+    shared.tasks.spawn(app[METRICS].flush_forever(), name="metrics-flush")
     yield
     await shared.tasks.close()
     await shared.peers.close()

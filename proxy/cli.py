@@ -28,6 +28,7 @@ from proxy.config import Config, ConfigError, Overrides, config_file, load_confi
 from proxy.discovery import ModelCatalog, ProviderStatus, Snapshot
 from proxy.keys import hash_secret, new_secret, parse_keys
 from proxy.logs import Fields, configure, redacted
+from proxy.metrics_state import MULTIPROC_ENV, worker_gone
 from proxy.providers import PROVIDER_TYPES, build_provider
 from proxy.server import CannotListen, check_port_free, demo_upstream_if_needed, serve
 from proxy.tasks import BackgroundTasks
@@ -201,7 +202,10 @@ def _serve(config: Config, words: list[str], worker_index: int | None,
     # Read once and removed: a reload's environment, and anything this process might
     # start, never see it.
     secret = os.environ.pop(PEER_SECRET_ENV, "") if worker_index is not None else ""
-    worker = WorkerSpec.of(config, worker_index or 0, count, secret.encode())
+    # The supervisor's metrics directory (kept: prometheus-client reads it too).
+    shared_metrics = os.environ.get(MULTIPROC_ENV) if worker_index is not None else None
+    worker = WorkerSpec.of(config, worker_index or 0, count, secret.encode(),
+                           Path(shared_metrics) if shared_metrics else None)
     supervisor = os.getppid() if worker_index is not None else None
     try:
         uvloop.run(serve(config, worker, supervisor_pid=supervisor, load=load))
@@ -231,12 +235,19 @@ def _supervise(config: Config, words: list[str]) -> int:
     log.info("supervisor (pid %d): %d workers on %s:%d (SO_REUSEPORT) and unix sockets "
              "in %s", os.getpid(), server.workers, server.host, server.port,
              server.socket_dir or private)
-    env = {**os.environ, PEER_SECRET_ENV: secrets.token_hex(32)}
+    # Every worker's metrics files, summed by a scrape on any of them: this gateway's
+    # own empty directory, never another's (metrics_state.py), gone at exit.
+    metrics_dir = Path(tempfile.mkdtemp(prefix="proxy-metrics-"))
+    env = {**os.environ, PEER_SECRET_ENV: secrets.token_hex(32),
+           MULTIPROC_ENV: str(metrics_dir)}
+    env.pop(MULTIPROC_ENV.lower(), None)  # the old spelling, which the library reads too
     try:
         # Workers get their grace period, and a little more to close up.
         return Supervisor(command, server.workers, env=env,
-                          stop_timeout=server.shutdown_grace + 5).run()
+                          stop_timeout=server.shutdown_grace + 5,
+                          on_exit=functools.partial(worker_gone, metrics_dir)).run()
     finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         if private:
             shutil.rmtree(private, ignore_errors=True)
 

@@ -82,9 +82,16 @@ class Live:
         self.gateway = build_gateway(config, shared, None)
         self.gateway.put_in_force()
         self.reloads = 0
+        # Told how each SIGHUP reload went: "success", "refused" or "error" (metrics).
+        self.reload_hooks: list[Callable[[str], None]] = []
 
     def __repr__(self) -> str:
         return f"<Live reloads={self.reloads} source={self.gateway.config.source!r}>"
+
+    def reloaded(self, result: str) -> None:
+        """``server._reload`` says how a reload went, success or not."""
+        for hook in self.reload_hooks:
+            hook(result)
 
     def reload(self, new: Config) -> Gateway:
         """Put ``new`` in force (already validated); returns the new gateway. Raises

@@ -317,7 +317,9 @@ async def status_stats(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics``: the Prometheus text format (``metrics.py``)."""
+    """``GET /metrics``: the Prometheus text format (``metrics.py``); with gateway keys
+    configured, for an admin key only."""
+    require_admin(request.get(GATEWAY_KEY), request.app[LIVE].gateway.keyring)
     body = request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

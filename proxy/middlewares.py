@@ -39,6 +39,7 @@ from proxy.state import (
     FROM_PEER,
     GATEWAY_KEY,
     LIVE,
+    METRICS,
     OBSERVERS,
     RECORD,
     REQUEST_ID,
@@ -113,6 +114,8 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     named = CURRENT_REQUEST.set(request_id)  # for the lines logged meanwhile (logs.py)
     record = request[RECORD] = Record(time.perf_counter(), request.method,
                                       request_id=request_id, client=request.remote)
+    metrics = request.app[METRICS]
+    metrics.in_flight += 1
     try:
         response = await handler(request)
     except (asyncio.CancelledError, ConnectionError):
@@ -128,14 +131,13 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
         record.bytes_out = (response.body_length if response.prepared
                             else response.content_length or 0)
     finally:
+        metrics.in_flight -= 1
         _observe(request, record)
         CURRENT_REQUEST.reset(named)
     return response
 
 
 def _observe(request: web.Request, record: Record) -> None:
-    if record.forwarded:
-        return  # the worker the client reached observes it
     record.finished = time.perf_counter()
     if not record.path:  # the handler did not name it (it never ran, say)
         resource = request.match_info.route.resource

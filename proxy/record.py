@@ -63,8 +63,8 @@ class Record:
     cache: str | None = None  # "hit" | "miss"
     dedup: str | None = None  # "leader" | "follower"
     peer: bool = False  # answered by the worker owning the request's key (peers.py)
-    # Forwarded here by the worker the client reached: that one observes the request
-    # (once: a request must not count twice in metrics, logs or usage).
+    # Forwarded here by the worker the client reached, which counts and logs it as the
+    # client's request: observers here count only what happened here (upstream tries).
     forwarded: bool = False
     status: int = 0
     error_code: str | None = None

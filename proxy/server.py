@@ -257,8 +257,12 @@ def _reload(live: Live, load: Callable[[], Config]) -> None:
     except ConfigError as exc:
         log.error("reload refused, the running config stays in force: %s",
                   "; ".join(exc.problems))
+        live.reloaded("refused")
     except Exception:  # a bug must not take a serving worker down
         log.exception("reload failed, the running config stays in force")
+        live.reloaded("error")
+    else:
+        live.reloaded("success")
 
 
 async def _until_stopped(supervisor_pid: int | None,

@@ -24,6 +24,10 @@ A request one worker forwards to another (``peers.py``) proves where it comes fr
 an HMAC keyed by a secret the supervisor makes at start-up and hands to its workers in
 their environment (``PEER_SECRET_ENV``), never on a command line or in a log: nginx and
 any local user may connect to the same sockets, and must not pass for a worker.
+
+The workers' metrics live in files in one directory per gateway, summed by a scrape
+on any worker (``metrics_state.py``): the supervisor is told of each dead worker
+(``on_exit``) so that its live gauges stop counting.
 """
 
 from __future__ import annotations
@@ -67,20 +71,24 @@ class WorkerSpec:
     Built once per worker process and stored under ``state.WORKER``. ``socket_dir`` is
     ``None`` when workers listen on TCP only (then there are no peer sockets).
     ``peer_secret`` is empty outside a supervised worker: then no request is a peer's.
+    ``metrics_dir`` is the supervisor's directory for every worker's metrics files
+    (``metrics_state.py``), ``None`` for a single process (metrics in memory).
     """
 
     index: int = 0
     count: int = 1
     socket_dir: Path | None = None
     peer_secret: bytes = field(default=b"", repr=False, compare=False)
+    metrics_dir: Path | None = None
 
     @classmethod
     def of(cls, config: Config, index: int = 0, count: int = 1,
-           peer_secret: bytes = b"") -> WorkerSpec:
+           peer_secret: bytes = b"", metrics_dir: Path | None = None) -> WorkerSpec:
         """The spec for worker ``index`` of ``count`` with ``config``'s socket directory."""
         socket_dir = config.server.socket_dir
         return cls(index=index, count=count, peer_secret=peer_secret,
-                   socket_dir=Path(socket_dir) if socket_dir is not None else None)
+                   socket_dir=Path(socket_dir) if socket_dir is not None else None,
+                   metrics_dir=metrics_dir)
 
     def peer_proof(self, request_id: str, key_name: str) -> str:
         """What a forwarded request carries in ``X-Gateway-Peer``: bound to its request
@@ -147,9 +155,11 @@ class Supervisor:
 
     def __init__(self, command: Callable[[int], Sequence[str]], count: int, *,
                  stop_timeout: float = 30.0, backoff: Callable[[], Backoff] = Backoff,
-                 env: Mapping[str, str] | None = None):
+                 env: Mapping[str, str] | None = None,
+                 on_exit: Callable[[int], None] | None = None):
         self._command = command
         self._env = env  # the workers' environment (None: this process's)
+        self._on_exit = on_exit  # told each dead worker's pid (its metrics files)
         self._stop_timeout = stop_timeout
         self._slots = [_Slot(index=i, backoff=backoff()) for i in range(count)]
         self._stopping = False
@@ -227,6 +237,8 @@ class Supervisor:
                 log.warning("worker %d (pid %d) died (%s) after %.1f s; restarting it in "
                             "%.1f s", slot.index, slot.process.pid, describe_exit(status),
                             lived, delay)
+            if self._on_exit is not None:
+                self._on_exit(slot.process.pid)
             slot.process, slot.start_at = None, now + delay
             slot.restarts += 1
 
