@@ -238,10 +238,11 @@ class Metrics:
             earlier = attempts - 1
             if earlier:
                 self._inc(self.attempts, origin.taken or "retry").inc(earlier)
-            upstream = record.upstream_status or 0
-            failed = upstream >= _FAILED_UPSTREAM or upstream == _REFUSED
+            upstream = record.upstream_status
+            failed = (upstream is None  # no answer at all: the last try failed too
+                      or upstream >= _FAILED_UPSTREAM or upstream == _REFUSED)
             self._inc(self.attempts, "error" if failed else "success").inc()
-        elif record.status in (502, 504):  # no answer at all: at least one try failed
+        elif record.status in (502, 504):  # no try sent (refused before): count one
             self._inc(self.attempts, "error").inc()
 
     def _inc(self, counter: Counter, *labels: str) -> PendingCounter:

@@ -16,8 +16,11 @@ from prometheus_client.metrics_core import (
 )
 
 from proxy import status
-from proxy.metrics import Metrics
+from proxy.app import build_app
+from proxy.config import config_from_dict
+from proxy.providers import PROVIDER_TYPES
 from proxy.record import Origin, Record
+from proxy.state import METRICS
 from proxy.status import History, Sample, histogram_quantile, live, sample, totals
 
 INF = math.inf
@@ -137,9 +140,12 @@ def test_a_counter_going_backwards_resets_the_live_rates() -> None:
     assert figures is not None and figures["rps"] == 2.0
 
 
-def test_the_names_read_are_those_the_metrics_write() -> None:
+async def test_the_names_read_are_those_the_metrics_write() -> None:
     """A drift between ``metrics.py`` and this page would show zeros, not fail."""
-    metrics = Metrics()
+    config = config_from_dict({"providers": [
+        {"name": "up", "type": "openai_compat", "base_url": "http://127.0.0.1:9/v1",
+         "models": ["m"]}]}, {}, PROVIDER_TYPES.keys())
+    metrics = build_app(config)[METRICS]
     for code, cache in ((200, "miss"), (200, "hit"), (502, None)):
         record = Record(0.0, "POST", path="/v1/chat/completions", model="m",
                         origin=Origin("up", "m"), status=code, cache=cache,
