@@ -5,6 +5,7 @@ and the redacted start-up config. tests/test_access_log.py runs the real process
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import sys
@@ -19,6 +20,7 @@ from proxy.config import ConfigError, Overrides, config_from_dict, load_config
 from proxy.logs import (
     ACCESS_LOGGER,
     CURRENT_REQUEST,
+    FLUSH_AFTER,
     Fields,
     JsonFormatter,
     LoggingSettings,
@@ -166,3 +168,24 @@ def test_the_startup_config_is_redacted() -> None:
     assert provider["headers"] == {"X-Api-Key": "***"} and provider["api_key"] == "***"
     assert plain["redis"]["url"] == "redis://:***@127.0.0.1:6379/0"
     assert plain["auth"]["keys"][0]["name"] == "k"
+
+
+async def test_access_lines_are_written_together_and_none_waits_long() -> None:
+    """Batched: one write for many access lines (a write per request showed in the
+    profile), at most FLUSH_AFTER late; any other line goes out at once, after them."""
+    stream = io.StringIO()
+    configure(LoggingSettings(format="json"), stream)
+    try:
+        access = logging.getLogger(ACCESS_LOGGER)
+        for n in range(3):
+            access.info("line %d", n)
+        assert stream.getvalue() == ""
+        await asyncio.sleep(FLUSH_AFTER + 0.2)
+        assert [orjson.loads(x)["message"] for x in stream.getvalue().splitlines()] == [
+            "line 0", "line 1", "line 2"]
+        access.info("line 3")
+        logging.getLogger("proxy.test").warning("at once")
+        assert [orjson.loads(x)["message"] for x in stream.getvalue().splitlines()][3:] == [
+            "line 3", "at once"]
+    finally:
+        configure(LoggingSettings(format="json"), io.StringIO())
