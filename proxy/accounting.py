@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -70,6 +70,10 @@ class Accounting:
     def __init__(self, config: UsageConfig, link: RedisLink | None = None):
         self.started = time.time()
         self.rows: Rows = {}
+        # The model's name in a row: one the config or discovery knows, else "other"
+        # (``app.py`` sets the metrics' rule): a client-chosen string (a ``provider/``
+        # prefix routes any name) must not become a row, in memory or in Redis.
+        self.model_label: Callable[[str | None], str] = lambda model: model or ""
         self.store = RedisTotals(link, config.flush_interval) \
             if config.backend == "redis" and link is not None else None
 
@@ -81,7 +85,7 @@ class Accounting:
         usage = record.usage
         if usage is None:
             return
-        key = (record.key_name, record.model or "")
+        key = (record.key_name, self.model_label(record.model))
         estimated = usage.source != "reported"
         counts = (usage.input or 0, usage.output or 0, usage.cached or 0,
                   usage.reasoning or 0)
@@ -150,6 +154,9 @@ class RedisTotals:
             self._link.failed(exc)
             add_rows(self.pending, pending.items())
             return False
+        except BaseException:  # cancelled mid-way (a client of /v1/usage left, shutdown)
+            add_rows(self.pending, pending.items())  # wait for the next flush: never lost
+            raise
         self._link.succeeded()
         return True
 

@@ -60,6 +60,7 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     live = app[LIVE] = Live(_shared(config, worker, redis), config)
     metrics = app[METRICS] = Metrics(live, worker.metrics_dir)
     live.reload_hooks.append(metrics.reloaded)
+    accounting.model_label = lambda model: metrics.labels.of(model, None)[0]
     # What is told of each request once it has ended (record.py); the access log last:
     # it reads what the others may fill.
     observers: list[Observer] = [metrics.observe, accounting.observe, AccessLog()]
@@ -88,6 +89,7 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/v1/models", handlers.list_models)
     router.add_get("/v1/models/{model:.+}", handlers.get_model)
     router.add_get("/v1/usage", usage_api.usage)  # before the catch-all /v1/{tail}
+    router.add_route("*", "/v1/usage", handlers.gateway_only)  # never sent upstream
     router.add_route("*", "/v1/{tail:.+}", handlers.proxy_handler)
 
 

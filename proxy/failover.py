@@ -120,9 +120,9 @@ class FailoverCall(AnswerCall):
             try:
                 answer = await upstream.start()
             except FAILOVER_ERRORS:
+                self._tries += upstream.tries
                 if index == last:
                     raise
-                self._tries += upstream.tries
                 continue
             self._tries += upstream.tries
             if index < last and answer.status in FAILOVER_STATUSES:

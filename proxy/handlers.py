@@ -24,6 +24,7 @@ from proxy.errors import (
     BodyTooLarge,
     GatewayError,
     InvalidRequest,
+    MethodNotAllowed,
     ModelNotAllowed,
     ModelNotFound,
 )
@@ -314,6 +315,12 @@ async def status_stats(request: web.Request) -> web.Response:
             "live": stats.live(request.app[stats.HISTORY].add(now)),
             "providers": stats.provider_rows(providers, now)}
     return json_response(body, headers=stats.NO_STORE)
+
+
+async def gateway_only(request: web.Request) -> web.Response:
+    """Another method on a path the gateway answers itself (``/v1/usage``): a 405, not a
+    request passed on to a provider by the ``/v1/`` catch-all."""
+    raise MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
 
 
 async def metrics(request: web.Request) -> web.Response:

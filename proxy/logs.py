@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -220,9 +221,17 @@ def redacted(value: Any, name: str = "") -> Any:
 
 
 def _redacted_text(text: str) -> str:
+    """A URL without what may hold a key: all its user-info (``https://sk-...@host``)
+    and every query value (``?key=...``); the scheme, host and path stay readable."""
     if "://" not in text:
         return text
     try:
-        return redact(text)
+        parts = urlsplit(redact(text))
     except ValueError:  # not a URL after all: nothing to tell its secret by, so all of it
         return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
+    query = "&".join(f"{pair.partition('=')[0]}={REDACTED}"
+                     for pair in parts.query.split("&") if pair)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -26,6 +26,7 @@ a scrape on any worker sums every worker's files.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ from proxy.metrics_state import (
     require_multiprocess,
 )
 from proxy.record import COMPLETED, Record
+
+log = logging.getLogger("proxy.metrics")
 
 # Seconds, from a cached answer's milliseconds to a reasoning model's minutes.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60,
@@ -150,7 +153,10 @@ class Metrics:
     def _drain(self) -> None:
         queue, self._queue = self._queue, []
         for record in queue:
-            self._count(record)
+            try:
+                self._count(record)
+            except Exception:  # one bad record loses itself, not its batch
+                log.exception("metrics: a request could not be counted")
 
     def _count(self, record: Record) -> None:
         """One ended request. Each labelled child comes from a dict (see the module
@@ -177,7 +183,8 @@ class Metrics:
             operation.observe(duration)
             if first_chunk is not None and first is not None:
                 first_chunk.observe(first - record.started)
-            if record.usage is not None:
+            usage = record.usage
+            if usage is not None and usage.source == "reported":  # (not our guesses)
                 self._tokens(record, model, provider)
         self._outcomes(record)
 
@@ -267,7 +274,10 @@ class Metrics:
     async def flush_forever(self) -> None:
         """The background task (``app.py``): a flush every ``FLUSH_SECONDS``."""
         while True:
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # a bad figure must not stop the next flushes
+                log.exception("metrics flush failed")
             await asyncio.sleep(FLUSH_SECONDS)
 
     def collect(self) -> Iterable[Metric]:

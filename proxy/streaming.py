@@ -90,6 +90,7 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
     except GatewayError as error:
         answer.failed = True
         record.ended = TIMEOUT if isinstance(error, DeadlineExceeded) else UPSTREAM_ERROR
+        record.error_code = error.code
         await _end_with_error(request, response, error, event_stream)
         return response
     await response.write_eof()

@@ -27,6 +27,7 @@ counts it (``peers.py``), so nothing is taken out twice or counted twice.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import orjson
@@ -46,6 +47,9 @@ _STREAM_USAGE_ENDPOINTS = frozenset({"chat/completions", "completions"})
 # What include_usage adds to each chunk, in the spellings servers use.
 _NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
 _EMPTY_CHOICES = (b'"choices":[]', b'"choices": []')
+# A JSON answer the upstream compressed (the client's Accept-Encoding goes upstream,
+# and SDKs accept gzip) is inflated, a copy bounded by MAX_JSON, to read its usage.
+_INFLATABLE = frozenset({"gzip", "x-gzip", "deflate"})
 
 
 def ask_usage(call: Call, route: Route) -> None:
@@ -84,13 +88,14 @@ def tap(answer: Answer, call: Call, record: Record, admission: Admission | None,
     if counted:
         guess = record.usage = Usage(input=estimate(None, call.body), output=0,
                                      source="estimated")
-    if "Content-Encoding" in answer.headers:
-        return  # compressed: unreadable here; the estimates stand
-    strip = call.usage_added and counted
+    coding = answer.headers.get("Content-Encoding")
+    if coding is not None and (answer.event_stream or coding.lower() not in _INFLATABLE):
+        return  # a compressed stream, an unknown coding: the estimates stand
+    strip = call.usage_added and counted and coding is None
     if strip:  # fewer bytes than the upstream's length: the stream goes chunked
         answer.headers.popall("Content-Length", None)
     answer.body = UsageTap(answer.body, record if counted else None, guess, admission,
-                           answer.event_stream, strip)
+                           answer.event_stream, strip, inflate=coding is not None)
 
 
 class _GiveBack:
@@ -109,12 +114,14 @@ class _GiveBack:
 class UsageTap:
     """An answer's body, read for its usage as it passes (see the module doc)."""
 
-    __slots__ = ("_admission", "_body", "_carry", "_done", "_guess", "_json", "_record",
-                 "_size", "_skip_blank", "_sse", "_strip", "_total")
+    __slots__ = ("_admission", "_body", "_carry", "_done", "_guess", "_inflate", "_json",
+                 "_record", "_size", "_skip_blank", "_sse", "_strip", "_total")
 
     def __init__(self, body: Body, record: Record | None, guess: Usage | None,
-                 admission: Admission | None, event_stream: bool, strip: bool):
+                 admission: Admission | None, event_stream: bool, strip: bool,
+                 inflate: bool = False):
         self._body = body
+        self._inflate = inflate
         self._record = record
         self._guess = guess  # the estimate in record.usage until a usage is reported
         self._admission = admission
@@ -237,11 +244,21 @@ class UsageTap:
         if self._json:
             body = self._json[0] if len(self._json) == 1 else b"".join(self._json)
             self._json = None
+            if self._inflate:
+                body = _inflated(body)
             if b'"usage"' in body:
                 self._reported(read_usage(body))
         if self._admission is not None:
             await self._admission.settle(self._total)
         return rest or None
+
+
+def _inflated(body: bytes) -> bytes:
+    """A gzip or zlib body's first ``MAX_JSON`` bytes; ``b""`` if it does not inflate."""
+    try:
+        return zlib.decompressobj(wbits=47).decompress(body, MAX_JSON)  # 47: either header
+    except zlib.error:
+        return b""
 
 
 def _has_usage_object(data: bytes, end: int) -> bool:

@@ -166,7 +166,7 @@ def test_the_startup_config_is_redacted() -> None:
         assert secret not in text
     provider = plain["providers"][0]
     assert provider["headers"] == {"X-Api-Key": "***"} and provider["api_key"] == "***"
-    assert plain["redis"]["url"] == "redis://:***@127.0.0.1:6379/0"
+    assert plain["redis"]["url"] == "redis://***@127.0.0.1:6379/0"
     assert plain["auth"]["keys"][0]["name"] == "k"
 
 
