@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -60,7 +61,9 @@ from aiohttp.web_request import BaseRequest
 from proxy.config import ServerConfig
 from proxy.errors import GatewayError, UnsupportedContentEncoding
 from proxy.headers import DECODED_CODINGS
-from proxy.middlewares import error_response
+from proxy.middlewares import error_response, notify
+from proxy.record import Observer, Record
+from proxy.state import OBSERVERS
 
 log = logging.getLogger("proxy.http_safety")
 
@@ -154,18 +157,21 @@ class GuardedRunner(web.AppRunner):
         self._settings = settings
 
     async def _make_server(self) -> web.Server:
-        return GuardedServer(await super()._make_server(), self._settings)
+        observers: list[Observer] = self.app.get(OBSERVERS, [])
+        return GuardedServer(await super()._make_server(), self._settings, observers)
 
 
 class GuardedServer(web.Server):
     """The protocol factory the sites listen with: aiohttp's ``Server`` for the app, making
     ``GuardedHandler``s and counting the connections they hold."""
 
-    def __init__(self, plain: web.Server, settings: ServerConfig):
+    def __init__(self, plain: web.Server, settings: ServerConfig,
+                 observers: Sequence[Observer] = ()):
         super().__init__(plain.request_handler, request_factory=plain.request_factory,
                          handler_cancellation=plain.handler_cancellation, loop=plain._loop,
                          **plain._kwargs)
         self.settings = settings
+        self.observers = observers  # the app's: told of what is refused here too
         self.open = 0
         self.refused = 0
         self._next_warning = 0.0
@@ -191,6 +197,16 @@ class GuardedServer(web.Server):
     def release(self) -> None:
         self.open -= 1
 
+    def refused_request(self, request: BaseRequest, error: GatewayError) -> web.Response:
+        """``error``'s closing answer, and its record for the access log and metrics:
+        the middlewares never see these requests (issue 10: refused ones are logged)."""
+        now = time.perf_counter()
+        record = Record(now, request.method, path="other", client=request.remote,
+                        status=error.status, error_code=error.code, first_byte=now,
+                        finished=now)
+        notify(self.observers, record)
+        return _closing(error)
+
 
 class GuardedHandler(RequestHandler):
     """One client connection. Its clocks: ``_head_started`` while a head is awaited,
@@ -213,7 +229,7 @@ class GuardedHandler(RequestHandler):
         if self._guard.admit():
             self._admitted = True
         else:
-            self._request_handler = _refuse
+            self._request_handler = self._refuse
         super().connection_made(transport)
         self._start_head()  # the first head's clock starts at accept
 
@@ -258,7 +274,11 @@ class GuardedHandler(RequestHandler):
         if error is None:
             return super().handle_error(request, status, exc, message)
         log.debug("refused a request from %s: %r", request.remote, exc)
-        return _closing(error)
+        return self._guard.refused_request(request, error)
+
+    async def _refuse(self, request: BaseRequest) -> web.StreamResponse:
+        """The request handler of a connection over ``max_connections``."""
+        return self._guard.refused_request(request, TooManyConnections())
 
     def _parsed(self, first: int) -> None:
         """Heads were parsed from ``_messages[first:]``, or a parser error was queued:
@@ -398,7 +418,3 @@ def _closing(error: GatewayError) -> web.Response:
     response.headers[hdrs.CONNECTION] = "close"
     return response
 
-
-async def _refuse(request: BaseRequest) -> web.StreamResponse:
-    """The request handler of a connection over ``max_connections``."""
-    return _closing(TooManyConnections())

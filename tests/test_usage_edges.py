@@ -1,9 +1,11 @@
 """Edges the review of issue 10 found: usage of a gzip'ed answer, usage rows that a
 client-chosen model name must not create, ``/v1/usage`` never proxied for another
-method, the tries of a route whose every deployment fails, secrets in a base_url."""
+method, the tries of a route whose every deployment fails, secrets in a base_url, and
+requests the HTTP parser refuses (they never reach the middlewares) observed too."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 
 import aiohttp
@@ -91,3 +93,23 @@ def test_secrets_in_a_base_url_are_redacted() -> None:
     assert redacted("https://api.example.com/v1?key=SEKRIT&v=2") == \
         "https://api.example.com/v1?key=***&v=***"
     assert redacted("http://127.0.0.1:8080/v1") == "http://127.0.0.1:8080/v1"
+
+
+async def test_requests_the_parser_refuses_are_observed(
+    start_upstream: StartUpstream, make_config: MakeConfig,
+) -> None:
+    url = await start_upstream(web.Application())
+    async with observed(make_config([provider("up", url)])) as (gateway, seen):
+        host, port = gateway.removeprefix("http://").split(":")
+        statuses = []
+        for head in (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000,
+                     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Transfer-Encoding: gzip, chunked\r\n"):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(head + b"\r\n\r\n")
+            status = (await asyncio.wait_for(reader.readline(), 5)).split()[1]
+            writer.close()
+            statuses.append(int(status))
+        await until(seen, 2)
+    assert [(r.status, r.path) for r in seen] == [(s, "other") for s in statuses]
+    assert statuses[0] == 431 and all(r.error_code for r in seen), seen
