@@ -15,6 +15,7 @@ key's configured name, never its secret.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -48,11 +49,11 @@ class _AccessRecord(logging.LogRecord):
     event loop's thread. Measured 0.7 us instead of 1.9 (issue 10: under 10 % of the
     gateway's per-request CPU for everything it added)."""
 
-    def __init__(self, name: str, msg: AccessLine):
+    def __init__(self, name: str, msg: AccessLine, now: float):
         self.__dict__.update(_CONSTANT)
         self.name = name
         self.msg = msg
-        self.created = now = time.time()
+        self.created = now
         self.msecs = (now - int(now)) * 1000 // 1
         self.relativeCreated = (now - _STARTED) * 1000
 
@@ -67,22 +68,56 @@ _CONSTANT = {
 
 
 class AccessLog:
-    """The observer; ``logger`` for tests (default: ``proxy.access``)."""
+    """The observer; ``logger`` for tests (default: ``proxy.access``).
+
+    Records wait (at most ``BATCH`` of them, ``BATCH_AFTER`` seconds: a timer on the
+    running loop) and are logged together: measured in a running gateway, logging each
+    as its request ended cost about three times what the same work costs in a loop
+    (its code and the logging module's fall out of the CPU's caches between requests).
+    Each line's ``time`` is still its request's end. ``flush`` at shutdown (``app.py``)."""
+
+    BATCH = 64
+    BATCH_AFTER = 0.1
 
     def __init__(self, logger: logging.Logger | None = None):
         self._log = logger or logging.getLogger(ACCESS_LOGGER)
+        self._batch: list[Record] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<AccessLog {self._log.name} on={self._log.isEnabledFor(_INFO)}>"
 
     def __call__(self, record: Record) -> None:
-        log = self._log
-        if record.forwarded or not log.isEnabledFor(_INFO):
+        if record.forwarded or not self._log.isEnabledFor(_INFO):
             return  # (a forwarded request: the worker the client reached logs it)
-        fields = line(record)
-        entry = _AccessRecord(log.name, AccessLine(fields, whole=True))
-        fields["time"] = iso_time(entry.created)
-        log.handle(entry)
+        batch = self._batch
+        batch.append(record)
+        if len(batch) >= self.BATCH:
+            self.flush()
+        elif self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(self.BATCH_AFTER,
+                                                                     self.flush)
+            except RuntimeError:  # no loop (a test calling it directly): at once
+                self.flush()
+
+    async def cleanup(self, app: object) -> None:
+        """``on_cleanup``: the lines still waiting, once every request has ended."""
+        self.flush()
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._batch = self._batch, []
+        log = self._log
+        to_wall = time.time() - time.perf_counter()  # each line's time: its request's end
+        for record in batch:
+            fields = line(record)
+            entry = _AccessRecord(log.name, AccessLine(fields, whole=True),
+                                  record.finished + to_wall)
+            fields["time"] = iso_time(entry.created)
+            log.handle(entry)
 
 
 _NO_ORIGIN = (None, None, 0, None)

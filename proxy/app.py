@@ -63,8 +63,10 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     accounting.model_label = lambda model: metrics.labels.of(model, None)[0]
     # What is told of each request once it has ended (record.py); the access log last:
     # it reads what the others may fill.
-    observers: list[Observer] = [metrics.observe, accounting.observe, AccessLog()]
+    access_log = AccessLog()
+    observers: list[Observer] = [metrics.observe, accounting.observe, access_log]
     app[OBSERVERS] = observers
+    app.on_cleanup.append(access_log.cleanup)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(usage_lifecycle)  # its final flush runs before _lifecycle's end
     app.on_response_prepare.append(stamp_response)
