@@ -32,7 +32,6 @@ from proxy.gateway import Gateway
 from proxy.headers import (
     AUTHORIZATION,
     CONTENT_ENCODING,
-    PEER_KEY,
     check_content_coding,
     upstream_request_headers,
 )
@@ -65,7 +64,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     config = gateway.config
     record = request[RECORD]
     call = await read_call(request, config)
-    _note_call(record, call, request)
+    _note_call(record, call)
     route = await gateway.router.resolve(call.model)
     record.origin = Origin(route.provider.name, route.upstream_model, attempts=0)
     admission = await admit(request, call, route, live.shared.rate_limiter)
@@ -79,7 +78,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             answered = True
             if answer.origin is not None:
                 record.origin, record.upstream_status = answer.origin, answer.status
-            tap(answer, call, record, admission, request.get(FROM_PEER, False))
+            tap(answer, call, record, admission)
             return await send_answer(request, answer, buffered=not call.stream,
                                      record=record, keepalive=config.timeouts.sse_keepalive,
                                      compression=NEVER if record.forwarded
@@ -92,23 +91,12 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         raise
 
 
-def _note_call(record: Record, call: Call, request: web.Request) -> None:
-    """What the access log and metrics say of the request, once it is understood."""
+def _note_call(record: Record, call: Call) -> None:
+    """What the access log and metrics say of the request, once it is understood (its
+    key name was noted where the key was found: ``auth_middleware``)."""
     record.path = endpoint_label(call.endpoint)
     record.model, record.stream = call.model, call.stream
-    record.key_name = _caller_key_name(request)
     record.bytes_in = len(call.body)
-
-
-def _caller_key_name(request: web.Request) -> str | None:
-    """The gateway key the caller used, for its sharing identity. A proven peer's named
-    key counts even when this worker has none any more (a reload removing every key
-    reached it first): its caller's ``Authorization`` was not forwarded, so without the
-    name every tenant of that peer would share one identity."""
-    key = request.get(GATEWAY_KEY)
-    if key is not None:
-        return str(key.name)
-    return (request.headers.get(PEER_KEY) or None) if request.get(FROM_PEER) else None
 
 
 async def admit(request: web.Request, call: Call, route: Route, limiter: RateLimiter

@@ -172,10 +172,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     named = headers.get(PEER_KEY, "")
     if PEER in headers and request.app[WORKER].is_peer(
             headers[PEER], headers.get(REQUEST_ID_HEADER, ""), named):
-        request[FROM_PEER] = request[RECORD].forwarded = True
+        record = request[RECORD]
+        record.forwarded = request[FROM_PEER] = True
+        # The peer's named key is the caller's even when this worker has none any more
+        # (a reload removing every key reached it first): its caller's Authorization was
+        # not forwarded, so without the name every tenant of that peer would share one
+        # sharing identity.
+        record.key_name = named or None
         if not keyring.open:  # no name: the peer had no keys (a reload in between)
-            request[GATEWAY_KEY] = (keyring.named(named) if named
-                                    else keyring.authenticate(headers.get("Authorization")))
+            key = request[GATEWAY_KEY] = (
+                keyring.named(named) if named
+                else keyring.authenticate(headers.get("Authorization")))
+            record.key_name = key.name
     elif not keyring.open:
         key = request[GATEWAY_KEY] = keyring.authenticate(headers.get("Authorization"))
         request[RECORD].key_name = key.name

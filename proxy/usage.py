@@ -73,11 +73,10 @@ def _route_asks(route: Route) -> bool:
                for group in (route.deployments, *route.fallbacks) for target in group)
 
 
-def tap(answer: Answer, call: Call, record: Record, admission: Admission | None,
-        from_peer: bool = False) -> None:
+def tap(answer: Answer, call: Call, record: Record, admission: Admission | None) -> None:
     """Wrap ``answer``'s body to read its usage. An error answer costs no tokens: its
     estimate is given back when its body, already whole, is sent."""
-    counted = call.endpoint in TOKEN_ENDPOINTS and not from_peer
+    counted = call.endpoint in TOKEN_ENDPOINTS and not record.forwarded
     if answer.status >= 400:
         if admission is not None:
             answer.body = _GiveBack(answer.body, admission)
