@@ -5,60 +5,21 @@ added, a real upstream on loopback, the official SDK or aiohttp as the client.""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import build_app
-from proxy.config import Config
 from proxy.keys import hash_secret
-from proxy.record import Record
-from proxy.server import running
-from proxy.state import OBSERVERS
 from tests.conftest import MakeConfig, StartUpstream
-
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-ANSWER = {"id": "x", "object": "chat.completion", "choices": [],
-          "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}
-
-
-@asynccontextmanager
-async def observed(config: Config) -> AsyncIterator[tuple[str, list[Record]]]:
-    config = dataclasses.replace(
-        config, server=dataclasses.replace(config.server, host="127.0.0.1", port=0))
-    app = build_app(config)
-    seen: list[Record] = []
-    app[OBSERVERS].append(seen.append)
-    async with running(config, app=app) as url:
-        yield url, seen
-
-
-async def until(seen: list[Record], count: int) -> None:
-    for _ in range(200):
-        if len(seen) >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{len(seen)} records, wanted {count}")
-
-
-def provider(name: str, url: str) -> dict[str, object]:
-    return {"name": name, "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}
+from tests.observing import ANSWER, CHAT, answering, observed, provider, until
 
 
 async def test_a_chat_request_is_recorded_with_its_route_and_origin(
     start_upstream: StartUpstream, make_config: MakeConfig,
 ) -> None:
-    async def chat(request: web.Request) -> web.Response:
-        return web.json_response(ANSWER)
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    url = await start_upstream(app)
+    url = await start_upstream(answering(ANSWER))
     async with observed(make_config([provider("up", url)], cache={"enabled": False})) \
             as (gateway, seen), aiohttp.ClientSession() as session:
         async with session.post(f"{gateway}/v1/chat/completions", json=CHAT) as response:
@@ -82,12 +43,7 @@ async def test_a_chat_request_is_recorded_with_its_route_and_origin(
 async def test_a_refused_request_and_a_failover_are_recorded(
     start_upstream: StartUpstream, make_config: MakeConfig, closed_port: int,
 ) -> None:
-    async def chat(request: web.Request) -> web.Response:
-        return web.json_response(ANSWER)
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    url = await start_upstream(app)
+    url = await start_upstream(answering(ANSWER))
     dead = provider("dead", f"http://127.0.0.1:{closed_port}")
     config = make_config([dead, provider("alive", url)], cache={"enabled": False},
                          dedup={"mode": "off"}, deployments={"m": ["dead", "alive"]},

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from proxy.logs import redacted
 from tests.conftest import MakeConfig, StartUpstream
-from tests.test_record import CHAT, observed, provider, until
+from tests.observing import CHAT, answering, observed, provider, until
 
 USAGE = {"prompt_tokens": 1234, "completion_tokens": 567, "total_tokens": 1801}
 
@@ -48,13 +48,8 @@ async def test_the_usage_of_a_gzipped_answer_is_read(
 async def test_client_chosen_model_names_do_not_become_usage_rows(
     start_upstream: StartUpstream, make_config: MakeConfig,
 ) -> None:
-    async def chat(request: web.Request) -> web.Response:
-        return web.json_response({"id": "x", "object": "chat.completion", "choices": [],
-                                  "usage": USAGE})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    url = await start_upstream(app)
+    url = await start_upstream(answering({"id": "x", "object": "chat.completion",
+                                           "choices": [], "usage": USAGE}))
     config = make_config([provider("up", url)], cache={"enabled": False},
                          dedup={"mode": "off"})
     async with observed(config) as (gateway, seen), aiohttp.ClientSession() as session:
