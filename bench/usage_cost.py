@@ -21,7 +21,7 @@ from proxy.answers import Answer, ReplayBody
 from proxy.config import UsageConfig
 from proxy.providers import Call
 from proxy.record import Record
-from proxy.usage import tap
+from proxy.usage import read_deferred, tap
 
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 USAGE = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
@@ -59,7 +59,8 @@ async def per_request(count: int, stream: bool, tapped: bool) -> float:
         while await answer.body.next() is not None:
             pass
         if tapped:
-            accounting.observe(record)
+            read_deferred([record])
+            accounting.observe([record])
     return (time.perf_counter() - started) / count * 1e6
 
 

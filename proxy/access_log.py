@@ -1,28 +1,28 @@
 """The access log: one line per request, from its ``Record`` (issue 10, "Access log").
 
-:class:`AccessLog` is an observer (``record.py``), told of every request once it has
-ended, refused ones (401, 403, 404, 413, 429) included. It logs at INFO on the
+:class:`AccessLog` is an observer (``observers.py``), told of every request once it
+has ended, refused ones (401, 403, 404, 413, 429) included. It logs at INFO on the
 ``proxy.access`` logger through the handler ``logs.configure`` installed, so the line
 is JSON or text like every other line, and ``--log-level WARNING`` or
 ``logging.access_log: false`` silence it.
 
-Cost, on every request: when the logger is off, one ``isEnabledFor`` (a cached
-lookup) and nothing else; when on, one dict, one ``LogRecord`` made directly (no
-caller, thread or process lookup, no ``extra=`` merge), one ``orjson.dumps`` and one
-write: about 7 us (README "Logs"). Only bounded, non-secret values are logged: the
+Cost, per batch of requests (``observers.py``): when the logger is off, one
+``isEnabledFor`` (a cached lookup) and nothing else; when on, per request one dict and
+one ``orjson.dumps``, and one write for the batch (``logs.json_handler``); any other
+handler gets a ``LogRecord`` per line, made directly (no caller, thread or process
+lookup, no ``extra=`` merge). Only bounded, non-secret values are logged: the
 key's configured name, never its secret.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
 import time
 from typing import Any
 
-from proxy.logs import ACCESS_LOGGER, Fields, iso_time
+from proxy.logs import ACCESS_LOGGER, Fields, iso_time, json_handler
 from proxy.record import Record
 
 _INFO = logging.INFO
@@ -68,65 +68,44 @@ _CONSTANT = {
 
 
 class AccessLog:
-    """The observer; ``logger`` for tests (default: ``proxy.access``).
-
-    Records wait (at most ``BATCH`` of them, ``BATCH_AFTER`` seconds: a timer on the
-    running loop) and are logged together: measured in a running gateway, logging each
-    as its request ended cost about three times what the same work costs in a loop
-    (its code and the logging module's fall out of the CPU's caches between requests).
-    Each line's ``time`` is still its request's end. ``flush`` at shutdown (``app.py``)."""
-
-    BATCH = 64
-    BATCH_AFTER = 0.1
+    """The observer (``observers.Observer``); ``logger`` for tests (default:
+    ``proxy.access``). A batch's lines go out together, each with its request's end as
+    its ``time``. When they reach only the JSON handler ``logs.configure`` installed
+    (the usual case: no other handler, no filter), each line is one ``orjson.dumps``
+    and the batch one write (``logs.write_json``): the ``logging`` machinery per line
+    (a record, its handlers, its formatter) cost more than the line itself."""
 
     def __init__(self, logger: logging.Logger | None = None):
         self._log = logger or logging.getLogger(ACCESS_LOGGER)
-        self._batch: list[Record] = []
-        self._timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<AccessLog {self._log.name} on={self._log.isEnabledFor(_INFO)}>"
 
-    def __call__(self, record: Record) -> None:
-        if record.forwarded or not self._log.isEnabledFor(_INFO):
-            return  # (a forwarded request: the worker the client reached logs it)
-        batch = self._batch
-        batch.append(record)
-        if len(batch) >= self.BATCH:
-            self.flush()
-        elif self._timer is None:
-            try:
-                self._timer = asyncio.get_running_loop().call_later(self.BATCH_AFTER,
-                                                                     self.flush)
-            except RuntimeError:  # no loop (a test calling it directly): at once
-                self.flush()
-
-    async def cleanup(self, app: object) -> None:
-        """``on_cleanup``: the lines still waiting, once every request has ended."""
-        self.flush()
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        batch, self._batch = self._batch, []
+    def __call__(self, records: list[Record]) -> None:
         log = self._log
+        if not log.isEnabledFor(_INFO):
+            return
         to_wall = time.time() - time.perf_counter()  # each line's time: its request's end
-        for record in batch:
-            fields = line(record)
-            entry = _AccessRecord(log.name, AccessLine(fields, whole=True),
-                                  record.finished + to_wall)
-            fields["time"] = iso_time(entry.created)
-            log.handle(entry)
+        # (A forwarded request: the worker the client reached logs it.)
+        logged = [record for record in records if not record.forwarded]
+        handler = json_handler(log)
+        if handler is not None:
+            handler.write_json([line(record, to_wall) for record in logged])
+            return
+        for record in logged:
+            fields = line(record, to_wall)
+            log.handle(_AccessRecord(log.name, AccessLine(fields, whole=True),
+                                     record.finished + to_wall))
 
 
 _NO_ORIGIN = (None, None, 0, None)
 _NO_USAGE = (None, None, None, None, None)
 
 
-def line(record: Record) -> dict[str, Any]:
-    """The access line's fields, in the order they are written (README "Logs").
-    Milliseconds to the microsecond as ``int(us + 0.5) / 1000``: a third of ``round``'s cost."""
+def line(record: Record, to_wall: float) -> dict[str, Any]:
+    """The access line's fields, in the order they are written (README "Logs");
+    ``to_wall`` turns ``perf_counter`` times into wall-clock ones. Milliseconds to the
+    microsecond as ``int(us + 0.5) / 1000``: a third of ``round``'s cost."""
     origin = record.origin
     provider, upstream_model, attempts, taken = _NO_ORIGIN if origin is None else (
         origin.provider, origin.upstream_model, origin.attempts, origin.taken)
@@ -138,7 +117,7 @@ def line(record: Record) -> dict[str, Any]:
     duration = record.finished - started
     wait = record.upstream_wait
     return {
-        "time": "", "level": "INFO", "logger": ACCESS_LOGGER,
+        "time": iso_time(record.finished + to_wall), "level": "INFO", "logger": ACCESS_LOGGER,
         "request_id": record.request_id, "method": record.method, "route": record.path,
         "status": record.status, "error_code": record.error_code,
         "key_name": record.key_name, "model": record.model, "provider": provider,

@@ -1,6 +1,6 @@
 """Usage totals per gateway key and model (issue 10, "Usage accounting").
 
-:meth:`Accounting.observe` is an observer (``record.Observer``) of every request: one
+:meth:`Accounting.observe` is an observer (``observers.py``) of every request: one
 whose answer carried or was given a ``usage`` (``usage.py``) adds to its row, keyed by
 the gateway key's configured name (None without keys) and the model the client asked
 for. Rows count requests, input, output, cached and reasoning tokens, and the requests
@@ -80,23 +80,26 @@ class Accounting:
     def __repr__(self) -> str:
         return f"<Accounting rows={len(self.rows)} store={self.store!r}>"
 
-    def observe(self, record: Record) -> None:
-        """The observer: a few additions, nothing else, on the request path."""
-        usage = record.usage
-        if usage is None:
-            return
-        key = (record.key_name, self.model_label(record.model))
-        estimated = usage.source != "reported"
-        counts = (usage.input or 0, usage.output or 0, usage.cached or 0,
-                  usage.reasoning or 0)
-        for rows in (self.rows, self.store.pending) if self.store else (self.rows,):
-            row = _row(rows, key)
-            row[0] += 1
-            row[1] += counts[0]
-            row[2] += counts[1]
-            row[3] += counts[2]
-            row[4] += counts[3]
-            row[5] += estimated
+    def observe(self, records: list[Record]) -> None:
+        """The observer (``observers.Observer``): a few additions per request."""
+        tables = (self.rows, self.store.pending) if self.store else (self.rows,)
+        label = self.model_label
+        for record in records:
+            usage = record.usage
+            if usage is None:
+                continue
+            key = (record.key_name, label(record.model))
+            estimated = usage.source != "reported"
+            counts = (usage.input or 0, usage.output or 0, usage.cached or 0,
+                      usage.reasoning or 0)
+            for rows in tables:
+                row = _row(rows, key)
+                row[0] += 1
+                row[1] += counts[0]
+                row[2] += counts[1]
+                row[3] += counts[2]
+                row[4] += counts[3]
+                row[5] += estimated
 
 
 class RedisTotals:

@@ -27,13 +27,14 @@ from proxy.middlewares import (
     error_middleware,
     stamp_response,
 )
+from proxy.observers import Observers
 from proxy.peers import Peers
-from proxy.record import Observer
 from proxy.redis_store import RedisLink
 from proxy.state import LIVE, METRICS, OBSERVERS, WORKER
 from proxy.status import HISTORY, History
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
+from proxy.usage import read_deferred
 from proxy.workers import WorkerSpec
 
 log = logging.getLogger("proxy.app")
@@ -61,12 +62,11 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     metrics = app[METRICS] = Metrics(live, worker.metrics_dir)
     live.reload_hooks.append(metrics.reloaded)
     accounting.model_label = lambda model: metrics.labels.of(model, None)[0]
-    # What is told of each request once it has ended (record.py); the access log last:
-    # it reads what the others may fill.
-    access_log = AccessLog()
-    observers: list[Observer] = [metrics.observe, accounting.observe, access_log]
-    app[OBSERVERS] = observers
-    app.on_cleanup.append(access_log.cleanup)
+    # What is told of the requests once they have ended (observers.py), in this order:
+    # each reads what the ones before it fill.
+    observers = app[OBSERVERS] = Observers([read_deferred, metrics.observe,
+                                            accounting.observe, AccessLog()])
+    app.on_cleanup.append(observers.cleanup)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(usage_lifecycle)  # its final flush runs before _lifecycle's end
     app.on_response_prepare.append(stamp_response)

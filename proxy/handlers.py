@@ -46,6 +46,7 @@ from proxy.state import (
     GATEWAY_KEY,
     LIVE,
     METRICS,
+    OBSERVERS,
     RECORD,
     REQUEST_ID,
     WORKER,
@@ -295,6 +296,7 @@ async def status_stats(request: web.Request) -> web.Response:
     gateway = request.app[LIVE].gateway
     require_admin(request.get(GATEWAY_KEY), gateway.keyring)
     providers = await provider_view(gateway)
+    request.app[OBSERVERS].flush()  # this worker's figures, exact (observers.py)
     now = stats.sample(request.app[METRICS].collect())
     state, _ = overall(providers)
     worker = request.app[WORKER]
@@ -315,6 +317,7 @@ async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: the Prometheus text format (``metrics.py``); with gateway keys
     configured, for an admin key only."""
     require_admin(request.get(GATEWAY_KEY), request.app[LIVE].gateway.keyring)
+    request.app[OBSERVERS].flush()  # this worker's figures, exact (observers.py)
     body = request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

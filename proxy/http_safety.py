@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -61,8 +60,9 @@ from aiohttp.web_request import BaseRequest
 from proxy.config import ServerConfig
 from proxy.errors import GatewayError, UnsupportedContentEncoding
 from proxy.headers import DECODED_CODINGS
-from proxy.middlewares import error_response, notify
-from proxy.record import Observer, Record
+from proxy.middlewares import error_response
+from proxy.observers import Observers
+from proxy.record import Record
 from proxy.state import OBSERVERS
 
 log = logging.getLogger("proxy.http_safety")
@@ -157,7 +157,7 @@ class GuardedRunner(web.AppRunner):
         self._settings = settings
 
     async def _make_server(self) -> web.Server:
-        observers: list[Observer] = self.app.get(OBSERVERS, [])
+        observers = self.app.get(OBSERVERS) or Observers()
         return GuardedServer(await super()._make_server(), self._settings, observers)
 
 
@@ -166,12 +166,12 @@ class GuardedServer(web.Server):
     ``GuardedHandler``s and counting the connections they hold."""
 
     def __init__(self, plain: web.Server, settings: ServerConfig,
-                 observers: Sequence[Observer] = ()):
+                 observers: Observers | None = None):
         super().__init__(plain.request_handler, request_factory=plain.request_factory,
                          handler_cancellation=plain.handler_cancellation, loop=plain._loop,
                          **plain._kwargs)
         self.settings = settings
-        self.observers = observers  # the app's: told of what is refused here too
+        self.observers = observers or Observers()  # the app's: told of refusals too
         self.open = 0
         self.refused = 0
         self._next_warning = 0.0
@@ -204,7 +204,7 @@ class GuardedServer(web.Server):
         record = Record(now, request.method, path="other", client=request.remote,
                         status=error.status, error_code=error.code, first_byte=now,
                         finished=now)
-        notify(self.observers, record)
+        self.observers.ended(record)
         return _closing(error)
 
 

@@ -3,9 +3,9 @@
 Names follow the OpenTelemetry GenAI and HTTP semantic conventions where they exist
 (``gen_ai.client.operation.duration`` -> ``gen_ai_client_operation_duration_seconds``,
 ...), then the gateway's own under ``gateway_``. :class:`Metrics` is made once per app
-(``app.py``) and fed by :meth:`Metrics.observe`, an observer of each request's
-``Record`` (``record.py``). Records are counted ``BATCH`` at a time, into plain-Python
-accumulators handed to prometheus-client once a second and at each scrape
+(``app.py``) and fed by :meth:`Metrics.observe`, an observer of the requests'
+``Record``s (``record.py``), told of them in batches (``observers.py``). They are
+counted into plain-Python accumulators handed to prometheus-client once a second and at each scrape
 (``metrics_pending.py``: a value write costs a lock, and a file write with
 ``--workers N``); the per-provider state gauges (breaker, adaptive limit, queue) are
 sampled then too (``metrics_state.py``). Measured inside a gateway under load, a
@@ -67,9 +67,6 @@ RATE_LIMITED = "rate_limit_exceeded"  # ratelimit.RateLimited.code
 # answered correctly; 429 is the upstream refusing).
 _FAILED_UPSTREAM = 500
 _REFUSED = 429
-# Records counted in one loop: the loop stays in the CPU caches (at 1.7 us a record,
-# 64 take ~0.1 ms of the event loop); the flush counts whatever is left.
-BATCH = 64
 
 
 class Metrics:
@@ -93,7 +90,6 @@ class Metrics:
         self._counters: dict[tuple[Any, ...], PendingCounter] = {}
         self._overhead = self.pending.histogram(self.overhead)
         self._success = self._inc(self.attempts, "success")  # most requests' one attempt
-        self._queue: list[Record] = []
         self.in_flight = 0  # requests being served here: context_middleware counts them
 
     def _define(self, registry: CollectorRegistry) -> None:
@@ -142,17 +138,9 @@ class Metrics:
                                 ("version",), registry=registry, multiprocess_mode="livemax")
         self.build_info.labels(__version__).set(1)
 
-    def observe(self, record: Record) -> None:
-        """The observer (``record.Observer``): one ended request, counted with the
-        next few (``BATCH``) in one loop."""
-        queue = self._queue
-        queue.append(record)
-        if len(queue) >= BATCH:
-            self._drain()
-
-    def _drain(self) -> None:
-        queue, self._queue = self._queue, []
-        for record in queue:
+    def observe(self, records: list[Record]) -> None:
+        """The observer (``observers.Observer``): a batch of ended requests."""
+        for record in records:
             try:
                 self._count(record)
             except Exception:  # one bad record loses itself, not its batch
@@ -265,8 +253,8 @@ class Metrics:
 
     def flush(self) -> None:
         """What this worker saw since the last flush, and its state gauges, into
-        prometheus-client (``metrics_pending.py``)."""
-        self._drain()
+        prometheus-client (``metrics_pending.py``); the records still waiting in
+        ``observers.Observers`` are the caller's to flush first."""
         self.pending.flush()
         self.in_flight_gauge.set(self.in_flight)
         self.state.sample()

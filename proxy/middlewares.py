@@ -17,7 +17,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -34,7 +33,7 @@ from proxy.errors import (
 from proxy.headers import PEER, PEER_KEY
 from proxy.headers import REQUEST_ID as REQUEST_ID_HEADER
 from proxy.logs import CURRENT_REQUEST
-from proxy.record import CLIENT_DISCONNECT, Observer, Record, endpoint_label
+from proxy.record import CLIENT_DISCONNECT, Record, endpoint_label
 from proxy.state import (
     ADMISSION,
     FROM_PEER,
@@ -145,18 +144,7 @@ def _observe(request: web.Request, record: Record) -> None:
         canonical = resource.canonical if resource is not None else "other"
         record.path = (endpoint_label(request.path.removeprefix("/v1/"))
                        if canonical == "/v1/{tail}" else canonical)
-    observers: list[Observer] = request.app[OBSERVERS]
-    notify(observers, record)
-
-
-def notify(observers: Iterable[Observer], record: Record) -> None:
-    """Tell each observer of an ended request (``http_safety`` too, for the requests
-    refused before the app saw them)."""
-    for observer in observers:
-        try:
-            observer(record)
-        except Exception:  # one broken observer must not fail the request or the others
-            log.exception("observer %r failed", observer)
+    request.app[OBSERVERS].ended(record)
 
 
 @web.middleware

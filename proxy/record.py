@@ -3,8 +3,8 @@
 ``context_middleware`` (outermost) starts a :class:`Record` for every request, the
 steps below fill in what they learn (the handler the caller, model and route, the
 dispatcher where the answer came from, ``streaming`` how it ended), and when the
-request is over the record is handed to each of the app's observers: the access log,
-the metrics and usage accounting (issue 10). One object instead of each observer
+request is over the record is handed to the app's observers (``observers.py``): the
+access log, the metrics and usage accounting (issue 10). One object instead of each observer
 hooking every step: the hot path pays for a few attribute writes, and the observers
 agree on what happened.
 
@@ -15,7 +15,6 @@ from the config, never the caller's ``Authorization``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 # How a request ended (the metrics' ``reason`` label).
@@ -76,6 +75,9 @@ class Record:
     bytes_in: int = 0
     bytes_out: int = 0
     usage: Usage | None = None
+    # A whole JSON answer whose usage is still to be read: off the request's path, by
+    # the observers' batch (``usage.read_deferred``), which then drops it.
+    answer_json: bytes | None = None
 
     def overhead_ms(self) -> float:
         """The gateway's own time so far: everything but the wait for upstreams."""
@@ -113,6 +115,3 @@ def endpoint_label(endpoint: str) -> str:
     return f"/v1/{endpoint}" if endpoint in NAMED_ENDPOINTS else "/v1/other"
 
 
-# Called once per request when it has ended, whatever the outcome; must not raise or
-# block (an observer that needs I/O hands the record to its own background work).
-Observer = Callable[[Record], None]

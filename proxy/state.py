@@ -11,8 +11,9 @@ from aiohttp import web
 from proxy.gateway import Live
 from proxy.keys import GatewayKey
 from proxy.metrics import Metrics
+from proxy.observers import Observers
 from proxy.ratelimit import Admission
-from proxy.record import Observer, Record
+from proxy.record import Record
 from proxy.upstream import UpstreamClient
 from proxy.workers import WorkerSpec
 
@@ -24,7 +25,7 @@ CLIENT = web.AppKey("upstream_client", UpstreamClient)  # bench/floor_proxy.py's
 REQUEST_ID = web.RequestKey("request_id", str)
 RECORD = web.RequestKey("record", Record)  # what the request did (``record.py``)
 # Told of every request once it has ended (the access log, metrics, usage): ``app.py``.
-OBSERVERS = web.AppKey("observers", list[Observer])
+OBSERVERS = web.AppKey("observers", Observers)
 METRICS = web.AppKey("metrics", Metrics)  # GET /metrics, the status page
 GATEWAY_KEY = web.RequestKey("gateway_key", GatewayKey)  # set when keys are configured
 ADMISSION = web.RequestKey("admission", Admission)  # a rate-limited key's request

@@ -3,13 +3,16 @@
 :func:`ask_usage` runs before the upstream call: a stream whose client did not ask for
 its usage is sent with ``stream_options.include_usage`` when every provider of its route
 honours it (``Provider.asks_stream_usage``). :func:`tap` then wraps the answer's body
-(``answers.Body``) in a :class:`UsageTap`, which fills ``record.usage`` for the access
+(``answers.Body``) in a :class:`JsonUsageTap` or an event stream's :class:`UsageTap`,
+which fill ``record.usage`` for the access
 log, the metrics and the accounting (``accounting.py``), and settles a rate-limited
 key's token estimate (``ratelimit.Admission``) before the body's end is passed on, so
 the key's next request already sees the correction.
 
 * A JSON answer is kept (up to ``MAX_JSON``) and read at its end, only when it mentions
   ``"usage"``: from its last ``"usage"`` on (one small parse), the whole body if needed.
+  Unless a rate limit waits for the count, that read happens after the request, in the
+  observers' batch (:func:`read_deferred`).
 * In an event stream only ``data:`` lines whose ``usage`` is an object are parsed.
 * Where the gateway asked for the usage, it takes out what that added, so the client
   gets exactly the provider's bytes without the option: ``"usage":null`` in each chunk
@@ -39,6 +42,7 @@ from proxy.record import Record, Usage
 from proxy.routing import Route
 
 MAX_JSON = 1024 * 1024  # a larger JSON answer is not held: its estimate stands
+DEFER_JSON = 64 * 1024  # a JSON answer up to this is read after its request (observers)
 _MAX_LINE = 64 * 1024  # a longer partial line is passed on, not held for stripping
 _JSON_BYTES_PER_TOKEN = 4
 # The endpoints whose answers carry token usage; only the first two take stream_options.
@@ -90,11 +94,14 @@ def tap(answer: Answer, call: Call, record: Record, admission: Admission | None)
     coding = answer.headers.get("Content-Encoding")
     if coding is not None and (answer.event_stream or coding.lower() not in _INFLATABLE):
         return  # a compressed stream, an unknown coding: the estimates stand
+    if not answer.event_stream:
+        answer.body = JsonUsageTap(answer.body, record if counted else None, guess,
+                                   admission, inflate=coding is not None)
+        return
     strip = call.usage_added and counted and coding is None
     if strip:  # fewer bytes than the upstream's length: the stream goes chunked
         answer.headers.popall("Content-Length", None)
-    answer.body = UsageTap(answer.body, record if counted else None, guess, admission,
-                           answer.event_stream, strip, inflate=coding is not None)
+    answer.body = UsageTap(answer.body, record if counted else None, guess, admission, strip)
 
 
 class _GiveBack:
@@ -110,26 +117,89 @@ class _GiveBack:
         return chunk
 
 
-class UsageTap:
-    """An answer's body, read for its usage as it passes (see the module doc)."""
+class JsonUsageTap:
+    """A JSON answer's body, kept as it passes (up to ``MAX_JSON``) for the usage at
+    its end. Unless a rate limit waits for the count, the usage of an answer up to
+    ``DEFER_JSON`` is read after the request, in the observers' batch
+    (:func:`read_deferred`), not on its path."""
 
-    __slots__ = ("_admission", "_body", "_carry", "_done", "_guess", "_inflate", "_json",
-                 "_record", "_size", "_skip_blank", "_sse", "_strip", "_total")
+    __slots__ = ("_admission", "_body", "_guess", "_inflate", "_parts", "_record", "_size")
 
     def __init__(self, body: Body, record: Record | None, guess: Usage | None,
-                 admission: Admission | None, event_stream: bool, strip: bool,
-                 inflate: bool = False):
+                 admission: Admission | None, inflate: bool):
         self._body = body
+        self._record = record
+        self._guess = guess  # the estimate in record.usage until the usage is read
+        self._admission = admission
         self._inflate = inflate
+        self._parts: list[bytes] | None = []  # None: too large to hold, or read
+        self._size = 0
+
+    async def next(self) -> bytes | None:
+        chunk = await self._body.next()
+        if chunk is None:
+            if self._parts is not None or self._admission is not None:
+                await self._end()
+            return None
+        self._size += len(chunk)
+        if self._guess is not None:
+            self._guess.output = self._size // _JSON_BYTES_PER_TOKEN
+        parts = self._parts
+        if parts is not None:
+            parts.append(chunk)
+            if self._size > MAX_JSON:
+                self._parts = None  # too large to hold: the estimate stands
+        return chunk
+
+    async def _end(self) -> None:
+        parts, self._parts = self._parts, None
+        total: int | None = None
+        if parts:
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            if self._inflate:
+                body = _inflated(body)
+            record = self._record
+            if record is not None and self._admission is None and len(body) <= DEFER_JSON:
+                record.answer_json = body
+            elif b'"usage"' in body:
+                found = read_usage(body)
+                if found is not None:
+                    usage, total = found
+                    if record is not None:
+                        record.usage = usage
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            await admission.settle(total)
+
+
+def read_deferred(records: list[Record]) -> None:
+    """The first observer (``observers.py``): the usage of the whole JSON answers the
+    taps kept, read off the requests' path."""
+    for record in records:
+        body = record.answer_json
+        if body is not None:
+            record.answer_json = None
+            if b'"usage"' in body:
+                found = read_usage(body)
+                if found is not None:
+                    record.usage = found[0]
+
+
+class UsageTap:
+    """An event stream, read for its usage as it passes (see the module doc)."""
+
+    __slots__ = ("_admission", "_body", "_carry", "_done", "_guess", "_record",
+                 "_skip_blank", "_strip", "_total")
+
+    def __init__(self, body: Body, record: Record | None, guess: Usage | None,
+                 admission: Admission | None, strip: bool):
+        self._body = body
         self._record = record
         self._guess = guess  # the estimate in record.usage until a usage is reported
         self._admission = admission
-        self._sse = event_stream
-        self._strip = strip and event_stream
-        self._json: list[bytes] | None = None if event_stream else []
+        self._strip = strip
         self._carry = b""  # a partial line
         self._skip_blank = False  # a dropped event's blank line is still to come
-        self._size = 0
         self._total: int | None = None  # total tokens reported, for the rate limits
         self._done = False
 
@@ -139,22 +209,10 @@ class UsageTap:
         chunk = await self._body.next()
         if chunk is None:
             return await self._end()
-        if not self._sse:
-            self._gather(chunk)
-            return chunk
         guess = self._guess
         if guess is not None and guess.output is not None:
             guess.output += chunk.count(b"data:")
         return self._rewrite(chunk) if self._strip else self._scan(chunk)
-
-    def _gather(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._guess is not None:
-            self._guess.output = self._size // _JSON_BYTES_PER_TOKEN
-        if self._json is not None:
-            self._json.append(chunk)
-            if self._size > MAX_JSON:
-                self._json = None  # too large to hold: the estimate stands
 
     def _scan(self, chunk: bytes) -> bytes:
         """Read usage off whole lines; the chunk itself passes untouched."""
@@ -231,7 +289,7 @@ class UsageTap:
             self._record.usage = usage
 
     async def _end(self) -> bytes | None:
-        """The body's end: the last partial line, the JSON's usage, the settlement."""
+        """The body's end: the last partial line, the settlement."""
         self._done = True
         rest = b""
         if self._carry:
@@ -240,13 +298,6 @@ class UsageTap:
                 rest = self._strip_lines([carry]).removesuffix(b"\n")
             else:
                 self._line(carry)
-        if self._json:
-            body = self._json[0] if len(self._json) == 1 else b"".join(self._json)
-            self._json = None
-            if self._inflate:
-                body = _inflated(body)
-            if b'"usage"' in body:
-                self._reported(read_usage(body))
         if self._admission is not None:
             await self._admission.settle(self._total)
         return rest or None

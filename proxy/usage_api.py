@@ -24,7 +24,7 @@ from proxy.accounting import FIELDS, USAGE, Rows, add_rows, as_data
 from proxy.errors import GatewayError
 from proxy.headers import PEER, PEER_KEY, REQUEST_ID
 from proxy.keys import GatewayKey
-from proxy.state import FROM_PEER, GATEWAY_KEY, WORKER
+from proxy.state import FROM_PEER, GATEWAY_KEY, OBSERVERS, WORKER
 from proxy.state import REQUEST_ID as REQUEST_ID_KEY
 from proxy.workers import WorkerSpec
 
@@ -45,6 +45,7 @@ class UsageUnavailable(GatewayError):
 
 
 async def usage(request: web.Request) -> web.Response:
+    request.app[OBSERVERS].flush()  # this worker's totals, exact (observers.py)
     accounting = request.app[USAGE]
     key = request.get(GATEWAY_KEY)
     visible = None if key is None or key.admin else key.name

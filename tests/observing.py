@@ -28,7 +28,7 @@ async def observed(config: Config) -> AsyncIterator[tuple[str, list[Record]]]:
         config, server=dataclasses.replace(config.server, host="127.0.0.1", port=0))
     app = build_app(config)
     seen: list[Record] = []
-    app[OBSERVERS].append(seen.append)
+    app[OBSERVERS].observers.append(seen.extend)
     async with running(config, app=app) as url:
         yield url, seen
 

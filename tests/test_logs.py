@@ -118,7 +118,7 @@ def served() -> Record:
 
 
 def test_the_access_line_fields() -> None:
-    fields = line(served())
+    fields = line(served(), 0.0)
     assert (fields["provider"], fields["upstream_model"], fields["attempts"],
             fields["taken"]) == ("up", "m-up", 2, "failover")
     assert (fields["ttfb_ms"], fields["duration_ms"], fields["upstream_ms"]) == (
@@ -126,7 +126,8 @@ def test_the_access_line_fields() -> None:
     assert fields["overhead_ms"] == pytest.approx(100.0)  # before the first byte only
     assert (fields["tokens_in"], fields["tokens_out"], fields["tokens_source"]) == (
         3, 5, "reported")
-    refused = line(Record(1.0, "GET", "other", "id-2", None, status=401, finished=1.001))
+    refused = line(Record(1.0, "GET", "other", "id-2", None, status=401, finished=1.001),
+                   0.0)
     assert (refused["provider"], refused["attempts"], refused["tokens_in"]) == (None, 0, None)
     text = str(AccessLine(fields, whole=True))
     assert text.startswith("POST /v1/chat/completions 200 1000.0ms request_id=id-1 ")
@@ -137,10 +138,10 @@ def test_the_access_line_fields() -> None:
 def test_configure_json_text_and_the_access_log_off() -> None:
     stream = io.StringIO()
     configure(LoggingSettings(format="json"), stream)
-    AccessLog()(served())
+    AccessLog()([served()])
     logging.getLogger("proxy.y").info("hello")
     configure(LoggingSettings(format="text", access_log=False), stream)  # replaced
-    AccessLog()(served())
+    AccessLog()([served()])
     logging.getLogger("proxy.y").info("as text")
     written = stream.getvalue().splitlines()
     assert len(written) == 3, written

@@ -150,7 +150,7 @@ async def test_the_names_read_are_those_the_metrics_write() -> None:
         record = Record(0.0, "POST", path="/v1/chat/completions", model="m",
                         origin=Origin("up", "m"), status=code, cache=cache,
                         dedup="leader", finished=0.05)
-        metrics.observe(record)
+        metrics.observe([record])
     figures = totals(sample(metrics.collect()))
     assert (figures["requests"], figures["errors_5xx"]) == (3, 1)
     assert (figures["cache_hits"], figures["cache_misses"], figures["dedup_leaders"]) == (
