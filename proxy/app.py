@@ -66,7 +66,9 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     # each reads what the ones before it fill.
     observers = app[OBSERVERS] = Observers([read_deferred, metrics.observe,
                                             accounting.observe, AccessLog()])
-    app.on_cleanup.append(observers.cleanup)
+    # First of the cleanups (cleanup_ctx's teardown, which closes Redis, is on the same
+    # list): the last records reach the usage totals before their final flush.
+    app.on_cleanup.insert(0, observers.cleanup)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(usage_lifecycle)  # its final flush runs before _lifecycle's end
     app.on_response_prepare.append(stamp_response)

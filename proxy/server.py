@@ -29,7 +29,8 @@ from proxy.app import build_app
 from proxy.config import DEMO_PROVIDER, Config, ConfigError, with_demo_provider
 from proxy.gateway import Live
 from proxy.http_safety import GuardedRunner
-from proxy.state import LIVE
+from proxy.observers import Observers
+from proxy.state import LIVE, OBSERVERS
 from proxy.workers import WorkerSpec
 
 log = logging.getLogger("proxy.server")
@@ -216,7 +217,8 @@ async def serve(given: Config, worker: WorkerSpec | None = None, *,
                 log.info("no provider configured: answering from the bundled mock upstream; "
                          "set OPENAI_API_KEY, use --upstream URL or a config file for real "
                          "models")
-            reload = functools.partial(_reload, app[LIVE], load) if load else None
+            reload = (functools.partial(_reload, app[LIVE], load, app[OBSERVERS]) if load
+                      else None)
             await _until_stopped(supervisor_pid, reload)
     log.info("%s stopped", me)
 
@@ -242,11 +244,13 @@ def raise_fd_limit(config: Config) -> None:
                     target, config.server.max_connections, config.pool.limit, needed)
 
 
-def _reload(live: Live, load: Callable[[], Config]) -> None:
+def _reload(live: Live, load: Callable[[], Config], observers: Observers) -> None:
     """SIGHUP: a config that fails validation, or that cannot be put in force (its
     file gone or empty, every gateway key dropped unsaid), is refused whole, with every
     reason logged, and the running one stays in force; in-flight requests are never
-    touched."""
+    touched. The requests already ended are observed first, under the config (the
+    logging section) they were served with."""
+    observers.flush()
     try:
         new = load()
         running_providers = live.gateway.config.providers
