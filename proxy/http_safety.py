@@ -157,8 +157,8 @@ class GuardedRunner(web.AppRunner):
         self._settings = settings
 
     async def _make_server(self) -> web.Server:
-        observers = self.app.get(OBSERVERS) or Observers()
-        return GuardedServer(await super()._make_server(), self._settings, observers)
+        return GuardedServer(await super()._make_server(), self._settings,
+                             self.app.get(OBSERVERS))
 
 
 class GuardedServer(web.Server):

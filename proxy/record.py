@@ -4,9 +4,9 @@
 steps below fill in what they learn (the handler the caller, model and route, the
 dispatcher where the answer came from, ``streaming`` how it ended), and when the
 request is over the record is handed to the app's observers (``observers.py``): the
-access log, the metrics and usage accounting (issue 10). One object instead of each observer
-hooking every step: the hot path pays for a few attribute writes, and the observers
-agree on what happened.
+access log, the metrics and usage accounting (issue 10). One object instead of each
+observer hooking every step: the hot path pays for a few attribute writes, and the
+observers agree on what happened.
 
 Only bounded, non-secret values go in: a gateway key by its configured name, labels
 from the config, never the caller's ``Authorization``.
@@ -113,5 +113,3 @@ NAMED_ENDPOINTS = frozenset({
 def endpoint_label(endpoint: str) -> str:
     """The route label of ``/v1/<endpoint>`` (``endpoint`` as the client sent it)."""
     return f"/v1/{endpoint}" if endpoint in NAMED_ENDPOINTS else "/v1/other"
-
-

@@ -92,9 +92,10 @@ def tap(answer: Answer, call: Call, record: Record, admission: Admission | None)
         guess = record.usage = Usage(input=estimate(None, call.body), output=0,
                                      source="estimated")
     coding = answer.headers.get("Content-Encoding")
-    if coding is not None and (answer.event_stream or coding.lower() not in _INFLATABLE):
+    event_stream = answer.event_stream  # (a header lookup: read once)
+    if coding is not None and (event_stream or coding.lower() not in _INFLATABLE):
         return  # a compressed stream, an unknown coding: the estimates stand
-    if not answer.event_stream:
+    if not event_stream:
         answer.body = JsonUsageTap(answer.body, record if counted else None, guess,
                                    admission, inflate=coding is not None)
         return
@@ -161,12 +162,10 @@ class JsonUsageTap:
             record = self._record
             if record is not None and self._admission is None and len(body) <= DEFER_JSON:
                 record.answer_json = body
-            elif b'"usage"' in body:
-                found = read_usage(body)
-                if found is not None:
-                    usage, total = found
-                    if record is not None:
-                        record.usage = usage
+            elif (found := read_usage(body)) is not None:
+                usage, total = found
+                if record is not None:
+                    record.usage = usage
         admission, self._admission = self._admission, None
         if admission is not None:
             await admission.settle(total)
@@ -179,10 +178,8 @@ def read_deferred(records: list[Record]) -> None:
         body = record.answer_json
         if body is not None:
             record.answer_json = None
-            if b'"usage"' in body:
-                found = read_usage(body)
-                if found is not None:
-                    record.usage = found[0]
+            if (found := read_usage(body)) is not None:
+                record.usage = found[0]
 
 
 class UsageTap:
