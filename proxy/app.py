@@ -3,7 +3,8 @@
 Everything stateful is created here once (``gateway.py`` builds what a config decides,
 and rebuilds it on SIGHUP) and stored under a typed key (``state.py``); the upstream
 sessions are opened and everything is closed in ``cleanup_ctx``, inside the worker's
-event loop. The middleware list below is the only place their order is set.
+event loop. The middleware list and the route table below are the only places their
+order is set; ``core.py`` serves them.
 """
 
 from __future__ import annotations
@@ -18,15 +19,11 @@ from proxy.access_log import AccessLog
 from proxy.accounting import USAGE, Accounting, usage_lifecycle
 from proxy.backends import rate_limiter, redis_link, response_cache
 from proxy.config import Config
+from proxy.core import CORE, Core, RouteSpec
 from proxy.dedup import InflightRequests
 from proxy.gateway import Live, Shared
 from proxy.metrics import Metrics
-from proxy.middlewares import (
-    auth_middleware,
-    context_middleware,
-    error_middleware,
-    stamp_response,
-)
+from proxy.middlewares import auth_middleware, error_middleware
 from proxy.observers import Observers
 from proxy.peers import Peers
 from proxy.redis_store import RedisLink
@@ -39,18 +36,31 @@ from proxy.workers import WorkerSpec
 
 log = logging.getLogger("proxy.app")
 
+# Inside core.Core's own first step (request id, clock and record, so a 401 has them).
 MIDDLEWARES = (
-    context_middleware,  # outermost: request id, clock and record, so a 401 has them too
-    error_middleware,  # every failure below leaves OpenAI-shaped
+    error_middleware,  # outermost: every failure below leaves OpenAI-shaped
     auth_middleware,
+)
+# Exact paths first, then the prefixes in this order (core.py): /v1/models/<id>, then
+# every other /v1/ path, sent upstream. GET routes take HEAD too.
+ROUTES = (
+    RouteSpec("/healthz", handlers.healthz),
+    RouteSpec("/health", handlers.health),
+    RouteSpec("/metrics", handlers.metrics),
+    RouteSpec("/ui", handlers.status_page),
+    RouteSpec("/ui/stats", handlers.status_stats),
+    RouteSpec("/v1/models", handlers.list_models),
+    RouteSpec("/v1/usage", usage_api.usage),
+    RouteSpec("/v1/usage", handlers.gateway_only, methods=None),  # never sent upstream
+    RouteSpec("/v1/models/", handlers.get_model, prefix=True, param="model"),
+    RouteSpec("/v1/", handlers.proxy_handler, methods=None, prefix=True, label=None),
 )
 
 
 def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Application:
     """``worker`` says which of the ``proxy serve --workers N`` processes this is (default:
     the only one); it is stored under ``WORKER`` so handlers can name it and reach peers."""
-    app = web.Application(middlewares=MIDDLEWARES,
-                          client_max_size=config.server.max_body_bytes)
+    app = web.Application(client_max_size=config.server.max_body_bytes)
     worker = worker or WorkerSpec.of(config)
     app[WORKER] = worker
     app[HISTORY] = History()  # the status page's recent samples (status.py)
@@ -71,8 +81,7 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     app.on_cleanup.insert(0, observers.cleanup)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(usage_lifecycle)  # its final flush runs before _lifecycle's end
-    app.on_response_prepare.append(stamp_response)
-    _add_routes(app.router)
+    app[CORE] = Core(app, ROUTES, MIDDLEWARES, metrics, observers)
     return app
 
 
@@ -82,19 +91,6 @@ def _shared(config: Config, worker: WorkerSpec, redis: RedisLink | None) -> Shar
         inflight=InflightRequests(config.dedup.max_buffer_bytes),
         cache=response_cache(config, redis), peers=Peers(worker),
         rate_limiter=rate_limiter(config, redis))
-
-
-def _add_routes(router: web.UrlDispatcher) -> None:
-    router.add_get("/healthz", handlers.healthz)
-    router.add_get("/health", handlers.health)
-    router.add_get("/metrics", handlers.metrics)
-    router.add_get("/ui", handlers.status_page)
-    router.add_get("/ui/stats", handlers.status_stats)
-    router.add_get("/v1/models", handlers.list_models)
-    router.add_get("/v1/models/{model:.+}", handlers.get_model)
-    router.add_get("/v1/usage", usage_api.usage)  # before the catch-all /v1/{tail}
-    router.add_route("*", "/v1/usage", handlers.gateway_only)  # never sent upstream
-    router.add_route("*", "/v1/{tail:.+}", handlers.proxy_handler)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

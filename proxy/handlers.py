@@ -41,7 +41,6 @@ from proxy.record import Origin, Record, endpoint_label
 from proxy.routing import Route
 from proxy.sharing import sharing_for
 from proxy.state import (
-    ADMISSION,
     FROM_PEER,
     GATEWAY_KEY,
     LIVE,
@@ -104,7 +103,7 @@ async def admit(request: web.Request, call: Call, route: Route, limiter: RateLim
                 ) -> Admission | None:
     """What the caller's gateway key allows: this model (else 403), and this request
     within its rate limits (else 429). The admission's x-ratelimit-* headers go on the
-    answer (``stamp_response``), and its token estimate is corrected from the answer.
+    answer (``Record.stamp``), and its token estimate is corrected from the answer.
     A request a peer worker forwarded was admitted there, which also settles its usage:
     counting it here again would charge the key twice."""
     key = request.get(GATEWAY_KEY)
@@ -116,7 +115,7 @@ async def admit(request: web.Request, call: Call, route: Route, limiter: RateLim
         return None
     admission = await limiter.admit(key, estimate(call.payload, call.body))
     if admission is not None:
-        request[ADMISSION] = admission
+        request[RECORD].reply_headers = admission.headers
     return admission
 
 

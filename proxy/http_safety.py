@@ -43,7 +43,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
@@ -58,12 +59,15 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from proxy.config import ServerConfig
+from proxy.core import CORE, Core
 from proxy.errors import GatewayError, UnsupportedContentEncoding
 from proxy.headers import DECODED_CODINGS
 from proxy.middlewares import error_response
 from proxy.observers import Observers
 from proxy.record import Record
 from proxy.state import OBSERVERS
+
+_Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("proxy.http_safety")
 
@@ -157,8 +161,10 @@ class GuardedRunner(web.AppRunner):
         self._settings = settings
 
     async def _make_server(self) -> web.Server:
+        """aiohttp's server for the app, with the gateway's own request handler
+        (``core.Core``) in place of the app's router."""
         return GuardedServer(await super()._make_server(), self._settings,
-                             self.app.get(OBSERVERS))
+                             self.app.get(OBSERVERS), self.app.get(CORE))
 
 
 class GuardedServer(web.Server):
@@ -166,8 +172,10 @@ class GuardedServer(web.Server):
     ``GuardedHandler``s and counting the connections they hold."""
 
     def __init__(self, plain: web.Server, settings: ServerConfig,
-                 observers: Observers | None = None):
-        super().__init__(plain.request_handler, request_factory=plain.request_factory,
+                 observers: Observers | None = None, core: Core | None = None):
+        # The app's request factory makes ``web.Request``s: what ``Core`` takes.
+        handler = plain.request_handler if core is None else cast(_Handler, core)
+        super().__init__(handler, request_factory=plain.request_factory,
                          handler_cancellation=plain.handler_cancellation, loop=plain._loop,
                          **plain._kwargs)
         self.settings = settings

@@ -39,7 +39,7 @@ REDACTED = "***"
 FLUSH_AFTER = 0.2  # seconds a line may wait to be written with others
 FLUSH_LINES = 256
 # The request being handled, for the ``request_id`` of the lines logged meanwhile
-# (set by ``context_middleware``); None outside a request.
+# (set by ``core.Core``); None outside a request.
 CURRENT_REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "current_request", default=None)
 

@@ -90,7 +90,7 @@ class Metrics:
         self._counters: dict[tuple[Any, ...], PendingCounter] = {}
         self._overhead = self.pending.histogram(self.overhead)
         self._success = self._inc(self.attempts, "success")  # most requests' one attempt
-        self.in_flight = 0  # requests being served here: context_middleware counts them
+        self.in_flight = 0  # requests being served here: core.Core counts them
 
     def _define(self, registry: CollectorRegistry) -> None:
         model = ("gen_ai_operation_name", "gen_ai_request_model", "gen_ai_provider_name")

@@ -1,22 +1,16 @@
-"""The middlewares, in the order ``app.py`` lists them (outermost first).
+"""The middlewares, in the order ``app.py`` lists them (outermost first); ``core.py``
+builds each route's chain of them once, inside its own step that names the request and
+keeps its ``Record``.
 
-``context_middleware`` is outermost: it names the request, starts its ``Record`` (and
-the overhead clock), and once the request is over, however it ended, hands the record
-to the observers (access log, metrics, usage). Inside it ``error_middleware`` turns
-whatever fails below, a handler's ``GatewayError`` or aiohttp's own ``HTTPException``
-(unknown route, wrong method, body too large), into one OpenAI-shaped error, so the
-record sees the status the client got. Then ``auth_middleware`` finds the caller's
-gateway key.
+``error_middleware`` turns whatever fails below, a handler's ``GatewayError`` or
+aiohttp's own ``HTTPException`` (unknown route, wrong method, body too large), into one
+OpenAI-shaped error, so the record sees the status the client got. Then
+``auth_middleware`` finds the caller's gateway key.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
-import re
-import time
-import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -32,15 +26,10 @@ from proxy.errors import (
 )
 from proxy.headers import PEER, PEER_KEY
 from proxy.headers import REQUEST_ID as REQUEST_ID_HEADER
-from proxy.logs import CURRENT_REQUEST
-from proxy.record import CLIENT_DISCONNECT, Record, endpoint_label
 from proxy.state import (
-    ADMISSION,
     FROM_PEER,
     GATEWAY_KEY,
     LIVE,
-    METRICS,
-    OBSERVERS,
     RECORD,
     REQUEST_ID,
     WORKER,
@@ -48,15 +37,12 @@ from proxy.state import (
 
 log = logging.getLogger("proxy.errors")
 
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
-
 
 def error_response(error: GatewayError) -> web.Response:
     return web.Response(status=error.status, body=error_json(error),
                         content_type="application/json", headers=error.headers())
 
 
-@web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
@@ -92,62 +78,6 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> Gatewa
     return GatewayError(exc.reason)
 
 
-_ID_PREFIX = uuid.uuid4().hex[:16]  # per process; with the counter, unique per request
-_id_counter = itertools.count(1)
-
-
-def _new_id() -> str:
-    """A request id: a random per-process prefix and a counter (a uuid4 per request
-    showed in the profile; uniqueness is what matters, not unpredictability)."""
-    return f"{_ID_PREFIX}{next(_id_counter):016x}"
-
-
-@web.middleware
-async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Name the request (the client's ``X-Request-ID`` when it is sane, else a new one:
-    it goes upstream and back to the client) and keep its :class:`Record`, handed to the
-    observers when it ends. One middleware for all of it: each layer costs on every
-    request."""
-    given = request.headers.get("X-Request-ID", "")
-    request_id = given if given and _VALID_REQUEST_ID.match(given) else _new_id()
-    request[REQUEST_ID] = request_id
-    named = CURRENT_REQUEST.set(request_id)  # for the lines logged meanwhile (logs.py)
-    record = request[RECORD] = Record(time.perf_counter(), request.method,
-                                      request_id=request_id, client=request.remote)
-    metrics = request.app[METRICS]
-    metrics.in_flight += 1
-    try:
-        response = await handler(request)
-    except (asyncio.CancelledError, ConnectionError):
-        record.ended, record.status = CLIENT_DISCONNECT, 499  # nginx's code for it
-        raise
-    except web.HTTPException as exc:  # a redirect, say (errors were answered below)
-        record.status = exc.status
-        raise
-    else:
-        record.status = response.status
-        if record.first_byte is None:  # a whole answer: its head goes out right after
-            record.first_byte = time.perf_counter()
-        record.bytes_out = (response.body_length if response.prepared
-                            else response.content_length or 0)
-    finally:
-        metrics.in_flight -= 1
-        _observe(request, record)
-        CURRENT_REQUEST.reset(named)
-    return response
-
-
-def _observe(request: web.Request, record: Record) -> None:
-    record.finished = time.perf_counter()
-    if not record.path:  # the handler did not name it (it never ran, say)
-        resource = request.match_info.route.resource
-        canonical = resource.canonical if resource is not None else "other"
-        record.path = (endpoint_label(request.path.removeprefix("/v1/"))
-                       if canonical == "/v1/{tail}" else canonical)
-    request.app[OBSERVERS].ended(record)
-
-
-@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """With gateway keys configured, every request but liveness and health presents
     one; the key found is stored under ``GATEWAY_KEY`` for the handlers. A request a
@@ -176,18 +106,3 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         key = request[GATEWAY_KEY] = keyring.authenticate(headers.get("Authorization"))
         request[RECORD].key_name = key.name
     return await handler(request)
-
-
-async def stamp_response(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` hook: every answer, streamed or not, carries the request
-    id and the time the gateway itself spent on it before the first byte (excluding
-    the wait for the upstream), so users see the overhead on their own traffic."""
-    request_id = request.get(REQUEST_ID)
-    if request_id is not None:
-        response.headers["X-Request-ID"] = request_id
-    admission = request.get(ADMISSION)
-    if admission is not None:
-        response.headers.update(admission.headers)
-    record = request.get(RECORD)
-    if record is not None:
-        response.headers["X-Gateway-Overhead-Ms"] = f"{record.overhead_ms():.3f}"

@@ -1,7 +1,7 @@
 """The observers of ended requests, told in batches (issue 10: under 10 % of the
 gateway's per-request CPU for everything it added).
 
-``context_middleware`` hands each ended request's ``Record`` to :meth:`Observers.ended`,
+``core.Core`` hands each ended request's ``Record`` to :meth:`Observers.ended`,
 which only appends it to a list. Every ``BATCH`` records, or ``AFTER`` seconds after the
 first of a batch (a timer on the running event loop), each observer is handed the
 whole batch in turn: the usage still to be read (``usage.read_deferred``), the metrics,

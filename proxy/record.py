@@ -1,6 +1,6 @@
 """What one request did, written down as it travels, read once when it ends.
 
-``context_middleware`` (outermost) starts a :class:`Record` for every request, the
+``core.Core`` starts a :class:`Record` for every request (before the middlewares), the
 steps below fill in what they learn (the handler the caller, model and route, the
 dispatcher where the answer came from, ``streaming`` how it ended), and when the
 request is over the record is handed to the app's observers (``observers.py``): the
@@ -15,6 +15,7 @@ from the config, never the caller's ``Authorization``.
 from __future__ import annotations
 
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 # How a request ended (the metrics' ``reason`` label).
@@ -78,6 +79,18 @@ class Record:
     # A whole JSON answer whose usage is still to be read: off the request's path, by
     # the observers' batch (``usage.read_deferred``), which then drops it.
     answer_json: bytes | None = None
+    # Headers every answer carries besides its own: a rate-limited key's x-ratelimit-*.
+    reply_headers: dict[str, str] | None = None
+
+    def stamp(self, headers: MutableMapping[str, str]) -> None:
+        """Put on an answer's head, just before it is sent (a whole answer by
+        ``core.Core``, a streamed one by ``streaming.send_answer``): the request id, the
+        ``reply_headers``, and the gateway's own time so far, so users see the overhead
+        on their own traffic."""
+        headers["X-Request-ID"] = self.request_id
+        if self.reply_headers is not None:
+            headers.update(self.reply_headers)
+        headers["X-Gateway-Overhead-Ms"] = f"{self.overhead_ms():.3f}"
 
     def overhead_ms(self) -> float:
         """The gateway's own time so far: everything but the wait for upstreams."""

@@ -12,7 +12,6 @@ from proxy.gateway import Live
 from proxy.keys import GatewayKey
 from proxy.metrics import Metrics
 from proxy.observers import Observers
-from proxy.ratelimit import Admission
 from proxy.record import Record
 from proxy.upstream import UpstreamClient
 from proxy.workers import WorkerSpec
@@ -28,6 +27,5 @@ RECORD = web.RequestKey("record", Record)  # what the request did (``record.py``
 OBSERVERS = web.AppKey("observers", Observers)
 METRICS = web.AppKey("metrics", Metrics)  # GET /metrics, the status page
 GATEWAY_KEY = web.RequestKey("gateway_key", GatewayKey)  # set when keys are configured
-ADMISSION = web.RequestKey("admission", Admission)  # a rate-limited key's request
 # Forwarded by a peer worker that proved it (peers.py): authenticated and admitted there.
 FROM_PEER = web.RequestKey("from_peer", bool)

@@ -72,6 +72,7 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
         gzip = gzip_for(compression, request.headers.get(ACCEPT_ENCODING), headers)
     # Whatever the body, once it streams no nginx in front may hold it back.
     headers["X-Accel-Buffering"] = "no"
+    record.stamp(headers)
     response = web.StreamResponse(status=answer.status, reason=answer.reason,
                                   headers=headers)
     await response.prepare(request)
