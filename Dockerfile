@@ -7,12 +7,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv && useradd --create-home --uid 10001 proxy
 
 # setup.cfg (metadata, dependencies) and pyproject.toml (build system) describe the
-# package, README.md is its long description; bench/ is part of it: the demo mode
-# (no provider configured) answers from bench/upstream.py.
+# package, README.md is its long description. The demo mode (no provider configured)
+# answers from the package's own mock upstream (proxy/mock/).
 WORKDIR /src
 COPY setup.cfg pyproject.toml README.md ./
 COPY proxy ./proxy
-COPY bench ./bench
 # With the redis extra: the image can use a shared Redis for rate limits and the cache
 # (redis.url / PROXY_REDIS_URL); without one configured, redis is never imported.
 RUN pip install '.[redis]'

@@ -54,9 +54,9 @@ from typing import Any
 
 import orjson
 
-from bench import mock_payloads as payloads
 from bench.load import LoadResult
 from bench.procs import REPO, Process, free_port, nginx_argv, nginx_binary, wait_ready
+from proxy.mock import payloads
 
 CHAT = "/v1/chat/completions"
 
@@ -118,7 +118,7 @@ def start_all(sc: Scenario, args: argparse.Namespace, workdir: Path, pin: bool,
     if args.upstream == "static":
         argv = nginx_argv(workdir, "static", up, _static_answer())
     else:
-        argv = [py, "-m", "bench.upstream", "--port", str(up), "--latency", str(sc.latency),
+        argv = [py, "-m", "proxy.mock", "--port", str(up), "--latency", str(sc.latency),
                 "--chunks", str(sc.chunks), "--interval", str(sc.interval)]
     base = launch("upstream", argv, 1, up, "/v1/models")
     urls = {"direct": base,
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 < args.duration <= 600:
         parser.error("--duration must be in (0, 600]")
-    if args.baseline is not None and not (args.baseline / "proxy" / "cli.py").is_file():
+    if args.baseline is not None and not (args.baseline / "proxy" / "__main__.py").is_file():
         parser.error(f"--baseline {args.baseline}: not a checkout of this project")
     if args.upstream == "static" and (args.scenario != "throughput" or not nginx_binary()):
         parser.error("--upstream static needs nginx and the throughput scenario")

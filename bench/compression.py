@@ -32,10 +32,10 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from bench.mock_payloads import EmbeddingInput, embeddings
-from proxy.config import config_from_dict
+from proxy.config.loader import config_from_dict
+from proxy.mock.payloads import EmbeddingInput, embeddings
 from proxy.providers import PROVIDER_TYPES
-from proxy.server import running
+from proxy.server.serve import running
 
 MODELS = [f"model-{i:03d}-instruct-org{i % 7}" for i in range(300)]
 EMBED_REQUEST = {"model": MODELS[0], "input": [f"text {i}" for i in range(16)]}

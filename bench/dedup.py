@@ -14,7 +14,7 @@ the gateway is stopped:
 * ``dedup``: one worker, default dedup (``mode: deterministic``);
 * ``no-dedup``: one worker, ``dedup: {mode: off}`` (the baseline: N upstream calls);
 * ``2 workers``: ``--workers 2`` on one port (SO_REUSEPORT); a worker that does not own
-  a request's key forwards it to the one that does (``proxy/peers.py``);
+  a request's key forwards it to the one that does (``proxy/sharing/peers.py``);
 * ``nginx + 2 workers``: the shipped ``deploy/nginx.conf`` (only the certificate, the
   port, the socket directory and temp paths substituted: unlike ``tests/test_nginx.py``,
   which runs the file as shipped on /run/proxy, a benchmark must not disturb a gateway

@@ -1,5 +1,5 @@
 """The floor under the gateway: a bare ``web.Application`` whose one handler relays each
-request through the gateway's own upstream client (``proxy.upstream.UpstreamClient``),
+request through the gateway's own upstream client (``proxy.upstream.client.UpstreamClient``),
 with nothing else: no routing, no header rules, no request id, no limits, no dedup.
 
 Why it is in bench/: it tells how much of the gateway's time per request is aiohttp's
@@ -19,8 +19,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.config import Config
-from proxy.upstream import UpstreamClient, UpstreamRequest
+from proxy.config.loader import Config
+from proxy.upstream.client import UpstreamClient, UpstreamRequest
 
 CLIENT = web.AppKey("client", UpstreamClient)
 UPSTREAM = web.AppKey("upstream", str)

@@ -5,7 +5,7 @@ has served, and streams cut short by their clients must give back their memory, 
 and upstream connections. Targets: RSS <= 60 MB per idle worker, growth < 10 MB per
 100,000 requests.
 
-How: a mock upstream (``bench.upstream``, instant answers) and one gateway worker
+How: a mock upstream (``python -m proxy.mock``, instant answers) and one gateway worker
 (``python -m proxy serve --upstream ...``, default config) are started on free loopback
 ports; then, in order, with a snapshot of the worker after each step:
 
@@ -181,7 +181,7 @@ def start(workdir: Path, stack: contextlib.ExitStack
           ) -> tuple[Process, tuple[int, int], str]:
     """The mock upstream and one gateway worker, both stopped by ``stack``."""
     py, up, gw = sys.executable, free_port(), free_port()
-    upstream = Process("upstream", [py, "-m", "bench.upstream", "--port", str(up)],
+    upstream = Process("upstream", [py, "-m", "proxy.mock", "--port", str(up)],
                        workdir, None)
     stack.callback(upstream.stop)
     wait_ready(upstream, f"http://127.0.0.1:{up}/v1/models")

@@ -7,7 +7,7 @@ Five fake providers each take 0.5 s to answer ``GET /v1/models``. Three figures:
 * ``parallel``: the gateway's own ``ModelCatalog.refresh()`` on a fresh catalog and a
   fresh ``UpstreamClient`` (new connections, like the sequential run), the exact code
   behind ``/v1/models``, ``/health`` and ``proxy models`` (target: <= 0.6 s);
-* ``gateway``: end to end, from starting a gateway (``proxy.server.running``) to its
+* ``gateway``: end to end, from starting a gateway (``proxy.server.serve.running``) to its
   first ``GET /v1/models`` answer. The gateway starts a discovery in the background at
   start-up and the request joins it, so this is what the first client of a fresh worker
   waits, start-up included; timing only the request would hide the part of the discovery
@@ -30,12 +30,12 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from proxy.config import Config, config_from_dict
-from proxy.discovery import ModelCatalog
+from proxy.config.loader import Config, config_from_dict
 from proxy.providers import PROVIDER_TYPES, build_provider
-from proxy.server import running
+from proxy.server.serve import running
 from proxy.tasks import BackgroundTasks
-from proxy.upstream import UpstreamClient
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.discovery import ModelCatalog
 
 
 def slow_provider(name: str, delay: float) -> web.Application:

@@ -21,10 +21,10 @@ import aiohttp
 from aiohttp import web
 
 from bench.cdp import chromium, find_chromium
-from bench.upstream import MockOptions, create_app
-from proxy.config import config_from_dict
+from proxy.config.loader import config_from_dict
+from proxy.mock.server import MockOptions, create_app
 from proxy.providers import PROVIDER_TYPES
-from proxy.server import running
+from proxy.server.serve import running
 
 ROUNDS = 40  # bounded: about 8 s of traffic at one round per 0.2 s
 

@@ -1,6 +1,6 @@
 """What usage accounting costs per request (issue 10: under 10 % of the gateway's own
 per-request CPU, about 200 us on the bench machine, bench/RESULTS.md): the tap
-(``proxy/usage.py``) and the accounting observer on a non-stream chat answer and on an
+(``proxy/observe/usage.py``) and the accounting observer on a non-stream chat answer and on an
 8-event stream the gateway asked for usage (so it strips it), against the same body
 read untapped. In-process, no sockets: only the added work is measured.
 
@@ -16,12 +16,12 @@ import time
 import orjson
 from multidict import CIMultiDict
 
-from proxy.accounting import Accounting
 from proxy.answers import Answer, ReplayBody
-from proxy.config import UsageConfig
-from proxy.providers import Call
+from proxy.call import Call
+from proxy.config.loader import UsageConfig
+from proxy.observe.accounting import Accounting
+from proxy.observe.usage import read_deferred, tap
 from proxy.record import Record
-from proxy.usage import read_deferred, tap
 
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 USAGE = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}

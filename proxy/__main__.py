@@ -1,5 +1,5 @@
 """``python -m proxy`` does what the ``proxy`` console script does."""
 
-from proxy.cli import main
+from proxy.cli.main import main
 
 main()

@@ -20,12 +20,13 @@ from typing import Protocol
 import aiohttp
 from multidict import CIMultiDict
 
+from proxy.call import Call
 from proxy.errors import UpstreamError
 from proxy.headers import client_response_headers
-from proxy.http1 import UpstreamResponse
-from proxy.providers import Call, Provider
+from proxy.providers import Provider
 from proxy.record import Origin
-from proxy.upstream import UPSTREAM_EXCEPTIONS, translate_exception
+from proxy.upstream.client import UPSTREAM_EXCEPTIONS, translate_exception
+from proxy.upstream.protocol import UpstreamResponse
 
 EVENT_STREAM = "text/event-stream"
 MAX_ERROR_BODY = 1024 * 1024

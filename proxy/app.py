@@ -14,25 +14,26 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from proxy import handlers, usage_api
-from proxy.access_log import AccessLog
-from proxy.accounting import USAGE, Accounting, usage_lifecycle
-from proxy.backends import rate_limiter, redis_link, response_cache
-from proxy.config import Config
+from proxy import handlers
+from proxy.config.loader import Config
 from proxy.core import CORE, Core, RouteSpec
-from proxy.dedup import InflightRequests
 from proxy.gateway import Live, Shared
-from proxy.metrics import Metrics
 from proxy.middlewares import auth_middleware, error_middleware
-from proxy.observers import Observers
-from proxy.peers import Peers
-from proxy.redis_store import RedisLink
+from proxy.observe import usage_api
+from proxy.observe.access_log import AccessLog
+from proxy.observe.accounting import USAGE, Accounting, usage_lifecycle
+from proxy.observe.metrics import Metrics
+from proxy.observe.observers import Observers
+from proxy.observe.status import HISTORY, History
+from proxy.observe.usage import read_deferred
+from proxy.server.supervisor import WorkerSpec
+from proxy.sharing.dedup import InflightRequests
+from proxy.sharing.peers import Peers
 from proxy.state import LIVE, METRICS, OBSERVERS, WORKER
-from proxy.status import HISTORY, History
+from proxy.stores.backends import rate_limiter, redis_link, response_cache
+from proxy.stores.redis_link import RedisLink
 from proxy.tasks import BackgroundTasks
-from proxy.upstream import UpstreamClient
-from proxy.usage import read_deferred
-from proxy.workers import WorkerSpec
+from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger("proxy.app")
 
@@ -63,7 +64,7 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     app = web.Application(client_max_size=config.server.max_body_bytes)
     worker = worker or WorkerSpec.of(config)
     app[WORKER] = worker
-    app[HISTORY] = History()  # the status page's recent samples (status.py)
+    app[HISTORY] = History()  # the status page's recent samples (observe/status.py)
     redis = redis_link(config)  # None unless a backend uses Redis
     accounting = app[USAGE] = Accounting(config.usage, redis)
     if redis is not None:
@@ -72,7 +73,7 @@ def build_app(config: Config, worker: WorkerSpec | None = None) -> web.Applicati
     metrics = app[METRICS] = Metrics(live, worker.metrics_dir)
     live.reload_hooks.append(metrics.reloaded)
     accounting.model_label = lambda model: metrics.labels.of(model, None)[0]
-    # What is told of the requests once they have ended (observers.py), in this order:
+    # What is told of the requests once they have ended (observe/observers.py), in this order:
     # each reads what the ones before it fill.
     observers = app[OBSERVERS] = Observers([read_deferred, metrics.observe,
                                             accounting.observe, AccessLog()])

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
+from proxy.config.keys import GatewayKey, hash_secret
 from proxy.errors import AdminKeyRequired, Unauthorized
-from proxy.keys import GatewayKey, hash_secret
 
 # Liveness and health carry no secrets and must answer load balancers without a key.
 # The status page holds no figures: a browser cannot send a bearer key when it opens a
@@ -35,7 +35,7 @@ class KeyRing:
 
     def named(self, name: str) -> GatewayKey:
         """The key called ``name``, for a request a peer worker authenticated already
-        (``peers.py``); ``Unauthorized`` if a reload removed it meanwhile."""
+        (``sharing/peers.py``); ``Unauthorized`` if a reload removed it meanwhile."""
         key = next((k for k in self._by_hash.values() if k.name == name), None)
         if key is None:
             raise Unauthorized("The gateway key is not valid.")

@@ -32,7 +32,7 @@ from typing import Any
 from aiohttp.compression_utils import ZLibCompressor
 from multidict import CIMultiDict, istr
 
-from proxy import validate as v
+from proxy.config import validate as v
 
 ACCEPT_ENCODING = istr("Accept-Encoding")
 CONTENT_ENCODING = istr("Content-Encoding")
@@ -53,7 +53,7 @@ class CompressionConfig:
     level: int = 1
 
 
-# For an answer to a request a peer worker forwarded (peers.py): the worker the client
+# For an answer to a request a peer worker forwarded (sharing/peers.py): the worker the client
 # reached compresses it, after reading its usage (a gzip'ed body could not be read).
 NEVER = CompressionConfig(enabled=False, min_bytes=1 << 62)
 

@@ -42,9 +42,9 @@ from aiohttp.web_urldispatcher import (
     UrlMappingMatchInfo,
 )
 
-from proxy.logs import CURRENT_REQUEST
-from proxy.metrics import Metrics
-from proxy.observers import Observers
+from proxy.observe.logs import CURRENT_REQUEST
+from proxy.observe.metrics import Metrics
+from proxy.observe.observers import Observers
 from proxy.record import CLIENT_DISCONNECT, Record, endpoint_label
 from proxy.state import RECORD, REQUEST_ID
 
@@ -179,7 +179,7 @@ class Core:
         given = request.headers.get("X-Request-ID", "")
         request_id = given if given and _VALID_REQUEST_ID.match(given) else new_request_id()
         request[REQUEST_ID] = request_id
-        named = CURRENT_REQUEST.set(request_id)  # for the lines logged meanwhile (logs.py)
+        named = CURRENT_REQUEST.set(request_id)  # for the lines logged meanwhile (observe/logs.py)
         record = request[RECORD] = Record(time.perf_counter(), request.method,
                                           path=route.label or "", request_id=request_id,
                                           client=request.remote)

@@ -3,10 +3,10 @@ the cache, an identical request in flight, or a new upstream call, in that order
 
 A request nobody may share (``sharing.ALONE``) takes the direct path: its handler sends
 the upstream request itself and relays the live answer; a client that leaves cancels it.
-A shareable request goes through an :class:`~proxy.dedup.Exchange`, whose upstream call
+A shareable request goes through an :class:`~proxy.sharing.dedup.Exchange`, whose upstream call
 runs in a background task so that one client leaving does not end it for the others;
 the last one leaving does. Every upstream call first takes a slot from its provider's
-adaptive concurrency limit (``limits.py``), which may shed it with a 503.
+adaptive concurrency limit (``resilience/concurrency.py``), which may shed it with a 503.
 """
 
 from __future__ import annotations
@@ -18,22 +18,23 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from proxy.answers import Answer, AnswerCall, read_upstream
-from proxy.breaker import FAILURE_STATUSES, CircuitBreaker, Pass, fault
-from proxy.cache import AnswerCache
-from proxy.dedup import Exchange, Head, InflightRequests
+from proxy.call import Call
 from proxy.errors import RETRYABLE_ERRORS, GatewayError, UpstreamError
-from proxy.failover import Balancer, FailoverCall
 from proxy.headers import DEDUP_OPT, PROVIDER
-from proxy.http1 import UpstreamProtocol
-from proxy.limits import AdaptiveLimiter, Outcome, Permit
-from proxy.peers import Peers
-from proxy.providers import Call, Provider
+from proxy.providers import Provider
 from proxy.record import Origin, Record
-from proxy.retry import RetryPolicy
+from proxy.resilience.breaker import FAILURE_STATUSES, CircuitBreaker, Pass, fault
+from proxy.resilience.concurrency import AdaptiveLimiter, Outcome, Permit
+from proxy.resilience.failover import Balancer, FailoverCall
+from proxy.resilience.retry import RetryPolicy
 from proxy.routing import Route, Target
-from proxy.sharing import Sharing
+from proxy.sharing.cache import AnswerCache
+from proxy.sharing.dedup import Exchange, Head, InflightRequests
+from proxy.sharing.peers import Peers
+from proxy.sharing.policy import Sharing
 from proxy.tasks import BackgroundTasks
-from proxy.upstream import UpstreamClient, UpstreamRequest
+from proxy.upstream.client import UpstreamClient, UpstreamRequest
+from proxy.upstream.protocol import UpstreamProtocol
 
 OVERLOAD_STATUSES = frozenset({429, 503})
 

@@ -13,11 +13,21 @@ Every failure a client can see is one of these, rendered with OpenAI's error sha
     ├── MethodNotAllowed              405 invalid_request_error (method_not_allowed)
     ├── BodyTooLarge                  413 invalid_request_error (request_too_large)
     ├── UnsupportedContentEncoding    415 invalid_request_error (unsupported_content_encoding)
+    ├── MalformedRequest              400 invalid_request_error (malformed_request)    guard
+    ├── BodyTimeout                   408 invalid_request_error (request_timeout)      guard
+    ├── HeadersTooLarge               431 invalid_request_error (request_headers_too_large)
+    ├── UnsupportedTransferEncoding   501 invalid_request_error (unsupported_transfer_encoding)
+    ├── TooManyConnections            503 server_error (too_many_connections)          guard
+    ├── RateLimited                   429 requests (rate_limit_exceeded)               ratelimit
+    ├── LimitsUnavailable             503 server_error (rate_limit_backend_unavailable)
+    ├── Overloaded                    503 server_error (gateway_overloaded)            concurrency
+    ├── CircuitOpen                   503 server_error (circuit_open)                  breaker
+    ├── FellBehind                    502 server_error (client_too_slow)               dedup
     └── UpstreamError                 502 upstream_error (upstream_error)
         ├── UpstreamUnreachable       502 upstream_error (upstream_unreachable)
         ├── UpstreamProtocolError     502 upstream_error (upstream_protocol_error)
         └── UpstreamTimeout           504 upstream_error (upstream_timeout)
-            └── DeadlineExceeded      504: one of a provider's deadlines (timeouts.py)
+            └── DeadlineExceeded      504: one of a provider's deadlines (upstream/deadlines.py)
                 ├── ConnectTimeout            (connect_timeout)           retried
                 │   └── PoolTimeout           (connect_timeout): no free pooled connection
                 ├── HeadersTimeout            (upstream_headers_timeout)
@@ -25,6 +35,8 @@ Every failure a client can see is one of these, rendered with OpenAI's error sha
                 ├── StreamStalled             (stream_stalled)
                 └── RequestTimeout            (request_timeout)
 
+The right-hand names say which module raises an error of the client edge
+(``server/guard.py``) or of a protective mechanism (``resilience/``, ``sharing/``).
 An upstream's own error answer (a 429 from the provider, say) is not in this tree: it is
 relayed with its status and body untouched (issue #2).
 Messages never contain secrets: they are built from model and provider names, paths,
@@ -33,6 +45,7 @@ exception class names and timeout limits, never from headers, URLs or keys.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -224,7 +237,7 @@ DEADLINE_ERRORS: dict[str, type[DeadlineExceeded]] = {
     cls.key: cls for cls in (ConnectTimeout, HeadersTimeout, FirstTokenTimeout,
                              StreamStalled, RequestTimeout)}
 
-# Failures an upstream call is tried again after (``retry.py``): the request never
+# Failures an upstream call is tried again after (``resilience/retry.py``): the request never
 # reached the upstream. A timeout after it was sent is not retried: the first try may
 # still be generating (and billing) upstream, and the client's wait would double.
 RETRYABLE_ERRORS = (UpstreamUnreachable, ConnectTimeout)
@@ -247,3 +260,143 @@ def sse_error_event(error: GatewayError) -> bytes:
     ``data: [DONE]`` no client can mistake a truncated answer for a complete one.
     """
     return b"event: error\ndata: " + error_json(error) + b"\n\n"
+
+
+class CircuitOpen(GatewayError):
+    """503 without an upstream call (``fail_fast`` only); SDKs retry it after
+    Retry-After."""
+
+    status = 503
+    code = "circuit_open"
+
+    def __init__(self, provider: str, retry_after: float):
+        super().__init__(f"Provider '{provider}' is failing; the gateway stopped sending it "
+                         f"requests for a while. Retry after {math.ceil(retry_after)} s.")
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class FellBehind(GatewayError):
+    status = 502
+    type = "server_error"
+    code = "client_too_slow"
+
+
+class Overloaded(GatewayError):
+    """503: a provider's limit and queue are full, or its queue deadline passed.
+
+    ``type`` stays ``server_error``, what OpenAI sends with its own 5xx, so SDKs treat it
+    as a retryable server error. ``retry_after`` is whole seconds (1 to 60) because the
+    ``Retry-After`` delay-seconds form is an integer (RFC 9110 section 10.2.3).
+    """
+
+    status = 503
+    code = "gateway_overloaded"
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(int(self.retry_after))}
+
+
+class RateLimited(GatewayError):
+    """429 as OpenAI sends it (``rate_limit_exceeded``): SDKs raise ``RateLimitError`` and
+    their retry logic honours ``Retry-After``."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: float, limit_headers: dict[str, str]):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.limit_headers = limit_headers
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after))),
+                **self.limit_headers}
+
+
+class LimitsUnavailable(GatewayError):
+    """503 under ``redis.failure_policy: fail_closed`` while the shared store is down:
+    no request of a limited key goes out unmetered. SDKs retry it as a server error."""
+
+    status = 503
+    code = "rate_limit_backend_unavailable"
+
+    def __init__(self, retry_after: float):
+        super().__init__("The gateway cannot check this key's rate limits right now "
+                         "(its rate-limit store is unreachable); retry shortly.")
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+    def __init__(self, limit: int, max_headers: int):
+        super().__init__(f"The request line and headers are larger than this gateway's limit "
+                         f"of {limit} bytes and {max_headers} fields.")
+
+
+class MalformedRequest(GatewayError):
+    """400 from the parser. The message names the error class, never the bytes sent
+    (a malformed header may be someone's credentials)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "malformed_request"
+
+    def __init__(self, reason: str):
+        super().__init__(f"The request is not valid HTTP/1.1 ({reason}); it was not "
+                         "forwarded.")
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}  # also when the error middleware answers it
+
+
+class UnsupportedTransferEncoding(GatewayError):
+    status = 501  # RFC 9112 section 6.1: a transfer coding the server does not understand
+    type = "invalid_request_error"
+    code = "unsupported_transfer_encoding"
+
+    def __init__(self) -> None:
+        super().__init__("The only transfer coding this gateway accepts is 'chunked' "
+                         "(Transfer-Encoding: chunked); the request was not forwarded.")
+
+
+class BodyTimeout(GatewayError):
+    """408: the client's body was too slow (``errors.RequestTimeout`` is the upstream's
+    total deadline, a 504)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+    def __init__(self, seconds: float):
+        super().__init__(f"The request body did not arrive within {seconds:g} s of its headers.")
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
+class TooManyConnections(GatewayError):
+    """503 with ``type`` ``server_error``: SDKs retry it, after ``Retry-After``."""
+
+    status = 503
+    code = "too_many_connections"
+
+    def __init__(self) -> None:
+        super().__init__("This gateway worker has as many client connections open as it "
+                         "accepts (server.max_connections). Retry after 1 s.")
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}

@@ -24,21 +24,21 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from proxy.auth import KeyRing
-from proxy.breaker import CircuitBreaker
-from proxy.cache import AnswerCache
-from proxy.config import Config, ConfigError
-from proxy.dedup import InflightRequests
-from proxy.discovery import ModelCatalog
+from proxy.config.loader import Config, ConfigError
 from proxy.dispatch import Dispatcher
-from proxy.failure_log import FailureLog
-from proxy.limits import AdaptiveLimiter, LimitSettings
-from proxy.peers import Peers
+from proxy.observe.failure_log import FailureLog
 from proxy.providers import Provider, build_provider
-from proxy.ratelimit import RateLimiter
-from proxy.retry import RetryPolicy
+from proxy.resilience.breaker import CircuitBreaker
+from proxy.resilience.concurrency import AdaptiveLimiter, LimitSettings
+from proxy.resilience.ratelimit import RateLimiter
+from proxy.resilience.retry import RetryPolicy
 from proxy.routing import ModelRouter
+from proxy.sharing.cache import AnswerCache
+from proxy.sharing.dedup import InflightRequests
+from proxy.sharing.peers import Peers
 from proxy.tasks import BackgroundTasks
-from proxy.upstream import UpstreamClient
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.discovery import ModelCatalog
 
 log = logging.getLogger("proxy.gateway")
 

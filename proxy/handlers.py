@@ -15,11 +15,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy import status as stats
 from proxy.auth import require_admin
+from proxy.call import Call
 from proxy.compression import ACCEPT_ENCODING, NEVER, maybe_gzip
-from proxy.config import Config
-from proxy.discovery import Snapshot
+from proxy.config.loader import Config
 from proxy.errors import (
     BodyTooLarge,
     GatewayError,
@@ -35,11 +34,12 @@ from proxy.headers import (
     check_content_coding,
     upstream_request_headers,
 )
-from proxy.providers import Call
-from proxy.ratelimit import Admission, RateLimiter, estimate
+from proxy.observe import status as stats
+from proxy.observe.usage import ask_usage, tap
 from proxy.record import Origin, Record, endpoint_label
+from proxy.resilience.ratelimit import Admission, RateLimiter, estimate
 from proxy.routing import Route
-from proxy.sharing import sharing_for
+from proxy.sharing.policy import sharing_for
 from proxy.state import (
     FROM_PEER,
     GATEWAY_KEY,
@@ -51,7 +51,7 @@ from proxy.state import (
     WORKER,
 )
 from proxy.streaming import send_answer
-from proxy.usage import ask_usage, tap
+from proxy.upstream.discovery import Snapshot
 
 # Endpoints whose POST body must name a model; other /v1/ paths may omit it.
 MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "responses"})
@@ -290,12 +290,12 @@ async def status_page(request: web.Request) -> web.Response:
 
 
 async def status_stats(request: web.Request) -> web.Response:
-    """``GET /ui/stats``: the page's figures (``status.py``); an admin key when the
+    """``GET /ui/stats``: the page's figures (``observe/status.py``); an admin key when the
     gateway has keys. Providers are this worker's view; counters are the metrics'."""
     gateway = request.app[LIVE].gateway
     require_admin(request.get(GATEWAY_KEY), gateway.keyring)
     providers = await provider_view(gateway)
-    request.app[OBSERVERS].flush()  # this worker's figures, exact (observers.py)
+    request.app[OBSERVERS].flush()  # this worker's figures, exact (observe/observers.py)
     now = stats.sample(request.app[METRICS].collect())
     state, _ = overall(providers)
     worker = request.app[WORKER]
@@ -313,10 +313,10 @@ async def gateway_only(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """``GET /metrics``: the Prometheus text format (``metrics.py``); with gateway keys
+    """``GET /metrics``: the Prometheus text format (``observe/metrics.py``); with gateway keys
     configured, for an admin key only."""
     require_admin(request.get(GATEWAY_KEY), request.app[LIVE].gateway.keyring)
-    request.app[OBSERVERS].flush()  # this worker's figures, exact (observers.py)
+    request.app[OBSERVERS].flush()  # this worker's figures, exact (observe/observers.py)
     body = request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -29,14 +29,14 @@ _HOP_BY_HOP_LOWER = frozenset(name.lower() for name in HOP_BY_HOP)
 _RESPONSE_OWNED = frozenset(istr(n) for n in ("Date", "Server"))
 
 REQUEST_ID = istr("X-Request-ID")
-# A request forwarded by another worker (peers.py): the proof that it is one, and the
+# A request forwarded by another worker (sharing/peers.py): the proof that it is one, and the
 # name of the caller's gateway key, which the forwarded request no longer carries.
 PEER = istr("X-Gateway-Peer")
 PEER_KEY = istr("X-Gateway-Peer-Key")
-# The client's sharing instructions (sharing.py): for the gateway, never the provider.
+# The client's sharing instructions (sharing/policy.py): for the gateway, never the provider.
 DEDUP_OPT = istr("X-Gateway-Dedup")
 CACHE_OPT = istr("X-Gateway-Cache")
-# Response: the deployment that answered (routing.py, failover.py).
+# Response: the deployment that answered (routing.py, resilience/failover.py).
 PROVIDER = istr("X-Gateway-Provider")
 _REQUEST_OWNED = frozenset((istr("Host"), istr("Content-Length"), istr("Expect"), PEER,
                             PEER_KEY, DEDUP_OPT, CACHE_OPT))

@@ -81,7 +81,7 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> Gatewa
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """With gateway keys configured, every request but liveness and health presents
     one; the key found is stored under ``GATEWAY_KEY`` for the handlers. A request a
-    peer worker forwarded (``peers.py``), proven by its ``X-Gateway-Peer``, was
+    peer worker forwarded (``sharing/peers.py``), proven by its ``X-Gateway-Peer``, was
     authenticated there: it names its key instead, and is marked ``FROM_PEER``."""
     if request.path in OPEN_PATHS:
         return await handler(request)

@@ -3,7 +3,7 @@
 ``core.Core`` starts a :class:`Record` for every request (before the middlewares), the
 steps below fill in what they learn (the handler the caller, model and route, the
 dispatcher where the answer came from, ``streaming`` how it ended), and when the
-request is over the record is handed to the app's observers (``observers.py``): the
+request is over the record is handed to the app's observers (``observe/observers.py``): the
 access log, the metrics and usage accounting (issue 10). One object instead of each
 observer hooking every step: the hot path pays for a few attribute writes, and the
 observers agree on what happened.
@@ -62,7 +62,7 @@ class Record:
     origin: Origin | None = None
     cache: str | None = None  # "hit" | "miss"
     dedup: str | None = None  # "leader" | "follower"
-    peer: bool = False  # answered by the worker owning the request's key (peers.py)
+    peer: bool = False  # answered by the worker owning the request's key (sharing/peers.py)
     # Forwarded here by the worker the client reached, which counts and logs it as the
     # client's request: observers here count only what happened here (upstream tries).
     forwarded: bool = False

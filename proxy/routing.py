@@ -20,10 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from proxy.discovery import ModelCatalog, Snapshot
+from proxy.config.routes import EMPTY, DeploymentRef
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.providers import Provider
-from proxy.route_config import EMPTY, DeploymentRef
+from proxy.upstream.discovery import ModelCatalog, Snapshot
 
 log = logging.getLogger("proxy.routing")
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.config.keys import GatewayKey
 from proxy.gateway import Live
-from proxy.keys import GatewayKey
-from proxy.metrics import Metrics
-from proxy.observers import Observers
+from proxy.observe.metrics import Metrics
+from proxy.observe.observers import Observers
 from proxy.record import Record
-from proxy.upstream import UpstreamClient
-from proxy.workers import WorkerSpec
+from proxy.server.supervisor import WorkerSpec
+from proxy.upstream.client import UpstreamClient
 
 # The config in force and what is built from it (``gateway.py``); SIGHUP replaces it.
 LIVE = web.AppKey("live", Live)
@@ -27,5 +27,5 @@ RECORD = web.RequestKey("record", Record)  # what the request did (``record.py``
 OBSERVERS = web.AppKey("observers", Observers)
 METRICS = web.AppKey("metrics", Metrics)  # GET /metrics, the status page
 GATEWAY_KEY = web.RequestKey("gateway_key", GatewayKey)  # set when keys are configured
-# Forwarded by a peer worker that proved it (peers.py): authenticated and admitted there.
+# Forwarded by a peer worker that proved it (sharing/peers.py): authenticated and admitted there.
 FROM_PEER = web.RequestKey("from_peer", bool)

@@ -1,12 +1,12 @@
 """Shared fixtures: real servers on loopback, nothing mocked but the internet.
 
 * ``start_upstream(app)`` serves a tiny aiohttp app defined in the test itself;
-* ``mock_upstream`` serves the scriptable mock from ``bench/upstream.py``;
+* ``mock_upstream`` serves the scriptable mock from ``proxy/mock/server.py``;
 * ``make_config(providers, **raw)`` validates a config exactly as the YAML loader does,
   with upstream retries off unless ``retries`` is given: the tests of everything else
   count upstream calls exactly (tests/test_retries.py covers retries);
 * ``start_gateway(config)`` runs the real gateway with the production runner settings
-  (``proxy.server.running``) on a free port and returns its base URL;
+  (``proxy.server.serve.running``) on a free port and returns its base URL;
 * ``openai_client(url)`` is the official async SDK pointed at a gateway;
 * ``raw_upstream(script)`` starts a raw upstream (``tests/wire.py``) the test scripts
   byte by byte; ``closed_port`` is a loopback port nobody listens on;
@@ -29,10 +29,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bench.upstream import OPTIONS_KEY, STATS_KEY, MockOptions, MockStats, create_app
-from proxy.config import Config, config_from_dict
+from proxy.config.loader import Config, config_from_dict
+from proxy.mock.server import OPTIONS_KEY, STATS_KEY, MockOptions, MockStats, create_app
 from proxy.providers import PROVIDER_TYPES
-from proxy.server import running
+from proxy.server.serve import running
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer

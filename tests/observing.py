@@ -12,9 +12,9 @@ from typing import Any
 from aiohttp import web
 
 from proxy.app import build_app
-from proxy.config import Config
+from proxy.config.loader import Config
 from proxy.record import Record
-from proxy.server import running
+from proxy.server.serve import running
 from proxy.state import OBSERVERS
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

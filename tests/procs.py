@@ -1,7 +1,7 @@
 """Real processes for the fault, load and secrets tests (issue #4, "Fault tests ...
 against real processes on loopback"): the gateway as ``python -m proxy serve`` (on
 uvloop, configured from a YAML file, as in production) and the mock upstream as
-``python -m bench.upstream``, each on a free loopback port, waited for by bounded
+``python -m proxy.mock``, each on a free loopback port, waited for by bounded
 polling and stopped in a ``finally`` through its own ``Popen`` (tests/test_workers.py's
 ``spawn``/``stop`` conventions). Plus the file-descriptor limit the load tests need.
 """
@@ -103,10 +103,10 @@ async def gateway_process(tmp_path: Path, config: dict[str, Any], *,
 
 @asynccontextmanager
 async def mock_upstream_process(tmp_path: Path) -> AsyncIterator[Proc]:
-    """``bench.upstream`` (instant answers, uvloop) in its own process, so a load test's
+    """``python -m proxy.mock`` (instant answers, uvloop) in its own process, so a load test's
     upstream does not share the client's core; ``url`` ends in ``/v1``."""
     port = free_port()
-    argv = [sys.executable, "-m", "bench.upstream", "--port", str(port)]
+    argv = [sys.executable, "-m", "proxy.mock", "--port", str(port)]
     async with started("upstream", argv, port, "/v1/models", tmp_path) as proc:
         proc.url += "/v1"
         yield proc

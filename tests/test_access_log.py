@@ -30,7 +30,7 @@ import orjson
 import pytest
 import yaml
 
-from proxy.keys import hash_secret
+from proxy.config.keys import hash_secret
 from tests.conftest import StartUpstream
 from tests.faulty import CHAT, Faults, chat, providers
 from tests.procs import Proc, gateway_process

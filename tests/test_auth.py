@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from proxy.config import ConfigError
-from proxy.keys import hash_secret
+from proxy.config.keys import hash_secret
+from proxy.config.loader import ConfigError
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 
 SECRET_A = "sk-gw-team-a-secret-for-tests"

@@ -6,7 +6,7 @@ subprocess with parameters small enough for a few seconds, and asserts on what t
 report says (every target measured, no errors, the figure the script exists to show),
 not only on the exit status. The scripts start and stop their own children; a script
 that overruns its timeout gets SIGINT (its own clean shutdown, which stops what it
-started), then SIGKILL. The one process this file starts itself, a ``bench.upstream``
+started), then SIGKILL. The one process this file starts itself, a ``python -m proxy.mock``
 for ``bench.load``, is stopped by its ``Popen``. Only parts that need nginx are skipped,
 and only when no nginx binary exists.
 """
@@ -119,15 +119,15 @@ def test_compare_stream_reports_ttfb_for_every_target() -> None:
     assert not any(key.startswith("gateway/") for key in report["ratios"])  # open loop
 
 
-# --- load.py against a bench.upstream started here --------------------------------------
+# --- load.py against a mock upstream started here ---------------------------------------
 
 
 @pytest.fixture(scope="module")
 def upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``python -m bench.upstream --port 0`` (streams: 8 chunks 5 ms apart); the URL is
+    """``python -m proxy.mock --port 0`` (streams: 8 chunks 5 ms apart); the URL is
     read from the line it prints once listening."""
     log = tmp_path_factory.mktemp("upstream") / "stderr.log"
-    argv = [sys.executable, "-m", "bench.upstream", "--port", "0", "--interval", "0.005"]
+    argv = [sys.executable, "-m", "proxy.mock", "--port", "0", "--interval", "0.005"]
     with log.open("wb") as stderr, subprocess.Popen(
             argv, cwd=REPO, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=stderr) as proc:
@@ -138,7 +138,7 @@ def upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 left = deadline - time.monotonic()
                 if proc.poll() is not None or left <= 0 or not select.select(
                         [proc.stdout], [], [], left)[0]:
-                    pytest.fail(f"bench.upstream not listening: {log.read_text()}")
+                    pytest.fail(f"proxy.mock not listening: {log.read_text()}")
                 line += proc.stdout.readline()
             url = line.decode().split("listening on ", 1)[1].strip()
             assert url.startswith("http://127.0.0.1:") and url.endswith("/v1"), line
@@ -184,7 +184,7 @@ def test_load_reports_errors_not_rps_for_failures(upstream_url: str) -> None:
     assert result["rps"] == 0
 
 
-# --- dedup.py: one upstream call for N identical requests --------------------------------
+# --- bench/dedup.py: one upstream call for N identical requests ---------------------------
 
 
 DEDUP_REQUESTS = 10

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.breaker import BreakerSettings, CircuitBreaker, CircuitOpen, Pass, fault
-from proxy.config import ConfigError, config_from_dict
+from proxy.config.loader import ConfigError, config_from_dict
 from proxy.errors import (
+    CircuitOpen,
     ConnectTimeout,
     FirstTokenTimeout,
     HeadersTimeout,
@@ -20,6 +20,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.providers import PROVIDER_TYPES
+from proxy.resilience.breaker import BreakerSettings, CircuitBreaker, Pass, fault
 
 
 def breaker(clock: list[float], **settings: float | bool) -> CircuitBreaker:

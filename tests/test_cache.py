@@ -19,7 +19,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.cache import ResponseCache
+from proxy.sharing.cache import ResponseCache
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 
 CHAT = "/v1/chat/completions"

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
-from proxy.init_wizard import KEY_PROVIDERS, UNSUPPORTED_KEYS, ollama_url
+from proxy.cli.init_wizard import KEY_PROVIDERS, UNSUPPORTED_KEYS, ollama_url
 from tests.conftest import StartUpstream
 from tests.test_cli_check import _clean_env
 from tests.test_cli_progress import WAIT, on_terminal

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.keys import hash_secret
+from proxy.config.keys import hash_secret
 from tests.test_workers import clean_env
 
 NAME_RULE = "must be letters, digits, '.', '_' or '-'"

@@ -21,9 +21,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from bench.mock_payloads import EmbeddingInput, embeddings
 from proxy.compression import accepts_gzip
-from proxy.config import ConfigError
+from proxy.config.loader import ConfigError
+from proxy.mock.payloads import EmbeddingInput, embeddings
 from proxy.streaming import SMALL_ANSWER
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 

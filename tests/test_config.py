@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import Config, ConfigError, Overrides, config_from_dict, load_config
+from proxy.config.loader import Config, ConfigError, Overrides, config_from_dict, load_config
 from proxy.providers import PROVIDER_TYPES
 
 TYPES = PROVIDER_TYPES.keys()

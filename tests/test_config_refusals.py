@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config import ConfigError, Overrides, config_from_dict, load_config
-from proxy.keys import hash_secret
+from proxy.config.keys import hash_secret
+from proxy.config.loader import ConfigError, Overrides, config_from_dict, load_config
 from proxy.providers import PROVIDER_TYPES
 from tests.test_workers import clean_env
 

@@ -5,7 +5,7 @@ named by ``api_key_env`` and injected as ``Authorization: Bearer``"; the client'
 * a configured key replaces the client's;
 * ``forward_client_auth: false`` drops the client's;
 * an ``api_key_env`` naming an unset variable never forwards the client's either
-  (``forward_client_auth`` defaults to "no ``api_key_env``", ``proxy/config.py``);
+  (``forward_client_auth`` defaults to "no ``api_key_env``", ``proxy/config/loader.py``);
 * with neither, the client's is forwarded (the drop-in's default).
 """
 

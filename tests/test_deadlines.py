@@ -16,9 +16,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.config import ConfigError, Overrides, config_from_dict, load_config
+from proxy.config.loader import ConfigError, Overrides, config_from_dict, load_config
 from proxy.providers import PROVIDER_TYPES
-from proxy.timeouts import Deadlines, TimeoutOverrides, Timeouts
+from proxy.upstream.deadlines import Deadlines, TimeoutOverrides, Timeouts
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 from tests.test_upstream_timeouts import unanswered_port  # noqa: F401 - a fixture
 from tests.wire import CHAT, error_code, fetch, gateway

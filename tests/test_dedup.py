@@ -22,7 +22,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.dedup import Exchange, FellBehind, Head, InflightRequests
+from proxy.errors import FellBehind
+from proxy.sharing.dedup import Exchange, Head, InflightRequests
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 
 CHAT = "/v1/chat/completions"

@@ -16,12 +16,12 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.breaker import BreakerSettings, CircuitBreaker
-from proxy.config import ConfigError
-from proxy.failover import Balancer
-from proxy.limits import AdaptiveLimiter, LimitSettings
-from proxy.provider_config import ProviderConfig
+from proxy.config.loader import ConfigError
+from proxy.config.providers import ProviderConfig
 from proxy.providers import build_provider
+from proxy.resilience.breaker import BreakerSettings, CircuitBreaker
+from proxy.resilience.concurrency import AdaptiveLimiter, LimitSettings
+from proxy.resilience.failover import Balancer
 from proxy.routing import Route, Target
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 from tests.wire import Reply, post_json

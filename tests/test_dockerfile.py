@@ -116,10 +116,12 @@ def test_copies_exist_and_are_what_the_package_build_needs() -> None:
             assert (ROOT / source).exists(), f"COPY of {source}, which is not in the repo"
             copied.add(source.rstrip("/"))
     options = setup_cfg()
-    packages = {p.strip().split(".")[0] for p in options["options"]["packages"].split(",")}
+    assert options["options"]["packages"].strip() == "find:"
+    include = options["options.packages.find"]["include"]
+    packages = {p.strip().split(".")[0] for p in include.split(",")}
     long_description = options["metadata"]["long_description"].removeprefix("file:").strip()
     needed = {"setup.cfg", "pyproject.toml", long_description, *packages}
-    assert needed == {"setup.cfg", "pyproject.toml", "README.md", "proxy", "bench"}
+    assert needed == {"setup.cfg", "pyproject.toml", "README.md", "proxy"}
     assert needed <= copied, f"not copied: {needed - copied}"
 
 
@@ -151,7 +153,7 @@ def test_runs_proxy_serve_as_a_non_root_user_on_the_exposed_port() -> None:
     assert keywords.index("USER") < keywords.index("ENTRYPOINT")
     assert command()[:2] == ["proxy", "serve"], command()
     assert setup_cfg()["options.entry_points"]["console_scripts"].strip() == (
-        "proxy = proxy.cli:main")
+        "proxy = proxy.cli.main:main")
     env = image_env()
     assert env["PROXY_HOST"] == "0.0.0.0", "inside a container, loopback is unreachable"
     assert "--host" not in command() and "--port" not in command(), "flags beat the env"

@@ -24,7 +24,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from bench.mock_payloads import GREETING
+from proxy.mock.payloads import GREETING
 from tests.conftest import MockUpstream, StartUpstream
 from tests.test_dropin_models import keyed_upstream
 

@@ -47,7 +47,7 @@ async def _dropin(start_upstream: StartUpstream, start_gateway: StartGateway,
     seen: list[str | None] = []
     upstream = await start_upstream(keyed_upstream(seen))
     provider = {"name": "upstream", "type": "openai_compat", "base_url": f"{upstream}/v1",
-                "catch_all": True}  # what --upstream URL builds (provider_config.py)
+                "catch_all": True}  # what --upstream URL builds (config/providers.py)
     return await start_gateway(make_config([provider], **raw)), seen
 
 

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from proxy.app import build_app
-from proxy.config import ConfigError
-from proxy.keys import hash_secret
-from proxy.server import running
+from proxy.config.keys import hash_secret
+from proxy.config.loader import ConfigError
+from proxy.server.serve import running
 from proxy.state import LIVE
 from tests.conftest import MakeConfig, StartUpstream
 from tests.test_auth import MESSAGES, upstream_app

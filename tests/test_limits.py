@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from proxy.errors import InvalidRequest, UpstreamTimeout
-from proxy.limits import AdaptiveLimiter, LimitSettings, Outcome, Overloaded, Permit
+from proxy.errors import InvalidRequest, Overloaded, UpstreamTimeout
+from proxy.resilience.concurrency import AdaptiveLimiter, LimitSettings, Outcome, Permit
 
 
 class FakeClock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config import ConfigError, LimitsConfig, config_from_dict
+from proxy.config.loader import ConfigError, LimitsConfig, config_from_dict
 from proxy.providers import PROVIDER_TYPES
 
 

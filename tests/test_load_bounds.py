@@ -4,7 +4,7 @@ and file descriptors stay bounded over 20,000 requests with streams and abandone
 streams in the mix.
 
 Three processes on loopback: the gateway (``python -m proxy serve``), the mock upstream
-(``python -m bench.upstream``, instant answers) and the test, the client. The figures
+(``python -m proxy.mock``, instant answers) and the test, the client. The figures
 are printed (``pytest -s``); the bounds are generous for a busy 2-core machine.
 """
 

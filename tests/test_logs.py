@@ -1,4 +1,4 @@
-"""The log set-up (``proxy/logs.py``) and the access line (``proxy/access_log.py``)
+"""The log set-up (``proxy/observe/logs.py``) and the access line (``proxy/observe/access_log.py``)
 in-process: the ``logging`` section and its precedence (flag > environment > file),
 the JSON formatter on ordinary records, the text rendering, turning the access log off,
 and the redacted start-up config. tests/test_access_log.py runs the real process."""
@@ -15,9 +15,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy.access_log import AccessLine, AccessLog, line
-from proxy.config import ConfigError, Overrides, config_from_dict, load_config
-from proxy.logs import (
+from proxy.config.loader import ConfigError, Overrides, config_from_dict, load_config
+from proxy.observe.access_log import AccessLine, AccessLog, line
+from proxy.observe.logs import (
     ACCESS_LOGGER,
     CURRENT_REQUEST,
     FLUSH_AFTER,

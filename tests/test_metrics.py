@@ -21,10 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
 from proxy.app import build_app
-from proxy.config import Config
-from proxy.keys import hash_secret
+from proxy.config.keys import hash_secret
+from proxy.config.loader import Config
 from proxy.record import Origin, Record, Usage
-from proxy.server import running
+from proxy.server.serve import running
 from proxy.state import METRICS, OBSERVERS
 from tests.conftest import MakeConfig, StartUpstream
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from proxy import __version__
-from proxy.keys import hash_secret
+from proxy.config.keys import hash_secret
 from tests.conftest import MockUpstream
 from tests.procs import spawn_with_env
 from tests.test_metrics import Samples, parse, value
@@ -140,7 +140,7 @@ async def test_two_workers_sum_exactly_and_survive_a_killed_worker(
             first, polled = await healthz_until(session, url, proxy, lambda s: len(s) == 2)
             assert sorted(first.values()) == [0, 1]
             assert len(await chats(session, url, 40)) == 2, "one worker served every chat"
-            # Each worker hands its figures on once a second (metrics_pending.py).
+            # Each worker hands its figures on once a second (observe/metrics_pending.py).
             samples = await until_value(session, url, "gateway_requests_total", 40, proxy,
                                         **OK)
             assert value(samples, "gateway_requests_total", **HEALTHZ) == polled
@@ -216,7 +216,7 @@ async def test_a_request_forwarded_to_its_owner_worker_is_counted_once(
     mock_upstream: MockUpstream, tmp_path: Path,
 ) -> None:
     """Deterministic requests are shared across workers: the one that got the request
-    forwards it to the worker owning its key (peers.py). Still one request each, one
+    forwards it to the worker owning its key (sharing/peers.py). Still one request each, one
     dedup leader and one upstream attempt, whichever worker did what."""
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()

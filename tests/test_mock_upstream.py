@@ -1,4 +1,4 @@
-"""The mock upstream (bench/upstream.py) speaks OpenAI's wire format and obeys its script.
+"""The mock upstream (proxy/mock/server.py) speaks OpenAI's wire format and obeys its script.
 
 Other tests lean on this fake, so its promises are pinned here: shapes, SSE framing,
 scripted failures, mid-stream disconnects and the cancellation counter.
@@ -16,7 +16,7 @@ import orjson
 import pytest
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from bench.upstream import STATS_KEY, MockOptions, create_app
+from proxy.mock.server import STATS_KEY, MockOptions, create_app
 
 CHAT = "/v1/chat/completions"
 

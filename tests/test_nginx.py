@@ -38,8 +38,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.config import ServerConfig, Timeouts
-from proxy.workers import WorkerSpec
+from proxy.config.loader import ServerConfig, Timeouts
+from proxy.server.supervisor import WorkerSpec
 from tests.conftest import StartUpstream
 from tests.test_workers import (
     Spawned,

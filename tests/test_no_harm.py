@@ -3,7 +3,7 @@ serves every request a plain proxy would have served, under mixed, realistic tra
 rather than a counting upstream that answers at once.
 
 The gateway runs as a real process in drop-in mode (``proxy serve --upstream``, nothing
-else configured) in front of the mock upstream (``bench.upstream``) in a process of its
+else configured) in front of the mock upstream (``python -m proxy.mock``) in a process of its
 own. The traffic: short answers first (a latency baseline), then one burst of hundreds
 of concurrent requests mixing 50 ms answers, multi-second generations, streams, gzip
 request bodies and a few request-specific 500s, from several callers. The upstream

@@ -1,11 +1,11 @@
-"""The observers' batches (``proxy/observers.py``): when records are handed on, and
+"""The observers' batches (``proxy/observe/observers.py``): when records are handed on, and
 that one failing observer keeps none of the others from its batch."""
 
 from __future__ import annotations
 
 import asyncio
 
-from proxy.observers import Observers
+from proxy.observe.observers import Observers
 from proxy.record import Record
 
 

@@ -14,7 +14,7 @@ import openai
 import orjson
 import pytest
 
-from bench.mock_payloads import GREETING, embedding_vector
+from proxy.mock.payloads import GREETING, embedding_vector
 from tests.conftest import MakeConfig, MockUpstream, StartGateway
 
 AsyncClientFactory = Callable[..., openai.AsyncOpenAI]

@@ -1,6 +1,6 @@
 """Cross-worker deduplication (issue #3): identical requests that land in different
 worker processes still share one upstream call, because each is forwarded to the
-worker that owns its key (proxy/peers.py)."""
+worker that owns its key (proxy/sharing/peers.py)."""
 
 from __future__ import annotations
 

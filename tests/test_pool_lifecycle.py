@@ -24,8 +24,8 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.server import running
-from proxy.upstream import UpstreamClient
+from proxy.server.serve import running
+from proxy.upstream.client import UpstreamClient
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 from tests.wire import ANSWER, CHAT, MODELS, Conn, RawUpstream, fetch, raw_servers, read_request
 

@@ -16,10 +16,10 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.app import build_app
-from proxy.http1 import UpstreamProtocol
-from proxy.pool import ConnectionPool, WaitTimeout
-from proxy.server import running
+from proxy.server.serve import running
 from proxy.state import LIVE
+from proxy.upstream.pool import ConnectionPool, WaitTimeout
+from proxy.upstream.protocol import UpstreamProtocol
 from tests.conftest import MakeConfig, StartUpstream
 from tests.wire import CHAT, StartRaw, answer_each, error_code, fetch
 

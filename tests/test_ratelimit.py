@@ -14,8 +14,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.keys import hash_secret
-from proxy.ratelimit import MemoryBuckets, _duration, estimate
+from proxy.config.keys import hash_secret
+from proxy.resilience.ratelimit import MemoryBuckets, _duration, estimate
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 
 SECRET = "sk-gw-limited-key-for-tests"

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.keys import hash_secret
+from proxy.config.keys import hash_secret
 from tests.conftest import MakeConfig, StartUpstream
 from tests.observing import ANSWER, CHAT, answering, observed, provider, until
 

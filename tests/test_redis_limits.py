@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.keys import hash_secret
+from proxy.config.keys import hash_secret
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 from tests.redis_server import RedisServer, gateway_processes
 from tests.test_ratelimit import SECRET, USED, post, upstream_app

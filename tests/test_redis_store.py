@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, Overrides, load_config
+from proxy.config.loader import ConfigError, Overrides, load_config
 from proxy.providers import PROVIDER_TYPES
-from proxy.ratelimit import BackendUnavailable
-from proxy.redis_buckets import RedisBuckets
-from proxy.redis_cache import decode, encode
-from proxy.redis_store import RedisLink, RedisSettings, redact
+from proxy.resilience.ratelimit import BackendUnavailable
+from proxy.stores.redis_buckets import RedisBuckets
+from proxy.stores.redis_cache import decode, encode
+from proxy.stores.redis_link import RedisLink, RedisSettings, redact
 from tests.conftest import MakeConfig
 from tests.redis_server import RedisServer
 
@@ -200,7 +200,7 @@ def test_without_a_redis_backend_redis_is_never_imported(tmp_path: Path) -> None
 import sys
 sys.modules["redis"] = None  # any import of it now fails
 from proxy.app import build_app
-from proxy.config import ConfigError, config_from_dict
+from proxy.config.loader import ConfigError, config_from_dict
 build_app(config_from_dict({}, {}, ()))
 try:
     config_from_dict({"cache": {"backend": "redis"}, "redis": {"url": "redis://h"}}, {}, ())

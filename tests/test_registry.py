@@ -19,8 +19,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.providers import PROVIDER_TYPES, Call, Provider
-from proxy.upstream import UpstreamClient, UpstreamRequest
+from proxy.call import Call
+from proxy.providers import PROVIDER_TYPES, Provider
+from proxy.upstream.client import UpstreamClient, UpstreamRequest
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 
 Client = Callable[..., openai.AsyncOpenAI]

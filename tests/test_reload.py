@@ -20,11 +20,11 @@ import yaml
 from aiohttp import web
 
 from proxy.app import build_app
-from proxy.config import ConfigError
-from proxy.keys import hash_secret
-from proxy.server import running
+from proxy.config.keys import hash_secret
+from proxy.config.loader import ConfigError
+from proxy.server.serve import running
+from proxy.server.supervisor import Supervisor
 from proxy.state import LIVE
-from proxy.workers import Supervisor
 from tests.conftest import MakeConfig, StartUpstream
 from tests.test_workers import (
     Spawned,

@@ -13,8 +13,8 @@ import openai
 import pytest
 from aiohttp import web
 
-from proxy.config import RetryConfig
-from proxy.retry import RetryPolicy, retry_after
+from proxy.config.loader import RetryConfig
+from proxy.resilience.retry import RetryPolicy, retry_after
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 from tests.wire import Conn, raw_servers
 

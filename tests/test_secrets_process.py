@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.keys import hash_secret
+from proxy.config.keys import hash_secret
 from tests.conftest import StartUpstream
 from tests.faulty import CHAT, Faults, chat, providers
 from tests.procs import Proc, gateway_process

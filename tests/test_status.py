@@ -1,4 +1,4 @@
-"""The status page's arithmetic (``proxy/status.py``) on hand-made metric families:
+"""The status page's arithmetic (``proxy/observe/status.py``) on hand-made metric families:
 percentiles as Prometheus' ``histogram_quantile`` computes them, totals that count only
 the API's traffic, live rates between two samples; and the names it reads are those
 the real ``Metrics`` writes."""
@@ -15,13 +15,13 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from proxy import status
 from proxy.app import build_app
-from proxy.config import config_from_dict
+from proxy.config.loader import config_from_dict
+from proxy.observe import status
+from proxy.observe.status import History, Sample, histogram_quantile, live, sample, totals
 from proxy.providers import PROVIDER_TYPES
 from proxy.record import Origin, Record
 from proxy.state import METRICS
-from proxy.status import History, Sample, histogram_quantile, live, sample, totals
 
 INF = math.inf
 

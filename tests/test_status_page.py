@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from bench.cdp import Page, chromium, find_chromium
-from proxy.keys import hash_secret
+from proxy.config.keys import hash_secret
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 
 ADMIN, APP = "sk-gw-admin-secret-1", "sk-gw-app-secret-2"

@@ -19,7 +19,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bench.mock_payloads import GREETING
+from proxy.mock.payloads import GREETING
 from tests.conftest import MakeConfig, MockUpstream, StartGateway, StartUpstream
 
 AsyncClientFactory = Callable[..., openai.AsyncOpenAI]

@@ -10,14 +10,14 @@ import pytest
 from aioresponses import aioresponses
 from yarl import URL
 
-from proxy.config import Config
+from proxy.config.loader import Config
 from proxy.errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.upstream import UpstreamClient
+from proxy.upstream.client import UpstreamClient
 
 MODELS_URL = URL("http://upstream.test/v1/models")
 

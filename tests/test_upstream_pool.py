@@ -18,8 +18,9 @@ import uvloop
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import cli, http1
-from proxy.upstream import UpstreamClient, UpstreamRequest
+from proxy.cli import main as cli
+from proxy.upstream import protocol as http1
+from proxy.upstream.client import UpstreamClient, UpstreamRequest
 from tests.conftest import MakeConfig, StartGateway
 from tests.wire import ANSWER, CHAT, Conn, RawUpstream, StartRaw, answer_each, fetch
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.app import build_app
-from proxy.server import running
+from proxy.server.serve import running
 from proxy.state import LIVE
 from tests.conftest import MakeConfig, StartGateway
 from tests.wire import error_code, fetch

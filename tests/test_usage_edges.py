@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.logs import redacted
+from proxy.observe.logs import redacted
 from tests.conftest import MakeConfig, StartUpstream
 from tests.observing import CHAT, answering, observed, provider, until
 

@@ -12,8 +12,8 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.config import ConfigError
-from proxy.keys import hash_secret
+from proxy.config.keys import hash_secret
+from proxy.config.loader import ConfigError
 from proxy.record import Usage
 from tests.conftest import MakeConfig, StartUpstream
 from tests.test_ollama import MODEL, FakeOllama

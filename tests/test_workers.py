@@ -28,11 +28,11 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from bench.mock_payloads import GREETING
-from proxy.config import ConfigError, Overrides, load_config
+from proxy.config.loader import ConfigError, Overrides, load_config
+from proxy.mock.payloads import GREETING
 from proxy.providers import PROVIDER_TYPES
-from proxy.server import CannotListen, running
-from proxy.workers import Backoff, Supervisor, WorkerSpec
+from proxy.server.serve import CannotListen, running
+from proxy.server.supervisor import Backoff, Supervisor, WorkerSpec
 from tests.conftest import MakeConfig, MockUpstream
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]

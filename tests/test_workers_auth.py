@@ -25,8 +25,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.keys import hash_secret
-from proxy.workers import PEER_SECRET_ENV, WorkerSpec
+from proxy.config.keys import hash_secret
+from proxy.server.supervisor import PEER_SECRET_ENV, WorkerSpec
 from tests.conftest import StartUpstream
 from tests.test_workers import (
     Spawned,

@@ -6,8 +6,8 @@ handlers and the server never branch on a provider's type.
 
 from __future__ import annotations
 
-from proxy.provider_config import ProviderConfig
-from proxy.providers.base import Call, Provider
+from proxy.config.providers import ProviderConfig
+from proxy.providers.base import Provider
 from proxy.providers.ollama import OllamaProvider
 from proxy.providers.openai_compat import OpenAICompatProvider
 
@@ -21,4 +21,4 @@ def build_provider(config: ProviderConfig) -> Provider:
     return PROVIDER_TYPES[config.type](config)
 
 
-__all__ = ["PROVIDER_TYPES", "Call", "Provider", "build_provider"]
+__all__ = ["PROVIDER_TYPES", "Provider", "build_provider"]

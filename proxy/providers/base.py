@@ -21,60 +21,18 @@ import os
 import ssl
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import orjson
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.call import Call
+from proxy.config.providers import ProviderConfig
 from proxy.errors import UpstreamError
 from proxy.headers import AUTHORIZATION
-from proxy.provider_config import ProviderConfig
-from proxy.upstream import UpstreamClient, UpstreamRequest
+from proxy.upstream.client import UpstreamClient, UpstreamRequest
 
 _URL_MEMO_SIZE = 256
-
-
-@dataclass(slots=True)
-class Call:
-    """One client request as the handler understood it, before any provider touched it."""
-
-    method: str
-    endpoint: str  # the path after "/v1/", e.g. "chat/completions"
-    query: str  # the raw query string, "" when none
-    body: bytes
-    payload: dict[str, Any] | None  # the parsed JSON body, when it is a JSON object
-    model: str | None  # as the client sent it
-    stream: bool
-    headers: CIMultiDict[str]  # end-to-end client headers plus X-Forwarded-*, X-Request-ID
-    request_id: str
-    upstream_model: str | None = None  # set by routing
-    # Who sent it, for the circuit breaker's distinct callers: a gateway key's name, a
-    # hash of the client's Authorization, or its address; never a secret.
-    caller: str = ""
-    # The gateway added ``stream_options.include_usage`` to ``payload`` (``usage.py``):
-    # what it adds to the answer is taken out again before the client sees it.
-    usage_added: bool = False
-
-    def body_for_upstream(self) -> bytes:
-        """The body to send: the client's bytes untouched unless the model name changes
-        (a ``provider/`` prefix or an alias) or the gateway asked for a stream's usage,
-        the only cases that re-serialise."""
-        if self.payload is None:
-            return self.body
-        if self.upstream_model not in (None, self.model):
-            return orjson.dumps({**self.payload, "model": self.upstream_model})
-        return orjson.dumps(self.payload) if self.usage_added else self.body
-
-    def add_stream_usage(self) -> None:
-        """Ask upstream for the stream's usage (``stream_options.include_usage``) the
-        client did not ask for, keeping its other stream options."""
-        assert self.payload is not None
-        options = self.payload.get("stream_options")
-        options = options if isinstance(options, dict) else {}
-        self.payload = {**self.payload, "stream_options": {**options, "include_usage": True}}
-        self.usage_added = True
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:

@@ -20,10 +20,11 @@ from typing import Any
 import orjson
 from multidict import CIMultiDict
 
+from proxy.call import Call
 from proxy.errors import InvalidRequest
 from proxy.providers import ollama_stream
-from proxy.providers.base import Call, Provider, models_error
-from proxy.upstream import UpstreamClient, UpstreamRequest
+from proxy.providers.base import Provider, models_error
+from proxy.upstream.client import UpstreamClient, UpstreamRequest
 
 # OpenAI sampling parameter -> Ollama ``options`` key.
 _OPTIONS = {

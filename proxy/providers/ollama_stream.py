@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
+from proxy.call import Call
 from proxy.errors import UpstreamError, UpstreamProtocolError
 from proxy.errors import error_body as openai_error
-from proxy.providers.base import Call
 
 _DONE = b"data: [DONE]\n\n"
 _FINISH = {"stop": "stop", "length": "length", "load": "stop", "unload": "stop"}

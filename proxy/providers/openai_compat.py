@@ -5,7 +5,7 @@ Nothing is translated: the request path under ``/v1/`` is appended to ``base_url
 client's body bytes go up untouched (unless routing renamed the model), and the answer's
 bytes come back untouched, SSE included. The one exception: a stream whose client did
 not ask for its usage is sent with ``stream_options.include_usage`` (unless the provider
-has ``stream_usage: false``), and ``usage.py`` takes out what that adds.
+has ``stream_usage: false``), and ``observe/usage.py`` takes out what that adds.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any
 
 from multidict import CIMultiDict
 
+from proxy.call import Call
 from proxy.headers import AUTHORIZATION
-from proxy.providers.base import Call, Provider, models_error
-from proxy.upstream import UpstreamClient, UpstreamRequest
+from proxy.providers.base import Provider, models_error
+from proxy.upstream.client import UpstreamClient, UpstreamRequest
 
 
 class OpenAICompatProvider(Provider):

@@ -1,0 +1,1 @@
+"""The command line (``main.py``): ``proxy serve | init | models | check | keys hash``."""

@@ -1,0 +1,1 @@
+"""The one configuration: ``loader.py`` builds it, the other modules are its sections."""
