@@ -18,7 +18,9 @@
 from __future__ import annotations
 
 import dataclasses
+import select
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -35,8 +37,16 @@ from proxy.providers import PROVIDER_TYPES
 from proxy.server.serve import running
 
 if TYPE_CHECKING:
+    from tests.raw_http import Connect, Safe
     from tests.redis_server import RedisServer
     from tests.wire import StartRaw
+
+# The helper modules' asserts get pytest's detailed messages, as they had in the test
+# files they came from (issue 11); registered before any test module imports them.
+pytest.register_assert_rewrite(
+    "tests.assertions", "tests.cli_helpers", "tests.faulty", "tests.load_client",
+    "tests.nginx_helpers", "tests.procs", "tests.raw_http", "tests.usage_fake",
+    "tests.usage_helpers", "tests.wire")
 
 StartUpstream = Callable[[web.Application], Awaitable[str]]
 StartGateway = Callable[[Config], Awaitable[str]]
@@ -130,6 +140,29 @@ def closed_port() -> Iterator[int]:
 
 
 @pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose listen backlog is full, so a new connection's SYN is
+    dropped and ``connect`` hangs (Linux: the accept queue holds backlog + 1)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(8):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+            fillers.append(filler)
+            if not select.select([], [filler], [], 0.2)[1]:
+                yield listener.getsockname()[1]
+                return
+        pytest.skip("this kernel completes connections beyond the listen backlog")
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
+@pytest.fixture
 def cacheless_gateway(start_gateway: StartGateway, make_config: MakeConfig
                       ) -> Callable[..., Awaitable[str]]:
     """``await cacheless_gateway(providers, **raw_config)`` -> base URL."""
@@ -155,3 +188,46 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short directory for unix sockets (their paths are limited to ~107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="proxy-sock-") as path:
+        yield Path(path)
+
+
+@pytest.fixture
+def safe_gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
+                 make_config: MakeConfig) -> Safe:
+    """``await safe_gateway(delay, **server_keys)`` -> (gateway URL, the upstream's
+    recorder, ``tests/raw_http.py``), with the cache off so every request that gets
+    through reaches the upstream."""
+    from tests.raw_http import Recorder, recording_upstream  # noqa: PLC0415 - imports this module
+    from tests.wire import gateway  # noqa: PLC0415
+
+    async def start(delay: float = 0.0, **server: Any) -> tuple[str, Recorder]:
+        recorder = Recorder(delay=delay)
+        upstream = await start_upstream(recording_upstream(recorder))
+        url = await gateway(start_gateway, make_config, f"{upstream}/v1", server=server,
+                            cache={"enabled": False})
+        return url, recorder
+
+    return start
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Connect]:
+    """``await connect(url)`` -> a raw client connection (``tests/raw_http.py``), closed
+    after the test."""
+    from tests.raw_http import Raw  # noqa: PLC0415 - raw_http.py imports this module
+
+    clients: list[Raw] = []
+
+    async def open_one(url: str) -> Raw:
+        clients.append(await Raw.open(url))
+        return clients[-1]
+
+    yield open_one
+    for client in clients:
+        await client.close()

@@ -13,36 +13,21 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
-from multidict import CIMultiDictProxy
 
 from proxy.config.keys import hash_secret
 from proxy.config.loader import ConfigError
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.keys_helpers import MESSAGES, Seen, headers_upstream
 
 SECRET_A = "sk-gw-team-a-secret-for-tests"
 SECRET_B = "sk-gw-team-b-secret-for-tests"
 KEYS = [{"name": "team-a", "sha256": hash_secret(SECRET_A)},
         {"name": "team-b", "sha256": hash_secret(SECRET_B), "models": ["up/small-*"]}]
-MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
-Seen = list[CIMultiDictProxy[str]]
-
-
-def upstream_app(seen: Seen) -> web.Application:
-    async def chat(request: web.Request) -> web.Response:
-        seen.append(request.headers)
-        body = await request.json()
-        return web.json_response({"id": "c1", "object": "chat.completion", "created": 0,
-                                  "model": body["model"], "choices": []})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
 
 
 async def gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
                   make_config: MakeConfig, seen: Seen, **provider: Any) -> str:
-    url = await start_upstream(upstream_app(seen))
+    url = await start_upstream(headers_upstream(seen))
     return await start_gateway(make_config([{
         "name": "up", "type": "openai_compat", "base_url": f"{url}/v1",
         "models": ["small-1", "large-1"], **provider}], auth={"keys": KEYS}))
@@ -68,7 +53,7 @@ async def test_a_provider_key_replaces_the_gateway_key(
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
     seen: Seen = []
-    url = await start_upstream(upstream_app(seen))
+    url = await start_upstream(headers_upstream(seen))
     base = await start_gateway(make_config([{
         "name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"],
         "api_key_env": "UP_KEY"}], env={"UP_KEY": "sk-upstream"}, auth={"keys": KEYS}))
@@ -150,7 +135,7 @@ async def test_without_keys_the_gateway_is_open_and_says_so(
     openai_client: Callable[..., openai.AsyncOpenAI], caplog: pytest.LogCaptureFixture,
 ) -> None:
     seen: Seen = []
-    url = await start_upstream(upstream_app(seen))
+    url = await start_upstream(headers_upstream(seen))
     with caplog.at_level(logging.WARNING, logger="proxy.app"):
         base = await start_gateway(make_config([{
             "name": "up", "type": "openai_compat", "base_url": f"{url}/v1",

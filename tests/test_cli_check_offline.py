@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.cli_helpers import Upstream, run_cli
 from tests.conftest import StartUpstream
-from tests.test_cli_check import Upstream, run_cli
 
 
 def write(tmp_path: Path, config: dict[str, object]) -> Path:

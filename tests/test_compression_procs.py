@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from tests.conftest import StartUpstream
-from tests.test_workers import free_port, poll_healthz, spawn_proxy, stop
+from tests.procs import free_port, poll_healthz, spawn_proxy, stop
 
 REPO = Path(__file__).resolve().parent.parent
 ANSWER = orjson.dumps({"id": "c1", "object": "chat.completion", "pad": "x" * 20_000})

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from aiohttp import web
 
+from tests.cli_helpers import run_cli
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
-from tests.test_cli_check import run_cli
 
 SECRET = "sk-discovery-secret-0123456789"
 

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from proxy.mock.payloads import GREETING
 from tests.conftest import MockUpstream, StartUpstream
-from tests.test_dropin_models import keyed_upstream
+from tests.keys_helpers import keyed_upstream
 
 AsyncClientFactory = Callable[..., openai.AsyncOpenAI]
 # Variables that would configure providers or the server behind the test's back.

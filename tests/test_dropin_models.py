@@ -12,34 +12,9 @@ from collections.abc import Callable
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
-
-# Each key's models, as the upstream sends them (created/owned_by are its own).
-KEYS = {
-    "Bearer sk-caller-a": [{"id": "model-a", "object": "model", "created": 1700000001,
-                            "owned_by": "org-a"}],
-    "Bearer sk-caller-b": [{"id": "model-b1", "object": "model", "created": 1700000002,
-                            "owned_by": "org-b"},
-                           {"id": "model-b2", "object": "model", "created": 1700000003,
-                            "owned_by": "org-b"}],
-}
-
-
-def keyed_upstream(seen: list[str | None]) -> web.Application:
-    async def models(request: web.Request) -> web.Response:
-        auth = request.headers.get("Authorization")
-        seen.append(auth)
-        if auth not in KEYS:
-            error = {"message": "bad key", "type": "invalid_request_error",
-                     "code": "invalid_api_key"}
-            return web.json_response({"error": error}, status=401)
-        return web.json_response({"object": "list", "data": KEYS[auth]})
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    return app
+from tests.keys_helpers import keyed_upstream
 
 
 async def _dropin(start_upstream: StartUpstream, start_gateway: StartGateway,

@@ -17,7 +17,7 @@ from proxy.config.loader import ConfigError
 from proxy.server.serve import running
 from proxy.state import LIVE
 from tests.conftest import MakeConfig, StartUpstream
-from tests.test_auth import MESSAGES, upstream_app
+from tests.keys_helpers import MESSAGES, headers_upstream
 
 INLINE, FILED, LATER = "sk-gw-inline-1", "sk-gw-filed-2", "sk-gw-later-3"
 
@@ -36,7 +36,7 @@ async def status(session: aiohttp.ClientSession, base: str, secret: str) -> int:
 async def test_keys_from_the_file_and_inline_both_work_and_a_reload_rereads_the_file(
     start_upstream: StartUpstream, make_config: MakeConfig, tmp_path: Path,
 ) -> None:
-    url = await start_upstream(upstream_app([]))
+    url = await start_upstream(headers_upstream([]))
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(yaml.safe_dump([key("filed", FILED)]))
     provider = {"name": "up", "type": "openai_compat", "base_url": f"{url}/v1",

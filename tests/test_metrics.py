@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
 from proxy.app import build_app
@@ -26,6 +25,7 @@ from proxy.config.loader import Config
 from proxy.record import Origin, Record, Usage
 from proxy.server.serve import running
 from proxy.state import METRICS, OBSERVERS
+from tests.assertions import Samples, parse, value
 from tests.conftest import MakeConfig, StartUpstream
 
 ADMIN, TEAM, LIMITED = "sk-gw-admin-0123456789", "sk-gw-team-a-0123456789", "sk-gw-b-987654321"
@@ -35,7 +35,6 @@ KEYS = [{"name": "ops", "sha256": hash_secret(ADMIN), "admin": True},
 ANSWER = {"id": "x", "object": "chat.completion", "choices": [],
           "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}
 CHAT = "/v1/chat/completions"
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def chat(content: str, **extra: Any) -> dict[str, Any]:
@@ -82,15 +81,6 @@ async def scrape(session: aiohttp.ClientSession, url: str, key: str | None = ADM
         assert response.headers["Content-Type"].startswith("text/plain; version=")
         text = await response.text()
     return text, parse(text)
-
-
-def parse(text: str) -> Samples:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def provider(url: str, **extra: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tests.conftest import StartUpstream
-from tests.test_nginx import Deployment, behind_nginx, needs_nginx
+from tests.nginx_helpers import Deployment, behind_nginx, needs_nginx
 
 BURST = 50
 Reply = tuple[int, str, bytes]  # status, X-Gateway-Dedup, body

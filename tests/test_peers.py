@@ -12,13 +12,7 @@ import orjson
 from aiohttp import web
 
 from tests.conftest import StartUpstream
-from tests.test_workers import (
-    free_port,
-    fresh_connections,
-    poll_healthz,
-    spawn_proxy,
-    stop,
-)
+from tests.procs import free_port, fresh_connections, poll_healthz, spawn_proxy, stop
 
 CHAT = "/v1/chat/completions"
 

@@ -17,52 +17,18 @@ from aiohttp import web
 from proxy.config.keys import hash_secret
 from proxy.resilience.ratelimit import MemoryBuckets, _duration, estimate
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.keys_helpers import SECRET, USED, limited_post, usage_upstream
 
-SECRET = "sk-gw-limited-key-for-tests"
 MESSAGES = [{"role": "user", "content": "hi"}]
-USED = 20
-
-
-def upstream_app(calls: list[dict[str, Any]]) -> web.Application:
-    """Answers with ``usage.total_tokens`` = ``USED``, as JSON or as SSE with a final
-    usage chunk."""
-    async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        calls.append(body)
-        usage = {"prompt_tokens": 5, "completion_tokens": USED - 5, "total_tokens": USED}
-        if not body.get("stream"):
-            return web.json_response({"id": "c", "object": "chat.completion", "created": 0,
-                                      "model": "m", "choices": [], "usage": usage})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                 "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
-        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        final = {**chunk, "choices": [], "usage": usage}
-        await response.write(b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
 
 
 async def gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
                   make_config: MakeConfig, calls: list[dict[str, Any]], **limits: int) -> str:
-    url = await start_upstream(upstream_app(calls))
+    url = await start_upstream(usage_upstream(calls))
     key = {"name": "limited", "sha256": hash_secret(SECRET), **limits}
     return await start_gateway(make_config(
         [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
         auth={"keys": [key]}))
-
-
-async def post(session: aiohttp.ClientSession, base: str, **fields: Any
-               ) -> tuple[int, dict[str, str], bytes]:
-    async with session.post(f"{base}/v1/chat/completions",
-                            headers={"Authorization": f"Bearer {SECRET}"},
-                            json={"model": "m", "messages": MESSAGES, **fields}) as response:
-        return response.status, dict(response.headers), await response.read()
 
 
 async def test_requests_per_minute_then_429_with_retry_after(
@@ -72,7 +38,7 @@ async def test_requests_per_minute_then_429_with_retry_after(
     calls: list[dict[str, Any]] = []
     base = await gateway(start_upstream, start_gateway, make_config, calls, rpm=2)
     async with aiohttp.ClientSession() as session:
-        replies = [await post(session, base) for _ in range(3)]
+        replies = [await limited_post(session, base) for _ in range(3)]
     assert [status for status, _, _ in replies] == [200, 200, 429]
     assert [h["x-ratelimit-remaining-requests"] for _, h, _ in replies] == ["1", "0", "0"]
     assert {h["x-ratelimit-limit-requests"] for _, h, _ in replies} == {"2"}
@@ -96,8 +62,8 @@ async def test_token_estimates_are_corrected_from_usage(
     base = await gateway(start_upstream, start_gateway, make_config, calls, tpm=1000)
     fields: dict[str, Any] = {"max_tokens": 300, "stream": stream}
     async with aiohttp.ClientSession() as session:
-        first = await post(session, base, **fields)
-        second = await post(session, base, **fields)
+        first = await limited_post(session, base, **fields)
+        second = await limited_post(session, base, **fields)
     assert (first[0], second[0]) == (200, 200)
     assert first[1]["x-ratelimit-limit-tokens"] == "1000"
     guess = 1000 - int(first[1]["x-ratelimit-remaining-tokens"])
@@ -113,9 +79,9 @@ async def test_over_the_token_limit_is_429_and_the_request_slot_is_kept(
     calls: list[dict[str, Any]] = []
     base = await gateway(start_upstream, start_gateway, make_config, calls, rpm=5, tpm=100)
     async with aiohttp.ClientSession() as session:
-        first = await post(session, base, max_tokens=5000)  # a full bucket admits it
-        second = await post(session, base, max_tokens=5000)
-        third = await post(session, base, max_tokens=1)
+        first = await limited_post(session, base, max_tokens=5000)  # a full bucket admits it
+        second = await limited_post(session, base, max_tokens=5000)
+        third = await limited_post(session, base, max_tokens=1)
     assert first[0] == 200
     assert second[0] == 429
     assert "tokens per minute" in orjson.loads(second[2])["error"]["message"]
@@ -132,7 +98,7 @@ async def test_unlimited_keys_get_no_rate_headers(
     calls: list[dict[str, Any]] = []
     base = await gateway(start_upstream, start_gateway, make_config, calls)
     async with aiohttp.ClientSession() as session:
-        status, headers, _ = await post(session, base)
+        status, headers, _ = await limited_post(session, base)
     assert status == 200
     assert not [name for name in headers if name.lower().startswith("x-ratelimit")]
 
@@ -177,7 +143,7 @@ async def test_a_request_the_gateway_fails_costs_no_tokens(
           "base_url": f"http://127.0.0.1:{closed_port}/v1"}],
         auth={"keys": [key]}, breaker={"failures": 0}))
     async with aiohttp.ClientSession() as session:
-        statuses = [(await post(session, base, max_tokens=600))[0] for _ in range(3)]
+        statuses = [(await limited_post(session, base, max_tokens=600))[0] for _ in range(3)]
     assert statuses == [502, 502, 502]
 
 
@@ -202,5 +168,5 @@ async def test_an_answer_a_deadline_cut_keeps_its_token_estimate(
         [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
         auth={"keys": [key]}, timeouts={"read": 0.3}, cache={"enabled": False}))
     async with aiohttp.ClientSession() as session:
-        statuses = [(await post(session, base, max_tokens=600))[0] for _ in range(2)]
+        statuses = [(await limited_post(session, base, max_tokens=600))[0] for _ in range(2)]
     assert statuses == [504, 429]

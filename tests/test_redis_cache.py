@@ -11,9 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.cache_helpers import CHAT, Upstream, answer_id, chat, post, sse
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 from tests.redis_server import RedisServer, gateway_processes
-from tests.test_cache import CHAT, Upstream, answer_id, chat, post, sse
 
 HEAD = b'[200, "OK", [["Content-Type", "application/json"]]]'
 

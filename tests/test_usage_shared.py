@@ -12,26 +12,24 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.config.keys import hash_secret
 from proxy.config.loader import ConfigError
 from proxy.record import Usage
 from tests.conftest import MakeConfig, StartUpstream
-from tests.test_ollama import MODEL, FakeOllama
-from tests.test_record import observed
-from tests.test_usage import REPORTED, STREAM, get_usage, post_raw, until, usage_gateway
+from tests.observing import observed, until
+from tests.ollama_fake import MODEL, FakeOllama
+from tests.usage_helpers import (
+    KEYS,
+    REPORTED,
+    SECRETS,
+    STREAM,
+    get_usage,
+    post_raw,
+    row,
+    usage_gateway,
+)
 
-SECRETS = {"alice": "sk-gw-alice-1", "bob": "sk-gw-bob-1", "ops": "sk-gw-ops-1"}
-KEYS = [{"name": name, "sha256": hash_secret(secret), **({"admin": True} if name == "ops"
-                                                          else {})}
-        for name, secret in SECRETS.items()]
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi there"}]}
 ASKED = {**STREAM, "stream_options": {"include_usage": True}}
-
-
-def row(key: str, requests: int) -> dict[str, Any]:
-    return {"key": key, "model": "m", "requests": requests, "input_tokens": 11 * requests,
-            "output_tokens": 7 * requests, "cached_tokens": 3 * requests,
-            "reasoning_tokens": 2 * requests, "estimated_requests": 0}
 
 
 async def test_a_key_sees_its_own_totals_and_an_admin_key_every_keys(

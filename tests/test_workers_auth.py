@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,21 +20,13 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
-import pytest
 import yaml
 from aiohttp import web
 
 from proxy.config.keys import hash_secret
 from proxy.server.supervisor import PEER_SECRET_ENV, WorkerSpec
 from tests.conftest import StartUpstream
-from tests.test_workers import (
-    Spawned,
-    free_port,
-    spawn,
-    stop,
-    unix_healthz,
-    wait_for_sockets,
-)
+from tests.procs import Spawned, free_port, spawn, stop, unix_healthz, wait_for_sockets
 
 SECRETS = {"team-a": "sk-gw-team-a-0123456789", "team-b": "sk-gw-team-b-0123456789",
            "only-other": "sk-gw-only-other-012345", "limited": "sk-gw-limited-0123456789"}
@@ -45,13 +36,6 @@ KEYS = [{"name": "team-a", "sha256": hash_secret(SECRETS["team-a"])},
          "models": ["other"]},
         {"name": "limited", "sha256": hash_secret(SECRETS["limited"]), "rpm": 12}]
 PEER_HEADERS = ("x-gateway-peer", "x-gateway-peer-key")
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    """A short directory for unix sockets (their paths are limited to ~107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="proxy-sock-") as path:
-        yield Path(path)
 
 
 @dataclass
