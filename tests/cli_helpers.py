@@ -1,8 +1,8 @@
 """The real command line in subprocesses, for the CLI tests (tests/test_cli_*.py,
 test_discovery.py): ``run_cli`` runs ``python -m proxy ARGS`` to its end, bounded;
 ``on_terminal`` runs it on a pseudo-terminal the test reads without blocking its loop
-(the fake upstreams the child talks to run on that loop); ``Upstream`` is one fake
-provider's ``/v1/models``. The child never sees the caller's provider settings.
+(the fake upstreams the child talks to run on that loop); ``models_upstream`` is one
+fake provider's ``/v1/models``. The child never sees the caller's provider settings.
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ import pty
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import web
-
+from tests.fake_upstream import FakeUpstream
 from tests.procs import clean_env
 
 UNSET = "CLI_CHECK_TEST_NEVER_SET"
@@ -51,28 +49,13 @@ async def run_cli(*args: str) -> tuple[int, str]:
     return await run(sys.executable, "-m", "proxy", *args)
 
 
-@dataclass
-class Upstream:
-    """One fake provider's ``/v1/models``: its status, models and latency; counts calls."""
-
-    status: int = 200
-    models: tuple[str, ...] = ()
-    latency: float = 0.0
-    calls: int = 0
-
-    def app(self) -> web.Application:
-        async def list_models(request: web.Request) -> web.Response:
-            self.calls += 1
-            await asyncio.sleep(self.latency)
-            if self.status != 200:
-                return web.json_response({"error": {"message": "no"}}, status=self.status)
-            return web.json_response({"object": "list", "data": [
-                {"id": m, "object": "model", "created": 1, "owned_by": "x"}
-                for m in self.models]})
-
-        app = web.Application()
-        app.router.add_get("/v1/models", list_models)
-        return app
+def models_upstream(models: tuple[str, ...] = (), status: int = 200, latency: float = 0.0
+                    ) -> FakeUpstream:
+    """One fake provider (not yet started) whose ``/v1/models`` lists ``models``, or
+    answers ``status``, after ``latency``; ``calls[MODELS]`` counts the listings."""
+    fake = FakeUpstream(models)
+    fake.models.status, fake.models.latency = status, latency
+    return fake
 
 
 WAIT = 20.0  # seconds any one step may take on a loaded 2-core machine

@@ -35,6 +35,7 @@ from proxy.config.loader import Config, config_from_dict
 from proxy.mock.server import OPTIONS_KEY, STATS_KEY, MockOptions, MockStats, create_app
 from proxy.providers import PROVIDER_TYPES
 from proxy.server.serve import running
+from tests.fake_upstream import FakeUpstream
 
 if TYPE_CHECKING:
     from tests.raw_http import Connect, Safe
@@ -51,6 +52,7 @@ pytest.register_assert_rewrite(
 StartUpstream = Callable[[web.Application], Awaitable[str]]
 StartGateway = Callable[[Config], Awaitable[str]]
 MakeConfig = Callable[..., Config]
+StartFake = Callable[..., Awaitable[FakeUpstream]]
 
 
 @dataclasses.dataclass
@@ -83,6 +85,24 @@ async def mock_upstream(start_upstream: StartUpstream) -> MockUpstream:
     app = create_app(MockOptions())
     url = await start_upstream(app)
     return MockUpstream(url=f"{url}/v1", app=app)
+
+
+@pytest.fixture
+def start_fake(start_upstream: StartUpstream) -> StartFake:
+    """``await start_fake(models=("m",), **chat_reply)`` -> a new counting fake upstream
+    (``tests/fake_upstream.py``) on a free loopback port, its ``url`` set (with /v1)."""
+    async def start(models: tuple[str, ...] = ("m",), **chat: Any) -> FakeUpstream:
+        fake = FakeUpstream(models, **chat)
+        fake.url = f"{await start_upstream(fake.app())}/v1"
+        return fake
+
+    return start
+
+
+@pytest.fixture
+async def fake_upstream(start_fake: StartFake) -> FakeUpstream:
+    """One counting fake upstream with the default script (``tests/fake_upstream.py``)."""
+    return await start_fake()
 
 
 @pytest.fixture

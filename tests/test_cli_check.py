@@ -28,14 +28,15 @@ import orjson
 import pytest
 import yaml
 
-from tests.cli_helpers import UNSET, Upstream, cli_env, run, run_cli
+from tests.cli_helpers import UNSET, cli_env, models_upstream, run, run_cli
 from tests.conftest import StartUpstream
+from tests.fake_upstream import MODELS, FakeUpstream
 
 PROXY_SCRIPT = Path(sys.executable).parent / "proxy"  # the venv's console script
 
 
 async def _config(start_upstream: StartUpstream, path: Path,
-                  providers: dict[str, tuple[Upstream, dict[str, Any]]]) -> str:
+                  providers: dict[str, tuple[FakeUpstream, dict[str, Any]]]) -> str:
     entries = [{"name": name, "type": "openai_compat",
                 "base_url": f"{await start_upstream(upstream.app())}/v1", **extra}
                for name, (upstream, extra) in providers.items()]
@@ -56,8 +57,8 @@ def _rows(table: str) -> dict[str, str]:
 async def test_check_reports_auth_failures_and_missing_keys(
     start_upstream: StartUpstream, tmp_path: Path,
 ) -> None:
-    good = Upstream(models=("alpha", "beta"), latency=0.1)
-    denied, keyless = Upstream(status=401), Upstream(models=("never-listed",))
+    good = models_upstream(models=("alpha", "beta"), latency=0.1)
+    denied, keyless = models_upstream(status=401), models_upstream(models=("never-listed",))
     config = await _config(start_upstream, tmp_path / "check.yaml", {
         "good": (good, {}), "denied": (denied, {}), "keyless": (keyless, {"api_key_env": UNSET}),
     })
@@ -74,10 +75,10 @@ async def test_check_reports_auth_failures_and_missing_keys(
     assert "FAILED" in rows["keyless"]
     assert "API key missing" in rows["keyless"]
     assert UNSET in rows["keyless"]
-    assert (good.calls, denied.calls, keyless.calls) == (1, 1, 0)
+    assert (good.calls[MODELS], denied.calls[MODELS], keyless.calls[MODELS]) == (1, 1, 0)
 
     only_denied = await _config(start_upstream, tmp_path / "denied.yaml",
-                                {"denied": (Upstream(status=401), {})})
+                                {"denied": (models_upstream(status=401), {})})
     code, out = await run_cli("check", "--config", only_denied)
     assert code == 1, out
     assert "rejected the credentials" in _rows(out)["denied"]
@@ -86,10 +87,10 @@ async def test_check_reports_auth_failures_and_missing_keys(
 async def test_models_json_and_table_carry_latency_and_models(
     start_upstream: StartUpstream, tmp_path: Path,
 ) -> None:
-    good = Upstream(models=("alpha", "org/beta"), latency=0.1)
+    good = models_upstream(models=("alpha", "org/beta"), latency=0.1)
     config = await _config(start_upstream, tmp_path / "models.yaml", {
-        "good": (good, {}), "denied": (Upstream(status=401), {}),
-        "keyless": (Upstream(models=("x",)), {"api_key_env": UNSET}),
+        "good": (good, {}), "denied": (models_upstream(status=401), {}),
+        "keyless": (models_upstream(models=("x",)), {"api_key_env": UNSET}),
     })
     (code, out), (table_code, table) = await asyncio.gather(
         run_cli("models", "--json", "--config", config), run_cli("models", "--config", config))
@@ -181,7 +182,7 @@ async def test_console_script_runs(start_upstream: StartUpstream, tmp_path: Path
     assert "serve" in out
     assert "check" in out
     config = await _config(start_upstream, tmp_path / "script.yaml",
-                           {"one": (Upstream(models=("m1",)), {})})
+                           {"one": (models_upstream(models=("m1",)), {})})
     code, out = await run(str(PROXY_SCRIPT), "models", "--json", "--config", config,
                            cwd=tmp_path)
     assert code == 0, out

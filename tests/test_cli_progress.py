@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.cli_helpers import WAIT, Upstream, cli_env, on_terminal
+from tests.cli_helpers import WAIT, cli_env, models_upstream, on_terminal
 from tests.conftest import StartUpstream
 
 SLOW = 1.0  # seconds the slow upstream takes to list its models
@@ -29,8 +29,8 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
 
 
 async def _two_upstreams(start_upstream: StartUpstream, tmp_path: Path) -> str:
-    fast = Upstream(models=("quick-1",))
-    slow = Upstream(models=("late-1", "late-2"), latency=SLOW)
+    fast = models_upstream(models=("quick-1",))
+    slow = models_upstream(models=("late-1", "late-2"), latency=SLOW)
     providers = [{"name": name, "type": "openai_compat",
                   "base_url": f"{await start_upstream(upstream.app())}/v1"}
                  for name, upstream in (("slow", slow), ("fast", fast))]
