@@ -103,6 +103,10 @@ class FakeUpstream:
         """The JSON bodies of the kept requests to ``path``, oldest first."""
         return [seen.json() for seen in self.requests if seen.path == path]
 
+    def headers(self, path: str | None = CHAT) -> list[CIMultiDict[str]]:
+        """The headers of the kept requests to ``path`` (``None``: every path)."""
+        return [seen.headers for seen in self.requests if path in (None, seen.path)]
+
     def provider(self, name: str = "up", **extra: Any) -> dict[str, Any]:
         """A config entry for this upstream (its static model list, no discovery)."""
         return {"name": name, "type": "openai_compat", "base_url": self.url,

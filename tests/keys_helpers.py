@@ -1,11 +1,11 @@
 """Small upstreams and clients about keys, each shared by two test files:
 
-* ``keyed_upstream``: lists different models per caller key (``MODELS_BY_KEY``), 401
-  for any other key, recording each ``Authorization`` it got (the drop-in tests);
-* ``headers_upstream``: records each chat request's headers (gateway keys are never
-  forwarded: test_auth.py, test_keys_file.py);
-* ``usage_upstream`` and ``limited_post``: an answer that reports ``USED`` tokens, and a
-  request with the rate-limited key ``SECRET`` (test_ratelimit.py, test_redis_limits.py).
+* ``keyed``: the fake upstream lists different models per caller key (``MODELS_BY_KEY``),
+  401 for any other key; ``authorizations`` are the keys it was asked with (the drop-in
+  tests);
+* ``USAGE`` and ``limited_post``: what the fake upstream's answers report (``USED``
+  tokens), and a request with the rate-limited key ``SECRET`` (test_ratelimit.py,
+  test_redis_limits.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
-from multidict import CIMultiDictProxy
+
+from tests.fake_upstream import MODELS, FakeUpstream, Reply, Seen
 
 # Each key's models, as the upstream sends them (created/owned_by are its own).
 MODELS_BY_KEY = {
@@ -28,69 +28,38 @@ MODELS_BY_KEY = {
 }
 
 
-def keyed_upstream(seen: list[str | None]) -> web.Application:
-    """``/v1/models`` answering each key in ``MODELS_BY_KEY`` its own list."""
-    async def models(request: web.Request) -> web.Response:
-        auth = request.headers.get("Authorization")
-        seen.append(auth)
-        if auth not in MODELS_BY_KEY:
-            error = {"message": "bad key", "type": "invalid_request_error",
-                     "code": "invalid_api_key"}
-            return web.json_response({"error": error}, status=401)
-        return web.json_response({"object": "list", "data": MODELS_BY_KEY[auth]})
+def keyed(fake: FakeUpstream) -> FakeUpstream:
+    """``fake``'s ``/v1/models`` answers each key in ``MODELS_BY_KEY`` its own list, and
+    401 to any other key (or none)."""
+    refused = Reply(status=401, body={"error": {
+        "message": "bad key", "type": "invalid_request_error", "code": "invalid_api_key"}})
 
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    return app
+    async def hook(request: web.Request, seen: Seen) -> Reply | None:
+        if seen.path != MODELS:
+            return None
+        models = MODELS_BY_KEY.get(seen.headers.get("Authorization", ""))
+        return refused if models is None else Reply(body={"object": "list", "data": models})
+
+    fake.hook = hook
+    return fake
+
+
+def authorizations(fake: FakeUpstream) -> list[str | None]:
+    """The ``Authorization`` of each model listing ``fake`` was asked for, in order."""
+    return [headers.get("Authorization") for headers in fake.headers(MODELS)]
 
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
 
 
-Seen = list[CIMultiDictProxy[str]]
-
-
-def headers_upstream(seen: Seen) -> web.Application:
-    async def chat(request: web.Request) -> web.Response:
-        seen.append(request.headers)
-        body = await request.json()
-        return web.json_response({"id": "c1", "object": "chat.completion", "created": 0,
-                                  "model": body["model"], "choices": []})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
 
 
 SECRET = "sk-gw-limited-key-for-tests"
 
 
 USED = 20
-
-
-def usage_upstream(calls: list[dict[str, Any]]) -> web.Application:
-    """Answers with ``usage.total_tokens`` = ``USED``, as JSON or as SSE with a final
-    usage chunk."""
-    async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        calls.append(body)
-        usage = {"prompt_tokens": 5, "completion_tokens": USED - 5, "total_tokens": USED}
-        if not body.get("stream"):
-            return web.json_response({"id": "c", "object": "chat.completion", "created": 0,
-                                      "model": "m", "choices": [], "usage": usage})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                 "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
-        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        final = {**chunk, "choices": [], "usage": usage}
-        await response.write(b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
+# What the fake upstream reports for each answer (``start_fake(usage=USAGE)``).
+USAGE = {"prompt_tokens": 5, "completion_tokens": USED - 5, "total_tokens": USED}
 
 
 async def limited_post(session: aiohttp.ClientSession, base: str, **fields: Any

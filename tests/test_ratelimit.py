@@ -16,27 +16,27 @@ from aiohttp import web
 
 from proxy.config.keys import hash_secret
 from proxy.resilience.ratelimit import MemoryBuckets, _duration, estimate
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
-from tests.keys_helpers import SECRET, USED, limited_post, usage_upstream
+from tests.conftest import MakeConfig, StartFake, StartGateway, StartUpstream
+from tests.fake_upstream import FakeUpstream
+from tests.keys_helpers import SECRET, USAGE, USED, limited_post
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-async def gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
-                  make_config: MakeConfig, calls: list[dict[str, Any]], **limits: int) -> str:
-    url = await start_upstream(usage_upstream(calls))
+async def gateway(start_fake: StartFake, start_gateway: StartGateway,
+                  make_config: MakeConfig, **limits: int) -> tuple[str, FakeUpstream]:
+    """(gateway URL, upstream): one key limited by ``limits``, answers reporting ``USED``."""
+    upstream = await start_fake(usage=USAGE)
     key = {"name": "limited", "sha256": hash_secret(SECRET), **limits}
-    return await start_gateway(make_config(
-        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
-        auth={"keys": [key]}))
+    return await start_gateway(make_config([upstream.provider()],
+                                           auth={"keys": [key]})), upstream
 
 
 async def test_requests_per_minute_then_429_with_retry_after(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    base = await gateway(start_upstream, start_gateway, make_config, calls, rpm=2)
+    base, upstream = await gateway(start_fake, start_gateway, make_config, rpm=2)
     async with aiohttp.ClientSession() as session:
         replies = [await limited_post(session, base) for _ in range(3)]
     assert [status for status, _, _ in replies] == [200, 200, 429]
@@ -47,7 +47,7 @@ async def test_requests_per_minute_then_429_with_retry_after(
     assert 1 <= int(headers["Retry-After"]) <= 30  # one request back in 60 s / 2
     error = orjson.loads(body)["error"]
     assert (error["code"], error["type"]) == ("rate_limit_exceeded", "requests")
-    assert len(calls) == 2
+    assert upstream.chats == 2
     with pytest.raises(openai.RateLimitError):
         await openai_client(base, api_key=SECRET).chat.completions.create(
             model="m", messages=MESSAGES)
@@ -55,11 +55,10 @@ async def test_requests_per_minute_then_429_with_retry_after(
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_token_estimates_are_corrected_from_usage(
-    stream: bool, start_upstream: StartUpstream, start_gateway: StartGateway,
+    stream: bool, start_fake: StartFake, start_gateway: StartGateway,
     make_config: MakeConfig,
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    base = await gateway(start_upstream, start_gateway, make_config, calls, tpm=1000)
+    base, _ = await gateway(start_fake, start_gateway, make_config, tpm=1000)
     fields: dict[str, Any] = {"max_tokens": 300, "stream": stream}
     async with aiohttp.ClientSession() as session:
         first = await limited_post(session, base, **fields)
@@ -74,10 +73,9 @@ async def test_token_estimates_are_corrected_from_usage(
 
 
 async def test_over_the_token_limit_is_429_and_the_request_slot_is_kept(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    base = await gateway(start_upstream, start_gateway, make_config, calls, rpm=5, tpm=100)
+    base, upstream = await gateway(start_fake, start_gateway, make_config, rpm=5, tpm=100)
     async with aiohttp.ClientSession() as session:
         first = await limited_post(session, base, max_tokens=5000)  # a full bucket admits it
         second = await limited_post(session, base, max_tokens=5000)
@@ -89,14 +87,13 @@ async def test_over_the_token_limit_is_429_and_the_request_slot_is_kept(
     assert third[0] == 429 or third[0] == 200
     # The refused request did not use up a request: 5 - 1 (first) - 1 (third) left.
     assert third[1]["x-ratelimit-remaining-requests"] == "3"
-    assert len(calls) == 1 + (third[0] == 200)
+    assert upstream.chats == 1 + (third[0] == 200)
 
 
 async def test_unlimited_keys_get_no_rate_headers(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    base = await gateway(start_upstream, start_gateway, make_config, calls)
+    base, _ = await gateway(start_fake, start_gateway, make_config)
     async with aiohttp.ClientSession() as session:
         status, headers, _ = await limited_post(session, base)
     assert status == 200
