@@ -31,11 +31,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from proxy.app import build_app
 from proxy.config.loader import Config, config_from_dict
 from proxy.mock.server import OPTIONS_KEY, STATS_KEY, MockOptions, MockStats, create_app
 from proxy.providers import PROVIDER_TYPES
 from proxy.server.serve import running
 from tests.fake_upstream import FakeUpstream
+from tests.running import RunningGateway
 
 if TYPE_CHECKING:
     from tests.raw_http import Connect, Safe
@@ -53,6 +55,7 @@ StartUpstream = Callable[[web.Application], Awaitable[str]]
 StartGateway = Callable[[Config], Awaitable[str]]
 MakeConfig = Callable[..., Config]
 StartFake = Callable[..., Awaitable[FakeUpstream]]
+StartLive = Callable[..., Awaitable[RunningGateway]]
 
 
 @dataclasses.dataclass
@@ -123,6 +126,32 @@ async def start_gateway() -> AsyncIterator[StartGateway]:
             server = dataclasses.replace(config.server, host="127.0.0.1", port=0)
             return await stack.enter_async_context(
                 running(dataclasses.replace(config, server=server)))
+
+        yield start
+
+
+@pytest.fixture
+async def live_gateway(fake_upstream: FakeUpstream, start_upstream: StartUpstream,
+                       make_config: MakeConfig) -> AsyncIterator[StartLive]:
+    """``await live_gateway(*upstreams, **raw_config)`` -> a ``RunningGateway``
+    (``tests/running.py``): the real app (``build_app``, ``running``) in front of
+    ``upstreams`` (fake upstreams, started here if they are not yet, or provider
+    entries; default: ``fake_upstream``), with its URL and its state to poll."""
+    async with AsyncExitStack() as stack:
+        async def start(*upstreams: FakeUpstream | dict[str, Any], **raw: Any
+                        ) -> RunningGateway:
+            fakes = [u for u in upstreams if isinstance(u, FakeUpstream)] or [fake_upstream]
+            for fake in fakes:
+                if not fake.url:
+                    fake.url = f"{await start_upstream(fake.app())}/v1"
+            entries = [u.provider() if isinstance(u, FakeUpstream) else u
+                       for u in upstreams or [fake_upstream]]
+            config = make_config(entries, **raw)
+            config = dataclasses.replace(config, server=dataclasses.replace(
+                config.server, host="127.0.0.1", port=0))
+            app = build_app(config)
+            url = await stack.enter_async_context(running(config, app=app))
+            return RunningGateway(url, app, fakes[0])
 
         yield start
 

@@ -24,9 +24,8 @@ import pytest
 
 from proxy.errors import FellBehind
 from proxy.sharing.dedup import Exchange, Head, InflightRequests
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartGateway, StartLive, StartUpstream
 from tests.fake_upstream import FakeUpstream
-from tests.polling import until
 
 CHAT = "/v1/chat/completions"
 Reply = tuple[int, "dict[str, str]", bytes]  # status, headers, body
@@ -267,15 +266,16 @@ async def test_slow_subscriber_does_not_stall_the_others(
 
 
 async def test_leader_leaving_does_not_cancel_the_shared_call(
-    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    live_gateway: StartLive, session: aiohttp.ClientSession,
 ) -> None:
     fake = upstream(delay=0.4)
-    url = await gateway(fake) + CHAT
+    gateway = await live_gateway(fake, cache={"enabled": False})
+    url = gateway.url + CHAT
     body = chat(temperature=0)
     leader = asyncio.create_task(post(session, url, body))
-    await asyncio.sleep(0.1)
+    await gateway.until(lambda: fake.chats == 1, what="the leader's call")
     followers = asyncio.gather(post(session, url, body), post(session, url, body))
-    await asyncio.sleep(0.1)
+    await gateway.until(lambda: gateway.inflight.followed == 2, what="two followers")
     leader.cancel()  # closes the leader's connection
     replies = await followers
     assert [r[0] for r in replies] == [200, 200]
@@ -287,20 +287,18 @@ async def test_leader_leaving_does_not_cancel_the_shared_call(
 
 
 async def test_last_waiter_leaving_cancels_the_upstream_call(
-    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    live_gateway: StartLive, session: aiohttp.ClientSession,
 ) -> None:
     fake = upstream(delay=5)
-    url = await gateway(fake) + CHAT
+    gateway = await live_gateway(fake, cache={"enabled": False})
+    url = gateway.url + CHAT
     clients = [asyncio.create_task(post(session, url, chat(temperature=0))) for _ in range(3)]
-    for _ in range(50):
-        if fake.chats:
-            break
-        await asyncio.sleep(0.02)
-    await asyncio.sleep(0.1)  # the other two have joined
+    await gateway.until(lambda: fake.chats == 1 and gateway.inflight.followed == 2,
+                        what="one call, the other two joined")
     for client in clients:
         client.cancel()
     await asyncio.gather(*clients, return_exceptions=True)
-    await until(lambda: fake.cancelled == 1, 1.0, "the upstream call cancelled")
+    await gateway.until(lambda: fake.cancelled == 1, 1.0, "the upstream call cancelled")
     assert fake.chats == 1
 
 
@@ -332,13 +330,15 @@ async def test_a_subscriber_that_falls_too_far_behind_is_cut_off() -> None:
 
 
 async def test_a_client_that_never_reads_is_cut_off_the_others_finish(
-    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    live_gateway: StartLive, session: aiohttp.ClientSession,
 ) -> None:
     # 4 MB streamed at full speed against a 256 KiB budget: the client that reads keeps
     # well within it; the one that never reads fills its socket buffers and falls behind.
     fake = upstream(events=2000, interval=0, pad=2000)
     fake.chat.gate = gate = asyncio.Event()
-    base = await gateway(fake, dedup={"max_buffer_bytes": 256 * 1024})
+    gateway = await live_gateway(fake, cache={"enabled": False},
+                                 dedup={"max_buffer_bytes": 256 * 1024})
+    base = gateway.url
     body = orjson.dumps(chat(temperature=0, stream=True))
     host, port = base.removeprefix("http://").split(":")
     loop = asyncio.get_running_loop()
@@ -352,12 +352,9 @@ async def test_a_client_that_never_reads_is_cut_off_the_others_finish(
             f"Authorization: Bearer sk-client-test\r\nAccept-Encoding: identity\r\n"
             f"Connection: close\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        for _ in range(100):
-            if fake.chats:
-                break
-            await asyncio.sleep(0.01)
+        await gateway.until(lambda: fake.chats == 1, what="the stuck client's call")
         reader = asyncio.create_task(read_timed(session, base + CHAT, orjson.loads(body), 0))
-        await asyncio.sleep(0.2)  # the reader has joined the exchange
+        await gateway.until(lambda: gateway.inflight.followed == 1, what="the reader joined")
         gate.set()
         arrivals, headers = await asyncio.wait_for(reader, 5)
         assert joined(arrivals) == full_stream(1, events=2000, pad=2000)

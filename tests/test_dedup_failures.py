@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import StartFake
+from tests.polling import until
 from tests.wire import (
     MODELS,
     Conn,
@@ -44,13 +45,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
-async def eventually(check: Callable[[], bool], within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting for the condition"
-        await asyncio.sleep(0.01)
-
-
 async def leader_then_followers(session: aiohttp.ClientSession, url: str,
                                 started: Callable[[], bool] = lambda: True,
                                 followers: int = 3) -> list[Reply]:
@@ -58,7 +52,7 @@ async def leader_then_followers(session: aiohttp.ClientSession, url: str,
     leader's call is under way (and not yet failed), so they join its exchange."""
     leader = asyncio.create_task(post_json(session, url, SHARED))
     try:
-        await eventually(started)
+        await until(started)
         await asyncio.sleep(0.05)
         replies = await asyncio.gather(*(post_json(session, url, SHARED) for _ in range(followers)))
         return [await asyncio.wait_for(leader, 5), *replies]
@@ -82,7 +76,7 @@ async def test_unreachable_upstream_reaches_leader_and_followers(
          provider("down", f"http://127.0.0.1:{closed_port}/v1")], pool={"limit": 1})
     holder = asyncio.create_task(post_json(session, base + CHAT, {**SHARED, "model": "b"}))
     try:
-        await eventually(lambda: busy.chats == 1)
+        await until(lambda: busy.chats == 1)
         replies = await leader_then_followers(session, base + CHAT)
         assert codes(replies) == [(502, "upstream_unreachable")] * 4
         assert (await asyncio.wait_for(holder, 5))[0] == 200
@@ -129,7 +123,7 @@ async def test_a_shed_shared_call_reaches_every_waiter_with_retry_after(
     sampled = {**SHARED, "temperature": 0.7}
     holder = asyncio.create_task(post_json(session, base + CHAT, sampled))
     try:
-        await eventually(lambda: upstream.chats == 1)
+        await until(lambda: upstream.chats == 1)
         if limits["queue_size"]:
             replies = await leader_then_followers(session, base + CHAT)
         else:

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from tests.conftest import MakeConfig, StartFake, StartGateway
 from tests.fake_upstream import FakeUpstream, Reply, Seen, replaced
+from tests.polling import until
 from tests.wire import ANSWER, Conn, StartRaw, error_code, post_json
 
 CHAT = "/v1/chat/completions"
@@ -54,13 +55,6 @@ async def concurrency(session: aiohttp.ClientSession, base: str, name: str
     state: dict[str, Any] = next(p["concurrency"] for p in body["providers"]
                                  if p["name"] == name)
     return state
-
-
-async def eventually(check: Callable[[], bool], within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting for the condition"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize(("status", "temperature", "limits"), [
@@ -170,7 +164,7 @@ async def test_the_pool_keeps_no_more_connections_than_the_lowered_limit(
     await asyncio.sleep(SPACING)
     assert (await post_json(session, url, chat(temperature=0.7)))[0] == 429
     assert (await concurrency(session, base, "up"))["limit"] == 2
-    await eventually(lambda: len(live) <= 2)
+    await until(lambda: len(live) <= 2)
     status[0], most[0] = b"200 OK", 0
     replies = await asyncio.gather(*(post_json(session, url, chat(temperature=0.7))
                                      for _ in range(2)))
