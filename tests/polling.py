@@ -17,9 +17,9 @@ INTERVAL = 0.01  # seconds between two looks: far below any state change a test 
 
 
 async def until(predicate: Callable[[], object | Awaitable[object]], within: float = 2.0,
-                what: str = "") -> None:
+                what: str | Callable[[], str] = "") -> None:
     """Return once ``predicate()`` (which may be async) is true; fail after ``within``
-    seconds with ``what`` it was waiting for."""
+    seconds saying ``what`` it was waiting for (a callable: computed then)."""
     deadline = time.monotonic() + within
     while True:
         result = predicate()
@@ -28,5 +28,6 @@ async def until(predicate: Callable[[], object | Awaitable[object]], within: flo
         if result:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within} s: {what or predicate}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"not within {within} s: {said or predicate}")
         await asyncio.sleep(INTERVAL)

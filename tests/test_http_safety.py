@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 import aiohttp
 import orjson
 
+from tests.polling import until
 from tests.raw_http import (
     CHAT_BODY,
     SLACK,
@@ -186,10 +187,10 @@ async def test_bytes_after_a_body_never_cut_its_answer(safe_gateway: Safe,
                                                       connect: Connect) -> None:
     """A stray CRLF after a body (old clients send one) starts the head clock while a
     1.8 s stream is being answered: the clock starts over rather than cut the stream."""
-    url, _ = await safe_gateway(delay=0.6, header_timeout=0.5)
+    url, upstream = await safe_gateway(delay=0.6, header_timeout=0.5)
     client = await connect(url)
     await client.send(chat_request(body=orjson.dumps({**CHAT, "stream": True})))
-    await asyncio.sleep(0.1)
+    await until(lambda: upstream.requests, what="the stream being answered")
     await client.send(b"\r\n")
     stream = await asyncio.wait_for(client.reader.readuntil(b"data: [DONE]\n\n"), SLACK)
     assert stream.startswith(b"HTTP/1.1 200 ") and stream.count(b"data: ") == 4

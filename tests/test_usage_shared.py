@@ -6,6 +6,7 @@ the provider. A real gateway app and the upstream of tests/usage_fake.py on loop
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,7 @@ import pytest
 
 from proxy.config.loader import ConfigError
 from proxy.record import Usage
+from tests import polling
 from tests.conftest import MakeConfig, StartUpstream
 from tests.observing import observed, until
 from tests.ollama_fake import MODEL, FakeOllama
@@ -81,7 +83,8 @@ async def test_one_shared_upstream_stream_serves_both_kinds_of_client(
         direct_asked = await post_raw(upstream, {**deterministic, **_ask()})
         plain, asked = await asyncio.gather(
             post_raw(url, deterministic, slow),
-            _after(0.1, post_raw(url, {**deterministic, **_ask()}, slow)))
+            _once(lambda: len(fake.bodies) == 3,  # the leader's call is under way
+                  post_raw(url, {**deterministic, **_ask()}, slow)))
         await until(seen, 2)
     assert (plain, asked) == (direct, direct_asked)
     assert len(fake.bodies) == 3  # two direct calls, one shared through the gateway
@@ -93,10 +96,10 @@ def _ask() -> dict[str, Any]:
     return {"stream_options": {"include_usage": True}}
 
 
-async def _after(delay: float, call: Any) -> bytes:
-    await asyncio.sleep(delay)
-    result: bytes = await call
-    return result
+async def _once(ready: Callable[[], bool], call: Awaitable[bytes]) -> bytes:
+    """``call``, sent once ``ready()`` (polled, bounded)."""
+    await polling.until(ready, what="the leader's call at the upstream")
+    return await call
 
 
 async def test_the_usage_route_is_not_proxied(
