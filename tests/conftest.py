@@ -12,7 +12,16 @@
   byte by byte; ``closed_port`` is a loopback port nobody listens on;
 * ``cacheless_gateway(providers, **raw)`` is ``start_gateway`` with the cache off, so
   every request that is not deduplicated reaches the upstream;
-* ``redis_server`` is a real redis-server on a free port (``tests/redis_server.py``).
+* ``redis_server`` is a real redis-server on a free port (``tests/redis_server.py``);
+* ``start_fake(**reply)`` / ``fake_upstream``: the one counting fake upstream
+  (``tests/fake_upstream.py``), scriptable per path, on a free port;
+* ``live_gateway(*upstreams, **raw)``: the real app in front of fake upstreams, returned
+  with its state (``tests/running.py``) so a test polls it instead of sleeping;
+* ``socket_dir`` (short, for unix sockets), ``unanswered_port`` (connects hang),
+  ``connect`` and ``safe_gateway`` (raw HTTP, ``tests/raw_http.py``).
+
+Helpers live in helper modules named by what they hold (procs.py, cli_helpers.py,
+nginx_helpers.py, assertions.py, polling.py, ...); no test file imports another.
 """
 
 from __future__ import annotations

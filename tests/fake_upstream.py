@@ -77,6 +77,9 @@ Hook = Callable[[web.Request, Seen], Awaitable["Reply | web.StreamResponse | Non
 
 
 class FakeUpstream:
+    """One fake provider: ``models`` are what ``/v1/models`` lists (and the config entry
+    of ``provider()``), ``chat`` the fields of the chat path's first ``Reply``."""
+
     def __init__(self, models: tuple[str, ...] = ("m",), **chat: Any):
         self.model_ids = list(models)
         self.chat = Reply(**chat)
@@ -97,6 +100,7 @@ class FakeUpstream:
 
     @property
     def chats(self) -> int:
+        """Chat completion calls so far: what most tests count."""
         return self.calls[CHAT]
 
     def bodies(self, path: str = CHAT) -> list[Any]:
