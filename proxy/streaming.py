@@ -32,7 +32,8 @@ from aiohttp import web
 from aiohttp.compression_utils import ZLibCompressor
 
 from proxy.answers import Answer, Body
-from proxy.compression import ACCEPT_ENCODING, CompressionConfig, gzip_for, maybe_gzip
+from proxy.compression import ACCEPT_ENCODING, gzip_for, maybe_gzip
+from proxy.config.compression import CompressionConfig
 from proxy.errors import DeadlineExceeded, GatewayError, sse_error_event
 from proxy.record import TIMEOUT, UPSTREAM_ERROR, Record
 

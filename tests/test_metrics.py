@@ -23,9 +23,10 @@ from proxy import __version__
 from proxy.app import build_app
 from proxy.config.keys import hash_secret
 from proxy.config.loader import Config
+from proxy.observe.metrics import METRICS
+from proxy.observe.observers import OBSERVERS
 from proxy.record import Origin, Record, Usage
 from proxy.server.serve import running
-from proxy.state import METRICS, OBSERVERS
 from tests.conftest import MakeConfig, StartUpstream
 
 ADMIN, TEAM, LIMITED = "sk-gw-admin-0123456789", "sk-gw-team-a-0123456789", "sk-gw-b-987654321"

@@ -38,8 +38,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.config.loader import ServerConfig, Timeouts
-from proxy.server.supervisor import WorkerSpec
+from proxy.config.loader import Timeouts
+from proxy.config.sections import ServerConfig
+from proxy.config.worker import WorkerSpec
 from tests.conftest import StartUpstream
 from tests.test_workers import (
     Spawned,

@@ -26,7 +26,8 @@ import yaml
 from aiohttp import web
 
 from proxy.config.keys import hash_secret
-from proxy.server.supervisor import PEER_SECRET_ENV, WorkerSpec
+from proxy.config.worker import WorkerSpec
+from proxy.server.supervisor import PEER_SECRET_ENV
 from tests.conftest import StartUpstream
 from tests.test_workers import (
     Spawned,

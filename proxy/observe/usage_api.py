@@ -21,11 +21,12 @@ import orjson
 from aiohttp import web
 
 from proxy.config.keys import GatewayKey
+from proxy.config.worker import WorkerSpec
 from proxy.errors import GatewayError
 from proxy.headers import PEER, PEER_KEY, REQUEST_ID
 from proxy.observe.accounting import FIELDS, USAGE, Rows, add_rows, as_data
-from proxy.server.supervisor import WorkerSpec
-from proxy.state import FROM_PEER, GATEWAY_KEY, OBSERVERS, WORKER
+from proxy.observe.observers import OBSERVERS
+from proxy.state import FROM_PEER, GATEWAY_KEY, WORKER
 from proxy.state import REQUEST_ID as REQUEST_ID_KEY
 
 PEER_TIMEOUT = 5.0  # seconds a worker may take to give its totals

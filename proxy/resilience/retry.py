@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 
-from proxy.config.loader import RetryConfig
+from proxy.config.sections import RetryConfig
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 BUDGET_WINDOW = 10.0

@@ -27,11 +27,11 @@ from aiohttp import web
 
 from proxy.app import build_app
 from proxy.config.loader import DEMO_PROVIDER, Config, ConfigError, with_demo_provider
+from proxy.config.worker import WorkerSpec
 from proxy.gateway import Live
-from proxy.observe.observers import Observers
+from proxy.observe.observers import OBSERVERS, Observers
 from proxy.server.guard import GuardedRunner
-from proxy.server.supervisor import WorkerSpec
-from proxy.state import LIVE, OBSERVERS
+from proxy.state import LIVE
 
 log = logging.getLogger("proxy.server")
 
