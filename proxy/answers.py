@@ -47,7 +47,7 @@ class Answer:
     # plain response with Content-Length, never streamed.
     complete: bool = False
     # Set by whoever relays the body when it broke (the upstream failed, not the client):
-    # the circuit breaker counts it (``dispatch.UpstreamCall.finish``).
+    # the circuit breaker counts it (``resilience/attempt.py``: ``UpstreamCall.finish``).
     failed: bool = False
     # Which provider answered, after how many tries (``record.Origin``); None for a
     # cached answer. Read into the request's record by the handler.
@@ -62,7 +62,8 @@ class AnswerCall:
     """An upstream call as the ``async with`` that relays its answer: ``start`` gives
     the answer's head, ``finish`` ends the call. A body that breaks while the handler
     reads it whole, before a byte was relayed, marks the answer failed for the circuit
-    breaker (``dispatch.UpstreamCall`` and ``failover.FailoverCall``)."""
+    breaker (``UpstreamCall`` in ``resilience/attempt.py``, ``FailoverCall`` in
+    ``resilience/failover.py``)."""
 
     __slots__ = ("_answer",)
 
