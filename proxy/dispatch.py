@@ -140,8 +140,7 @@ class Dispatcher:
                 while (chunk := await answer.body.next()) is not None:
                     exchange.append(chunk)
                     await exchange.room()
-            except BaseException as exc:
-                answer.failed = isinstance(exc, GatewayError)  # the upstream broke
+            except BaseException:
                 upstream.finish(failed=True)
                 raise
             upstream.finish(failed=False)

@@ -90,7 +90,6 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
                 await response.write(chunk)
             chunk = await answer.body.next()
     except GatewayError as error:
-        answer.failed = True
         record.ended = TIMEOUT if isinstance(error, DeadlineExceeded) else UPSTREAM_ERROR
         record.error_code = error.code
         await _end_with_error(request, response, error, event_stream)

@@ -170,7 +170,7 @@ class UpstreamCall(AnswerCall):
             # A body deadline is this request's length, and a client that left says
             # nothing of the upstream; a cut is the upstream's.
             expired = connection is not None and connection.expired
-            broke = self._answer is not None and self._answer.failed
+            broke = self._answer is not None and self._answer.broke
             self._breaker.record(failed=None if expired or (failed and not broke) else broke,
                                  connection=True,
                                  caller=self._call.caller)
