@@ -52,9 +52,9 @@ import aiohttp
 import orjson
 import uvloop
 
-from bench.compare import CHAT
 from bench.load import LoadOptions, run_load
 from bench.procs import Process, free_port, wait_ready
+from bench.targets import CHAT
 
 IDLE_TARGET_MB, GROWTH_TARGET_MB = 60.0, 10.0
 _ESTABLISHED = "01"
