@@ -1,4 +1,5 @@
-"""Direct vs gateway vs naive aiohttp proxy vs nginx, in one run (issue #3, "bench/").
+"""Direct vs gateway vs naive aiohttp proxy vs hello worlds vs nginx, in one run (issues
+#3 and #11, "bench/").
 
 Why one script: figures from separate runs drift with the machine's state, so every
 target is measured in the same run, interleaved (the order rotates each round) and
@@ -10,10 +11,22 @@ repeated (``--rounds``); the table shows medians across rounds. Targets:
 * ``floor``: ``bench/floor_proxy.py``, a bare ``web.Application`` relaying through the
   gateway's own upstream client and nothing else: the ceiling for the gateway's design,
   so ``gateway/floor`` is what its features cost;
+* ``hello_server``, ``hello_app`` (throughput only): ``bench/hello_server.py``, aiohttp's
+  low-level ``web.Server`` answering the static upstream's bytes itself, and
+  ``bench/hello_app.py``, the same behind a ``web.Application``: the stack's ceiling with
+  no proxying (issue 11: the gateway at >= 50 % of ``hello_server``);
+* ``server_client`` (not stream): ``bench/server_client_proxy.py``, ``web.Server`` relaying
+  over a bare asyncio keep-alive client, the floor of any proxy on this stack;
 * ``baseline`` (``--baseline DIR``): the same gateway command run from another checkout,
   so a change's cost is measured before/after in one run (``gateway/baseline``);
 * ``nginx``: ``proxy_pass`` with upstream keep-alive (the compiled reference), when an
   ``nginx`` binary exists (PATH or /usr/sbin), else skipped with a note.
+
+``--targets a,b`` measures only those (the upstream always runs); by default every target
+that fits the scenario and can run here (``bench/targets.py``). The ratios are the
+gateway's req/s over each other target's and each Python server's over ``hello_server``'s;
+"issue 11 targets" judges gateway/naive (>= 2.5), gateway/hello_server (>= 0.5) and, in
+the latency scenario, the gateway's added p50 (<= 0.1 ms) and p99 (<= 1 ms).
 
 ``--pin`` (needs ``taskset`` and 2 CPUs): the proxy under test runs on core 0, the load
 generator and the mock upstream share core 1, so the proxy gets one whole core, as in
@@ -56,9 +69,8 @@ import orjson
 
 from bench.load import LoadResult
 from bench.procs import REPO, Process, free_port, nginx_argv, nginx_binary, wait_ready
-from proxy.mock import payloads
-
-CHAT = "/v1/chat/completions"
+from bench.static_answer import BODY, CONTENT_TYPE
+from bench.targets import CHAT, SPECS, choose, issue11
 
 
 @dataclass(frozen=True)
@@ -87,55 +99,40 @@ class Target:
     proc: Process | None  # the proxy under test; None for direct
 
 
-def _proxy_pass(upstream_port: int) -> tuple[str, str]:
-    """nginx as a reverse proxy: upstream keep-alive, streams unbuffered (deploy/ does too)."""
-    extra = (f"upstream mock {{ server 127.0.0.1:{upstream_port}; keepalive 256; "
-             "keepalive_requests 1000000; }")
-    return ('proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection "";'
-            " proxy_buffering off; proxy_read_timeout 300s;", extra)
-
-
 def _static_answer() -> str:
-    """An nginx ``return`` of the chat completion the mock would send, byte for byte."""
-    text = payloads.answer_for("Say hello to the benchmark.")
-    answer = payloads.Answer("chatcmpl-static", 1700000000, "mock-gpt", text,
-                             payloads.usage("Say hello to the benchmark.", text))
-    body = orjson.dumps(payloads.chat_completion(answer)).decode()
-    return f"default_type application/json; return 200 '{body}';"
+    """An nginx ``return`` of the chat completion the mock would send, byte for byte (the
+    hello world targets send the same ``bench.static_answer.BODY``)."""
+    return f"default_type {CONTENT_TYPE}; return 200 '{BODY.decode()}';"
 
 
 def start_all(sc: Scenario, args: argparse.Namespace, workdir: Path, pin: bool,
               stack: contextlib.ExitStack) -> tuple[Process, list[Target]]:
-    """Start the upstream, then every proxy in front of it; all registered for stopping."""
-    py, procs = sys.executable, {}
+    """Start the upstream, then every chosen target (``bench.targets``) in front of it on
+    the proxy's core; all registered for stopping. The upstream always runs: the hello
+    targets ignore it, and its CPU share stays a column."""
+    procs: dict[str, Process] = {}
     def launch(name: str, argv: list[str], core: int, port: int, ready: str,
-               code: Path = REPO) -> str:
+               code: Path = REPO, body: bytes | None = None) -> str:
         procs[name] = proc = Process(name, argv, workdir, core if pin else None, code)
         stack.callback(proc.stop)
-        wait_ready(proc, f"http://127.0.0.1:{port}{ready}")
+        wait_ready(proc, f"http://127.0.0.1:{port}{ready}", body)
         return f"http://127.0.0.1:{port}"
-    up, gw, naive, nginx, floor = (free_port() for _ in range(5))
+    up = free_port()
     if args.upstream == "static":
         argv = nginx_argv(workdir, "static", up, _static_answer())
     else:
-        argv = [py, "-m", "proxy.mock", "--port", str(up), "--latency", str(sc.latency),
-                "--chunks", str(sc.chunks), "--interval", str(sc.interval)]
+        argv = [sys.executable, "-m", "proxy.mock", "--port", str(up), "--latency",
+                str(sc.latency), "--chunks", str(sc.chunks), "--interval", str(sc.interval)]
     base = launch("upstream", argv, 1, up, "/v1/models")
-    urls = {"direct": base,
-            "gateway": launch("gateway", [py, "-m", "proxy", "serve", "--upstream",
-                                          f"{base}/v1", "--port", str(gw)], 0, gw, "/healthz"),
-            "naive": launch("naive", [py, "-m", "bench.naive_proxy", "--upstream", base,
-                                      "--port", str(naive)], 0, naive, "/v1/models"),
-            "floor": launch("floor", [py, "-m", "bench.floor_proxy", "--upstream", base,
-                                      "--port", str(floor)], 0, floor, "/v1/models")}
-    if args.baseline is not None:  # the same gateway command, another checkout's code
-        port = free_port()
-        urls["baseline"] = launch("baseline", [py, "-m", "proxy", "serve", "--upstream",
-                                               f"{base}/v1", "--port", str(port)], 0, port,
-                                  "/healthz", code=args.baseline)
-    if nginx_binary() is not None:
-        argv = nginx_argv(workdir, "nginx", nginx, *_proxy_pass(up))
-        urls["nginx"] = launch("nginx", argv, 0, nginx, "/v1/models")
+    urls = {}
+    for name in args.targets:
+        spec, port = SPECS[name], free_port()
+        if spec.argv is None:  # direct: the upstream itself
+            urls[name] = base
+            continue
+        code = args.baseline if name == "baseline" else REPO
+        urls[name] = launch(name, spec.argv(base, port, workdir), 0, port, spec.ready, code,
+                            spec.ready_body)
     return procs["upstream"], [Target(name, url + CHAT, procs.get(name))
                                for name, url in urls.items()]
 
@@ -195,14 +192,24 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def ratios(sc: Scenario, summary: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Throughput ratios of the gateway to each other target; added latency vs direct."""
+def _throughput(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The gateway's req/s over each other target's; each other Python server's over the
+    ``web.Server`` hello world's (its share of the stack's ceiling, issue 11's table)."""
     out: dict[str, float] = {}
+    pairs = [("gateway", other) for other in SPECS if other != "gateway"]
+    pairs += [(name, "hello_server") for name in
+              ("hello_app", "server_client", "floor", "naive", "baseline")]
+    for name, other in pairs:
+        if name in summary and other in summary and summary[other]["rps"]:
+            out[f"{name}/{other}"] = round(summary[name]["rps"] / summary[other]["rps"], 2)
+    return out
+
+
+def ratios(sc: Scenario, summary: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Throughput ratios (closed loop only: at a fixed rate there is none); CPU per
+    request against the baseline; added latency vs direct."""
+    out = {} if sc.rate else _throughput(summary)
     gateway, direct = summary.get("gateway"), summary.get("direct")
-    # Closed loop only: at a fixed rate there is no throughput ratio.
-    for other in ("direct", "baseline", "naive", "floor", "nginx"):
-        if not sc.rate and gateway and other in summary and summary[other]["rps"]:
-            out[f"gateway/{other}"] = round(gateway["rps"] / summary[other]["rps"], 2)
     base = summary.get("baseline")
     if gateway and base and gateway.get("us_per_req") and base.get("us_per_req"):
         out["CPU per request gateway/baseline"] = round(
@@ -244,6 +251,10 @@ def markdown(report: dict[str, Any]) -> str:
                      + f" | {mem} |")
     lines += ["", "Latencies in ms. " + "; ".join(f"{k}: {v:g}" for k, v in
                                                   report["ratios"].items())]
+    if report["issue11"]:
+        lines += ["", "Issue 11 targets: " + "; ".join(
+            f"{key} {t['value']:g} vs {t['target']} ({'met' if t['met'] else 'MISSED'})"
+            for key, t in report["issue11"].items())]
     lines += [f"Note: {note}" for note in report["notes"]]
     return "\n".join(lines)
 
@@ -259,6 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         notes.append("nginx skipped: no nginx binary on PATH or at /usr/sbin/nginx")
     if args.upstream == "static":
         notes.append("upstream: nginx returning a constant chat completion (not the mock)")
+    notes += args.target_notes
     runs: dict[str, list[dict[str, Any]]] = {}
     rss: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp, \
@@ -274,9 +286,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     measure(target, upstream, sc, args, pin))
         rss = {n: {"idle": idle[n], "after": p.rss_mb()} for n, p in procs.items()}
     summary = {t.name: summarize(runs[t.name]) for t in targets}
+    found = ratios(sc, summary)
     return {"scenario": vars(sc), "rounds": args.rounds, "duration": args.duration,
             "pinned": "proxy core 0; generator + upstream core 1" if pin else "no",
-            "targets": summary, "ratios": ratios(sc, summary), "rss_mb": rss,
+            "targets": summary, "ratios": found, "issue11": issue11(sc.name, found),
+            "rss_mb": rss,
             "notes": notes, "runs": {n: [{**r, "result": r["result"].to_json()} for r in rs]
                                      for n, rs in runs.items()}}
 
@@ -302,7 +316,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="also measure the gateway of another checkout (e.g. a git "
                              "worktree of the commit before a change): target 'baseline'")
+    parser.add_argument("--targets", metavar="A,B,...",
+                        help=f"measure only these (default: every one that fits the "
+                             f"scenario and can run here): {', '.join(SPECS)}")
     args = parser.parse_args(argv)
+    try:
+        args.targets, args.target_notes = choose(
+            args.targets, args.scenario, baseline=args.baseline is not None,
+            nginx=nginx_binary() is not None)
+    except ValueError as exc:
+        parser.error(f"--targets: {exc}")
     if not 0 < args.duration <= 600:
         parser.error("--duration must be in (0, 600]")
     if args.baseline is not None and not (args.baseline / "proxy" / "__main__.py").is_file():

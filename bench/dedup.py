@@ -52,9 +52,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from bench.compare import CHAT
 from bench.memory import run_until_signal, socket_inodes, tcp_inodes
 from bench.procs import REPO, Process, free_port, nginx_binary
+from bench.targets import CHAT
 
 SHIPPED_NGINX = REPO / "deploy" / "nginx.conf"
 BODY = orjson.dumps({"model": "mock-gpt", "temperature": 0, "messages": [

@@ -1,9 +1,18 @@
-"""Resident memory and file descriptors of one gateway worker under load (issue #3).
+"""Resident memory and file descriptors of one gateway worker under load (issues #3, #11).
 
 Why: a gateway worker lives for weeks; what it holds must not grow with the requests it
 has served, and streams cut short by their clients must give back their memory, sockets
 and upstream connections. Targets: RSS <= 60 MB per idle worker, growth < 10 MB per
-100,000 requests.
+100,000 requests (issue 3); with ``--long``, idle RSS <= 50 MB and flat over 1M requests
+(issue 11).
+
+``--long`` (e.g. ``--long --requests 1000000``): after the idle snapshot, one long run
+of ``--requests`` non-stream requests in all, with a snapshot every ``--sample-every``
+(100,000) requests, stopped when ``--max-seconds`` (900) have passed (the batch then
+running is cut and not counted; the report says so). No stream or disconnect steps. The
+report gives the idle RSS, every sample, and whether the RSS after the first sample
+stays within ``FLAT_MB`` (2 MB) of it ("flat"): the first 100,000 requests may warm
+caches and pools once; what comes after must not grow.
 
 How: a mock upstream (``python -m proxy.mock``, instant answers) and one gateway worker
 (``python -m proxy serve --upstream ...``, default config) are started on free loopback
@@ -52,11 +61,12 @@ import aiohttp
 import orjson
 import uvloop
 
-from bench.compare import CHAT
 from bench.load import LoadOptions, run_load
 from bench.procs import Process, free_port, wait_ready
+from bench.targets import CHAT
 
 IDLE_TARGET_MB, GROWTH_TARGET_MB = 60.0, 10.0
+LONG_IDLE_MB, FLAT_MB = 50.0, 2.0  # issue 11: "idle RSS <= 50 MB per worker, flat over 1M"
 _ESTABLISHED = "01"
 _T = TypeVar("_T")
 
@@ -214,6 +224,64 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return summarize(rows)
 
 
+async def long_run(args: argparse.Namespace) -> dict[str, Any]:
+    """``--long``: the idle snapshot, then batches of ``--sample-every`` requests, each
+    followed by a snapshot, until ``--requests`` are sent or ``--max-seconds`` pass."""
+    samples: list[dict[str, Any]] = []
+    stopped = None
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp, \
+            contextlib.ExitStack() as stack:
+        gateway, ports, url = start(Path(tmp), stack)
+        pid, deadline = gateway.popen.pid, time.monotonic() + args.max_seconds
+        await asyncio.sleep(1.0)
+        idle = await snapshot(pid, ports)
+        sent = 0
+        while sent < args.requests:
+            count = min(args.sample_every, args.requests - sent)
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    step = await load_step(url, count, stream=False)
+            except TimeoutError:
+                stopped = f"--max-seconds {args.max_seconds:g} reached after {sent:,} requests"
+                break
+            sent += step.pop("requests")  # answers and failures; the row shows the total
+            samples.append({"requests": sent, **step, **await snapshot(pid, ports)})
+            print(f"memory: {sent:,} requests, RSS {samples[-1]['rss_mb']} MB",
+                  file=sys.stderr)
+    return summarize_long(idle, samples, stopped)
+
+
+def summarize_long(idle: dict[str, Any], samples: list[dict[str, Any]],
+                   stopped: str | None) -> dict[str, Any]:
+    """Each sample's RSS against the first one's; flat if none is ``FLAT_MB`` above it."""
+    first = samples[0]["rss_mb"] if samples else idle["rss_mb"]
+    for sample in samples:
+        sample["since_first_mb"] = round(sample["rss_mb"] - first, 1)
+    growth = max((s["since_first_mb"] for s in samples), default=0.0)
+    errors = sum(sum(s["errors"].values()) for s in samples)
+    targets = {f"idle RSS <= {LONG_IDLE_MB:g} MB": idle["rss_mb"] <= LONG_IDLE_MB,
+               f"flat: <= {FLAT_MB:g} MB above the first sample": growth <= FLAT_MB,
+               "every request answered": errors == 0, "all requests sent": stopped is None}
+    return {"idle": idle, "samples": samples, "growth_after_first_mb": growth,
+            "flat": growth <= FLAT_MB, "stopped": stopped, "targets": targets}
+
+
+def markdown_long(report: dict[str, Any]) -> str:
+    cols = ["requests", "rss_mb", "since_first_mb", "fds", "upstream_conns", "other_fds",
+            "errors", "rps", "p50_ms", "p99_ms"]
+    idle = report["idle"]
+    lines = [f"Idle: RSS {idle['rss_mb']} MB, {idle['fds']} fds.", "",
+             "| sample | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(_cell(row.get(c)) for c in cols) + " |"
+              for n, row in enumerate(report["samples"], 1)]
+    lines += ["", f"Growth after the first sample: +{report['growth_after_first_mb']:g} MB "
+              f"(max); flat (<= {FLAT_MB:g} MB): {'yes' if report['flat'] else 'NO'}."]
+    lines += [f"Stopped early: {report['stopped']}"] if report["stopped"] else []
+    lines += ["Targets: " + "; ".join(f"{name}: {'met' if ok else 'MISSED'}"
+                                      for name, ok in report["targets"].items())]
+    return "\n".join(lines)
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-step growth, and the targets judged on the idle row and the two 100k rows."""
     for previous, row in itertools.pairwise(rows):
@@ -256,19 +324,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--streams", type=int, default=5_000)
     parser.add_argument("--disconnects", type=int, default=2_000)
     parser.add_argument("--json", action="store_true", help="print JSON, not Markdown")
+    parser.add_argument("--long", action="store_true",
+                        help="one run of --requests in all, sampled (see above)")
+    parser.add_argument("--sample-every", type=int, default=100_000, metavar="N",
+                        help="--long: a snapshot after every N requests")
+    parser.add_argument("--max-seconds", type=float, default=900.0,
+                        help="--long: stop the run after this long")
     args = parser.parse_args(argv)
-    for name in ("requests", "streams", "disconnects"):
+    for name in ("requests", "streams", "disconnects", "sample_every"):
         if not 1 <= getattr(args, name) <= 10_000_000:
-            parser.error(f"--{name} must be in 1..10000000")
+            parser.error(f"--{name.replace('_', '-')} must be in 1..10000000")
+    if not 0 < args.max_seconds <= 86_400:
+        parser.error("--max-seconds must be in (0, 86400]")
     try:
-        report = run_until_signal(run(args))
+        report = run_until_signal(long_run(args) if args.long else run(args))
     except KeyboardInterrupt:
         sys.exit(130)
     except RuntimeError as exc:  # a process that did not start
         print(f"memory: {exc}", file=sys.stderr)
         sys.exit(1)
+    show = markdown_long if args.long else markdown
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if args.json
-          else markdown(report))
+          else show(report))
 
 
 if __name__ == "__main__":

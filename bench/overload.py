@@ -60,9 +60,9 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from bench.compare import CHAT
 from bench.memory import run_until_signal
 from bench.procs import Process, free_port, wait_ready
+from bench.targets import CHAT
 
 BODY = orjson.dumps({"model": "mock-gpt", "messages": [
     {"role": "user", "content": "Say hello to the benchmark."}]})

@@ -31,11 +31,11 @@ import uvloop
 from aiohttp import web
 
 from proxy.config.loader import Config, config_from_dict
+from proxy.discovery import ModelCatalog
 from proxy.providers import PROVIDER_TYPES, build_provider
 from proxy.server.serve import running
 from proxy.tasks import BackgroundTasks
 from proxy.upstream.client import UpstreamClient
-from proxy.upstream.discovery import ModelCatalog
 
 
 def slow_provider(name: str, delay: float) -> web.Application:

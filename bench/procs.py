@@ -83,13 +83,16 @@ def free_port() -> int:
         return port
 
 
-def wait_ready(proc: Process, url: str) -> None:
-    """Poll ``url`` until it answers 200, the process exits, or 20 s pass."""
+def wait_ready(proc: Process, url: str, body: bytes | None = None) -> None:
+    """Poll ``url`` until it answers 200, the process exits, or 20 s pass. With ``body``
+    each poll is a JSON POST of it (a target with no GET route, ``bench/hello_app.py``)."""
     deadline = time.monotonic() + READY_TIMEOUT
+    headers = {"Content-Type": "application/json"} if body is not None else {}
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
             raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1.0) as answer:
+        poll = urllib.request.Request(url, data=body, headers=headers)
+        with contextlib.suppress(OSError), urllib.request.urlopen(poll, timeout=1.0) as answer:
             if answer.status == 200:  # URLError and HTTPError are OSErrors
                 return
         time.sleep(0.1)

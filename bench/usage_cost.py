@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 
 from proxy.answers import Answer, ReplayBody
 from proxy.call import Call
-from proxy.config.loader import UsageConfig
+from proxy.config.sections import UsageConfig
 from proxy.observe.accounting import Accounting
 from proxy.observe.usage import read_deferred, tap
 from proxy.record import Record

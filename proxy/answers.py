@@ -46,12 +46,18 @@ class Answer:
     # An error answer (status >= 400) has its whole body in one chunk: it is sent as a
     # plain response with Content-Length, never streamed.
     complete: bool = False
-    # Set by whoever relays the body when it broke (the upstream failed, not the client):
-    # the circuit breaker counts it (``dispatch.UpstreamCall.finish``).
-    failed: bool = False
     # Which provider answered, after how many tries (``record.Origin``); None for a
     # cached answer. Read into the request's record by the handler.
     origin: Origin | None = None
+    # The live upstream body as read_upstream made it, whoever wraps ``body`` later (the
+    # usage tap): it alone says whether the upstream broke mid-body.
+    source: StreamBody | IteratorBody | None = None
+
+    @property
+    def broke(self) -> bool:
+        """The upstream failed mid-body (not the client): the circuit breaker counts it
+        (``UpstreamCall.finish`` in ``resilience/attempt.py``)."""
+        return self.source is not None and self.source.broke
 
     @property
     def event_stream(self) -> bool:
@@ -60,9 +66,8 @@ class Answer:
 
 class AnswerCall:
     """An upstream call as the ``async with`` that relays its answer: ``start`` gives
-    the answer's head, ``finish`` ends the call. A body that breaks while the handler
-    reads it whole, before a byte was relayed, marks the answer failed for the circuit
-    breaker (``dispatch.UpstreamCall`` and ``failover.FailoverCall``)."""
+    the answer's head, ``finish`` ends the call (``UpstreamCall`` in
+    ``resilience/attempt.py``, ``FailoverCall`` in ``resilience/failover.py``)."""
 
     __slots__ = ("_answer",)
 
@@ -80,24 +85,25 @@ class AnswerCall:
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, traceback: TracebackType | None) -> None:
-        if isinstance(exc, UpstreamError) and self._answer is not None:
-            self._answer.failed = True
         self.finish(failed=exc_type is not None)
 
 
 class StreamBody:
-    """A live upstream body, relayed as the socket delivers it."""
+    """A live upstream body, relayed as the socket delivers it. ``broke``: a read
+    failed (the upstream cut it, a deadline passed), the one place that learns it."""
 
-    __slots__ = ("_content", "_source")
+    __slots__ = ("_content", "_source", "broke")
 
     def __init__(self, content: aiohttp.StreamReader, source: str):
         self._content = content
         self._source = source
+        self.broke = False
 
     async def next(self) -> bytes | None:
         try:
             chunk = await self._content.readany()
         except UPSTREAM_EXCEPTIONS as exc:
+            self.broke = True
             raise translate_exception(exc, self._source) from exc
         return chunk or None
 
@@ -105,11 +111,12 @@ class StreamBody:
 class IteratorBody:
     """A body produced by an async iterator (a provider's translation)."""
 
-    __slots__ = ("_chunks", "_source")
+    __slots__ = ("_chunks", "_source", "broke")
 
     def __init__(self, chunks: AsyncIterator[bytes], source: str):
         self._chunks = chunks
         self._source = source
+        self.broke = False  # as StreamBody's; also for an answer that did not translate
 
     async def next(self) -> bytes | None:
         try:
@@ -117,7 +124,11 @@ class IteratorBody:
         except StopAsyncIteration:
             return None
         except UPSTREAM_EXCEPTIONS as exc:
+            self.broke = True
             raise translate_exception(exc, self._source) from exc
+        except UpstreamError:
+            self.broke = True
+            raise
 
 
 class ReplayBody:
@@ -156,7 +167,8 @@ async def read_upstream(call: Call, provider: Provider,
         body_source = IteratorBody(chunks, provider.name)
     else:
         body_source = StreamBody(upstream.content, provider.name)
-    answer = Answer(upstream.status, upstream.reason, headers, body_source)
+    answer = Answer(upstream.status, upstream.reason, headers, body_source,
+                    source=body_source)
     if answer.event_stream:
         answer.headers["X-Accel-Buffering"] = "no"
     return answer

@@ -16,20 +16,20 @@ from aiohttp import web
 
 from proxy import handlers
 from proxy.config.loader import Config
+from proxy.config.worker import WorkerSpec
 from proxy.core import CORE, Core, RouteSpec
 from proxy.gateway import Live, Shared
 from proxy.middlewares import auth_middleware, error_middleware
 from proxy.observe import usage_api
 from proxy.observe.access_log import AccessLog
 from proxy.observe.accounting import USAGE, Accounting, usage_lifecycle
-from proxy.observe.metrics import Metrics
-from proxy.observe.observers import Observers
+from proxy.observe.metrics import METRICS, Metrics
+from proxy.observe.observers import OBSERVERS, Observers
 from proxy.observe.status import HISTORY, History
 from proxy.observe.usage import read_deferred
-from proxy.server.supervisor import WorkerSpec
 from proxy.sharing.dedup import InflightRequests
 from proxy.sharing.peers import Peers
-from proxy.state import LIVE, METRICS, OBSERVERS, WORKER
+from proxy.state import LIVE, WORKER
 from proxy.stores.backends import rate_limiter, redis_link, response_cache
 from proxy.stores.redis_link import RedisLink
 from proxy.tasks import BackgroundTasks

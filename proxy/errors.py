@@ -23,6 +23,7 @@ Every failure a client can see is one of these, rendered with OpenAI's error sha
     ├── Overloaded                    503 server_error (gateway_overloaded)            concurrency
     ├── CircuitOpen                   503 server_error (circuit_open)                  breaker
     ├── FellBehind                    502 server_error (client_too_slow)               dedup
+    ├── UsageUnavailable              503 server_error (usage_unavailable)             usage_api
     └── UpstreamError                 502 upstream_error (upstream_error)
         ├── UpstreamUnreachable       502 upstream_error (upstream_unreachable)
         ├── UpstreamProtocolError     502 upstream_error (upstream_protocol_error)
@@ -397,6 +398,19 @@ class TooManyConnections(GatewayError):
     def __init__(self) -> None:
         super().__init__("This gateway worker has as many client connections open as it "
                          "accepts (server.max_connections). Retry after 1 s.")
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class UsageUnavailable(GatewayError):
+    """503: the Redis that holds the totals cannot answer."""
+
+    status = 503
+    code = "usage_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The usage totals are kept in Redis, which cannot answer now.")
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}

@@ -25,11 +25,12 @@ from typing import Any, TypeVar
 
 from proxy.auth import KeyRing
 from proxy.config.loader import Config, ConfigError
+from proxy.discovery import ModelCatalog
 from proxy.dispatch import Dispatcher
-from proxy.observe.failure_log import FailureLog
+from proxy.failure_log import FailureLog
 from proxy.providers import Provider, build_provider
 from proxy.resilience.breaker import CircuitBreaker
-from proxy.resilience.concurrency import AdaptiveLimiter, LimitSettings
+from proxy.resilience.concurrency import AdaptiveLimiter
 from proxy.resilience.ratelimit import RateLimiter
 from proxy.resilience.retry import RetryPolicy
 from proxy.routing import ModelRouter
@@ -38,7 +39,6 @@ from proxy.sharing.dedup import InflightRequests
 from proxy.sharing.peers import Peers
 from proxy.tasks import BackgroundTasks
 from proxy.upstream.client import UpstreamClient
-from proxy.upstream.discovery import ModelCatalog
 
 log = logging.getLogger("proxy.gateway")
 
@@ -164,11 +164,7 @@ def _dispatcher(config: Config, shared: Shared, providers: list[Provider],
         kept_limiters = _carried(old.limiters, unchanged, before.limits == config.limits)
         kept_retries = _carried(old.retries, unchanged, before.retries == config.retries)
         kept_breakers = _carried(old.breakers, unchanged, before.breaker == config.breaker)
-    limits = config.limits
-    settings = LimitSettings(
-        initial=limits.initial, min=limits.min, max=limits.max, queue_size=limits.queue_size,
-        queue_timeout=limits.queue_timeout, backoff=limits.backoff,
-        forget_after=limits.forget_after)
+    settings = config.limits
     client = shared.client
     limiters: dict[str, AdaptiveLimiter] = {}
     for p in providers:

@@ -17,8 +17,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.auth import require_admin
 from proxy.call import Call
-from proxy.compression import ACCEPT_ENCODING, NEVER, maybe_gzip
+from proxy.compression import ACCEPT_ENCODING, maybe_gzip
+from proxy.config.compression import NEVER
 from proxy.config.loader import Config
+from proxy.discovery import Snapshot
 from proxy.errors import (
     BodyTooLarge,
     GatewayError,
@@ -35,23 +37,15 @@ from proxy.headers import (
     upstream_request_headers,
 )
 from proxy.observe import status as stats
+from proxy.observe.metrics import METRICS
+from proxy.observe.observers import OBSERVERS
 from proxy.observe.usage import ask_usage, tap
 from proxy.record import Origin, Record, endpoint_label
 from proxy.resilience.ratelimit import Admission, RateLimiter, estimate
 from proxy.routing import Route
 from proxy.sharing.policy import sharing_for
-from proxy.state import (
-    FROM_PEER,
-    GATEWAY_KEY,
-    LIVE,
-    METRICS,
-    OBSERVERS,
-    RECORD,
-    REQUEST_ID,
-    WORKER,
-)
+from proxy.state import FROM_PEER, GATEWAY_KEY, LIVE, RECORD, REQUEST_ID, WORKER
 from proxy.streaming import send_answer
-from proxy.upstream.discovery import Snapshot
 
 # Endpoints whose POST body must name a model; other /v1/ paths may omit it.
 MODEL_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "responses"})

@@ -9,7 +9,6 @@ dropped in both directions: they describe one connection, not the message.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 
 from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from multidict import CIMultiDict, CIMultiDictProxy, istr
@@ -48,28 +47,37 @@ DECODED_CODINGS = ("gzip", "deflate", *(("br",) if HAS_BROTLI else ()),
                    *(("zstd",) if HAS_ZSTD else ()))
 
 
-def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     """Header names listed in ``Connection``: hop-by-hop for this message only."""
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+    return _parse_tokens(",".join(headers.getall("Connection", ())))
 
 
-@functools.lru_cache(maxsize=16)
-def _skipped(owned: frozenset[istr]) -> frozenset[str]:
-    """Hop-by-hop plus ``owned``, lower-cased; built once per ``owned`` set (the callers
-    pass module constants), not on every request."""
-    return _HOP_BY_HOP_LOWER.union(name.lower() for name in owned)
+def _parse_tokens(connection: str) -> frozenset[str]:
+    return frozenset(t.strip().lower() for t in connection.split(",") if t.strip())
+
+
+_CACHED_CONNECTION = 256  # a longer Connection value is parsed, not cached: the cache
+# holds 64 values at most, so it never holds more than 16 KiB of what clients sent
+
+
+@functools.lru_cache(maxsize=64)
+def _skipped(owned: frozenset[istr], connection: str = "") -> frozenset[str]:
+    """Hop-by-hop, ``owned`` and the ``Connection`` header's tokens, lower-cased; built
+    once per (``owned``, ``Connection`` value): the callers pass module constants and
+    nearly every message says ``keep-alive``, so the profile's per-request set
+    building (issue 11) is a cache hit. Bounded: a client's odd values only evict."""
+    return _HOP_BY_HOP_LOWER.union(name.lower() for name in owned).union(
+        _parse_tokens(connection))
 
 
 def end_to_end(
-    headers: CIMultiDictProxy[str] | CIMultiDict[str], owned: Iterable[istr] = ()
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], owned: frozenset[istr] = frozenset()
 ) -> CIMultiDict[str]:
     """A copy of ``headers`` without hop-by-hop headers and without ``owned`` ones."""
-    skip = _skipped(frozenset(owned))
-    if "Connection" in headers:
-        skip = skip.union(connection_tokens(headers))
+    values = headers.getall("Connection", ())
+    connection = ",".join(values) if values else ""
+    skip = (_skipped(owned, connection) if len(connection) <= _CACHED_CONNECTION
+            else _skipped(owned) | _parse_tokens(connection))
     # Compared lower-cased: a set of istr matches only the exact case (HTTP/2 clients
     # send every name in lower case). One constructor call over a filtered list:
     # per-header add() calls showed in the profile (issue #3).

@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from proxy.config.routes import EMPTY, DeploymentRef
+from proxy.discovery import ModelCatalog, Snapshot
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.providers import Provider
-from proxy.upstream.discovery import ModelCatalog, Snapshot
 
 log = logging.getLogger("proxy.routing")
 

@@ -1,7 +1,9 @@
 """Typed keys for what a worker's app holds (aiohttp ``AppKey``/``RequestKey``).
 
 Kept apart from ``app.py`` so handlers and middlewares can name them without importing
-the module that wires them together.
+the module that wires them together. A side package's keys live beside their types
+(``observe/observers.py``'s ``OBSERVERS``, ``observe/metrics.py``'s ``METRICS``,
+``core.py``'s ``CORE``), so that this module imports nothing above the request's path.
 """
 
 from __future__ import annotations
@@ -9,11 +11,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.config.keys import GatewayKey
+from proxy.config.worker import WorkerSpec
 from proxy.gateway import Live
-from proxy.observe.metrics import Metrics
-from proxy.observe.observers import Observers
 from proxy.record import Record
-from proxy.server.supervisor import WorkerSpec
 from proxy.upstream.client import UpstreamClient
 
 # The config in force and what is built from it (``gateway.py``); SIGHUP replaces it.
@@ -23,9 +23,6 @@ CLIENT = web.AppKey("upstream_client", UpstreamClient)  # bench/floor_proxy.py's
 
 REQUEST_ID = web.RequestKey("request_id", str)
 RECORD = web.RequestKey("record", Record)  # what the request did (``record.py``)
-# Told of every request once it has ended (the access log, metrics, usage): ``app.py``.
-OBSERVERS = web.AppKey("observers", Observers)
-METRICS = web.AppKey("metrics", Metrics)  # GET /metrics, the status page
 GATEWAY_KEY = web.RequestKey("gateway_key", GatewayKey)  # set when keys are configured
 # Forwarded by a peer worker that proved it (sharing/peers.py): authenticated and admitted there.
 FROM_PEER = web.RequestKey("from_peer", bool)

@@ -32,7 +32,8 @@ from aiohttp import web
 from aiohttp.compression_utils import ZLibCompressor
 
 from proxy.answers import Answer, Body
-from proxy.compression import ACCEPT_ENCODING, CompressionConfig, gzip_for, maybe_gzip
+from proxy.compression import ACCEPT_ENCODING, gzip_for, maybe_gzip
+from proxy.config.compression import CompressionConfig
 from proxy.errors import DeadlineExceeded, GatewayError, sse_error_event
 from proxy.record import TIMEOUT, UPSTREAM_ERROR, Record
 
@@ -89,7 +90,6 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
                 await response.write(chunk)
             chunk = await answer.body.next()
     except GatewayError as error:
-        answer.failed = True
         record.ended = TIMEOUT if isinstance(error, DeadlineExceeded) else UPSTREAM_ERROR
         record.error_code = error.code
         await _end_with_error(request, response, error, event_stream)

@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.server.supervisor import WorkerSpec
+from proxy.config.worker import WorkerSpec
 from tests.procs import Spawned, free_port, spawn, spawn_proxy, stop, wait_for_sockets
 
 SHIPPED = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"

@@ -12,9 +12,9 @@ from aiohttp import web
 
 from proxy.app import build_app
 from proxy.config.loader import Config
+from proxy.observe.observers import OBSERVERS
 from proxy.record import Record
 from proxy.server.serve import running
-from proxy.state import OBSERVERS
 from tests import polling
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

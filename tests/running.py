@@ -19,11 +19,11 @@ from aiohttp import web
 
 from proxy.dispatch import Dispatcher
 from proxy.gateway import Gateway, Live
-from proxy.observe.metrics import Metrics
+from proxy.observe.metrics import METRICS, Metrics
 from proxy.resilience.breaker import CircuitBreaker
 from proxy.resilience.concurrency import AdaptiveLimiter
 from proxy.sharing.dedup import InflightRequests
-from proxy.state import LIVE, METRICS
+from proxy.state import LIVE
 from tests import polling
 from tests.fake_upstream import FakeUpstream
 

@@ -64,13 +64,14 @@ def bench(module: str, *args: str, timeout: float) -> Any:
 # --- compare.py: every target, one round ------------------------------------------------
 
 
-PY_TARGETS = {"direct", "gateway", "naive", "floor"}
+PY_TARGETS = {"direct", "gateway", "naive", "floor"}  # issue 11's: test_bench_targets.py
 
 
 @pytest.fixture(scope="module")
 def compare_throughput() -> Any:
+    targets = ",".join(sorted(PY_TARGETS | ({"nginx"} if HAS_NGINX else set())))
     return bench("compare", "--scenario", "throughput", "--rounds", "1", "--duration", "0.5",
-                 "--warmup", "0.2", "--json", timeout=45)
+                 "--warmup", "0.2", "--json", "--targets", targets, timeout=45)
 
 
 def _assert_measured(report: Any, names: set[str]) -> None:

@@ -165,14 +165,18 @@ async def test_only_upstream_faults_count(
     assert (last == 503 and upstream.chats == 2) is opens
 
 
-def cut_stream_app(calls: list[int]) -> web.Application:
-    """A 200 event stream that sends one event, then resets the connection."""
+def cut_app(calls: list[int], *, json: bool = False) -> web.Application:
+    """A 200 answer that resets the connection after its first bytes: an event stream
+    after one event, or (``json``) a JSON body announced at 1,000 bytes after 10."""
     async def chat(request: web.Request) -> web.StreamResponse:
         await request.read()
         calls.append(1)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        kind = "application/json" if json else "text/event-stream"
+        response = web.StreamResponse(headers={"Content-Type": kind})
+        if json:
+            response.content_length = 1000
         await response.prepare(request)
-        await response.write(b'data: {"n": 0}\n\n')
+        await response.write(b'{"id": "x"' if json else b'data: {"n": 0}\n\n')
         await asyncio.sleep(0.05)
         assert request.transport is not None
         request.transport.abort()
@@ -183,13 +187,34 @@ def cut_stream_app(calls: list[int]) -> web.Application:
     return app
 
 
+async def test_a_non_stream_answer_the_upstream_cuts_counts_as_a_failure(
+    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+) -> None:
+    """Read whole before a byte is relayed, so the client gets a 502, and the breaker
+    learns of the cut from the body that broke (``answers.StreamBody.broke``)."""
+    calls: list[int] = []
+    url = await start_upstream(cut_app(calls, json=True))
+    base = await start_gateway(make_config(
+        [provider(url)], breaker={**EAGER, "cooldown": 60, "fail_fast": True},
+        cache={"enabled": False}, retries={"max_attempts": 1}))
+    body = {"model": "m", "messages": MESSAGES, "temperature": 1}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(f"{base}/v1/chat/completions", json=body) as response:
+                assert response.status == 502
+        async with session.post(f"{base}/v1/chat/completions", json=body) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "circuit_open"
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["direct", "deduplicated"])
 async def test_streams_the_upstream_cuts_count_as_failures(
     start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
     shared: bool,
 ) -> None:
     calls: list[int] = []
-    url = await start_upstream(cut_stream_app(calls))
+    url = await start_upstream(cut_app(calls))
     base = await start_gateway(make_config(
         [provider(url)], breaker={**EAGER, "cooldown": 60, "fail_fast": True},
         cache={"enabled": False}))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.config.breaker import BreakerSettings
 from proxy.config.loader import ConfigError, config_from_dict
 from proxy.errors import (
     CircuitOpen,
@@ -20,7 +21,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.providers import PROVIDER_TYPES
-from proxy.resilience.breaker import BreakerSettings, CircuitBreaker, Pass, fault
+from proxy.resilience.breaker import CircuitBreaker, Pass, fault
 
 
 def breaker(clock: list[float], **settings: float | bool) -> CircuitBreaker:

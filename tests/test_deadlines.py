@@ -17,8 +17,9 @@ import pytest
 from aiohttp import web
 
 from proxy.config.loader import ConfigError, Overrides, config_from_dict, load_config
+from proxy.config.timeouts import TimeoutOverrides, Timeouts
 from proxy.providers import PROVIDER_TYPES
-from proxy.upstream.deadlines import Deadlines, TimeoutOverrides, Timeouts
+from proxy.upstream.deadlines import Deadlines
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 from tests.wire import CHAT, error_code, fetch, gateway
 

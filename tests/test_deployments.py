@@ -16,11 +16,13 @@ import orjson
 import pytest
 from aiohttp import web
 
+from proxy.config.breaker import BreakerSettings
 from proxy.config.loader import ConfigError
 from proxy.config.providers import ProviderConfig
+from proxy.config.sections import LimitsConfig
 from proxy.providers import build_provider
-from proxy.resilience.breaker import BreakerSettings, CircuitBreaker
-from proxy.resilience.concurrency import AdaptiveLimiter, LimitSettings
+from proxy.resilience.breaker import CircuitBreaker
+from proxy.resilience.concurrency import AdaptiveLimiter
 from proxy.resilience.failover import Balancer
 from proxy.routing import Route, Target
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
@@ -321,7 +323,7 @@ def test_balancer_skips_open_circuits_unless_all_are_open(fail_fast: bool) -> No
     breakers = {p.name: CircuitBreaker(p.name, BreakerSettings(
         min_requests=1, min_callers=1, cooldown=10, fail_fast=fail_fast),
         clock=lambda: now[0]) for p in providers}
-    limiters = {p.name: AdaptiveLimiter(p.name, LimitSettings()) for p in providers}
+    limiters = {p.name: AdaptiveLimiter(p.name, LimitsConfig()) for p in providers}
     balancer = Balancer(limiters, breakers)
     a, b, c = (Target(p, "m") for p in providers)
     route = Route(a.provider, "m", peers=(b,), fallbacks=((c,),))

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from proxy.errors import UpstreamUnreachable
-from proxy.observe.failure_log import FailureLog
+from proxy.failure_log import FailureLog
 from tests.conftest import MakeConfig, StartGateway
 from tests.wire import post_json
 

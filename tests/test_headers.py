@@ -349,3 +349,19 @@ async def test_gateway_control_headers_stay_in_the_gateway(
     names = {name.lower() for name in seen[0]}
     assert not {n for n in names if n.startswith("x-gateway-")}, names
     assert seen[0]["Cache-Control"] == "no-cache"  # end-to-end: the provider may use it
+
+
+
+@pytest.mark.parametrize("padding", [0, 60], ids=["cached", "long"])
+def test_connection_tokens_drop_their_headers_whatever_the_value_length(padding: int) -> None:
+    """Short ``Connection`` values are cached per value, long ones (over 256 chars) are
+    parsed each time (``headers._skipped``): both drop every header they name, and a
+    cached value does so on every message, not only the first."""
+    named = ", ".join(f"x-pad-{i}" for i in range(padding))
+    connection = f"{named}, X-Hop" if named else "keep-alive, X-Hop"
+    assert (len(connection) > 256) is bool(padding)
+    for _ in range(2):
+        got = end_to_end(CIMultiDict([("Connection", connection), ("X-Hop", "secret"),
+                                      ("x-pad-3", "p"), ("X-Kept", "yes")]))
+        kept = [("X-Kept", "yes")] if padding else [("x-pad-3", "p"), ("X-Kept", "yes")]
+        assert list(got.items()) == kept

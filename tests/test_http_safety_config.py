@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.loader import ConfigError, Overrides, ServerConfig, config_from_dict, load_config
+from proxy.config.loader import ConfigError, Overrides, config_from_dict, load_config
+from proxy.config.sections import ServerConfig
 from proxy.providers import PROVIDER_TYPES
 from tests.nginx_helpers import directives
 

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from proxy.config.sections import LimitsConfig
 from proxy.errors import InvalidRequest, Overloaded, UpstreamTimeout
-from proxy.resilience.concurrency import AdaptiveLimiter, LimitSettings, Outcome, Permit
+from proxy.resilience.concurrency import AdaptiveLimiter, Outcome, Permit
 
 
 class FakeClock:
@@ -26,7 +27,7 @@ def limiter(clock: FakeClock | None = None, changes: list[int] | None = None,
     """``max`` defaults to ``initial``: the queue tests need a limit that cannot grow."""
     settings = {"initial": 1, "min": 1, **settings}
     settings.setdefault("max", settings["initial"])
-    return AdaptiveLimiter("openai", LimitSettings(**settings),
+    return AdaptiveLimiter("openai", LimitsConfig(**settings),
                            clock=clock or time.monotonic,
                            on_limit_change=None if changes is None else changes.append)
 
@@ -281,8 +282,8 @@ async def test_latency_never_shrinks_the_limit(latency: float) -> None:
 
 
 async def test_defaults_start_at_max() -> None:
-    lim = AdaptiveLimiter("openai", LimitSettings())
-    assert lim.limit == 1024 == LimitSettings().max
+    lim = AdaptiveLimiter("openai", LimitsConfig())
+    assert lim.limit == 1024 == LimitsConfig().max
     permits = [await lim.acquire() for _ in range(1000)]
     assert (lim.in_flight, lim.queued) == (1000, 0)
     for permit in permits:
@@ -327,20 +328,13 @@ async def test_repr_counts_in_flight() -> None:
     permit.release(Outcome.IGNORE)
 
 
-def test_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match="initial"):
-        LimitSettings(initial=2, min=4)
-    with pytest.raises(ValueError, match="backoff"):
-        LimitSettings(backoff=1.5)
-
-
 # --- evidence is forgotten ---------------------------------------------------------------
 
 async def test_a_lowered_limit_is_forgotten_without_fresh_evidence() -> None:
     """One 503 at low concurrency cuts the limit to ``min``; long after it, with no
     overload since, a burst is not held to that old figure: it is admitted at once."""
     clock = FakeClock()
-    lim = AdaptiveLimiter("openai", LimitSettings(), clock=clock)
+    lim = AdaptiveLimiter("openai", LimitsConfig(), clock=clock)
     (await lim.acquire()).release(Outcome.OVERLOAD)
     assert lim.limit == 4
     clock.now += 5.0  # fresh: the lowered limit holds
@@ -356,7 +350,7 @@ async def test_a_lowered_limit_is_forgotten_without_fresh_evidence() -> None:
 
 
 async def test_a_waiter_whose_evidence_went_stale_is_admitted_not_shed() -> None:
-    lim = AdaptiveLimiter("openai", LimitSettings(min=1, queue_timeout=0.3,
+    lim = AdaptiveLimiter("openai", LimitsConfig(min=1, queue_timeout=0.3,
                                                   forget_after=0.1))
     holder = await lim.acquire()
     (await lim.acquire()).release(Outcome.OVERLOAD)  # limit -> 1, holder still in flight
@@ -371,7 +365,7 @@ async def test_a_waiter_whose_evidence_went_stale_is_admitted_not_shed() -> None
 
 async def test_evidence_that_keeps_coming_keeps_the_limit() -> None:
     clock = FakeClock()
-    lim = AdaptiveLimiter("openai", LimitSettings(queue_size=0), clock=clock)
+    lim = AdaptiveLimiter("openai", LimitsConfig(queue_size=0), clock=clock)
     for _ in range(5):  # an overload every 5 s: never forget_after (10 s) without one
         (await lim.acquire()).release(Outcome.OVERLOAD)
         clock.now += 5.0

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config.loader import ConfigError, LimitsConfig, config_from_dict
+from proxy.config.loader import ConfigError, config_from_dict
+from proxy.config.sections import LimitsConfig
 from proxy.providers import PROVIDER_TYPES
 
 
@@ -24,6 +25,11 @@ def test_retired_keys_are_refused_with_their_reason(key: str) -> None:
     with pytest.raises(ConfigError, match=f"limits.{key}: no longer exists: the limit "
                                           "no longer follows latency"):
         load({key: 1.5})
+
+
+def test_backoff_must_be_a_fraction() -> None:
+    with pytest.raises(ConfigError, match=r"limits\.backoff"):
+        load({"backoff": 1.5})
 
 
 def test_initial_must_lie_within_min_and_max() -> None:

@@ -4,7 +4,7 @@ shared pool keeps no more connections to it than that limit.
 Issue #3: "Per provider, a concurrency limit adjusted at run time from what the upstream
 shows (latency rising, 429/503 answers, connection errors) [...] between configured
 bounds. The shared ``TCPConnector``'s per-host limit follows it." The controller alone is
-unit-tested in ``test_limits.py``; here the real gateway feeds it (``dispatch.UpstreamCall``)
+unit-tested in ``test_limits.py``; here the real gateway feeds it (``resilience/attempt.py``)
 and ``app.py`` wires it to the pool (``UpstreamClient.limit_follower``). Limits are read
 back from ``GET /health``; connections are counted at a raw upstream (``tests/wire.py``).
 A cut happens at most once per round trip (only requests admitted after the last cut

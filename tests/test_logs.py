@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from proxy.config.loader import ConfigError, Overrides, config_from_dict, load_config
+from proxy.config.logs import LoggingSettings
 from proxy.observe.access_log import AccessLine, AccessLog, line
 from proxy.observe.logs import (
     ACCESS_LOGGER,
@@ -23,7 +24,6 @@ from proxy.observe.logs import (
     FLUSH_AFTER,
     Fields,
     JsonFormatter,
-    LoggingSettings,
     configure,
     iso_time,
     redacted,

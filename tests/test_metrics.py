@@ -22,9 +22,10 @@ from proxy import __version__
 from proxy.app import build_app
 from proxy.config.keys import hash_secret
 from proxy.config.loader import Config
+from proxy.observe.metrics import METRICS
+from proxy.observe.observers import OBSERVERS
 from proxy.record import Origin, Record, Usage
 from proxy.server.serve import running
-from proxy.state import METRICS, OBSERVERS
 from tests.assertions import Samples, parse, value
 from tests.conftest import MakeConfig, StartFake, StartUpstream
 from tests.fake_upstream import FakeUpstream, Reply, Seen, replaced

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from proxy.config.loader import ConfigError, Overrides, load_config
+from proxy.config.redis import RedisSettings, redact
 from proxy.providers import PROVIDER_TYPES
 from proxy.resilience.ratelimit import BackendUnavailable
 from proxy.stores.redis_buckets import RedisBuckets
 from proxy.stores.redis_cache import decode, encode
-from proxy.stores.redis_link import RedisLink, RedisSettings, redact
+from proxy.stores.redis_link import RedisLink
 from tests.conftest import MakeConfig
 from tests.redis_server import RedisServer
 

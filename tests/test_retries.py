@@ -13,7 +13,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from proxy.config.loader import RetryConfig
+from proxy.config.sections import RetryConfig
 from proxy.resilience.retry import RetryPolicy, retry_after
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 from tests.wire import Conn, raw_servers

@@ -18,10 +18,10 @@ from prometheus_client.metrics_core import (
 from proxy.app import build_app
 from proxy.config.loader import config_from_dict
 from proxy.observe import status
+from proxy.observe.metrics import METRICS
 from proxy.observe.status import History, Sample, histogram_quantile, live, sample, totals
 from proxy.providers import PROVIDER_TYPES
 from proxy.record import Origin, Record
-from proxy.state import METRICS
 
 INF = math.inf
 

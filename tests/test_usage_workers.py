@@ -17,7 +17,7 @@ import orjson
 import pytest
 import yaml
 
-from proxy.server.supervisor import WorkerSpec
+from proxy.config.worker import WorkerSpec
 from tests.conftest import StartUpstream
 from tests.procs import free_port, spawn, stop, wait_for_sockets
 from tests.redis_server import RedisServer, gateway_processes

@@ -23,10 +23,11 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from proxy.config.loader import ConfigError, Overrides, load_config
+from proxy.config.worker import WorkerSpec
 from proxy.mock.payloads import GREETING
 from proxy.providers import PROVIDER_TYPES
 from proxy.server.serve import CannotListen, running
-from proxy.server.supervisor import Backoff, Supervisor, WorkerSpec
+from proxy.server.supervisor import Backoff, Supervisor
 from tests.conftest import MakeConfig, MockUpstream
 from tests.procs import (
     clean_env,

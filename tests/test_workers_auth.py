@@ -23,7 +23,8 @@ import orjson
 import yaml
 
 from proxy.config.keys import hash_secret
-from proxy.server.supervisor import PEER_SECRET_ENV, WorkerSpec
+from proxy.config.worker import WorkerSpec
+from proxy.server.supervisor import PEER_SECRET_ENV
 from tests.conftest import StartFake
 from tests.fake_upstream import CHAT, EMBEDDINGS, FakeUpstream
 from tests.procs import Spawned, free_port, spawn, stop, unix_healthz, wait_for_sockets

@@ -28,14 +28,15 @@ from proxy.cli import init_wizard
 from proxy.cli.terminal import Progress, Style, is_terminal, print_table
 from proxy.config.keys import hash_secret, new_secret, parse_keys
 from proxy.config.loader import Config, ConfigError, Overrides, config_file, load_config
+from proxy.config.worker import WorkerSpec
+from proxy.discovery import ModelCatalog, ProviderStatus, Snapshot
 from proxy.observe.logs import Fields, configure, redacted
 from proxy.observe.metrics_state import MULTIPROC_ENV, worker_gone
 from proxy.providers import PROVIDER_TYPES, build_provider
 from proxy.server.serve import CannotListen, check_port_free, demo_upstream_if_needed, serve
-from proxy.server.supervisor import EXIT_CANNOT_LISTEN, PEER_SECRET_ENV, Supervisor, WorkerSpec
+from proxy.server.supervisor import EXIT_CANNOT_LISTEN, PEER_SECRET_ENV, Supervisor
 from proxy.tasks import BackgroundTasks
 from proxy.upstream.client import UpstreamClient
-from proxy.upstream.discovery import ModelCatalog, ProviderStatus, Snapshot
 
 COMMANDS = ("serve", "init", "models", "check", "keys")
 log = logging.getLogger("proxy.cli")

@@ -18,15 +18,18 @@ from typing import Any
 
 import yaml
 
-from proxy.compression import CompressionConfig, parse_compression
 from proxy.config import validate as v
-from proxy.config.keys import GatewayKey, parse_keys, read_keys_file
+from proxy.config.breaker import BreakerSettings, parse_breaker
+from proxy.config.compression import CompressionConfig, parse_compression
+from proxy.config.keys import parse_keys, read_keys_file
+from proxy.config.logs import LoggingSettings, parse_logging
 from proxy.config.providers import (
     ProviderConfig,
     parse_providers,
     providers_from_env,
     upstream_provider,
 )
+from proxy.config.redis import BACKENDS, RedisSettings, check_backends, parse_redis
 from proxy.config.routes import (
     EMPTY,
     DeploymentRef,
@@ -36,10 +39,18 @@ from proxy.config.routes import (
     parse_deployments,
     parse_fallbacks,
 )
-from proxy.observe.logs import LoggingSettings, parse_logging
-from proxy.resilience.breaker import BreakerSettings, parse_breaker
-from proxy.stores.redis_link import BACKENDS, RedisSettings, check_backends, parse_redis
-from proxy.upstream.deadlines import Timeouts, parse_timeouts
+from proxy.config.sections import (
+    AuthConfig,
+    CacheConfig,
+    DedupConfig,
+    LimitsConfig,
+    PoolConfig,
+    RetryConfig,
+    ServerConfig,
+    UsageConfig,
+    parse_limits,
+)
+from proxy.config.timeouts import Timeouts, parse_timeouts
 
 DEFAULT_CONFIG_FILE = Path("proxy.yaml")
 DEMO_PROVIDER = "mock"
@@ -77,121 +88,20 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    """``workers`` > 1 runs that many processes (``server/supervisor.py``); with ``socket_dir`` set
-    each worker also listens on ``<socket_dir>/worker-<i>.sock`` (for nginx and peers)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_body_bytes: int = 32 * 1024 * 1024
-    workers: int = 1
-    socket_dir: str | None = None
-    socket_mode: int = 0o666  # the sockets' file mode; YAML: an octal string, "0660"
-    # SIGTERM: in-flight requests and streams may finish for this long, then are cut.
-    shutdown_grace: float = 30.0
-    # What a client connection may cost (``server/guard.py``): request line + headers,
-    # seconds to send a head and a body, idle keep-alive (longer than nginx's upstream
-    # keepalive_timeout of 60 s, so nginx never reuses a connection being closed), and
-    # open connections per worker.
-    max_header_bytes: int = 32 * 1024
-    header_timeout: float = 15.0
-    body_timeout: float = 60.0
-    keepalive_timeout: float = 75.0
-    max_connections: int = 4096
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    """The one shared upstream connection pool of a worker."""
-
-    limit: int = 1024
-    keepalive_timeout: float = 30.0
-
-
-@dataclass(frozen=True)
-class DedupConfig:
-    """In-flight deduplication (``sharing/dedup.py``); ``mode``: deterministic | all | off."""
-
-    mode: str = "deterministic"
-    max_buffer_bytes: int = 8 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """The exact-match response cache (``sharing/cache.py``): per worker, or ``backend: redis``
-    shared (``stores/redis_cache.py``; Redis bounds its size, not ``max_bytes``)."""
-
-    enabled: bool = True
-    backend: str = "memory"
-    ttl: float = 300.0
-    max_bytes: int = 64 * 1024 * 1024
-    max_entry_bytes: int = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class LimitsConfig:
-    """Each provider's adaptive concurrency limit (``resilience/concurrency.py``): the
-    controller keeps it within [min, max], starting at ``initial`` (None: ``max``);
-    requests over it wait up to ``queue_timeout`` seconds in a queue of ``queue_size``,
-    then get 503 + Retry-After."""
-
-    initial: int | None = None
-    min: int = 4
-    max: int = 1024
-    queue_size: int = 1024
-    queue_timeout: float = 2.0
-    backoff: float = 0.9
-    forget_after: float = 10.0
-
-
-@dataclass(frozen=True)
-class RetryConfig:
-    """Upstream retries (``resilience/retry.py``): attempts in all, full-jitter backoff bounds,
-    the longest ``Retry-After`` honoured, and the share of requests that may retry."""
-
-    max_attempts: int = 3
-    base_delay: float = 0.25
-    max_delay: float = 8.0
-    max_retry_after: float = 30.0
-    budget: float = 0.2
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    """Gateway keys (``config/keys.py``); none: the gateway is open (logged at start-up).
-    ``limits_backend``: where their rate limits are counted (``stores/backends.py``)."""
-
-    keys: tuple[GatewayKey, ...] = ()
-    limits_backend: str = "memory"
-    # ``keys: []`` written out: no keys, on purpose. Only then may a reload remove
-    # every key of a running gateway (``gateway.py``): a file that merely lost its
-    # ``auth`` section must not open the gateway to anyone.
-    open_on_purpose: bool = False
-
-
-@dataclass(frozen=True)
-class UsageConfig:
-    """Usage totals (``observe/accounting.py``): per worker, or in Redis every flush_interval s."""
-
-    backend: str = "memory"
-    flush_interval: float = 1.0
-
-
-@dataclass(frozen=True)
 class Config:
-    server: ServerConfig = ServerConfig()
+    server: ServerConfig = field(default_factory=ServerConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
-    pool: PoolConfig = PoolConfig()
-    dedup: DedupConfig = DedupConfig()
-    cache: CacheConfig = CacheConfig()
-    limits: LimitsConfig = LimitsConfig()
-    auth: AuthConfig = AuthConfig()
-    retries: RetryConfig = RetryConfig()
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    retries: RetryConfig = field(default_factory=RetryConfig)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
-    usage: UsageConfig = UsageConfig()
+    usage: UsageConfig = field(default_factory=UsageConfig)
     models_cache_ttl: float = 300.0
     health_cache_ttl: float = 5.0
     providers: tuple[ProviderConfig, ...] = ()
@@ -331,7 +241,7 @@ def _build(
     cache = v.section(raw.get("cache"), "cache", CacheConfig, problems, {
         "enabled": v.boolean, "ttl": v.positive_number, "max_bytes": v.positive_int,
         "max_entry_bytes": v.positive_int, "backend": v.one_of(*BACKENDS)})
-    limits = _limits(raw.get("limits"), problems)
+    limits = parse_limits(raw.get("limits"), problems)
     auth = _auth(raw.get("auth"), problems)
     redis = parse_redis(raw.get("redis"), problems)
     usage = v.section(raw.get("usage"), "usage", UsageConfig, problems, {
@@ -365,30 +275,6 @@ def _build(
         health_cache_ttl=v.check(v.non_negative_number, raw, "health_cache_ttl", "", 5.0,
                                  problems),
     )
-
-
-# Keys of the latency gradient issue 9 removed: named in the error, not just "unknown".
-_RETIRED_LIMITS = ("tolerance", "slack")
-
-
-def _limits(raw: Any, problems: list[str]) -> LimitsConfig:
-    if isinstance(raw, dict):
-        for key in _RETIRED_LIMITS:
-            if key in raw:
-                problems.append(f"limits.{key}: no longer exists: the limit no longer "
-                                "follows latency, only 429/503 and connection errors; "
-                                "remove it")
-        raw = {k: val for k, val in raw.items() if k not in _RETIRED_LIMITS}
-    limits = v.section(raw, "limits", LimitsConfig, problems, {
-        "initial": v.positive_int, "min": v.positive_int, "max": v.positive_int,
-        "queue_size": v.non_negative_int, "queue_timeout": v.positive_number,
-        "backoff": v.fraction, "forget_after": v.positive_number})
-    start = limits.max if limits.initial is None else limits.initial
-    if limits.max < limits.min:
-        problems.append("limits.max: must not be below limits.min")
-    elif not limits.min <= start <= limits.max:
-        problems.append("limits.initial: must be between limits.min and limits.max")
-    return limits
 
 
 def _auth(raw: Any, problems: list[str]) -> AuthConfig:

@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from proxy.config import validate as v
-from proxy.upstream.deadlines import TimeoutOverrides, parse_overrides
+from proxy.config.timeouts import TimeoutOverrides, parse_overrides
 
 # Providers taken from the environment when no config file and no --upstream is given.
 ENV_PROVIDERS = (

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.config.loader import UsageConfig
+from proxy.config.sections import UsageConfig
 from proxy.record import Record
 from proxy.state import LIVE
 from proxy.stores.redis_link import RedisLink

@@ -22,17 +22,14 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
-from proxy.config import validate as v
-from proxy.stores.redis_link import redact
+from proxy.config.logs import LoggingSettings
+from proxy.config.redis import redact
 
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-FORMATS = ("auto", "json", "text")
 ACCESS_LOGGER = "proxy.access"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 REDACTED = "***"
@@ -42,28 +39,6 @@ FLUSH_LINES = 256
 # (set by ``core.Core``); None outside a request.
 CURRENT_REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "current_request", default=None)
-
-
-@dataclass(frozen=True)
-class LoggingSettings:
-    """The ``logging`` section. ``level``: PROXY_LOG_LEVEL, ``--log-level``;
-    ``format``: PROXY_LOG_FORMAT (``auto``: json unless stderr is a terminal);
-    ``access_log``: one INFO line per request on the ``proxy.access`` logger."""
-
-    level: str = "INFO"
-    format: str = "auto"
-    access_log: bool = True
-
-
-def _level(value: Any) -> str:
-    if not isinstance(value, str) or value.upper() not in LEVELS:
-        raise ValueError(f"must be one of {', '.join(LEVELS)} (got {value!r})")
-    return value.upper()
-
-
-def parse_logging(raw: Any, problems: list[str]) -> LoggingSettings:
-    return v.section(raw, "logging", LoggingSettings, problems, {
-        "level": _level, "format": v.one_of(*FORMATS), "access_log": v.boolean})
 
 
 class Fields:

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
@@ -282,3 +283,6 @@ class Metrics:
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         return generate_latest(registry_of_all(self.multiprocess_dir))
+
+
+METRICS = web.AppKey("metrics", Metrics)  # GET /metrics, the status page (``app.py``)

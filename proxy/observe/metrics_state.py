@@ -28,8 +28,8 @@ from prometheus_client import CollectorRegistry, Gauge, values
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from proxy.discovery import Snapshot
 from proxy.gateway import Gateway, Live
-from proxy.upstream.discovery import Snapshot
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
 OTHER = "other"  # any name the config and the catalog do not know

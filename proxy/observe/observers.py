@@ -21,6 +21,8 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 
+from aiohttp import web
+
 from proxy.record import Record
 
 log = logging.getLogger("proxy.observers")
@@ -76,3 +78,7 @@ class Observers:
     async def cleanup(self, app: object) -> None:
         """``on_cleanup``: the records still waiting, once every request has ended."""
         self.flush()
+
+
+# Told of every request once it has ended (the access log, metrics, usage): ``app.py``.
+OBSERVERS = web.AppKey("observers", Observers)

@@ -21,27 +21,15 @@ import orjson
 from aiohttp import web
 
 from proxy.config.keys import GatewayKey
-from proxy.errors import GatewayError
+from proxy.config.worker import WorkerSpec
+from proxy.errors import UsageUnavailable
 from proxy.headers import PEER, PEER_KEY, REQUEST_ID
 from proxy.observe.accounting import FIELDS, USAGE, Rows, add_rows, as_data
-from proxy.server.supervisor import WorkerSpec
-from proxy.state import FROM_PEER, GATEWAY_KEY, OBSERVERS, WORKER
+from proxy.observe.observers import OBSERVERS
+from proxy.state import FROM_PEER, GATEWAY_KEY, WORKER
 from proxy.state import REQUEST_ID as REQUEST_ID_KEY
 
 PEER_TIMEOUT = 5.0  # seconds a worker may take to give its totals
-
-
-class UsageUnavailable(GatewayError):
-    """503: the Redis that holds the totals cannot answer."""
-
-    status = 503
-    code = "usage_unavailable"
-
-    def __init__(self) -> None:
-        super().__init__("The usage totals are kept in Redis, which cannot answer now.")
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
 
 
 async def usage(request: web.Request) -> web.Response:

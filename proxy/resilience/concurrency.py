@@ -38,48 +38,15 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 
+from proxy.config.sections import LimitsConfig
 from proxy.errors import Overloaded, UpstreamError
 
 # The OpenAI SDKs honour a Retry-After of up to 60 s (newer ones 120 s); past that they
 # would use their own backoff, so a larger figure would only be ignored.
 _MAX_RETRY_AFTER = 60
 _HOLD_WEIGHT = 0.1  # EWMA weight of one release in the hold time behind Retry-After
-
-
-@dataclass(frozen=True)
-class LimitSettings:
-    """One provider's limiter settings; validated here, mapped from config elsewhere.
-
-    ``initial`` None: start at ``max`` (issue 9: no limit until evidence arrives).
-    ``backoff``: the share of the requests in flight kept on 429/503/connection errors.
-    ``forget_after``: seconds a lowered limit holds without fresh overload evidence.
-    """
-
-    initial: int | None = None
-    min: int = 4
-    max: int = 1024
-    queue_size: int = 1024
-    queue_timeout: float = 2.0
-    backoff: float = 0.9
-    forget_after: float = 10.0
-
-    @property
-    def start(self) -> int:
-        return self.max if self.initial is None else self.initial
-
-    def __post_init__(self) -> None:
-        bad = [name for name, wrong in (
-            ("min", self.min < 1), ("max", self.max < self.min),
-            ("initial", not self.min <= self.start <= self.max),
-            ("queue_size", self.queue_size < 0), ("queue_timeout", self.queue_timeout <= 0),
-            ("backoff", not 0 < self.backoff < 1),
-            ("forget_after", self.forget_after <= 0),
-        ) if wrong]
-        if bad:
-            raise ValueError(f"invalid limit settings: {', '.join(bad)}")
 
 
 class Outcome(enum.Enum):
@@ -158,7 +125,7 @@ class AdaptiveLimiter:
     connector's per-host limit follow; it must be quick and must not raise.
     """
 
-    def __init__(self, name: str, settings: LimitSettings,
+    def __init__(self, name: str, settings: LimitsConfig,
                  clock: Callable[[], float] = time.monotonic,
                  on_limit_change: Callable[[int], None] | None = None):
         self.name = name

@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
 
 from proxy.answers import Answer, AnswerCall
 from proxy.call import Call
 from proxy.errors import CircuitOpen, Overloaded, UpstreamError
 from proxy.record import Record
+from proxy.resilience.attempt import UpstreamCall, Upstreams
 from proxy.resilience.breaker import CircuitBreaker
 from proxy.resilience.concurrency import AdaptiveLimiter
 from proxy.routing import Route, Target
@@ -31,20 +31,6 @@ from proxy.routing import Route, Target
 # Errors and statuses after which the next candidate is tried.
 FAILOVER_ERRORS = (UpstreamError, CircuitOpen, Overloaded)
 FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
-
-
-class Candidate(Protocol):
-    """What ``FailoverCall`` needs of one upstream call (``dispatch.UpstreamCall``)."""
-
-    tries: int  # attempts it sent
-
-    async def start(self) -> Answer: ...
-
-    def finish(self, *, failed: bool) -> None: ...
-
-
-# (call for this target, target, whether it may retry) -> an upstream call
-CallFactory = Callable[[Call, Target, bool], Candidate]
 
 
 class Balancer:
@@ -87,19 +73,19 @@ class Balancer:
 class FailoverCall(AnswerCall):
     """The candidates tried in turn; as an async context manager, the answer."""
 
-    __slots__ = ("_call", "_current", "_make", "_primary", "_record", "_targets", "_tries")
+    __slots__ = ("_call", "_current", "_primary", "_record", "_targets", "_tries", "_upstreams")
 
-    def __init__(self, call: Call, targets: list[Target], make: CallFactory,
+    def __init__(self, call: Call, targets: list[Target], upstreams: Upstreams,
                  record: Record | None, primary: Sequence[Target] = ()):
         """``primary``: the model's own deployments (the others are its fallbacks)."""
         self._call = call
         self._primary = primary
         self._tries = 0
         self._targets = targets
-        self._make = make
+        self._upstreams = upstreams
         self._record = record
         super().__init__()
-        self._current: Candidate | None = None
+        self._current: UpstreamCall | None = None
 
     async def start(self) -> Answer:
         queued = time.perf_counter()
@@ -116,7 +102,8 @@ class FailoverCall(AnswerCall):
         last = len(self._targets) - 1
         for index, target in enumerate(self._targets):
             call = dataclasses.replace(self._call, upstream_model=target.upstream_model)
-            upstream = self._make(call, target, index == last)
+            upstream = self._upstreams.call(call, target.provider, None,
+                                            may_retry=index == last)
             try:
                 answer = await upstream.start()
             except FAILOVER_ERRORS:

@@ -1,6 +1,6 @@
 """When an upstream call is tried again, and after how long (issue #4).
 
-Retried, while nothing has been sent to the client yet (``dispatch.UpstreamCall``): a
+Retried, while nothing has been sent to the client yet (``resilience/attempt.py``): a
 connection that failed or closed without an answer (``UpstreamUnreachable``: refused,
 reset, a kept-alive connection the upstream had dropped), the ``connect`` and
 ``headers`` deadlines (``errors.RETRYABLE_ERRORS``: no answer began), and the statuses
@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 
-from proxy.config.loader import RetryConfig
+from proxy.config.sections import RetryConfig
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 BUDGET_WINDOW = 10.0

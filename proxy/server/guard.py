@@ -58,7 +58,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
-from proxy.config.loader import ServerConfig
+from proxy.config.sections import ServerConfig
 from proxy.core import CORE, Core
 from proxy.errors import (
     BodyTimeout,
@@ -71,9 +71,8 @@ from proxy.errors import (
 )
 from proxy.headers import DECODED_CODINGS
 from proxy.middlewares import error_response
-from proxy.observe.observers import Observers
+from proxy.observe.observers import OBSERVERS, Observers
 from proxy.record import Record
-from proxy.state import OBSERVERS
 
 _Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 

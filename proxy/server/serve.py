@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import gc
 import logging
 import os
 import resource
@@ -27,11 +28,11 @@ from aiohttp import web
 
 from proxy.app import build_app
 from proxy.config.loader import DEMO_PROVIDER, Config, ConfigError, with_demo_provider
+from proxy.config.worker import WorkerSpec
 from proxy.gateway import Live
-from proxy.observe.observers import Observers
+from proxy.observe.observers import OBSERVERS, Observers
 from proxy.server.guard import GuardedRunner
-from proxy.server.supervisor import WorkerSpec
-from proxy.state import LIVE, OBSERVERS
+from proxy.state import LIVE
 
 log = logging.getLogger("proxy.server")
 
@@ -219,8 +220,21 @@ async def serve(given: Config, worker: WorkerSpec | None = None, *,
                          "models")
             reload = (functools.partial(_reload, app[LIVE], load, app[OBSERVERS]) if load
                       else None)
+            freeze_startup_heap()
             await _until_stopped(supervisor_pid, reload)
     log.info("%s stopped", me)
+
+
+def freeze_startup_heap() -> None:
+    """Put what start-up made (modules, the config, the metric registry) out of the
+    cyclic collector's reach, so a full collection walks only what was made since.
+    Measured at 1,000 req/s against a 50 ms upstream (issue 11): a full collection of
+    the unfrozen heap stalled the event loop for 20-27 ms, about every 8 s, delaying
+    every request in flight; frozen, none took over 2 ms. What start-up made and a
+    reload later drops (the first config's objects) stays allocated: one config's worth,
+    once."""
+    gc.collect()
+    gc.freeze()
 
 
 def raise_fd_limit(config: Config) -> None:

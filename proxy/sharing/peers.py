@@ -29,9 +29,9 @@ from yarl import URL
 
 from proxy.answers import Answer, from_response
 from proxy.call import Call
+from proxy.config.worker import WorkerSpec
 from proxy.errors import UpstreamUnreachable
 from proxy.headers import PEER, PEER_KEY
-from proxy.server.supervisor import WorkerSpec
 from proxy.upstream.client import UPSTREAM_EXCEPTIONS
 
 

@@ -24,7 +24,7 @@ import orjson
 from multidict import CIMultiDictProxy
 
 from proxy.call import Call
-from proxy.config.loader import CacheConfig, DedupConfig
+from proxy.config.sections import CacheConfig, DedupConfig
 from proxy.headers import AUTHORIZATION, CACHE_OPT, DEDUP_OPT, PEER, PEER_KEY
 
 
