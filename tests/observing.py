@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +15,7 @@ from proxy.config.loader import Config
 from proxy.observe.observers import OBSERVERS
 from proxy.record import Record
 from proxy.server.serve import running
+from tests import polling
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 ANSWER = {"id": "x", "object": "chat.completion", "choices": [],
@@ -34,11 +34,9 @@ async def observed(config: Config) -> AsyncIterator[tuple[str, list[Record]]]:
 
 
 async def until(seen: list[Record], count: int) -> None:
-    for _ in range(200):
-        if len(seen) >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{len(seen)} records, wanted {count}")
+    """Poll (tests/polling.py) until ``count`` records were observed."""
+    await polling.until(lambda: len(seen) >= count, 2.0,
+                        lambda: f"{len(seen)} records, wanted {count}")
 
 
 def provider(name: str, url: str) -> dict[str, object]:

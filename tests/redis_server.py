@@ -18,14 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_workers import (
-    Spawned,
-    free_port,
-    fresh_connections,
-    poll_healthz,
-    spawn_proxy,
-    stop,
-)
+from tests.procs import Spawned, free_port, fresh_connections, poll_healthz, spawn_proxy, stop
 
 
 def find_redis_server() -> str | None:

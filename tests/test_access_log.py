@@ -33,8 +33,7 @@ import yaml
 from proxy.config.keys import hash_secret
 from tests.conftest import StartUpstream
 from tests.faulty import CHAT, Faults, chat, providers
-from tests.procs import Proc, gateway_process
-from tests.test_workers import clean_env, free_port, stop
+from tests.procs import Proc, clean_env, free_port, gateway_process, stop
 
 UPSTREAM_KEY = "sk-upstream-Ac7dLq2WnZ9xPe4R"
 LIMITED_KEY = "sk-gw-limited-Ub3kMv8TsY1oQh6J"

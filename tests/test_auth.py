@@ -13,79 +13,63 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
-from multidict import CIMultiDictProxy
 
 from proxy.config.keys import hash_secret
 from proxy.config.loader import ConfigError
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway
+from tests.fake_upstream import FakeUpstream
+from tests.keys_helpers import MESSAGES
 
 SECRET_A = "sk-gw-team-a-secret-for-tests"
 SECRET_B = "sk-gw-team-b-secret-for-tests"
 KEYS = [{"name": "team-a", "sha256": hash_secret(SECRET_A)},
         {"name": "team-b", "sha256": hash_secret(SECRET_B), "models": ["up/small-*"]}]
-MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
-Seen = list[CIMultiDictProxy[str]]
 
 
-def upstream_app(seen: Seen) -> web.Application:
-    async def chat(request: web.Request) -> web.Response:
-        seen.append(request.headers)
-        body = await request.json()
-        return web.json_response({"id": "c1", "object": "chat.completion", "created": 0,
-                                  "model": body["model"], "choices": []})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
-
-
-async def gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
-                  make_config: MakeConfig, seen: Seen, **provider: Any) -> str:
-    url = await start_upstream(upstream_app(seen))
-    return await start_gateway(make_config([{
-        "name": "up", "type": "openai_compat", "base_url": f"{url}/v1",
-        "models": ["small-1", "large-1"], **provider}], auth={"keys": KEYS}))
+async def gateway(start_fake: StartFake, start_gateway: StartGateway,
+                  make_config: MakeConfig, **provider: Any) -> tuple[str, FakeUpstream]:
+    """(gateway URL, the upstream, which keeps the headers it got) with ``KEYS``."""
+    upstream = await start_fake(models=("small-1", "large-1"))
+    return await start_gateway(make_config([upstream.provider(**provider)],
+                                           auth={"keys": KEYS})), upstream
 
 
 async def test_a_known_key_passes_and_never_goes_upstream(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    seen: Seen = []
-    base = await gateway(start_upstream, start_gateway, make_config, seen)
+    base, upstream = await gateway(start_fake, start_gateway, make_config)
     client = openai_client(base, api_key=SECRET_A)
     answer = await client.chat.completions.create(model="large-1", messages=MESSAGES)
-    assert answer.id == "c1"
+    assert answer.id == "answer-1"
     # A provider without its own key would forward the client's Authorization: never
     # when that Authorization was the gateway's key.
-    assert "Authorization" not in seen[0]
-    assert SECRET_A not in str(list(seen[0].items()))
+    assert "Authorization" not in upstream.headers()[0]
+    assert SECRET_A not in str(list(upstream.headers()[0].items()))
 
 
 async def test_a_provider_key_replaces_the_gateway_key(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    seen: Seen = []
-    url = await start_upstream(upstream_app(seen))
+    upstream = await start_fake()
+    url = upstream.url.removesuffix("/v1")
     base = await start_gateway(make_config([{
         "name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"],
         "api_key_env": "UP_KEY"}], env={"UP_KEY": "sk-upstream"}, auth={"keys": KEYS}))
     await openai_client(base, api_key=SECRET_A).chat.completions.create(
         model="m", messages=MESSAGES)
-    assert seen[0].getall("Authorization") == ["Bearer sk-upstream"]
+    assert upstream.headers()[0].getall("Authorization") == ["Bearer sk-upstream"]
 
 
 @pytest.mark.parametrize("headers", [
     {}, {"Authorization": "Bearer sk-gw-wrong"}, {"Authorization": "Basic dXNlcjpwdw=="},
     {"Authorization": "Bearer"}, {"Authorization": f"bearer {SECRET_A}x"}])
 async def test_a_missing_or_wrong_key_is_401_openai_shaped(
-    headers: dict[str, str], start_upstream: StartUpstream, start_gateway: StartGateway,
+    headers: dict[str, str], start_fake: StartFake, start_gateway: StartGateway,
     make_config: MakeConfig,
 ) -> None:
-    seen: Seen = []
-    base = await gateway(start_upstream, start_gateway, make_config, seen)
+    base, upstream = await gateway(start_fake, start_gateway, make_config)
     async with aiohttp.ClientSession() as session:
         for path, method in (("/v1/chat/completions", "POST"), ("/v1/models", "GET"),
                              ("/v1/models/large-1", "GET")):
@@ -98,15 +82,14 @@ async def test_a_missing_or_wrong_key_is_401_openai_shaped(
                 assert r.headers["WWW-Authenticate"].startswith("Bearer")
                 assert r.headers["X-Request-ID"]
                 assert "sk-gw" not in str(body)
-    assert seen == []
+    assert upstream.headers() == []
 
 
 async def test_the_sdk_raises_authentication_and_permission_errors(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    seen: Seen = []
-    base = await gateway(start_upstream, start_gateway, make_config, seen)
+    base, upstream = await gateway(start_fake, start_gateway, make_config)
     with pytest.raises(openai.AuthenticationError):
         await openai_client(base, api_key="sk-gw-nobody").chat.completions.create(
             model="large-1", messages=MESSAGES)
@@ -116,15 +99,14 @@ async def test_the_sdk_raises_authentication_and_permission_errors(
     assert "team-b" in str(denied.value) and "large-1" in str(denied.value)
     answer = await team_b.chat.completions.create(model="small-1", messages=MESSAGES)
     assert answer.model == "small-1"
-    assert len(seen) == 1
+    assert len(upstream.headers()) == 1
 
 
 async def test_the_models_listing_shows_what_the_key_may_use(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    seen: Seen = []
-    base = await gateway(start_upstream, start_gateway, make_config, seen)
+    base, _ = await gateway(start_fake, start_gateway, make_config)
     team_a = [m.id async for m in openai_client(base, api_key=SECRET_A).models.list()]
     team_b = openai_client(base, api_key=SECRET_B)
     assert sorted(team_a) == ["large-1", "small-1"]
@@ -134,10 +116,9 @@ async def test_the_models_listing_shows_what_the_key_may_use(
 
 
 async def test_liveness_and_health_need_no_key(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    seen: Seen = []
-    base = await gateway(start_upstream, start_gateway, make_config, seen)
+    base, _ = await gateway(start_fake, start_gateway, make_config)
     async with aiohttp.ClientSession() as session:
         for path in ("/healthz", "/health"):
             async with session.get(base + path) as response:
@@ -146,11 +127,11 @@ async def test_liveness_and_health_need_no_key(
 
 
 async def test_without_keys_the_gateway_is_open_and_says_so(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     openai_client: Callable[..., openai.AsyncOpenAI], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    seen: Seen = []
-    url = await start_upstream(upstream_app(seen))
+    upstream = await start_fake()
+    url = upstream.url.removesuffix("/v1")
     with caplog.at_level(logging.WARNING, logger="proxy.app"):
         base = await start_gateway(make_config([{
             "name": "up", "type": "openai_compat", "base_url": f"{url}/v1",
@@ -158,7 +139,7 @@ async def test_without_keys_the_gateway_is_open_and_says_so(
     assert any("no gateway keys" in r.getMessage() for r in caplog.records)
     client = openai_client(base, api_key="sk-client-own")
     await client.chat.completions.create(model="m", messages=MESSAGES)
-    assert seen[0]["Authorization"] == "Bearer sk-client-own"  # drop-in: forwarded
+    assert upstream.headers()[0]["Authorization"] == "Bearer sk-client-own"  # drop-in: forwarded
 
 
 @pytest.mark.parametrize(("keys", "problem"), [
@@ -193,12 +174,11 @@ def test_cli_keys_hash_prints_a_new_secret_once_and_its_hash() -> None:
 
 
 async def test_gateway_keys_stay_out_of_logs_errors_health_and_upstreams(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    seen: Seen = []
-    base = await gateway(start_upstream, start_gateway, make_config, seen)
+    base, upstream = await gateway(start_fake, start_gateway, make_config)
     texts: list[str] = []
     async with aiohttp.ClientSession() as session:
         for secret, model in ((SECRET_A, "large-1"), (SECRET_B, "large-1"),
@@ -215,4 +195,4 @@ async def test_gateway_keys_stay_out_of_logs_errors_health_and_upstreams(
     for secret in (SECRET_A, SECRET_B):
         assert not [t for t in texts if secret in t]
         assert secret not in caplog.text
-        assert not [h for h in seen for v in h.values() if secret in v]
+        assert not [h for h in upstream.headers(None) for v in h.values() if secret in v]

@@ -16,38 +16,26 @@ import openai
 import pytest
 from aiohttp import web
 
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway, StartUpstream
+from tests.fake_upstream import FakeUpstream, Reply, Seen, replaced
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
 # Settings that open on little evidence, so a test sees it open.
 EAGER = {"min_requests": 2, "min_callers": 1}
 
 
-class Flaky:
-    """Answers ``status`` until told otherwise (``bad_status`` to the requests whose
-    ``user`` is "bad"); counts calls."""
+def flaky(fake: FakeUpstream, status: int = 200, bad_status: int = 200) -> Reply:
+    """``fake`` answers ``status`` (``fake.chat.status``, until told otherwise) and ``ok``;
+    the requests whose ``user`` is "bad" get the returned reply, ``bad_status`` until
+    the test changes it."""
+    fake.chat.status, fake.chat.pieces = status, ("ok",)
+    bad = replaced(fake.chat, status=bad_status)
 
-    def __init__(self, status: int = 200, bad_status: int = 200):
-        self.status = status
-        self.bad_status = bad_status
-        self.calls = 0
+    async def hook(request: web.Request, seen: Seen) -> Reply | None:
+        return bad if (seen.json() or {}).get("user") == "bad" else None
 
-    def app(self) -> web.Application:
-        async def chat(request: web.Request) -> web.Response:
-            payload = await request.json()
-            self.calls += 1
-            status = self.bad_status if payload.get("user") == "bad" else self.status
-            if status != 200:
-                return web.json_response({"error": {"message": "down", "type": "x"}},
-                                         status=status)
-            return web.json_response({
-                "id": "ok", "object": "chat.completion", "created": 0, "model": "m",
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": "ok"}}]})
-
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        return app
+    fake.hook = hook
+    return bad
 
 
 def provider(url: str) -> dict[str, Any]:
@@ -70,11 +58,11 @@ async def health(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
 
 
 async def test_500s_never_open_it_for_the_normal_requests_after_them(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    upstream = Flaky(bad_status=500)
-    base = await start_gateway(make_config([provider(await start_upstream(upstream.app()))],
+    flaky(upstream := await start_fake(), bad_status=500)
+    base = await start_gateway(make_config([upstream.provider()],
                                            health_cache_ttl=0))
     async with aiohttp.ClientSession() as session:
         bad = [(await post(session, base, user="bad", caller=f"c{n % 3}"))[0]
@@ -90,19 +78,19 @@ async def test_500s_never_open_it_for_the_normal_requests_after_them(
     for _ in range(10):
         answer = await sdk.chat.completions.create(model="m", messages=MESSAGES)
         assert answer.choices[0].message.content == "ok"
-    assert upstream.calls == 30 + 60 + 10
+    assert upstream.chats == 30 + 60 + 10
 
 
 async def test_one_callers_502s_and_503s_do_not_open_it_for_another(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    upstream = Flaky(bad_status=503)
-    base = await start_gateway(make_config([provider(await start_upstream(upstream.app()))],
+    bad_reply = flaky(upstream := await start_fake(), bad_status=503)
+    base = await start_gateway(make_config([upstream.provider()],
                                            health_cache_ttl=0))
     async with aiohttp.ClientSession() as session:
         bad = [(await post(session, base, user="bad", caller="tenant"))[0]
                for _ in range(15)]
-        upstream.bad_status = 502
+        bad_reply.status = 502
         bad += [(await post(session, base, user="bad", caller="tenant"))[0]
                 for _ in range(15)]
         good = [(await post(session, base, caller="other"))[0] for _ in range(10)]
@@ -110,7 +98,7 @@ async def test_one_callers_502s_and_503s_do_not_open_it_for_another(
     assert (bad, good) == ([503] * 15 + [502] * 15, [200] * 10)
     assert state["state"] == "closed"
     assert state["window"]["failing_callers"] == 1  # only ever one caller failing
-    assert upstream.calls == 40
+    assert upstream.chats == 40
 
 
 async def test_a_provider_refusing_connections_gets_fast_502s_not_circuit_open(
@@ -134,11 +122,11 @@ async def test_a_provider_refusing_connections_gets_fast_502s_not_circuit_open(
 
 
 async def test_fail_fast_answers_503_circuit_open_then_a_probe_closes_it(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    upstream = Flaky(503)
+    flaky(upstream := await start_fake(), 503)
     base = await start_gateway(make_config(
-        [provider(await start_upstream(upstream.app()))], health_cache_ttl=0,
+        [upstream.provider()], health_cache_ttl=0,
         breaker={"min_requests": 3, "cooldown": 0.3, "fail_fast": True}))
     async with aiohttp.ClientSession() as session:
         statuses = [(await post(session, base, caller=f"c{n % 2}"))[0] for n in range(3)]
@@ -146,15 +134,15 @@ async def test_fail_fast_answers_503_circuit_open_then_a_probe_closes_it(
         status, headers, body = await post(session, base)
         assert (status, body["error"]["code"]) == (503, "circuit_open")
         assert int(headers["Retry-After"]) >= 1
-        assert upstream.calls == 3, "an open breaker must not call the upstream"
+        assert upstream.chats == 3, "an open breaker must not call the upstream"
         assert (await health(session, base))["state"] == "open"
 
         await asyncio.sleep(0.35)  # cooldown over: one probe, which fails
-        assert (await post(session, base))[2]["error"]["message"] == "down"
+        assert (await post(session, base))[2]["error"]["message"] == "failure 4"
         assert (await post(session, base))[2]["error"]["code"] == "circuit_open"
-        assert upstream.calls == 4
+        assert upstream.chats == 4
 
-        upstream.status = 200
+        upstream.chat.status = 200
         await asyncio.sleep(0.35)
         assert (await post(session, base))[0] == 200  # the probe succeeds: closed
         assert [(await post(session, base))[0] for _ in range(3)] == [200] * 3
@@ -166,16 +154,15 @@ async def test_fail_fast_answers_503_circuit_open_then_a_probe_closes_it(
 @pytest.mark.parametrize(("status", "opens"), [
     (429, False), (400, False), (500, False), (502, True), (503, True), (504, True)])
 async def test_only_upstream_faults_count(
-    status: int, opens: bool, start_upstream: StartUpstream, start_gateway: StartGateway,
+    status: int, opens: bool, start_fake: StartFake, start_gateway: StartGateway,
     make_config: MakeConfig,
 ) -> None:
-    upstream = Flaky(status)
-    url = await start_upstream(upstream.app())
+    flaky(upstream := await start_fake(), status)
     base = await start_gateway(make_config(
-        [provider(url)], breaker={**EAGER, "cooldown": 5, "fail_fast": True}))
+        [upstream.provider()], breaker={**EAGER, "cooldown": 5, "fail_fast": True}))
     async with aiohttp.ClientSession() as session:
         last = [(await post(session, base))[0] for _ in range(3)][-1]
-    assert (last == 503 and upstream.calls == 2) is opens
+    assert (last == 503 and upstream.chats == 2) is opens
 
 
 def cut_app(calls: list[int], *, json: bool = False) -> web.Application:
@@ -246,31 +233,30 @@ async def test_streams_the_upstream_cuts_count_as_failures(
 
 
 async def test_a_failure_that_opens_the_circuit_is_relayed_not_retried_into_it(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    upstream = Flaky(503)
-    url = await start_upstream(upstream.app())
+    flaky(upstream := await start_fake(), 503)
     base = await start_gateway(make_config(
-        [provider(url)], breaker={"min_requests": 1, "min_callers": 1, "cooldown": 60},
+        [upstream.provider()], breaker={"min_requests": 1, "min_callers": 1, "cooldown": 60},
         retries={"max_attempts": 3, "base_delay": 0.01, "max_delay": 0.02}))
     async with aiohttp.ClientSession() as session:
         status, _, body = await post(session, base)
-    assert (status, upstream.calls) == (503, 1)  # the upstream's answer, not circuit_open
-    assert body["error"]["message"] == "down"
+    assert (status, upstream.chats) == (503, 1)  # the upstream's answer, not circuit_open
+    assert body["error"]["message"] == "failure 1"
 
 
 async def test_an_open_breaker_with_no_other_deployment_still_sends_and_recovers(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    upstream = Flaky(503)
+    flaky(upstream := await start_fake(), 503)
     base = await start_gateway(make_config(
-        [provider(await start_upstream(upstream.app()))], health_cache_ttl=0,
+        [upstream.provider()], health_cache_ttl=0,
         breaker={**EAGER, "cooldown": 60}))
     async with aiohttp.ClientSession() as session:
         assert [(await post(session, base))[0] for _ in range(4)] == [503] * 4
         assert (await health(session, base))["state"] == "open"
-        upstream.status = 200
+        upstream.chat.status = 200
         assert (await post(session, base))[0] == 200  # sent anyway, long before the cooldown
         state = await health(session, base)
-    assert upstream.calls == 5
+    assert upstream.chats == 5
     assert (state["state"], state["opened_total"], state["panic_total"]) == ("closed", 1, 3)

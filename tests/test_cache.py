@@ -15,58 +15,12 @@ from typing import Any
 
 import aiohttp
 import openai
-import orjson
 import pytest
-from aiohttp import web
 
 from proxy.sharing.cache import ResponseCache
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
-
-CHAT = "/v1/chat/completions"
-AUTH = {"Authorization": "Bearer sk-client-test"}  # what the SDK fixture sends
-Reply = tuple[int, "dict[str, str]", bytes]
-
-
-class Upstream:
-    """Counts calls; answers ``status`` (a JSON body padded with ``pad`` bytes) or, when
-    asked to stream, three SSE events and ``[DONE]``."""
-
-    def __init__(self, status: int = 200, pad: int = 0):
-        self.status, self.pad = status, pad
-        self.calls = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post(CHAT, self.handle)
-        return app
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        payload = await request.json()
-        self.calls += 1
-        if self.status != 200:
-            error = {"error": {"message": f"failure {self.calls}", "type": "x", "code": None}}
-            return web.json_response(error, status=self.status)
-        if not payload.get("stream"):
-            return web.json_response({"id": f"answer-{self.calls}", "pad": "x" * self.pad},
-                                     headers={"X-Request-ID": f"upstream-{self.calls}"})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for word in ("one", " two", " three"):
-            await response.write(sse(self.calls, word))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-
-def sse(call: int, content: str) -> bytes:
-    chunk = {"id": f"chatcmpl-{call}", "object": "chat.completion.chunk", "created": 1,
-             "model": "m", "choices": [{"index": 0, "delta": {"content": content},
-                                        "finish_reason": None}]}
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-
-def chat(**fields: Any) -> dict[str, Any]:
-    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+from tests.cache_helpers import CHAT, answer_id, chat, post, sse
+from tests.conftest import MakeConfig, StartFake, StartGateway
+from tests.fake_upstream import FakeUpstream
 
 
 @pytest.fixture
@@ -76,37 +30,24 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
-            make_config: MakeConfig) -> Callable[..., Any]:
+def gateway(start_gateway: StartGateway, make_config: MakeConfig) -> Callable[..., Any]:
     """``await gateway(upstream, **raw_config)`` -> the chat completions URL."""
-    async def start(upstream: Upstream, **raw: Any) -> str:
-        url = await start_upstream(upstream.app())
-        config = make_config([{"name": "up", "type": "openai_compat",
-                               "base_url": f"{url}/v1", "models": ["m"]}], **raw)
-        return await start_gateway(config) + CHAT
+    async def start(upstream: FakeUpstream, **raw: Any) -> str:
+        return await start_gateway(make_config([upstream.provider()], **raw)) + CHAT
 
     return start
-
-
-async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-               headers: dict[str, str] | None = None) -> Reply:
-    async with session.post(url, json=body, headers={**AUTH, **(headers or {})}) as response:
-        return response.status, dict(response.headers), await response.read()
-
-
-def answer_id(reply: Reply) -> str:
-    return str(orjson.loads(reply[2])["id"])
 
 
 @pytest.mark.parametrize("body", [chat(temperature=0), chat(seed=3, temperature=1)])
 async def test_a_deterministic_answer_is_served_from_the_cache(
     gateway: Callable[..., Any], session: aiohttp.ClientSession, body: dict[str, Any],
+    start_fake: StartFake,
 ) -> None:
-    upstream = Upstream()
+    upstream = await start_fake()
     url = await gateway(upstream)
     first = await post(session, url, body, {"X-Request-ID": "first"})
     second = await post(session, url, body, {"X-Request-ID": "second"})
-    assert upstream.calls == 1
+    assert upstream.chats == 1
     assert (first[0], second[0]) == (200, 200)
     assert (first[1]["X-Cache"], second[1]["X-Cache"]) == ("MISS", "HIT")
     assert first[2] == second[2]
@@ -118,8 +59,9 @@ async def test_a_deterministic_answer_is_served_from_the_cache(
 async def test_a_streamed_answer_is_cached_and_replayed_as_sse(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
     openai_client: Callable[..., openai.AsyncOpenAI],
+    start_fake: StartFake,
 ) -> None:
-    upstream = Upstream()
+    upstream = await start_fake()
     url = await gateway(upstream)
     body = chat(temperature=0, stream=True)
     first = await post(session, url, body)
@@ -132,7 +74,7 @@ async def test_a_streamed_answer_is_cached_and_replayed_as_sse(
     stream = await sdk.chat.completions.create(model="m", messages=body["messages"],
                                                temperature=0, stream=True)
     assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "one two three"
-    assert upstream.calls == 1
+    assert upstream.chats == 1
 
 
 @pytest.mark.parametrize(("headers", "cached"), [
@@ -140,23 +82,25 @@ async def test_a_streamed_answer_is_cached_and_replayed_as_sse(
 async def test_sampled_requests_are_cached_only_on_request(
     gateway: Callable[..., Any], session: aiohttp.ClientSession, headers: dict[str, str],
     cached: bool,
+    start_fake: StartFake,
 ) -> None:
-    upstream = Upstream()
+    upstream = await start_fake()
     url = await gateway(upstream)
     replies = [await post(session, url, chat(temperature=0.7), headers) for _ in range(2)]
     if cached:
         assert [r[1]["X-Cache"] for r in replies] == ["MISS", "HIT"]
-        assert upstream.calls == 1
+        assert upstream.chats == 1
     else:
         assert [r[1].get("X-Cache") for r in replies] == [None, None]
-        assert upstream.calls == 2
+        assert upstream.chats == 2
         assert [answer_id(r) for r in replies] == ["answer-1", "answer-2"]
 
 
 async def test_cache_control_no_cache_and_no_store(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    start_fake: StartFake,
 ) -> None:
-    upstream = Upstream()
+    upstream = await start_fake()
     url = await gateway(upstream)
     body = chat(temperature=0)
 
@@ -173,13 +117,14 @@ async def test_cache_control_no_cache_and_no_store(
     assert await ask("no-cache") == ("MISS", "answer-4")  # not read, but refreshed
     assert await ask() == ("HIT", "answer-4")
     assert await ask("max-age=0, No-Cache") == ("MISS", "answer-5")
-    assert upstream.calls == 5
+    assert upstream.chats == 5
 
 
 async def test_callers_never_share_an_entry(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    start_fake: StartFake,
 ) -> None:
-    upstream = Upstream()
+    upstream = await start_fake()
     url = await gateway(upstream)
     body = chat(temperature=0)
     a1 = await post(session, url, body, {"Authorization": "Bearer a"})
@@ -187,13 +132,14 @@ async def test_callers_never_share_an_entry(
     a2 = await post(session, url, body, {"Authorization": "Bearer a"})
     assert [r[1]["X-Cache"] for r in (a1, b1, a2)] == ["MISS", "MISS", "HIT"]
     assert [answer_id(r) for r in (a1, b1, a2)] == ["answer-1", "answer-2", "answer-1"]
-    assert upstream.calls == 2
+    assert upstream.chats == 2
 
 
 async def test_an_entry_expires_after_its_ttl(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    start_fake: StartFake,
 ) -> None:
-    upstream = Upstream()
+    upstream = await start_fake()
     url = await gateway(upstream, cache={"ttl": 0.3})
     body = chat(temperature=0)
     assert (await post(session, url, body))[1]["X-Cache"] == "MISS"
@@ -201,7 +147,7 @@ async def test_an_entry_expires_after_its_ttl(
     await asyncio.sleep(0.4)
     again = await post(session, url, body)
     assert (again[1]["X-Cache"], answer_id(again)) == ("MISS", "answer-2")
-    assert upstream.calls == 2
+    assert upstream.chats == 2
 
 
 @pytest.mark.parametrize(("raw", "status", "pad"), [
@@ -212,12 +158,13 @@ async def test_an_entry_expires_after_its_ttl(
 async def test_answers_that_are_never_cached(
     gateway: Callable[..., Any], session: aiohttp.ClientSession, raw: dict[str, Any],
     status: int, pad: int,
+    start_fake: StartFake,
 ) -> None:
-    upstream = Upstream(status=status, pad=pad)
+    upstream = await start_fake(status=status, pad=pad)
     url = await gateway(upstream, **raw)
     replies = [await post(session, url, chat(temperature=0)) for _ in range(2)]
     assert [r[0] for r in replies] == [status, status]
-    assert upstream.calls == 2
+    assert upstream.chats == 2
     assert "HIT" not in [r[1].get("X-Cache") for r in replies]
     if status == 200:
         assert [answer_id(r) for r in replies] == ["answer-1", "answer-2"]
@@ -278,10 +225,11 @@ async def test_entries_expire_and_replay_what_was_stored() -> None:
 
 async def test_accept_encoding_and_billing_headers_are_part_of_the_key(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    start_fake: StartFake,
 ) -> None:
     """A gzip answer must never be replayed to a client that did not ask for gzip, and
     callers billing to another OpenAI organization or project never share an entry."""
-    upstream = Upstream()
+    upstream = await start_fake()
     url = await gateway(upstream)
     body = chat(temperature=0)
     variants = [{"Accept-Encoding": "identity"}, {"Accept-Encoding": "gzip"},
@@ -292,4 +240,4 @@ async def test_accept_encoding_and_billing_headers_are_part_of_the_key(
     assert [r[1]["X-Cache"] for r in firsts] == ["MISS"] * 4
     assert [answer_id(r) for r in again] == [answer_id(r) for r in firsts]
     assert [r[1]["X-Cache"] for r in again] == ["HIT"] * 4
-    assert upstream.calls == 4
+    assert upstream.chats == 4

@@ -15,13 +15,11 @@ through its own handle.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,68 +27,16 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-from aiohttp import web
 
+from tests.cli_helpers import UNSET, cli_env, models_upstream, run, run_cli
 from tests.conftest import StartUpstream
+from tests.fake_upstream import MODELS, FakeUpstream
 
-UNSET = "CLI_CHECK_TEST_NEVER_SET"
 PROXY_SCRIPT = Path(sys.executable).parent / "proxy"  # the venv's console script
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without anything that configures providers or the server."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENROUTER_API_KEY",
-                        "OLLAMA_HOST", UNSET} and not k.startswith("PROXY_")}
-    return {**env, **extra}
-
-
-async def _run(*command: str, cwd: Path | None = None) -> tuple[int, str]:
-    """Run ``command`` to its end (at most 20 s); (exit status, stdout)."""
-    process = await asyncio.create_subprocess_exec(
-        *command, env=_clean_env(), cwd=cwd,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        stdout, _ = await asyncio.wait_for(process.communicate(), 20)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, stdout.decode()
-
-
-async def run_cli(*args: str) -> tuple[int, str]:
-    """``python -m proxy ARGS`` without the caller's provider settings; (exit, stdout)."""
-    return await _run(sys.executable, "-m", "proxy", *args)
-
-
-@dataclass
-class Upstream:
-    """One fake provider's ``/v1/models``: its status, models and latency; counts calls."""
-
-    status: int = 200
-    models: tuple[str, ...] = ()
-    latency: float = 0.0
-    calls: int = 0
-
-    def app(self) -> web.Application:
-        async def list_models(request: web.Request) -> web.Response:
-            self.calls += 1
-            await asyncio.sleep(self.latency)
-            if self.status != 200:
-                return web.json_response({"error": {"message": "no"}}, status=self.status)
-            return web.json_response({"object": "list", "data": [
-                {"id": m, "object": "model", "created": 1, "owned_by": "x"}
-                for m in self.models]})
-
-        app = web.Application()
-        app.router.add_get("/v1/models", list_models)
-        return app
-
-
 async def _config(start_upstream: StartUpstream, path: Path,
-                  providers: dict[str, tuple[Upstream, dict[str, Any]]]) -> str:
+                  providers: dict[str, tuple[FakeUpstream, dict[str, Any]]]) -> str:
     entries = [{"name": name, "type": "openai_compat",
                 "base_url": f"{await start_upstream(upstream.app())}/v1", **extra}
                for name, (upstream, extra) in providers.items()]
@@ -111,8 +57,8 @@ def _rows(table: str) -> dict[str, str]:
 async def test_check_reports_auth_failures_and_missing_keys(
     start_upstream: StartUpstream, tmp_path: Path,
 ) -> None:
-    good = Upstream(models=("alpha", "beta"), latency=0.1)
-    denied, keyless = Upstream(status=401), Upstream(models=("never-listed",))
+    good = models_upstream(models=("alpha", "beta"), latency=0.1)
+    denied, keyless = models_upstream(status=401), models_upstream(models=("never-listed",))
     config = await _config(start_upstream, tmp_path / "check.yaml", {
         "good": (good, {}), "denied": (denied, {}), "keyless": (keyless, {"api_key_env": UNSET}),
     })
@@ -129,10 +75,10 @@ async def test_check_reports_auth_failures_and_missing_keys(
     assert "FAILED" in rows["keyless"]
     assert "API key missing" in rows["keyless"]
     assert UNSET in rows["keyless"]
-    assert (good.calls, denied.calls, keyless.calls) == (1, 1, 0)
+    assert (good.calls[MODELS], denied.calls[MODELS], keyless.calls[MODELS]) == (1, 1, 0)
 
     only_denied = await _config(start_upstream, tmp_path / "denied.yaml",
-                                {"denied": (Upstream(status=401), {})})
+                                {"denied": (models_upstream(status=401), {})})
     code, out = await run_cli("check", "--config", only_denied)
     assert code == 1, out
     assert "rejected the credentials" in _rows(out)["denied"]
@@ -141,10 +87,10 @@ async def test_check_reports_auth_failures_and_missing_keys(
 async def test_models_json_and_table_carry_latency_and_models(
     start_upstream: StartUpstream, tmp_path: Path,
 ) -> None:
-    good = Upstream(models=("alpha", "org/beta"), latency=0.1)
+    good = models_upstream(models=("alpha", "org/beta"), latency=0.1)
     config = await _config(start_upstream, tmp_path / "models.yaml", {
-        "good": (good, {}), "denied": (Upstream(status=401), {}),
-        "keyless": (Upstream(models=("x",)), {"api_key_env": UNSET}),
+        "good": (good, {}), "denied": (models_upstream(status=401), {}),
+        "keyless": (models_upstream(models=("x",)), {"api_key_env": UNSET}),
     })
     (code, out), (table_code, table) = await asyncio.gather(
         run_cli("models", "--json", "--config", config), run_cli("models", "--config", config))
@@ -209,7 +155,7 @@ async def test_serve_host_and_port_flags_override_file_and_env(tmp_path: Path) -
                                       _free_port())
     config = _write(tmp_path / "serve.yaml",
                     {"server": {"host": "127.0.0.2", "port": file_port}})
-    env = _clean_env(PROXY_HOST="127.0.0.3", PROXY_PORT=str(env_port))
+    env = cli_env(PROXY_HOST="127.0.0.3", PROXY_PORT=str(env_port))
     log = tmp_path / "serve.log"
     process = _spawn(["serve", "--config", config, "--host", "127.0.0.1",
                       "--port", str(flag_port)], env, tmp_path, log)
@@ -231,13 +177,13 @@ async def test_serve_host_and_port_flags_override_file_and_env(tmp_path: Path) -
 
 async def test_console_script_runs(start_upstream: StartUpstream, tmp_path: Path) -> None:
     assert PROXY_SCRIPT.is_file(), f"{PROXY_SCRIPT} is not installed"
-    code, out = await _run(str(PROXY_SCRIPT), "--help", cwd=tmp_path)
+    code, out = await run(str(PROXY_SCRIPT), "--help", cwd=tmp_path)
     assert code == 0
     assert "serve" in out
     assert "check" in out
     config = await _config(start_upstream, tmp_path / "script.yaml",
-                           {"one": (Upstream(models=("m1",)), {})})
-    code, out = await _run(str(PROXY_SCRIPT), "models", "--json", "--config", config,
+                           {"one": (models_upstream(models=("m1",)), {})})
+    code, out = await run(str(PROXY_SCRIPT), "models", "--json", "--config", config,
                            cwd=tmp_path)
     assert code == 0, out
     [provider] = orjson.loads(out)["providers"]

@@ -20,9 +20,8 @@ import yaml
 from aiohttp import web
 
 from proxy.cli.init_wizard import KEY_PROVIDERS, UNSUPPORTED_KEYS, ollama_url
+from tests.cli_helpers import WAIT, cli_env, on_terminal
 from tests.conftest import StartUpstream
-from tests.test_cli_check import _clean_env
-from tests.test_cli_progress import WAIT, on_terminal
 
 FAKE_KEY = "sk-init-test-NEVER-WRITTEN-0123456789"
 OLLAMA_MODELS = ("llama3.2:1b", "qwen2.5:0.5b")
@@ -42,7 +41,7 @@ def _env(ollama: str, **extra: str) -> dict[str, str]:
     """No provider key of the caller's (a GROQ_API_KEY on the machine would add a
     provider), only the fake ones."""
     keys = {key_env for _, key_env, _ in KEY_PROVIDERS} | set(UNSUPPORTED_KEYS)
-    env = {k: v for k, v in _clean_env().items() if k not in keys}
+    env = {k: v for k, v in cli_env().items() if k not in keys}
     return {**env, "OLLAMA_HOST": ollama, "OPENAI_API_KEY": FAKE_KEY, "TERM": "xterm",
             **extra}
 
@@ -50,7 +49,7 @@ def _env(ollama: str, **extra: str) -> dict[str, str]:
 async def _check_offline(path: Path) -> tuple[int, str]:
     """``proxy check --offline`` on ``path``, with the variable the file names set."""
     return await _cli("check", "--offline", "--config", str(path),
-                      env=_clean_env(OPENAI_API_KEY=FAKE_KEY))
+                      env=cli_env(OPENAI_API_KEY=FAKE_KEY))
 
 
 async def test_init_on_a_terminal_writes_what_was_answered(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config.keys import hash_secret
-from tests.test_workers import clean_env
+from tests.procs import clean_env
 
 NAME_RULE = "must be letters, digits, '.', '_' or '-'"
 

@@ -6,108 +6,31 @@ commands in subprocesses against two upstreams on loopback, one answering ~1 s l
 * with ``NO_COLOR`` set, the same terminal gets no colour codes at all;
 * not a terminal (pipes): plain lines, one per provider, and no control characters.
 
-``on_terminal`` (a child on a pseudo-terminal, read without blocking the loop) is shared
-with tests/test_cli_init.py.
+``on_terminal`` (a child on a pseudo-terminal, read without blocking the loop) is in
+tests/cli_helpers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import pty
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import yaml
 
+from tests.cli_helpers import WAIT, cli_env, models_upstream, on_terminal
 from tests.conftest import StartUpstream
-from tests.test_cli_check import Upstream, _clean_env
 
-WAIT = 20.0  # seconds any one step may take on a loaded 2-core machine
 SLOW = 1.0  # seconds the slow upstream takes to list its models
 COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # an SGR sequence: colour, bold, reset
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
 
 
-class Terminal:
-    """A child process on a pseudo-terminal (stdin, stdout and stderr), read without
-    blocking the test's loop: the fake upstreams the child talks to run on that loop."""
-
-    def __init__(self, args: Sequence[str], env: dict[str, str], cwd: Path | None = None):
-        self._fd, child = pty.openpty()
-        try:
-            self.process = subprocess.Popen(list(args), stdin=child, stdout=child,
-                                            stderr=child, env=env, cwd=cwd,
-                                            start_new_session=True)
-        finally:
-            os.close(child)
-        self.output = bytearray()
-        self._seen = 0
-        self._eof = False
-        self._changed = asyncio.Event()
-        asyncio.get_running_loop().add_reader(self._fd, self._readable)
-
-    def _readable(self) -> None:
-        try:
-            data = os.read(self._fd, 65536)
-        except OSError:  # EIO: the child closed its side
-            data = b""
-        if not data:
-            asyncio.get_running_loop().remove_reader(self._fd)
-            self._eof = True
-        self.output += data
-        self._changed.set()
-
-    async def expect(self, text: str) -> None:
-        """Wait until ``text`` appears after what was already expected."""
-        needle = text.encode()
-        async with asyncio.timeout(WAIT):
-            while (found := self.output.find(needle, self._seen)) < 0:
-                assert not self._eof, f"{text!r} never came: {self.text()!r}"
-                self._changed.clear()
-                await self._changed.wait()
-        self._seen = found + len(needle)
-
-    def send(self, line: str) -> None:
-        os.write(self._fd, line.encode() + b"\r")
-
-    async def finish(self) -> int:
-        """The exit status, once everything the child wrote was read."""
-        async with asyncio.timeout(WAIT):
-            while not self._eof:
-                self._changed.clear()
-                await self._changed.wait()
-            return await asyncio.to_thread(self.process.wait)
-
-    def text(self) -> str:
-        return self.output.decode(errors="replace")
-
-    def close(self) -> None:
-        if not self._eof:
-            asyncio.get_running_loop().remove_reader(self._fd)
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
-        os.close(self._fd)
-
-
-@contextlib.asynccontextmanager
-async def on_terminal(*args: str, env: dict[str, str], cwd: Path | None = None
-                      ) -> AsyncIterator[Terminal]:
-    terminal = Terminal([sys.executable, "-m", "proxy", *args], env, cwd)
-    try:
-        yield terminal
-    finally:
-        terminal.close()
-
-
 async def _two_upstreams(start_upstream: StartUpstream, tmp_path: Path) -> str:
-    fast = Upstream(models=("quick-1",))
-    slow = Upstream(models=("late-1", "late-2"), latency=SLOW)
+    fast = models_upstream(models=("quick-1",))
+    slow = models_upstream(models=("late-1", "late-2"), latency=SLOW)
     providers = [{"name": name, "type": "openai_compat",
                   "base_url": f"{await start_upstream(upstream.app())}/v1"}
                  for name, upstream in (("slow", slow), ("fast", fast))]
@@ -120,7 +43,7 @@ async def test_check_on_a_terminal_shows_each_provider_as_it_answers(
     start_upstream: StartUpstream, tmp_path: Path,
 ) -> None:
     config = await _two_upstreams(start_upstream, tmp_path)
-    async with on_terminal("check", "--config", config, env=_clean_env(TERM="xterm")) as term:
+    async with on_terminal("check", "--config", config, env=cli_env(TERM="xterm")) as term:
         await term.expect("fast: ")
         # The fast provider is reported while the slow one is still being waited for.
         assert term.process.poll() is None, term.text()
@@ -139,7 +62,7 @@ async def test_models_on_a_terminal_with_no_color_has_no_colour(
     start_upstream: StartUpstream, tmp_path: Path,
 ) -> None:
     config = await _two_upstreams(start_upstream, tmp_path)
-    env = _clean_env(TERM="xterm", NO_COLOR="1")
+    env = cli_env(TERM="xterm", NO_COLOR="1")
     async with on_terminal("models", "--config", config, env=env) as term:
         await term.expect("fast: ")
         await term.expect("slow: ")
@@ -154,7 +77,7 @@ async def test_models_on_a_terminal_is_coloured_without_no_color(
     start_upstream: StartUpstream, tmp_path: Path,
 ) -> None:
     config = await _two_upstreams(start_upstream, tmp_path)
-    async with on_terminal("models", "--config", config, env=_clean_env(TERM="xterm")) as term:
+    async with on_terminal("models", "--config", config, env=cli_env(TERM="xterm")) as term:
         assert await term.finish() == 0, term.text()
     assert "\x1b[32mok\x1b[0m" in term.text() and "\x1b[1mPROVIDER" in term.text()
 
@@ -167,7 +90,7 @@ async def test_not_a_terminal_gets_plain_lines_only(
         # TERM=xterm: only the streams decide, not what the terminal type would allow.
         result = await asyncio.to_thread(
             subprocess.run, [sys.executable, "-m", "proxy", command, "--config", config],
-            env=_clean_env(TERM="xterm"), stdin=subprocess.DEVNULL, capture_output=True,
+            env=cli_env(TERM="xterm"), stdin=subprocess.DEVNULL, capture_output=True,
             timeout=WAIT, check=False)
         out, err = result.stdout.decode(), result.stderr.decode()
         assert result.returncode == 0, (out, err)

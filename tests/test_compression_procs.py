@@ -12,36 +12,22 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from aiohttp import web
 
-from tests.conftest import StartUpstream
-from tests.test_workers import free_port, poll_healthz, spawn_proxy, stop
+from tests.conftest import StartFake
+from tests.procs import free_port, poll_healthz, spawn_proxy, stop
 
 REPO = Path(__file__).resolve().parent.parent
 ANSWER = orjson.dumps({"id": "c1", "object": "chat.completion", "pad": "x" * 20_000})
 
 
 async def test_two_workers_share_one_answer_and_each_client_gets_it_gzipped_once(
-    start_upstream: StartUpstream, tmp_path: Path,
+    start_fake: StartFake, tmp_path: Path,
 ) -> None:
-    calls: list[int] = []
-
-    async def chat(request: web.Request) -> web.Response:
-        await request.read()
-        calls.append(1)
-        await asyncio.sleep(0.4)  # every request arrives while the first is in flight
-        return web.Response(body=ANSWER, content_type="application/json")
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "m"}]})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", models)
-    upstream = await start_upstream(app)
+    # 0.4 s: every request arrives while the first is in flight.
+    upstream = await start_fake(body=ANSWER, latency=0.4)
     port = free_port()
     proxy = spawn_proxy(["--workers", "2", "--port", str(port),
-                         "--upstream", f"{upstream}/v1"], tmp_path)
+                         "--upstream", upstream.url], tmp_path)
     body = orjson.dumps({"model": "m", "temperature": 0, "messages": []})
     headers = {"Content-Type": "application/json", "Accept-Encoding": "gzip"}
     try:
@@ -61,7 +47,7 @@ async def test_two_workers_share_one_answer_and_each_client_gets_it_gzipped_once
             answers = await asyncio.gather(*(post() for _ in range(12)))
         assert [(status, coding) for status, coding, _ in answers] == [(200, "gzip")] * 12
         assert all(gzip.decompress(raw) == ANSWER for _, _, raw in answers)
-        assert len(calls) == 1, proxy.output()
+        assert upstream.chats == 1, proxy.output()
     finally:
         assert await stop(proxy) == 0, proxy.output()
 

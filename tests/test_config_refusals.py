@@ -17,7 +17,7 @@ import pytest
 from proxy.config.keys import hash_secret
 from proxy.config.loader import ConfigError, Overrides, config_from_dict, load_config
 from proxy.providers import PROVIDER_TYPES
-from tests.test_workers import clean_env
+from tests.procs import clean_env
 
 TYPES = PROVIDER_TYPES.keys()
 A = {"name": "a", "type": "openai_compat", "base_url": "http://127.0.0.1:9/v1",

@@ -21,7 +21,6 @@ from proxy.config.timeouts import TimeoutOverrides, Timeouts
 from proxy.providers import PROVIDER_TYPES
 from proxy.upstream.deadlines import Deadlines
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
-from tests.test_upstream_timeouts import unanswered_port  # noqa: F401 - a fixture
 from tests.wire import CHAT, error_code, fetch, gateway
 
 LIMIT = 0.3  # the deadline a test is about
@@ -146,7 +145,7 @@ async def test_total_bounds_the_wait_for_headers_too(
 
 
 async def test_a_provider_connect_timeout_overrides_the_global_one(
-        unanswered_port: int, start_gateway: StartGateway,  # noqa: F811 - the fixture
+        unanswered_port: int, start_gateway: StartGateway,
         make_config: MakeConfig) -> None:
     provider = {"name": "prov", "type": "openai_compat", "models": ["m"],
                 "base_url": f"http://127.0.0.1:{unanswered_port}/v1",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,73 +21,30 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from aiohttp import web
 
 from proxy.errors import FellBehind
 from proxy.sharing.dedup import Exchange, Head, InflightRequests
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartGateway, StartLive, StartUpstream
+from tests.fake_upstream import FakeUpstream
 
 CHAT = "/v1/chat/completions"
 Reply = tuple[int, "dict[str, str]", bytes]  # status, headers, body
 
 
-class Upstream:
-    """Counts calls; waits ``delay`` then answers ``status``; streams ``events`` SSE events
-    ``interval`` s apart (each padded to ``pad`` bytes) once ``gate`` is open."""
-
-    def __init__(self, delay: float = 0.2, status: int = 200,
-                 headers: dict[str, str] | None = None, events: int = 6,
-                 interval: float = 0.15, pad: int = 0):
-        self.delay, self.status, self.headers = delay, status, headers or {}
-        self.events, self.interval, self.pad = events, interval, pad
-        self.calls = 0
-        self.cancelled = asyncio.Event()
-        self.written_at: list[float] = []
-        self.gate = asyncio.Event()
-        self.gate.set()
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post(CHAT, self.handle)
-        app.router.add_post("/v1/embeddings", self.handle)
-        return app
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        payload = await request.json()
-        self.calls += 1
-        call = self.calls
-        try:
-            if payload.get("stream"):
-                return await self._stream(request, call)
-            await asyncio.sleep(self.delay)
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        headers = {"X-Request-ID": f"upstream-{call}", **self.headers}
-        if self.status != 200:
-            error = {"error": {"message": f"failure {call}", "type": "x", "code": None}}
-            return web.json_response(error, status=self.status, headers=headers)
-        answer = {"id": f"answer-{call}", "object": "chat.completion"}
-        if self.pad:
-            answer["pad"] = "x" * self.pad
-        return web.json_response(answer, headers=headers)
-
-    async def _stream(self, request: web.Request, call: int) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await self.gate.wait()
-        for index in range(self.events):
-            await asyncio.sleep(self.interval)
-            await response.write(event(call, index, self.pad))
-            self.written_at.append(time.monotonic())
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+def upstream(delay: float = 0.2, events: int = 6, interval: float = 0.15, pad: int = 0,
+             **reply: Any) -> FakeUpstream:
+    """The counting fake (tests/fake_upstream.py) as these tests script it, not yet
+    started: JSON answers after ``delay``; a stream of ``events`` events ``w0 ``, ``w1 ``
+    ... ``interval`` apart, each padded with ``pad`` bytes."""
+    return FakeUpstream(("m", "e"), latency=delay, interval=interval, pad=pad,
+                        pieces=tuple(f"w{i} " for i in range(events)), **reply)
 
 
 def event(call: int, index: int, pad: int = 0) -> bytes:
+    """The fake's event ``index`` of call ``call``, written out: a shared stream must be
+    these exact bytes."""
     chunk = {"id": f"chatcmpl-{call}", "object": "chat.completion.chunk", "created": 1,
-             "model": "m", "pad": "x" * pad,
+             "model": "m", **({"pad": "x" * pad} if pad else {}),
              "choices": [{"index": 0, "delta": {"content": f"w{index} "},
                           "finish_reason": None}]}
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
@@ -111,12 +69,10 @@ def gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
             make_config: MakeConfig) -> Callable[..., Any]:
     """``await gateway(upstream, **raw_config)`` -> the gateway's base URL. The cache is
     off unless ``raw_config`` says otherwise, so only deduplication can share."""
-    async def start(upstream: Upstream, **raw: Any) -> str:
-        url = await start_upstream(upstream.app())
+    async def start(upstream: FakeUpstream, **raw: Any) -> str:
+        upstream.url = f"{await start_upstream(upstream.app())}/v1"
         raw.setdefault("cache", {"enabled": False})
-        return await start_gateway(make_config(
-            [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1",
-              "models": ["m", "e"]}], **raw))
+        return await start_gateway(make_config([upstream.provider()], **raw))
 
     return start
 
@@ -148,13 +104,13 @@ async def test_identical_deterministic_requests_share_one_call(
     gateway: Callable[..., Any], session: aiohttp.ClientSession, path: str,
     body: dict[str, Any],
 ) -> None:
-    upstream = Upstream()
-    url = await gateway(upstream) + path
+    fake = upstream()
+    url = await gateway(fake) + path
     replies = await asyncio.gather(*(
         post(session, url, body, {"X-Request-ID": f"client-{i}"}) for i in range(20)))
-    assert upstream.calls == 1
+    assert fake.calls[path] == 1
     assert {r[0] for r in replies} == {200}
-    assert {r[2] for r in replies} == {b'{"id": "answer-1", "object": "chat.completion"}'}
+    assert len({r[2] for r in replies}) == 1  # and from call 1: X-Upstream-Request-ID
     assert roles(replies) == ["follower"] * 19 + ["leader"]
     # Each client gets its own request id back, not the leader's.
     assert [r[1]["X-Request-ID"] for r in replies] == [f"client-{i}" for i in range(20)]
@@ -172,14 +128,14 @@ async def test_dedup_modes_and_opt_out(
     gateway: Callable[..., Any], session: aiohttp.ClientSession, raw: dict[str, Any],
     body: dict[str, Any], headers: dict[str, str], shared: bool,
 ) -> None:
-    upstream = Upstream()
-    replies = await burst(session, await gateway(upstream, **raw) + CHAT, body, 5, headers)
+    fake = upstream()
+    replies = await burst(session, await gateway(fake, **raw) + CHAT, body, 5, headers)
     assert {r[0] for r in replies} == {200}
     if shared:
-        assert upstream.calls == 1
+        assert fake.chats == 1
         assert roles(replies) == ["follower"] * 4 + ["leader"]
     else:
-        assert upstream.calls == 5
+        assert fake.chats == 5
         assert roles(replies) == [None] * 5
         assert len({r[2] for r in replies}) == 5  # five independent answers
 
@@ -187,21 +143,21 @@ async def test_dedup_modes_and_opt_out(
 async def test_callers_and_bodies_that_differ(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
 ) -> None:
-    upstream = Upstream()
-    url = await gateway(upstream) + CHAT
+    fake = upstream()
+    url = await gateway(fake) + CHAT
     body = chat(temperature=0)
     a, b = await asyncio.gather(post(session, url, body, {"Authorization": "Bearer a"}),
                                 post(session, url, body, {"Authorization": "Bearer b"}))
-    assert upstream.calls == 2, "two callers must never share an answer"
+    assert fake.chats == 2, "two callers must never share an answer"
     assert (a[1]["X-Gateway-Dedup"], b[1]["X-Gateway-Dedup"]) == ("leader", "leader")
     reordered = b'{"temperature": 0, "messages": [{"content": "hi", "role": "user"}], ' \
                 b'"model": "m"}'
     replies = await asyncio.gather(post(session, url, body), post(session, url, reordered))
-    assert upstream.calls == 3, "the same body with keys reordered is the same request"
+    assert fake.chats == 3, "the same body with keys reordered is the same request"
     assert replies[0][2] == replies[1][2]
     await asyncio.gather(post(session, url, body),
                          post(session, url, chat(temperature=0, max_tokens=5)))
-    assert upstream.calls == 5
+    assert fake.chats == 5
 
 
 @pytest.mark.parametrize(("status", "headers"), [(500, {}), (429, {"Retry-After": "7"})])
@@ -209,9 +165,9 @@ async def test_upstream_error_reaches_every_waiter(
     gateway: Callable[..., Any], session: aiohttp.ClientSession, status: int,
     headers: dict[str, str],
 ) -> None:
-    upstream = Upstream(status=status, headers=headers)
-    replies = await burst(session, await gateway(upstream) + CHAT, chat(temperature=0), 6)
-    assert upstream.calls == 1
+    fake = upstream(status=status, headers=headers)
+    replies = await burst(session, await gateway(fake) + CHAT, chat(temperature=0), 6)
+    assert fake.chats == 1
     assert {r[0] for r in replies} == {status}
     assert {orjson.loads(r[2])["error"]["message"] for r in replies} == {"failure 1"}
     assert {r[1].get("Retry-After") for r in replies} == {headers.get("Retry-After")}
@@ -241,18 +197,19 @@ async def test_stream_fans_out_to_late_subscribers(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    upstream = Upstream()
-    base = await gateway(upstream)
+    fake = upstream()
+    base = await gateway(fake)
     body = chat(temperature=0, stream=True)
     # Built now: building it blocks the loop for a while. Its Accept-Encoding is the
     # other clients' (part of the key).
     sdk = openai_client(base, default_headers={"Accept-Encoding": "identity"})
+    gc.collect()  # now, so that no full collection (100 ms and more) lands in the window
 
     async def after_two_events() -> None:
         """Join between the 2nd and 3rd events (150 ms apart), however late the first
         request started on a busy machine."""
         for _ in range(400):
-            if len(upstream.written_at) >= 2:
+            if len(fake.written_at) >= 2:
                 return
             await asyncio.sleep(0.005)
 
@@ -269,14 +226,14 @@ async def test_stream_fans_out_to_late_subscribers(
 
     first, (b_joined, b_arrivals, b_headers), text = await asyncio.gather(
         read_timed(session, base + CHAT, body), late_raw(), late_sdk())
-    assert upstream.calls == 1
+    assert fake.chats == 1
     assert joined(first[0]) == full_stream(1)
     assert joined(b_arrivals) == full_stream(1)
     assert text == "".join(f"w{i} " for i in range(6))
     assert (first[1]["X-Gateway-Dedup"], b_headers["X-Gateway-Dedup"]) == ("leader", "follower")
     # B joined after two events had gone out and got them before the third was written.
-    assert upstream.written_at[1] < b_joined < upstream.written_at[2]
-    assert received_by(b_arrivals, len(event(1, 0) + event(1, 1))) < upstream.written_at[2]
+    assert fake.written_at[1] < b_joined < fake.written_at[2]
+    assert received_by(b_arrivals, len(event(1, 0) + event(1, 1))) < fake.written_at[2]
 
 
 def received_by(arrivals: list[tuple[float, bytes]], size: int) -> float:
@@ -294,8 +251,8 @@ async def test_slow_subscriber_does_not_stall_the_others(
 ) -> None:
     # 6 events of 512 KiB: far more than the socket and client buffers of a client that
     # does not read, so a gateway writing to subscribers in lockstep would stall A.
-    upstream = Upstream(interval=0.1, pad=512 * 1024)
-    url = await gateway(upstream) + CHAT
+    fake = upstream(interval=0.1, pad=512 * 1024)
+    url = await gateway(fake) + CHAT
     body = chat(temperature=0, stream=True)
     started = time.monotonic()
     fast, slow = await asyncio.gather(read_timed(session, url, body),
@@ -303,46 +260,46 @@ async def test_slow_subscriber_does_not_stall_the_others(
     expected = full_stream(1, pad=512 * 1024)
     assert joined(fast[0]) == expected
     assert joined(slow[0]) == expected
-    assert upstream.calls == 1
+    assert fake.chats == 1
     fast_done = fast[0][-1][0]
     assert fast_done < started + 1.0 <= slow[0][0][0], "the fast client waited for the slow"
 
 
 async def test_leader_leaving_does_not_cancel_the_shared_call(
-    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    live_gateway: StartLive, session: aiohttp.ClientSession,
 ) -> None:
-    upstream = Upstream(delay=0.4)
-    url = await gateway(upstream) + CHAT
+    fake = upstream(delay=0.4)
+    gateway = await live_gateway(fake, cache={"enabled": False})
+    url = gateway.url + CHAT
     body = chat(temperature=0)
     leader = asyncio.create_task(post(session, url, body))
-    await asyncio.sleep(0.1)
+    await gateway.until(lambda: fake.chats == 1, what="the leader's call")
     followers = asyncio.gather(post(session, url, body), post(session, url, body))
-    await asyncio.sleep(0.1)
+    await gateway.until(lambda: gateway.inflight.followed == 2, what="two followers")
     leader.cancel()  # closes the leader's connection
     replies = await followers
     assert [r[0] for r in replies] == [200, 200]
-    assert {r[2] for r in replies} == {b'{"id": "answer-1", "object": "chat.completion"}'}
+    assert len({r[2] for r in replies}) == 1
+    assert orjson.loads(replies[0][2])["id"] == "answer-1"
     assert roles(replies) == ["follower", "follower"]
-    assert upstream.calls == 1
-    assert not upstream.cancelled.is_set()
+    assert fake.chats == 1
+    assert fake.cancelled == 0
 
 
 async def test_last_waiter_leaving_cancels_the_upstream_call(
-    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    live_gateway: StartLive, session: aiohttp.ClientSession,
 ) -> None:
-    upstream = Upstream(delay=5)
-    url = await gateway(upstream) + CHAT
+    fake = upstream(delay=5)
+    gateway = await live_gateway(fake, cache={"enabled": False})
+    url = gateway.url + CHAT
     clients = [asyncio.create_task(post(session, url, chat(temperature=0))) for _ in range(3)]
-    for _ in range(50):
-        if upstream.calls:
-            break
-        await asyncio.sleep(0.02)
-    await asyncio.sleep(0.1)  # the other two have joined
+    await gateway.until(lambda: fake.chats == 1 and gateway.inflight.followed == 2,
+                        what="one call, the other two joined")
     for client in clients:
         client.cancel()
     await asyncio.gather(*clients, return_exceptions=True)
-    await asyncio.wait_for(upstream.cancelled.wait(), 1.0)
-    assert upstream.calls == 1
+    await gateway.until(lambda: fake.cancelled == 1, 1.0, "the upstream call cancelled")
+    assert fake.chats == 1
 
 
 async def test_a_subscriber_that_falls_too_far_behind_is_cut_off() -> None:
@@ -373,13 +330,15 @@ async def test_a_subscriber_that_falls_too_far_behind_is_cut_off() -> None:
 
 
 async def test_a_client_that_never_reads_is_cut_off_the_others_finish(
-    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    live_gateway: StartLive, session: aiohttp.ClientSession,
 ) -> None:
     # 4 MB streamed at full speed against a 256 KiB budget: the client that reads keeps
     # well within it; the one that never reads fills its socket buffers and falls behind.
-    upstream = Upstream(events=2000, interval=0, pad=2000)
-    upstream.gate.clear()
-    base = await gateway(upstream, dedup={"max_buffer_bytes": 256 * 1024})
+    fake = upstream(events=2000, interval=0, pad=2000)
+    fake.chat.gate = gate = asyncio.Event()
+    gateway = await live_gateway(fake, cache={"enabled": False},
+                                 dedup={"max_buffer_bytes": 256 * 1024})
+    base = gateway.url
     body = orjson.dumps(chat(temperature=0, stream=True))
     host, port = base.removeprefix("http://").split(":")
     loop = asyncio.get_running_loop()
@@ -393,20 +352,17 @@ async def test_a_client_that_never_reads_is_cut_off_the_others_finish(
             f"Authorization: Bearer sk-client-test\r\nAccept-Encoding: identity\r\n"
             f"Connection: close\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        for _ in range(100):
-            if upstream.calls:
-                break
-            await asyncio.sleep(0.01)
+        await gateway.until(lambda: fake.chats == 1, what="the stuck client's call")
         reader = asyncio.create_task(read_timed(session, base + CHAT, orjson.loads(body), 0))
-        await asyncio.sleep(0.2)  # the reader has joined the exchange
-        upstream.gate.set()
+        await gateway.until(lambda: gateway.inflight.followed == 1, what="the reader joined")
+        gate.set()
         arrivals, headers = await asyncio.wait_for(reader, 5)
         assert joined(arrivals) == full_stream(1, events=2000, pad=2000)
         assert headers["X-Gateway-Dedup"] == "follower"
         received = b""
         while chunk := await asyncio.wait_for(loop.sock_recv(stuck, 65536), 5):
             received += chunk
-    assert upstream.calls == 1
+    assert fake.chats == 1
     assert b"client_too_slow" in received
     assert b"[DONE]" not in received
 
@@ -419,8 +375,8 @@ async def test_a_lone_client_is_never_cut_off(
     """The budget bounds how far a subscriber may lag behind another one; a client alone
     on its exchange lags behind nobody, whether its answer is larger than the budget or
     it reads slower than the upstream writes (the exchange then waits for it)."""
-    upstream = Upstream(delay=0, interval=0, events=200, pad=20_000)
-    url = await gateway(upstream, dedup={"max_buffer_bytes": 2048}) + CHAT
+    fake = upstream(delay=0, interval=0, events=200, pad=20_000)
+    url = await gateway(fake, dedup={"max_buffer_bytes": 2048}) + CHAT
     if not stream:
         status, _, body = await post(session, url, chat(temperature=0))
         assert (status, orjson.loads(body)["pad"]) == (200, "x" * 20_000)

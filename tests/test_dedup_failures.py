@@ -18,9 +18,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.conftest import StartUpstream
+from tests.conftest import StartFake
+from tests.polling import until
 from tests.wire import (
     MODELS,
     Conn,
@@ -35,25 +35,6 @@ CHAT = "/v1/chat/completions"
 SHARED = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
 
 
-class Slow:
-    """An upstream answering 200 after ``delay`` s; counts the calls."""
-
-    def __init__(self, delay: float):
-        self.delay = delay
-        self.calls = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post(CHAT, self.chat)
-        return app
-
-    async def chat(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.calls += 1
-        await asyncio.sleep(self.delay)
-        return web.json_response({"id": f"answer-{self.calls}", "object": "chat.completion"})
-
-
 def provider(name: str, base_url: str, model: str = "m") -> dict[str, Any]:
     return {"name": name, "type": "openai_compat", "base_url": base_url, "models": [model]}
 
@@ -64,13 +45,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
-async def eventually(check: Callable[[], bool], within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting for the condition"
-        await asyncio.sleep(0.01)
-
-
 async def leader_then_followers(session: aiohttp.ClientSession, url: str,
                                 started: Callable[[], bool] = lambda: True,
                                 followers: int = 3) -> list[Reply]:
@@ -78,7 +52,7 @@ async def leader_then_followers(session: aiohttp.ClientSession, url: str,
     leader's call is under way (and not yet failed), so they join its exchange."""
     leader = asyncio.create_task(post_json(session, url, SHARED))
     try:
-        await eventually(started)
+        await until(started)
         await asyncio.sleep(0.05)
         replies = await asyncio.gather(*(post_json(session, url, SHARED) for _ in range(followers)))
         return [await asyncio.wait_for(leader, 5), *replies]
@@ -91,24 +65,24 @@ def codes(replies: list[Reply]) -> list[tuple[int, str]]:
 
 
 async def test_unreachable_upstream_reaches_leader_and_followers(
-    start_upstream: StartUpstream, cacheless_gateway: Callable[..., Any],
+    start_fake: StartFake, cacheless_gateway: Callable[..., Any],
     session: aiohttp.ClientSession, closed_port: int,
 ) -> None:
     """The only pool connection (``pool.limit`` 1) is busy with another provider's call,
     so the leader's call waits for it while the followers join; then it is refused."""
-    busy = Slow(delay=0.4)
+    busy = await start_fake(models=("b",), latency=0.4)
     base = await cacheless_gateway(
-        [provider("busy", f"{await start_upstream(busy.app())}/v1", "b"),
+        [busy.provider("busy"),
          provider("down", f"http://127.0.0.1:{closed_port}/v1")], pool={"limit": 1})
     holder = asyncio.create_task(post_json(session, base + CHAT, {**SHARED, "model": "b"}))
     try:
-        await eventually(lambda: busy.calls == 1)
+        await until(lambda: busy.chats == 1)
         replies = await leader_then_followers(session, base + CHAT)
         assert codes(replies) == [(502, "upstream_unreachable")] * 4
         assert (await asyncio.wait_for(holder, 5))[0] == 200
     finally:
         holder.cancel()
-    assert busy.calls == 1
+    assert busy.chats == 1
 
 
 async def test_upstream_silent_past_the_read_timeout_reaches_every_waiter(
@@ -138,18 +112,18 @@ async def test_upstream_silent_past_the_read_timeout_reaches_every_waiter(
     {"queue_size": 1, "queue_timeout": 0.3},
 ], ids=["queue-full", "queue-deadline"])
 async def test_a_shed_shared_call_reaches_every_waiter_with_retry_after(
-    start_upstream: StartUpstream, cacheless_gateway: Callable[..., Any],
+    start_fake: StartFake, cacheless_gateway: Callable[..., Any],
     session: aiohttp.ClientSession, limits: dict[str, Any],
 ) -> None:
     """One slot, held by a sampled request: the shared call is shed at once (no queue)
     or when its queue deadline passes (the followers have joined by then)."""
-    upstream = Slow(delay=0.8)
-    base = await cacheless_gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
+    upstream = await start_fake(latency=0.8)
+    base = await cacheless_gateway([upstream.provider()],
                          limits={"initial": 1, "min": 1, "max": 1, **limits})
     sampled = {**SHARED, "temperature": 0.7}
     holder = asyncio.create_task(post_json(session, base + CHAT, sampled))
     try:
-        await eventually(lambda: upstream.calls == 1)
+        await until(lambda: upstream.chats == 1)
         if limits["queue_size"]:
             replies = await leader_then_followers(session, base + CHAT)
         else:
@@ -161,4 +135,4 @@ async def test_a_shed_shared_call_reaches_every_waiter_with_retry_after(
         assert (await asyncio.wait_for(holder, 5))[0] == 200
     finally:
         holder.cancel()
-    assert upstream.calls == 1, "a shed call never reaches the upstream"
+    assert upstream.chats == 1, "a shed call never reaches the upstream"

@@ -8,10 +8,8 @@ calls and how many of them are in flight at once (shared across providers).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,9 @@ import pytest
 import yaml
 from aiohttp import web
 
+from tests.cli_helpers import run_cli
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
-from tests.test_cli_check import run_cli
+from tests.polling import until
 
 SECRET = "sk-discovery-secret-0123456789"
 
@@ -87,16 +86,6 @@ async def _get(url: str) -> tuple[int, dict[str, Any], bytes]:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         raw = await response.read()
         return response.status, orjson.loads(raw), raw
-
-
-async def _until(condition: Callable[[], Any], seconds: float = 2.0) -> None:
-    """Bounded polling: at most ``seconds``, every 10 ms; ``condition`` may be async."""
-    for _ in range(int(seconds / 0.01)):
-        result = condition()
-        if await result if inspect.isawaitable(result) else result:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 async def test_all_providers_are_asked_at_once(
@@ -172,13 +161,13 @@ async def test_stale_listing_is_served_while_refreshing(
     _, stale, _ = await _get(f"{gateway}/v1/models")
     assert time.perf_counter() - started < 0.2, "a stale listing waited for the refresh"
     assert [m["id"] for m in stale["data"]] == ["m1"]
-    await _until(lambda: fake.calls == 2, seconds=0.2)
+    await until(lambda: fake.calls == 2, within=0.2)
 
     async def refreshed() -> bool:
         _, body, _ = await _get(f"{gateway}/v1/models")
         return [m["id"] for m in body["data"]] == ["m1", "m2"]
 
-    await _until(refreshed)
+    await until(refreshed)
 
 
 async def test_healthz_never_touches_upstreams(
@@ -187,7 +176,7 @@ async def test_healthz_never_touches_upstreams(
     fake = Fake("p", ["m1"])
     await _start(start_upstream, fake)
     gateway = await start_gateway(make_config([fake.provider()], health_cache_ttl=0))
-    await _until(lambda: fake.calls == 1 and fake.shared.now == 0)  # start-up discovery
+    await until(lambda: fake.calls == 1 and fake.shared.now == 0)  # start-up discovery
     for _ in range(3):
         status, body, _ = await _get(f"{gateway}/healthz")
         assert status == 200

@@ -25,8 +25,8 @@ import pytest
 from aiohttp import web
 
 from proxy.mock.payloads import GREETING
-from tests.conftest import MockUpstream, StartUpstream
-from tests.test_dropin_models import keyed_upstream
+from tests.conftest import MockUpstream, StartFake, StartUpstream
+from tests.keys_helpers import authorizations, keyed
 
 AsyncClientFactory = Callable[..., openai.AsyncOpenAI]
 # Variables that would configure providers or the server behind the test's back.
@@ -159,13 +159,12 @@ async def test_dropin_authorization(
 
 
 async def test_dropin_lists_models_with_each_callers_own_key(
-    start_upstream: StartUpstream, openai_client: AsyncClientFactory, tmp_path: Path,
+    start_fake: StartFake, openai_client: AsyncClientFactory, tmp_path: Path,
 ) -> None:
     """Issue 9: with no upstream key, models.list() was empty (a 401 under ``errors``),
     models.retrieve() a 404 and /health a 503."""
-    seen: list[str | None] = []
-    upstream = await start_upstream(keyed_upstream(seen))
-    async with _serving(["--upstream", f"{upstream}/v1"], _clean_env(), tmp_path) as (url, _):
+    upstream = keyed(await start_fake())
+    async with _serving(["--upstream", upstream.url], _clean_env(), tmp_path) as (url, _):
         a = openai_client(url, api_key="sk-caller-a")
         b = openai_client(url, api_key="sk-caller-b")
         assert [(m.id, m.owned_by) async for m in a.models.list()] == [("model-a", "org-a")]
@@ -175,7 +174,7 @@ async def test_dropin_lists_models_with_each_callers_own_key(
             await b.models.retrieve("model-a")
         async with aiohttp.ClientSession() as http, http.get(f"{url}/health") as response:
             assert response.status == 200, await response.text()
-    assert set(seen) <= {None, "Bearer sk-caller-a", "Bearer sk-caller-b"}
+    assert set(authorizations(upstream)) <= {None, "Bearer sk-caller-a", "Bearer sk-caller-b"}
 
 
 async def test_invalid_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:

@@ -12,50 +12,25 @@ from collections.abc import Callable
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
-
-# Each key's models, as the upstream sends them (created/owned_by are its own).
-KEYS = {
-    "Bearer sk-caller-a": [{"id": "model-a", "object": "model", "created": 1700000001,
-                            "owned_by": "org-a"}],
-    "Bearer sk-caller-b": [{"id": "model-b1", "object": "model", "created": 1700000002,
-                            "owned_by": "org-b"},
-                           {"id": "model-b2", "object": "model", "created": 1700000003,
-                            "owned_by": "org-b"}],
-}
+from tests.conftest import MakeConfig, StartFake, StartGateway
+from tests.fake_upstream import FakeUpstream
+from tests.keys_helpers import authorizations, keyed
 
 
-def keyed_upstream(seen: list[str | None]) -> web.Application:
-    async def models(request: web.Request) -> web.Response:
-        auth = request.headers.get("Authorization")
-        seen.append(auth)
-        if auth not in KEYS:
-            error = {"message": "bad key", "type": "invalid_request_error",
-                     "code": "invalid_api_key"}
-            return web.json_response({"error": error}, status=401)
-        return web.json_response({"object": "list", "data": KEYS[auth]})
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    return app
-
-
-async def _dropin(start_upstream: StartUpstream, start_gateway: StartGateway,
-                  make_config: MakeConfig, **raw: object) -> tuple[str, list[str | None]]:
-    seen: list[str | None] = []
-    upstream = await start_upstream(keyed_upstream(seen))
-    provider = {"name": "upstream", "type": "openai_compat", "base_url": f"{upstream}/v1",
+async def _dropin(start_fake: StartFake, start_gateway: StartGateway,
+                  make_config: MakeConfig, **raw: object) -> tuple[str, FakeUpstream]:
+    upstream = keyed(await start_fake())
+    provider = {"name": "upstream", "type": "openai_compat", "base_url": upstream.url,
                 "catch_all": True}  # what --upstream URL builds (config/providers.py)
-    return await start_gateway(make_config([provider], **raw)), seen
+    return await start_gateway(make_config([provider], **raw)), upstream
 
 
 async def test_each_caller_lists_the_upstreams_models_with_its_own_key(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    url, seen = await _dropin(start_upstream, start_gateway, make_config)
+    url, upstream = await _dropin(start_fake, start_gateway, make_config)
     a = openai_client(url, api_key="sk-caller-a")
     b = openai_client(url, api_key="sk-caller-b")
     for _ in range(2):  # the second round from the per-caller cache: still never mixed
@@ -70,14 +45,14 @@ async def test_each_caller_lists_the_upstreams_models_with_its_own_key(
     with pytest.raises(openai.NotFoundError):
         await b.models.retrieve("model-a")  # A's model is not B's
     assert (await b.models.retrieve("model-b2")).owned_by == "org-b"
-    assert {"Bearer sk-caller-a", "Bearer sk-caller-b"} <= set(seen)
-    assert set(seen) <= {None, "Bearer sk-caller-a", "Bearer sk-caller-b"}
+    assert {"Bearer sk-caller-a", "Bearer sk-caller-b"} <= set(authorizations(upstream))
+    assert set(authorizations(upstream)) <= {None, "Bearer sk-caller-a", "Bearer sk-caller-b"}
 
 
 async def test_a_wrong_key_lists_nothing_and_says_why(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    url, _ = await _dropin(start_upstream, start_gateway, make_config)
+    url, _ = await _dropin(start_fake, start_gateway, make_config)
     headers = {"Authorization": "Bearer sk-unknown"}
     async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/models",
                                                          headers=headers) as response:
@@ -88,9 +63,9 @@ async def test_a_wrong_key_lists_nothing_and_says_why(
 
 
 async def test_health_is_200_when_the_upstream_only_wants_the_callers_key(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    url, seen = await _dropin(start_upstream, start_gateway, make_config)
+    url, upstream = await _dropin(start_fake, start_gateway, make_config)
     async with aiohttp.ClientSession() as http, http.get(f"{url}/health") as response:
         status, body = response.status, await response.json()
     assert status == 200, body
@@ -98,16 +73,16 @@ async def test_health_is_200_when_the_upstream_only_wants_the_callers_key(
     [provider] = body["providers"]
     assert provider["status"] == "healthy" and provider["needs_caller_key"] is True
     assert provider["error"] is None
-    assert None in seen  # probed without any key: the gateway has none
+    assert None in authorizations(upstream)  # probed without any key: the gateway has none
 
 
 async def test_with_gateway_keys_the_callers_key_is_never_sent_upstream(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
     digest = hashlib.sha256(b"sk-caller-a").hexdigest()
     keys = {"keys": [{"name": "team", "sha256": digest}]}
-    url, seen = await _dropin(start_upstream, start_gateway, make_config, auth=keys)
+    url, upstream = await _dropin(start_fake, start_gateway, make_config, auth=keys)
     client = openai_client(url, api_key="sk-caller-a")  # a gateway key, not an upstream one
     assert [m.id async for m in client.models.list()] == []
-    assert "Bearer sk-caller-a" not in seen
+    assert "Bearer sk-caller-a" not in authorizations(upstream)

@@ -21,6 +21,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.assertions import assert_error
 from tests.conftest import MakeConfig, MockUpstream, StartGateway, StartUpstream
 
 SECRET = "sk-upstream-secret"
@@ -34,19 +35,6 @@ async def call(url: str, method: str = "POST", **kwargs: Any
     async with (aiohttp.ClientSession() as session,
                 session.request(method, url, **kwargs) as resp):
         return resp.status, resp.headers, await resp.read()
-
-
-def assert_error(body: bytes, code: str, type_: str = "invalid_request_error",
-                 param: str | None = None) -> str:
-    """``body`` is exactly OpenAI's error shape; returns the message."""
-    parsed = orjson.loads(body)
-    assert list(parsed) == ["error"]
-    error = parsed["error"]
-    assert sorted(error) == ["code", "message", "param", "type"]
-    assert (error["type"], error["code"], error["param"]) == (type_, code, param)
-    assert isinstance(error["message"], str)
-    assert error["message"]
-    return str(error["message"])
 
 
 def closed_port() -> int:

@@ -21,10 +21,10 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.assertions import assert_error
 from tests.conftest import StartUpstream
 from tests.faulty import CHAT, Faults, chat, providers
 from tests.procs import Proc, gateway_process
-from tests.test_errors import assert_error
 
 READ_TIMEOUT = 1.0
 # Retries on (conftest's make_config turns them off), quick, honouring Retry-After.

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import MockUpstream
-from tests.test_workers import free_port, poll_healthz, spawn, stop
+from tests.procs import free_port, poll_healthz, spawn, stop
 
 
 def open_files_limits(pid: int) -> tuple[int, int]:

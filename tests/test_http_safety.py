@@ -12,159 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import orjson
-import pytest
-from aiohttp import web
-from yarl import URL
 
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
-from tests.wire import CHAT, gateway, post_json
-
-CHAT_BODY = orjson.dumps(CHAT)
-ANSWER = {"id": "chatcmpl-s", "object": "chat.completion", "created": 0, "model": "m",
-          "choices": [{"index": 0, "finish_reason": "stop",
-                       "message": {"role": "assistant", "content": "ok"}}]}
-# Generous bounds for a noisy 2-core machine: the limits in these tests are 0.5 s, and
-# without the behaviour under test the connection would stay open far beyond these.
-SLACK = 5.0
-
-
-@dataclass
-class Recorder:
-    """What reached the upstream: every request except discovery's model listings."""
-
-    requests: list[tuple[str, str, bytes]] = field(default_factory=list)
-    delay: float = 0.0
-
-
-def recording_upstream(recorder: Recorder) -> web.Application:
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
-
-    async def anything(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        recorder.requests.append((request.method, request.path_qs, body))
-        if not body.startswith(b"{") or not orjson.loads(body).get("stream"):
-            await asyncio.sleep(recorder.delay)
-            return web.json_response(ANSWER)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for _ in range(3):  # a slow generation: the whole stream takes 3 x delay
-            await asyncio.sleep(recorder.delay)
-            await response.write(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n')
-        await response.write(b"data: [DONE]\n\n")
-        return response
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_route("*", "/{tail:.*}", anything)
-    return app
-
-
-Safe = Callable[..., Awaitable[tuple[str, Recorder]]]
-
-
-@pytest.fixture
-def safe_gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
-                 make_config: MakeConfig) -> Safe:
-    """``await safe_gateway(**server_keys)`` -> (gateway URL, the upstream's recorder),
-    with the cache off so every request that gets through reaches the upstream."""
-    async def start(delay: float = 0.0, **server: Any) -> tuple[str, Recorder]:
-        recorder = Recorder(delay=delay)
-        upstream = await start_upstream(recording_upstream(recorder))
-        url = await gateway(start_gateway, make_config, f"{upstream}/v1", server=server,
-                            cache={"enabled": False})
-        return url, recorder
-
-    return start
-
-
-def chat_request(extra: bytes = b"", body: bytes = CHAT_BODY) -> bytes:
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json"
-            b"\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body))
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def code(self) -> str:
-        assert self.headers["content-type"].startswith("application/json"), self
-        code: str = orjson.loads(self.body)["error"]["code"]
-        return code
-
-
-class Raw:
-    """One raw client connection to the gateway (``connect`` closes it after the test)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, url: str) -> Raw:
-        target = URL(url)
-        return cls(*await asyncio.open_connection(target.host, target.port))
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def reply(self, within: float = 10) -> Reply:
-        """One response with a Content-Length body."""
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), within)
-        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-        headers = {name.strip().lower(): value.strip()
-                   for name, _, value in (line.partition(":") for line in lines)}
-        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
-        return Reply(int(status_line.split()[1]), headers, body)
-
-    async def closed(self, within: float = SLACK) -> bool:
-        """Whether the gateway closes the connection ``within`` seconds (sending nothing
-        more before it)."""
-        try:
-            return await asyncio.wait_for(self.reader.read(1), within) == b""
-        except TimeoutError:
-            return False
-        except ConnectionError:
-            return True
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
-
-
-Connect = Callable[[str], Awaitable[Raw]]
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Connect]:
-    clients: list[Raw] = []
-
-    async def open_one(url: str) -> Raw:
-        clients.append(await Raw.open(url))
-        return clients[-1]
-
-    yield open_one
-    for client in clients:
-        await client.close()
-
-
-async def one_reply(url: str, data: bytes) -> Reply:
-    client = await Raw.open(url)
-    try:
-        await client.send(data)
-        return await client.reply()
-    finally:
-        await client.close()
+from tests.polling import until
+from tests.raw_http import (
+    CHAT_BODY,
+    SLACK,
+    Connect,
+    Raw,
+    Reply,
+    Safe,
+    chat_request,
+    one_reply,
+)
+from tests.wire import CHAT, post_json
 
 
 def header_lines(count: int, size: int) -> bytes:
@@ -322,10 +187,10 @@ async def test_bytes_after_a_body_never_cut_its_answer(safe_gateway: Safe,
                                                       connect: Connect) -> None:
     """A stray CRLF after a body (old clients send one) starts the head clock while a
     1.8 s stream is being answered: the clock starts over rather than cut the stream."""
-    url, _ = await safe_gateway(delay=0.6, header_timeout=0.5)
+    url, upstream = await safe_gateway(delay=0.6, header_timeout=0.5)
     client = await connect(url)
     await client.send(chat_request(body=orjson.dumps({**CHAT, "stream": True})))
-    await asyncio.sleep(0.1)
+    await until(lambda: upstream.requests, what="the stream being answered")
     await client.send(b"\r\n")
     stream = await asyncio.wait_for(client.reader.readuntil(b"data: [DONE]\n\n"), SLACK)
     assert stream.startswith(b"HTTP/1.1 200 ") and stream.count(b"data: ") == 4

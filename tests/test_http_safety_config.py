@@ -12,7 +12,7 @@ import pytest
 from proxy.config.loader import ConfigError, Overrides, config_from_dict, load_config
 from proxy.config.sections import ServerConfig
 from proxy.providers import PROVIDER_TYPES
-from tests.test_nginx import directives
+from tests.nginx_helpers import directives
 
 
 def test_the_gateway_keeps_idle_connections_longer_than_nginx() -> None:

@@ -16,20 +16,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import StartUpstream
-from tests.test_http_safety import (
+from tests.nginx_helpers import behind_nginx, needs_nginx
+from tests.raw_http import (
     CHAT_BODY,
     Connect,
     Recorder,
     Safe,
     chat_request,
-    connect,
     one_reply,
     recording_upstream,
-    safe_gateway,
 )
-from tests.test_nginx import behind_nginx, needs_nginx
-
-__all__ = ["connect", "safe_gateway"]  # fixtures used here
 
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
 N = len(CHAT_BODY)

@@ -16,8 +16,9 @@ from proxy.config.keys import hash_secret
 from proxy.config.loader import ConfigError
 from proxy.server.serve import running
 from proxy.state import LIVE
-from tests.conftest import MakeConfig, StartUpstream
-from tests.test_auth import MESSAGES, upstream_app
+from tests.conftest import MakeConfig
+from tests.fake_upstream import FakeUpstream
+from tests.keys_helpers import MESSAGES
 
 INLINE, FILED, LATER = "sk-gw-inline-1", "sk-gw-filed-2", "sk-gw-later-3"
 
@@ -34,9 +35,9 @@ async def status(session: aiohttp.ClientSession, base: str, secret: str) -> int:
 
 
 async def test_keys_from_the_file_and_inline_both_work_and_a_reload_rereads_the_file(
-    start_upstream: StartUpstream, make_config: MakeConfig, tmp_path: Path,
+    fake_upstream: FakeUpstream, make_config: MakeConfig, tmp_path: Path,
 ) -> None:
-    url = await start_upstream(upstream_app([]))
+    url = fake_upstream.url.removesuffix("/v1")
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(yaml.safe_dump([key("filed", FILED)]))
     provider = {"name": "up", "type": "openai_compat", "base_url": f"{url}/v1",

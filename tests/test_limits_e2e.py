@@ -22,39 +22,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway
+from tests.fake_upstream import FakeUpstream, Reply, Seen, replaced
+from tests.polling import until
 from tests.wire import ANSWER, Conn, StartRaw, error_code, post_json
 
 CHAT = "/v1/chat/completions"
 # Eight slots that may only shrink (max = initial), halved by each 429/503/refusal.
 LIMITS = {"initial": 8, "min": 1, "max": 8, "backoff": 0.5}
 SPACING = 0.15  # more than the limiter's 0.1 s update interval: one cut per request
-
-
-class Upstream:
-    """Answers every chat request with ``status`` after ``delay`` s; counts the calls."""
-
-    def __init__(self, status: int = 200, delay: float = 0.0):
-        self.status, self.delay = status, delay
-        self.calls = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post(CHAT, self.chat)
-        return app
-
-    async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
-
-    async def chat(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.calls += 1
-        await asyncio.sleep(self.delay)
-        if self.status != 200:
-            error = {"error": {"message": "busy", "type": "x", "code": None}}
-            return web.json_response(error, status=self.status)
-        return web.json_response({"id": f"answer-{self.calls}", "object": "chat.completion"})
 
 
 def provider(name: str, base_url: str, model: str = "m") -> dict[str, Any]:
@@ -81,27 +57,19 @@ async def concurrency(session: aiohttp.ClientSession, base: str, name: str
     return state
 
 
-async def eventually(check: Callable[[], bool], within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting for the condition"
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize(("status", "temperature", "limits"), [
     (429, 0.7, [1, 1]), (503, 0.7, [1, 1]), (429, 0, [1, 1]),
     (500, 0.7, [8, 8]), (200, 0.7, [8, 8])],
     ids=["429", "503", "429-shared", "500-keeps", "200-keeps"])
 async def test_overload_answers_lower_the_providers_limit(
-    start_upstream: StartUpstream, cacheless_gateway: Callable[..., Any],
+    start_fake: StartFake, cacheless_gateway: Callable[..., Any],
     session: aiohttp.ClientSession, status: int, temperature: float, limits: list[int],
 ) -> None:
     """429 and 503 cut the limit to ``backoff`` (0.5) x the one request in flight, so to
     ``min``, on the direct path (sampled) and on the shared one (``temperature`` 0);
     another error answer says nothing about capacity."""
-    upstream = Upstream(status=status)
-    base = await cacheless_gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
-                         limits=LIMITS)
+    upstream = await start_fake(status=status)
+    base = await cacheless_gateway([upstream.provider()], limits=LIMITS)
     assert (await concurrency(session, base, "up"))["limit"] == 8
     seen = []
     for i in range(2):
@@ -111,17 +79,17 @@ async def test_overload_answers_lower_the_providers_limit(
         assert got == status  # relayed as the upstream answered
         seen.append((await concurrency(session, base, "up"))["limit"])
     assert seen == limits
-    assert upstream.calls == 2
+    assert upstream.chats == 2
 
 
 async def test_refused_connections_lower_only_that_providers_limit(
-    start_upstream: StartUpstream, cacheless_gateway: Callable[..., Any],
+    start_fake: StartFake, cacheless_gateway: Callable[..., Any],
     session: aiohttp.ClientSession, closed_port: int,
 ) -> None:
-    good = Upstream()
-    base = await cacheless_gateway([provider("good", f"{await start_upstream(good.app())}/v1", "g"),
-                          provider("down", f"http://127.0.0.1:{closed_port}/v1", "d")],
-                         limits=LIMITS)
+    good = await start_fake(models=("g",))
+    base = await cacheless_gateway([good.provider("good"),
+                                    provider("down", f"http://127.0.0.1:{closed_port}/v1", "d")],
+                                   limits=LIMITS)
     seen = []
     for i in range(2):
         await asyncio.sleep(SPACING)
@@ -132,7 +100,7 @@ async def test_refused_connections_lower_only_that_providers_limit(
     assert seen == [1, 1]
     assert (await concurrency(session, base, "down"))["cuts"] == 2
     assert (await concurrency(session, base, "good"))["limit"] == 8
-    assert good.calls == 2
+    assert good.chats == 2
 
 
 async def rounds(session: aiohttp.ClientSession, url: str, count: int = 1,
@@ -148,16 +116,15 @@ async def rounds(session: aiohttp.ClientSession, url: str, count: int = 1,
 
 
 async def test_short_answers_then_long_ones_keep_the_limit(
-    start_upstream: StartUpstream, cacheless_gateway: Callable[..., Any],
+    start_fake: StartFake, cacheless_gateway: Callable[..., Any],
     session: aiohttp.ClientSession,
 ) -> None:
     """Issue 9: a burst of long generations after short ones is not congestion."""
-    upstream = Upstream(delay=0.02)
-    base = await cacheless_gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
-                         limits=LIMITS)
+    upstream = await start_fake(latency=0.02)
+    base = await cacheless_gateway([upstream.provider()], limits=LIMITS)
     url = base + CHAT
     await rounds(session, url, until=time.monotonic() + 0.45, width=8)
-    upstream.delay = 1.0  # fifty times the short answers
+    upstream.chat.latency = 1.0  # fifty times the short answers
     await rounds(session, url, count=2, width=8)
     state = await concurrency(session, base, "up")
     assert (state["limit"], state["shed_total"]) == (8, 0), state
@@ -197,7 +164,7 @@ async def test_the_pool_keeps_no_more_connections_than_the_lowered_limit(
     await asyncio.sleep(SPACING)
     assert (await post_json(session, url, chat(temperature=0.7)))[0] == 429
     assert (await concurrency(session, base, "up"))["limit"] == 2
-    await eventually(lambda: len(live) <= 2)
+    await until(lambda: len(live) <= 2)
     status[0], most[0] = b"200 OK", 0
     replies = await asyncio.gather(*(post_json(session, url, chat(temperature=0.7))
                                      for _ in range(2)))
@@ -206,32 +173,24 @@ async def test_the_pool_keeps_no_more_connections_than_the_lowered_limit(
     assert len(live) == 2
 
 
-class PushBack(Upstream):
-    """200 after 0.5 s, but 429 at once to a request arriving with ``room`` in progress."""
+def push_back(fake: FakeUpstream, room: int) -> None:
+    """``fake`` answers 429 at once to a request arriving with ``room`` in progress."""
+    busy = replaced(fake.chat, status=429, latency=0.0)
 
-    def __init__(self, room: int):
-        super().__init__(delay=0.5)
-        self.room, self.busy = room, 0
+    async def hook(request: web.Request, seen: Seen) -> Reply | None:
+        return busy if fake.inflight > room else None  # ``inflight`` counts this one
 
-    async def chat(self, request: web.Request) -> web.Response:
-        await request.read()
-        if self.busy >= self.room:
-            return web.json_response({"error": {"message": "busy", "type": "x"}}, status=429)
-        self.busy += 1
-        try:
-            return await super().chat(request)
-        finally:
-            self.busy -= 1
+    fake.hook = hook
 
 
 async def test_an_upstream_pushing_back_gets_its_limit_and_the_excess_is_shed(
-    start_upstream: StartUpstream, cacheless_gateway: Callable[..., Any],
+    start_fake: StartFake, cacheless_gateway: Callable[..., Any],
     session: aiohttp.ClientSession,
 ) -> None:
     """Issue 9: 429s lower the limit (from max, the default start) until the upstream
     stops pushing back; then the excess gets the gateway's fast 503 + Retry-After."""
-    upstream = PushBack(room=4)
-    base = await cacheless_gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
+    push_back(upstream := await start_fake(latency=0.5), room=4)
+    base = await cacheless_gateway([upstream.provider()],
                                    limits={"queue_size": 0, "backoff": 0.5})
     url = base + CHAT
     assert (await concurrency(session, base, "up"))["limit"] == 1024
@@ -252,14 +211,14 @@ async def test_an_upstream_pushing_back_gets_its_limit_and_the_excess_is_shed(
 
 @pytest.mark.parametrize("deadline", ["total", "headers"])
 async def test_a_long_answer_cut_by_the_total_deadline_does_not_cut_the_limit(
-    start_upstream: StartUpstream, cacheless_gateway: Callable[..., Awaitable[str]],
+    start_fake: StartFake, cacheless_gateway: Callable[..., Awaitable[str]],
     session: aiohttp.ClientSession, deadline: str,
 ) -> None:
     """A non-stream answer's headers come only once it is generated, so ``total`` can
     expire before them, and so can ``headers``: that is this request's length, not
     overload (review of issue 9)."""
-    upstream = Upstream(delay=0.5)
-    base = await cacheless_gateway([provider("up", f"{await start_upstream(upstream.app())}/v1")],
+    upstream = await start_fake(latency=0.5)
+    base = await cacheless_gateway([upstream.provider()],
                                    limits={"min": 1, "max": 8}, timeouts={deadline: 0.2})
     status, _, _ = await post_json(session, base + CHAT, chat(temperature=0.7))
     assert status == 504

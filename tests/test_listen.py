@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.test_workers import clean_env, free_port, poll_healthz, spawn_proxy, stop
+from tests.procs import clean_env, free_port, poll_healthz, spawn_proxy, stop
 
 EXIT_CANNOT_LISTEN = 3
 NO_UPSTREAM = "http://127.0.0.1:9/v1"  # never called: the gateway does not get that far

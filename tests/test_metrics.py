@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
 from proxy.app import build_app
@@ -27,7 +26,10 @@ from proxy.observe.metrics import METRICS
 from proxy.observe.observers import OBSERVERS
 from proxy.record import Origin, Record, Usage
 from proxy.server.serve import running
-from tests.conftest import MakeConfig, StartUpstream
+from tests.assertions import Samples, parse, value
+from tests.conftest import MakeConfig, StartFake, StartUpstream
+from tests.fake_upstream import FakeUpstream, Reply, Seen, replaced
+from tests.polling import until
 
 ADMIN, TEAM, LIMITED = "sk-gw-admin-0123456789", "sk-gw-team-a-0123456789", "sk-gw-b-987654321"
 KEYS = [{"name": "ops", "sha256": hash_secret(ADMIN), "admin": True},
@@ -36,7 +38,6 @@ KEYS = [{"name": "ops", "sha256": hash_secret(ADMIN), "admin": True},
 ANSWER = {"id": "x", "object": "chat.completion", "choices": [],
           "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}
 CHAT = "/v1/chat/completions"
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def chat(content: str, **extra: Any) -> dict[str, Any]:
@@ -85,15 +86,6 @@ async def scrape(session: aiohttp.ClientSession, url: str, key: str | None = ADM
     return text, parse(text)
 
 
-def parse(text: str) -> Samples:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
 def provider(url: str, **extra: Any) -> dict[str, Any]:
     return {"name": "up", "type": "openai_compat", "base_url": f"{url}/v1",
             "models": ["m"], **extra}
@@ -108,7 +100,21 @@ async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
         return response.status
 
 
-async def known_traffic(session: aiohttp.ClientSession, url: str) -> None:
+def scripted(fake: FakeUpstream) -> FakeUpstream:
+    """``fake`` answers as ``upstream_chat`` does, and holds the dedup pair's leader."""
+    fake.chat.body = ANSWER
+    fake.chat.events = (b'data: {"choices":[]}\n\n', b"data: [DONE]\n\n")
+    held = replaced(fake.chat, latency=0.5)
+
+    async def hook(request: web.Request, seen: Seen) -> Reply | None:
+        return held if (seen.json() or {}).get("seed") == 7 else None
+
+    fake.hook = hook
+    return fake
+
+
+async def known_traffic(session: aiohttp.ClientSession, url: str,
+                        upstream: FakeUpstream) -> None:
     for i in range(3):
         assert await post(session, url, chat(f"plain {i}")) == 200
     assert await post(session, url, chat("a stream", stream=True)) == 200
@@ -118,7 +124,7 @@ async def known_traffic(session: aiohttp.ClientSession, url: str) -> None:
         assert await post(session, url, chat("cached", temperature=0)) == 200
     leader = asyncio.ensure_future(post(session, url, chat("pair", seed=7),
                                         **{"Cache-Control": "no-store"}))
-    await asyncio.sleep(0.15)
+    await until(lambda: upstream.inflight == 1, what="the leader held at the upstream")
     assert await post(session, url, chat("pair", seed=7),
                       **{"Cache-Control": "no-store"}) == 200
     assert await leader == 200
@@ -127,15 +133,13 @@ async def known_traffic(session: aiohttp.ClientSession, url: str) -> None:
 
 
 async def test_known_traffic_gives_exact_figures_and_no_secrets(
-    start_upstream: StartUpstream, make_config: MakeConfig,
+    start_fake: StartFake, make_config: MakeConfig,
 ) -> None:
-    app = web.Application()
-    app.router.add_post(CHAT, upstream_chat)
-    url = await start_upstream(app)
-    config = make_config([provider(url)], auth={"keys": KEYS})
+    upstream = scripted(await start_fake())
+    config = make_config([provider(upstream.url.removesuffix("/v1"))], auth={"keys": KEYS})
     async with gateway(config, Usage(input=3, output=5, cached=2)) as gw, \
             aiohttp.ClientSession() as session:
-        await known_traffic(session, gw)
+        await known_traffic(session, gw, upstream)
         text, samples = await scrape(session, gw)
         _, again = await scrape(session, gw)
 

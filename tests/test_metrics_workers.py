@@ -21,12 +21,9 @@ import yaml
 
 from proxy import __version__
 from proxy.config.keys import hash_secret
+from tests.assertions import Samples, parse, value
 from tests.conftest import MockUpstream
-from tests.procs import spawn_with_env
-from tests.test_metrics import Samples, parse, value
-from tests.test_workers import Spawned, free_port, fresh_connections, socket_dir, stop
-
-__all__ = ["socket_dir"]  # the fixture, used by name
+from tests.procs import Spawned, free_port, fresh_connections, spawn_with_env, stop
 
 ADMIN, TEAM = "sk-gw-admin-55555555555", "sk-gw-team-66666666666"
 CHAT = "/v1/chat/completions"

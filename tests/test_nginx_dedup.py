@@ -11,34 +11,19 @@ import time
 from pathlib import Path
 
 import orjson
-from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.conftest import StartUpstream
-from tests.test_nginx import Deployment, behind_nginx, needs_nginx
+from tests.conftest import StartFake
+from tests.fake_upstream import FakeUpstream
+from tests.nginx_helpers import Deployment, behind_nginx, needs_nginx
 
 BURST = 50
 Reply = tuple[int, str, bytes]  # status, X-Gateway-Dedup, body
 
 
-def counting_upstream(calls: list[str]) -> web.Application:
-    """A 200 ms chat upstream that records each call's prompt and numbers its answers, so
-    answers from two different calls never have identical bodies."""
-    async def chat(request: web.Request) -> web.Response:
-        prompt = (await request.json())["messages"][0]["content"]
-        calls.append(prompt)
-        number = len(calls)
-        await asyncio.sleep(0.2)
-        return web.json_response({"id": f"c{number}", "object": "chat.completion",
-                                  "model": "m", "created": 0, "choices": []})
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "m"}]})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", models)
-    return app
+def prompts(fake: FakeUpstream) -> list[str]:
+    """The prompt of each chat call the fake upstream got, in order."""
+    return [body["messages"][0]["content"] for body in fake.bodies()]
 
 
 async def burst(deployment: Deployment, tag: str, prompt: str,
@@ -78,19 +63,18 @@ def _parse_reply(data: bytes) -> Reply:
 
 @needs_nginx
 async def test_identical_requests_through_nginx_make_one_upstream_call(
-    start_upstream: StartUpstream, tmp_path: Path
+    start_fake: StartFake, tmp_path: Path
 ) -> None:
-    calls: list[str] = []
-    upstream = await start_upstream(counting_upstream(calls))
-    async with behind_nginx(upstream, tmp_path) as deployment:
+    upstream = await start_fake(latency=0.2)  # numbered answers: two calls never look alike
+    async with behind_nginx(upstream.url.removesuffix("/v1"), tmp_path) as deployment:
         started = time.monotonic()
         replies = await burst(deployment, "shared", "same question", {})
         elapsed = time.monotonic() - started
         assert [status for status, _, _ in replies] == [200] * BURST, replies[0]
         assert {body for _, _, body in replies} == {replies[0][2]}
-        assert orjson.loads(replies[0][2])["id"] == "c1"
+        assert orjson.loads(replies[0][2])["id"] == "answer-1"
         assert sorted(role for _, role, _ in replies) == ["follower"] * (BURST - 1) + ["leader"]
-        assert calls == ["same question"]
+        assert prompts(upstream) == ["same question"]
         assert elapsed < 5, f"the burst took {elapsed:.2f} s"
 
         # The control: `X-Gateway-Peer` without a valid proof turns cross-worker forwarding
@@ -99,7 +83,7 @@ async def test_identical_requests_through_nginx_make_one_upstream_call(
         # burst above, which without forwarding would have made two calls too.
         replies = await burst(deployment, "local", "other question", {"X-Gateway-Peer": "1"})
         assert [status for status, _, _ in replies] == [200] * BURST, replies[0]
-        assert calls[1:] == ["other question"] * 2
+        assert prompts(upstream)[1:] == ["other question"] * 2
         assert len({body for _, _, body in replies}) == 2
         roles = [role for _, role, _ in replies]
         assert (roles.count("leader"), roles.count("follower")) == (2, BURST - 2)

@@ -25,8 +25,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from tests.procs import Proc, mock_upstream_process, nofile_raised, started
-from tests.test_workers import free_port
+from tests.procs import Proc, free_port, mock_upstream_process, nofile_raised, started
 
 CHAT = "/v1/chat/completions"
 BURST = 400

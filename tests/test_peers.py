@@ -9,35 +9,12 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from aiohttp import web
 
-from tests.conftest import StartUpstream
-from tests.test_workers import (
-    free_port,
-    fresh_connections,
-    poll_healthz,
-    spawn_proxy,
-    stop,
-)
+from tests.conftest import StartFake
+from tests.fake_upstream import FakeUpstream
+from tests.procs import free_port, fresh_connections, poll_healthz, spawn_proxy, stop
 
 CHAT = "/v1/chat/completions"
-
-
-def _slow_upstream(calls: list[int]) -> web.Application:
-    async def chat(request: web.Request) -> web.Response:
-        body = await request.json()
-        calls.append(1)
-        await asyncio.sleep(0.4)
-        return web.json_response({"id": "one", "object": "chat.completion",
-                                  "model": body["model"], "choices": []})
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "m"}]})
-
-    app = web.Application()
-    app.router.add_post(CHAT, chat)
-    app.router.add_get("/v1/models", models)
-    return app
 
 
 async def _post(session: aiohttp.ClientSession, url: str, temperature: float
@@ -51,13 +28,12 @@ async def _post(session: aiohttp.ClientSession, url: str, temperature: float
 
 
 async def test_identical_requests_on_two_workers_make_one_upstream_call(
-    start_upstream: StartUpstream, tmp_path: Path,
+    start_fake: StartFake, tmp_path: Path,
 ) -> None:
-    calls: list[int] = []
-    upstream = await start_upstream(_slow_upstream(calls))
+    upstream = await start_fake(latency=0.4)
     port = free_port()
     proxy = spawn_proxy(["--workers", "2", "--port", str(port),
-                         "--upstream", f"{upstream}/v1"], tmp_path)
+                         "--upstream", upstream.url], tmp_path)
     try:
         async with fresh_connections() as session:
             seen = await poll_healthz(session, f"http://127.0.0.1:{port}/healthz",
@@ -69,33 +45,23 @@ async def test_identical_requests_on_two_workers_make_one_upstream_call(
             assert len({body for _, body, _ in answers}) == 1
             roles = sorted(role for _, _, role in answers)
             assert roles == ["follower"] * 19 + ["leader"]
-            assert len(calls) == 1, proxy.output()
+            assert upstream.chats == 1, proxy.output()
             # Sampled requests are not shared, across workers either.
             sampled = await asyncio.gather(*(_post(session, url, 0.7) for _ in range(4)))
             assert [status for status, _, _ in sampled] == [200] * 4
-            assert len(calls) == 5
+            assert upstream.chats == 5
     finally:
         assert await stop(proxy) == 0, proxy.output()
 
 
 async def test_the_clients_cache_headers_reach_the_owning_worker(
-    start_upstream: StartUpstream, tmp_path: Path,
+    fake_upstream: FakeUpstream, tmp_path: Path,
 ) -> None:
     """``X-Gateway-Cache`` never goes upstream, but it must go with a request forwarded
     to the worker that owns its key, or that worker would decide differently."""
-    calls: list[int] = []
-
-    async def chat(request: web.Request) -> web.Response:
-        await request.read()
-        calls.append(1)
-        return web.json_response({"id": f"call-{len(calls)}", "choices": []})
-
-    app = web.Application()
-    app.router.add_post(CHAT, chat)
-    upstream = await start_upstream(app)
     port = free_port()
     proxy = spawn_proxy(["--workers", "2", "--port", str(port),
-                         "--upstream", f"{upstream}/v1"], tmp_path)
+                         "--upstream", fake_upstream.url], tmp_path)
     try:
         async with fresh_connections() as session:
             await poll_healthz(session, f"http://127.0.0.1:{port}/healthz",
@@ -111,23 +77,22 @@ async def test_the_clients_cache_headers_reach_the_owning_worker(
                     assert response.status == 200
                     caches.append(response.headers.get("X-Cache"))
             assert caches == [None] * 8, caches
-            assert len(calls) == 8
+            assert fake_upstream.chats == 8
     finally:
         assert await stop(proxy) == 0, proxy.output()
 
 
 async def test_a_forwarded_request_waits_as_long_as_the_owner_does(
-    start_upstream: StartUpstream, tmp_path: Path,
+    start_fake: StartFake, tmp_path: Path,
 ) -> None:
     """The owner runs the call under the provider's deadlines (here headers 5 s, longer
     than read 0.2 s); the hop to it must not give up first with a 502."""
-    calls: list[int] = []
-    upstream = await start_upstream(_slow_upstream(calls))  # answers after 0.4 s
+    upstream = await start_fake(latency=0.4)  # answers after 0.4 s
     port = free_port()
     config = tmp_path / "proxy.yaml"
     config.write_text("timeouts: {read: 0.2, headers: 5}\n")
     proxy = spawn_proxy(["--workers", "2", "--port", str(port), "--config", str(config),
-                         "--upstream", f"{upstream}/v1"], tmp_path)
+                         "--upstream", upstream.url], tmp_path)
     try:
         async with fresh_connections() as session:
             await poll_healthz(session, f"http://127.0.0.1:{port}/healthz",
@@ -135,6 +100,6 @@ async def test_a_forwarded_request_waits_as_long_as_the_owner_does(
             url = f"http://127.0.0.1:{port}{CHAT}"
             answers = await asyncio.gather(*(_post(session, url, 0) for _ in range(10)))
         assert [status for status, _, _ in answers] == [200] * 10, proxy.output()
-        assert len(calls) == 1
+        assert upstream.chats == 1
     finally:
         assert await stop(proxy) == 0, proxy.output()

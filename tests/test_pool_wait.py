@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
 
 import pytest
 from aiohttp import web
@@ -21,17 +20,10 @@ from proxy.state import LIVE
 from proxy.upstream.pool import ConnectionPool, WaitTimeout
 from proxy.upstream.protocol import UpstreamProtocol
 from tests.conftest import MakeConfig, StartUpstream
+from tests.polling import until
 from tests.wire import CHAT, StartRaw, answer_each, error_code, fetch
 
 CONNECT = 0.3
-
-
-async def _until(condition: Callable[[], bool], seconds: float = 2) -> None:
-    for _ in range(int(seconds / 0.01)):  # bounded
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    assert condition()
 
 
 async def test_a_full_pool_answers_connect_timeout_then_serves_again(
@@ -98,7 +90,7 @@ async def test_what_reaches_a_waiter_at_its_deadline_is_passed_on(
         held = await pool.acquire(origin)
         first = asyncio.create_task(pool.acquire(origin, CONNECT))
         second = asyncio.create_task(pool.acquire(origin, 5))
-        await _until(lambda: "waiting=2" in repr(pool))
+        await until(lambda: "waiting=2" in repr(pool))
         loop = asyncio.get_running_loop()
         handed_over: list[str] = []
 

@@ -16,63 +16,29 @@ from aiohttp import web
 
 from proxy.config.keys import hash_secret
 from proxy.resilience.ratelimit import MemoryBuckets, _duration, estimate
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway, StartUpstream
+from tests.fake_upstream import FakeUpstream
+from tests.keys_helpers import SECRET, USAGE, USED, limited_post
 
-SECRET = "sk-gw-limited-key-for-tests"
 MESSAGES = [{"role": "user", "content": "hi"}]
-USED = 20
 
 
-def upstream_app(calls: list[dict[str, Any]]) -> web.Application:
-    """Answers with ``usage.total_tokens`` = ``USED``, as JSON or as SSE with a final
-    usage chunk."""
-    async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        calls.append(body)
-        usage = {"prompt_tokens": 5, "completion_tokens": USED - 5, "total_tokens": USED}
-        if not body.get("stream"):
-            return web.json_response({"id": "c", "object": "chat.completion", "created": 0,
-                                      "model": "m", "choices": [], "usage": usage})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                 "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
-        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        final = {**chunk, "choices": [], "usage": usage}
-        await response.write(b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
-
-
-async def gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
-                  make_config: MakeConfig, calls: list[dict[str, Any]], **limits: int) -> str:
-    url = await start_upstream(upstream_app(calls))
+async def gateway(start_fake: StartFake, start_gateway: StartGateway,
+                  make_config: MakeConfig, **limits: int) -> tuple[str, FakeUpstream]:
+    """(gateway URL, upstream): one key limited by ``limits``, answers reporting ``USED``."""
+    upstream = await start_fake(usage=USAGE)
     key = {"name": "limited", "sha256": hash_secret(SECRET), **limits}
-    return await start_gateway(make_config(
-        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
-        auth={"keys": [key]}))
-
-
-async def post(session: aiohttp.ClientSession, base: str, **fields: Any
-               ) -> tuple[int, dict[str, str], bytes]:
-    async with session.post(f"{base}/v1/chat/completions",
-                            headers={"Authorization": f"Bearer {SECRET}"},
-                            json={"model": "m", "messages": MESSAGES, **fields}) as response:
-        return response.status, dict(response.headers), await response.read()
+    return await start_gateway(make_config([upstream.provider()],
+                                           auth={"keys": [key]})), upstream
 
 
 async def test_requests_per_minute_then_429_with_retry_after(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    base = await gateway(start_upstream, start_gateway, make_config, calls, rpm=2)
+    base, upstream = await gateway(start_fake, start_gateway, make_config, rpm=2)
     async with aiohttp.ClientSession() as session:
-        replies = [await post(session, base) for _ in range(3)]
+        replies = [await limited_post(session, base) for _ in range(3)]
     assert [status for status, _, _ in replies] == [200, 200, 429]
     assert [h["x-ratelimit-remaining-requests"] for _, h, _ in replies] == ["1", "0", "0"]
     assert {h["x-ratelimit-limit-requests"] for _, h, _ in replies} == {"2"}
@@ -81,7 +47,7 @@ async def test_requests_per_minute_then_429_with_retry_after(
     assert 1 <= int(headers["Retry-After"]) <= 30  # one request back in 60 s / 2
     error = orjson.loads(body)["error"]
     assert (error["code"], error["type"]) == ("rate_limit_exceeded", "requests")
-    assert len(calls) == 2
+    assert upstream.chats == 2
     with pytest.raises(openai.RateLimitError):
         await openai_client(base, api_key=SECRET).chat.completions.create(
             model="m", messages=MESSAGES)
@@ -89,15 +55,14 @@ async def test_requests_per_minute_then_429_with_retry_after(
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_token_estimates_are_corrected_from_usage(
-    stream: bool, start_upstream: StartUpstream, start_gateway: StartGateway,
+    stream: bool, start_fake: StartFake, start_gateway: StartGateway,
     make_config: MakeConfig,
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    base = await gateway(start_upstream, start_gateway, make_config, calls, tpm=1000)
+    base, _ = await gateway(start_fake, start_gateway, make_config, tpm=1000)
     fields: dict[str, Any] = {"max_tokens": 300, "stream": stream}
     async with aiohttp.ClientSession() as session:
-        first = await post(session, base, **fields)
-        second = await post(session, base, **fields)
+        first = await limited_post(session, base, **fields)
+        second = await limited_post(session, base, **fields)
     assert (first[0], second[0]) == (200, 200)
     assert first[1]["x-ratelimit-limit-tokens"] == "1000"
     guess = 1000 - int(first[1]["x-ratelimit-remaining-tokens"])
@@ -108,14 +73,13 @@ async def test_token_estimates_are_corrected_from_usage(
 
 
 async def test_over_the_token_limit_is_429_and_the_request_slot_is_kept(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    base = await gateway(start_upstream, start_gateway, make_config, calls, rpm=5, tpm=100)
+    base, upstream = await gateway(start_fake, start_gateway, make_config, rpm=5, tpm=100)
     async with aiohttp.ClientSession() as session:
-        first = await post(session, base, max_tokens=5000)  # a full bucket admits it
-        second = await post(session, base, max_tokens=5000)
-        third = await post(session, base, max_tokens=1)
+        first = await limited_post(session, base, max_tokens=5000)  # a full bucket admits it
+        second = await limited_post(session, base, max_tokens=5000)
+        third = await limited_post(session, base, max_tokens=1)
     assert first[0] == 200
     assert second[0] == 429
     assert "tokens per minute" in orjson.loads(second[2])["error"]["message"]
@@ -123,16 +87,15 @@ async def test_over_the_token_limit_is_429_and_the_request_slot_is_kept(
     assert third[0] == 429 or third[0] == 200
     # The refused request did not use up a request: 5 - 1 (first) - 1 (third) left.
     assert third[1]["x-ratelimit-remaining-requests"] == "3"
-    assert len(calls) == 1 + (third[0] == 200)
+    assert upstream.chats == 1 + (third[0] == 200)
 
 
 async def test_unlimited_keys_get_no_rate_headers(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    base = await gateway(start_upstream, start_gateway, make_config, calls)
+    base, _ = await gateway(start_fake, start_gateway, make_config)
     async with aiohttp.ClientSession() as session:
-        status, headers, _ = await post(session, base)
+        status, headers, _ = await limited_post(session, base)
     assert status == 200
     assert not [name for name in headers if name.lower().startswith("x-ratelimit")]
 
@@ -177,7 +140,7 @@ async def test_a_request_the_gateway_fails_costs_no_tokens(
           "base_url": f"http://127.0.0.1:{closed_port}/v1"}],
         auth={"keys": [key]}, breaker={"failures": 0}))
     async with aiohttp.ClientSession() as session:
-        statuses = [(await post(session, base, max_tokens=600))[0] for _ in range(3)]
+        statuses = [(await limited_post(session, base, max_tokens=600))[0] for _ in range(3)]
     assert statuses == [502, 502, 502]
 
 
@@ -202,5 +165,5 @@ async def test_an_answer_a_deadline_cut_keeps_its_token_estimate(
         [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
         auth={"keys": [key]}, timeouts={"read": 0.3}, cache={"enabled": False}))
     async with aiohttp.ClientSession() as session:
-        statuses = [(await post(session, base, max_tokens=600))[0] for _ in range(2)]
+        statuses = [(await limited_post(session, base, max_tokens=600))[0] for _ in range(2)]
     assert statuses == [504, 429]

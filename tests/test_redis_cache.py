@@ -11,21 +11,19 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.cache_helpers import CHAT, answer_id, chat, post, sse
+from tests.conftest import MakeConfig, StartFake, StartGateway
 from tests.redis_server import RedisServer, gateway_processes
-from tests.test_cache import CHAT, Upstream, answer_id, chat, post, sse
 
 HEAD = b'[200, "OK", [["Content-Type", "application/json"]]]'
 
 
 async def test_gateway_processes_share_the_cache_and_redis_down_is_a_miss(
-    start_upstream: StartUpstream, redis_server: RedisServer, tmp_path: Path,
+    start_fake: StartFake, redis_server: RedisServer, tmp_path: Path,
 ) -> None:
-    upstream = Upstream()
-    url = await start_upstream(upstream.app())
+    upstream = await start_fake()
     config: dict[str, Any] = {
-        "providers": [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1",
-                       "models": ["m"]}],
+        "providers": [upstream.provider()],
         "cache": {"backend": "redis", "ttl": 60},
         "redis": {"url": redis_server.url, "retry_interval": 0.2},
         "retries": {"max_attempts": 1},
@@ -35,10 +33,10 @@ async def test_gateway_processes_share_the_cache_and_redis_down_is_a_miss(
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         first = await post(session, a + CHAT, chat(temperature=0))
         second = await post(session, b + CHAT, chat(temperature=0))
-        assert upstream.calls == 1
+        assert upstream.chats == 1
         first_stream = await post(session, a + CHAT, streamed)
         second_stream = await post(session, b + CHAT, streamed)
-        assert upstream.calls == 2
+        assert upstream.chats == 2
         redis_server.kill()
         during = [await post(session, gateway + CHAT, chat(temperature=0))
                   for gateway in (b, a)]
@@ -71,15 +69,14 @@ def frame(head: bytes, body: bytes = b"{}", version: bytes = b"\x01") -> bytes:
     b"\x01",
 ], ids=["pair", "string", "status", "newline", "version", "truncated", "length", "short"])
 async def test_an_unreadable_entry_is_a_miss_served_from_upstream(
-    garbage: bytes, start_upstream: StartUpstream, start_gateway: StartGateway,
+    garbage: bytes, start_fake: StartFake, start_gateway: StartGateway,
     make_config: MakeConfig, redis_server: RedisServer, caplog: pytest.LogCaptureFixture,
 ) -> None:
     import redis.asyncio  # noqa: PLC0415 - an optional extra
 
-    upstream = Upstream()
-    providers = [{"name": "up", "type": "openai_compat",
-                  "base_url": f"{await start_upstream(upstream.app())}/v1", "models": ["m"]}]
-    url = await start_gateway(make_config(providers, cache={"backend": "redis", "ttl": 60},
+    upstream = await start_fake()
+    url = await start_gateway(make_config([upstream.provider()],
+                                          cache={"backend": "redis", "ttl": 60},
                                           redis={"url": redis_server.url})) + CHAT
     client = redis.asyncio.Redis.from_url(redis_server.url)
     async with client, aiohttp.ClientSession(
@@ -93,7 +90,7 @@ async def test_an_unreadable_entry_is_a_miss_served_from_upstream(
     assert [(r[0], r[1]["X-Cache"]) for r in (first, second, third)] == [
         (200, "MISS"), (200, "MISS"), (200, "HIT")]
     assert [answer_id(r) for r in (second, third)] == ["answer-2", "answer-2"]
-    assert upstream.calls == 2
+    assert upstream.chats == 2
     warnings = [r.getMessage() for r in caplog.records if r.name.startswith("proxy")]
     assert len([w for w in warnings if "cannot be read" in w]) == 1, warnings
     assert not [w for w in warnings if "abc" in w or "Content-Type" in w]

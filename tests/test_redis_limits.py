@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from proxy.config.keys import hash_secret
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway
+from tests.keys_helpers import SECRET, USAGE, USED, limited_post
 from tests.redis_server import RedisServer, gateway_processes
-from tests.test_ratelimit import SECRET, USED, post, upstream_app
 
 Reply = tuple[int, "dict[str, str]", bytes]
 
@@ -33,14 +33,14 @@ def raw_config(upstream: str, redis_url: str, redis: dict[str, Any] | None = Non
 
 
 async def test_two_gateway_processes_share_one_requests_limit(
-    start_upstream: StartUpstream, redis_server: RedisServer, tmp_path: Any,
+    start_fake: StartFake, redis_server: RedisServer, tmp_path: Any,
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    upstream = await start_upstream(upstream_app(calls))
+    fake = await start_fake(usage=USAGE)
+    upstream = fake.url.removesuffix("/v1")
     config = raw_config(upstream, redis_server.url, rpm=4)
     async with gateway_processes(config, tmp_path) as ((a, b), _), aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=10)) as session:
-        replies = [await post(session, base) for base in (a, b, a, b, a)]
+        replies = [await limited_post(session, base) for base in (a, b, a, b, a)]
     assert [status for status, _, _ in replies] == [200, 200, 200, 200, 429]
     assert [h["x-ratelimit-remaining-requests"] for _, h, _ in replies] == [
         "3", "2", "1", "0", "0"]
@@ -48,22 +48,22 @@ async def test_two_gateway_processes_share_one_requests_limit(
     assert 1 <= int(headers["Retry-After"]) <= 15  # one request back in 60 s / 4
     assert headers["x-ratelimit-limit-requests"] == "4"
     assert orjson.loads(body)["error"]["code"] == "rate_limit_exceeded"
-    assert len(calls) == 4
+    assert fake.chats == 4
 
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_token_estimates_corrected_from_usage_are_shared(
-    stream: bool, start_upstream: StartUpstream, start_gateway: StartGateway,
+    stream: bool, start_fake: StartFake, start_gateway: StartGateway,
     make_config: MakeConfig, redis_server: RedisServer,
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    raw = raw_config(await start_upstream(upstream_app(calls)), redis_server.url, tpm=1000)
+    fake = await start_fake(usage=USAGE)
+    raw = raw_config(fake.url.removesuffix("/v1"), redis_server.url, tpm=1000)
     config = make_config(raw.pop("providers"), **raw)
     first_gateway, second_gateway = await start_gateway(config), await start_gateway(config)
     fields: dict[str, Any] = {"max_tokens": 300, "stream": stream}
     async with aiohttp.ClientSession() as session:
-        first = await post(session, first_gateway, **fields)
-        second = await post(session, second_gateway, **fields)
+        first = await limited_post(session, first_gateway, **fields)
+        second = await limited_post(session, second_gateway, **fields)
     assert (first[0], second[0]) == (200, 200)
     guess = 1000 - int(first[1]["x-ratelimit-remaining-tokens"])
     assert 300 < guess < 400
@@ -74,23 +74,23 @@ async def test_token_estimates_corrected_from_usage_are_shared(
 
 @pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
 async def test_redis_down_follows_the_failure_policy_then_limits_come_back(
-    policy: str, start_upstream: StartUpstream, start_gateway: StartGateway,
+    policy: str, start_fake: StartFake, start_gateway: StartGateway,
     make_config: MakeConfig, redis_server: RedisServer, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    raw = raw_config(await start_upstream(upstream_app(calls)), redis_server.url,
+    fake = await start_fake(usage=USAGE)
+    raw = raw_config(fake.url.removesuffix("/v1"), redis_server.url,
                      {"failure_policy": policy, "retry_interval": 0.2}, rpm=2)
     base = await start_gateway(make_config(raw.pop("providers"), **raw))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        before = await post(session, base)
+        before = await limited_post(session, base)
         redis_server.kill()
         during = []
         for _ in range(4):  # each past retry_interval: four real failures, one warning
-            during.append(await post(session, base))
+            during.append(await limited_post(session, base))
             await asyncio.sleep(0.25)
         redis_server.start()
         await asyncio.sleep(0.5)  # past retry_interval: the next request tries Redis
-        after = [await post(session, base) for _ in range(3)]
+        after = [await limited_post(session, base) for _ in range(3)]
     assert before[0] == 200 and before[1]["x-ratelimit-remaining-requests"] == "1"
     if policy == "fail_open":  # admitted past the limit of 2, without limit headers
         assert [status for status, _, _ in during] == [200] * 4
@@ -100,7 +100,7 @@ async def test_redis_down_follows_the_failure_policy_then_limits_come_back(
         assert {orjson.loads(body)["error"]["code"] for _, _, body in during} == {
             "rate_limit_backend_unavailable"}
         assert {h["Retry-After"] for _, h, _ in during} == {"1"}
-    assert len(calls) == 1 + (4 if policy == "fail_open" else 0) + 2
+    assert fake.chats == 1 + (4 if policy == "fail_open" else 0) + 2
     # The new Redis is empty: the key's bucket is full again, and enforced.
     assert [status for status, _, _ in after] == [200, 200, 429]
     messages = [r.getMessage() for r in caplog.records if r.name == "proxy.redis"]

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from tests.conftest import StartUpstream
-from tests.test_reload import OLD_KEY, ask, config_text, named_upstream, until_answered
-from tests.test_workers import Spawned, free_port, poll_healthz, spawn_proxy, stop
+from tests.procs import Spawned, free_port, poll_healthz, spawn_proxy, stop
+from tests.reload_helpers import OLD_KEY, ask, config_text, named_upstream, until_answered
 
 REFUSED = "reload refused, the running config stays in force"
 

@@ -17,7 +17,7 @@ import openai
 from aiohttp import web
 
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
-from tests.test_routing import Fake, _chat, _start
+from tests.routing_helpers import Fake, chat_with, start_fakes
 
 Client = Callable[..., openai.AsyncOpenAI]
 
@@ -35,11 +35,11 @@ async def test_prefix_beats_an_alias_of_the_same_name(
     openai_client: Client,
 ) -> None:
     a, b = Fake("a"), Fake("b")
-    await _start(start_upstream, a, b)
+    await start_fakes(start_upstream, a, b)
     config = make_config([a.provider(models=["x"]), b.provider(models=["x"])],
                          aliases={"b/x": "a/x"})
     client = openai_client(await start_gateway(config))
-    assert await _chat(client, "b/x") == ("b", "x")
+    assert await chat_with(client, "b/x") == ("b", "x")
     assert (a.models_sent, b.models_sent) == ([], ["x"])
 
 
@@ -48,11 +48,11 @@ async def test_alias_beats_a_static_model_of_the_same_name(
     openai_client: Client,
 ) -> None:
     a, b = Fake("a"), Fake("b")
-    await _start(start_upstream, a, b)
+    await start_fakes(start_upstream, a, b)
     config = make_config([a.provider(models=["fast"]), b.provider(models=["llama"])],
                          aliases={"fast": "llama"})
     client = openai_client(await start_gateway(config))
-    assert await _chat(client, "fast") == ("b", "llama")
+    assert await chat_with(client, "fast") == ("b", "llama")
     assert (a.models_sent, b.models_sent) == ([], ["llama"])
 
 
@@ -61,12 +61,12 @@ async def test_static_list_beats_a_discovered_model_listed_earlier(
     openai_client: Client,
 ) -> None:
     a, b = Fake("a", ["shared", "only-a"]), Fake("b")
-    await _start(start_upstream, a, b)
+    await start_fakes(start_upstream, a, b)
     gateway = await start_gateway(make_config([a.provider(), b.provider(models=["shared"])]))
     await _discovered(gateway)
     client = openai_client(gateway)
-    assert await _chat(client, "shared") == ("b", "shared")
-    assert await _chat(client, "only-a") == ("a", "only-a")  # discovery itself works
+    assert await chat_with(client, "shared") == ("b", "shared")
+    assert await chat_with(client, "only-a") == ("a", "only-a")  # discovery itself works
     assert (a.models_sent, b.models_sent) == (["only-a"], ["shared"])
 
 
@@ -75,12 +75,12 @@ async def test_first_provider_in_file_order_wins_among_static_lists(
     openai_client: Client,
 ) -> None:
     a, b, c = Fake("a"), Fake("b"), Fake("c")
-    await _start(start_upstream, a, b, c)
+    await start_fakes(start_upstream, a, b, c)
     config = make_config([a.provider(models=["other"]), b.provider(models=["m", "n"]),
                           c.provider(models=["n", "m"])])
     client = openai_client(await start_gateway(config))
-    assert await _chat(client, "m") == ("b", "m")
-    assert await _chat(client, "n") == ("b", "n")
+    assert await chat_with(client, "m") == ("b", "m")
+    assert await chat_with(client, "n") == ("b", "n")
     assert (a.models_sent, b.models_sent, c.models_sent) == ([], ["m", "n"], [])
 
 
@@ -90,19 +90,19 @@ async def test_catch_all_takes_only_names_no_other_rule_claims(
 ) -> None:
     catch = Fake("catch", ["disc"])  # listed first, and even lists the discovered name
     disc, stat = Fake("disc-p", ["disc"]), Fake("stat-p")
-    await _start(start_upstream, catch, disc, stat)
+    await start_fakes(start_upstream, catch, disc, stat)
     config = make_config(
         [catch.provider(catch_all=True), disc.provider(), stat.provider(models=["stat"])],
         aliases={"al": "stat"})
     gateway = await start_gateway(config)
     await _discovered(gateway)
     client = openai_client(gateway)
-    assert await _chat(client, "disc") == ("disc-p", "disc")
-    assert await _chat(client, "stat") == ("stat-p", "stat")
-    assert await _chat(client, "al") == ("stat-p", "stat")
-    assert await _chat(client, "disc-p/free-name") == ("disc-p", "free-name")
-    assert await _chat(client, "nobody-claims-this") == ("catch", "nobody-claims-this")
-    assert await _chat(client, "other/with-slash") == ("catch", "other/with-slash")
+    assert await chat_with(client, "disc") == ("disc-p", "disc")
+    assert await chat_with(client, "stat") == ("stat-p", "stat")
+    assert await chat_with(client, "al") == ("stat-p", "stat")
+    assert await chat_with(client, "disc-p/free-name") == ("disc-p", "free-name")
+    assert await chat_with(client, "nobody-claims-this") == ("catch", "nobody-claims-this")
+    assert await chat_with(client, "other/with-slash") == ("catch", "other/with-slash")
     assert catch.models_sent == ["nobody-claims-this", "other/with-slash"]
     assert disc.models_sent == ["disc", "free-name"]
     assert stat.models_sent == ["stat", "stat"]
@@ -119,7 +119,7 @@ async def test_catch_all_does_not_take_a_discovered_name_before_discovery_ends(
     openai_client: Client,
 ) -> None:
     catch, disc = Fake("catch"), _SlowListing("disc-p", ["disc"])
-    await _start(start_upstream, catch, disc)
+    await start_fakes(start_upstream, catch, disc)
     config = make_config([catch.provider(catch_all=True), disc.provider()])
     client = openai_client(await start_gateway(config))
-    assert await _chat(client, "disc") == ("disc-p", "disc")
+    assert await chat_with(client, "disc") == ("disc-p", "disc")

@@ -20,8 +20,7 @@ import pytest
 from proxy.config.keys import hash_secret
 from tests.conftest import StartUpstream
 from tests.faulty import CHAT, Faults, chat, providers
-from tests.procs import Proc, gateway_process
-from tests.test_workers import stop
+from tests.procs import Proc, gateway_process, stop
 
 UPSTREAM_KEY = "sk-upstream-Zq8vN3xW5pLr7Tb2Kc"
 LIMITED_KEY = "sk-gw-limited-Hy4mQ9sD1fGj6Ve0"

@@ -15,7 +15,6 @@ after the first one starts serving it, which moves the identical request to it.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.polling import until
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -99,13 +99,6 @@ def answer(reply: Reply) -> tuple[str, str]:
     return body["id"], body["asked"]
 
 
-async def eventually(check: Callable[[], bool], within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting for the condition"
-        await asyncio.sleep(0.01)
-
-
 async def serve_model_from(session: aiohttp.ClientSession, base: str, upstream: Upstream
                            ) -> None:
     """``upstream`` starts serving ``m``; refresh the gateway's catalog now."""
@@ -124,7 +117,7 @@ async def test_requests_routed_to_another_provider_never_join_its_call(
     url = base + CHAT
     in_flight = [asyncio.create_task(post(session, url))]
     try:
-        await eventually(lambda: bool(second.calls))
+        await until(lambda: bool(second.calls))
         in_flight.append(asyncio.create_task(post(session, url)))  # identical: joins
         await asyncio.sleep(0.05)
         await serve_model_from(session, base, first)  # "m" now routes to "first"

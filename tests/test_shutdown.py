@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import StartUpstream
-from tests.test_workers import free_port, poll_healthz, spawn_proxy, stop
+from tests.procs import free_port, poll_healthz, spawn_proxy, stop
 
 CHAT = "/v1/chat/completions"
 STREAMS = 50

@@ -6,10 +6,7 @@ generations are bounded by a read timeout, not a total one")."""
 from __future__ import annotations
 
 import asyncio
-import select
-import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,29 +15,6 @@ from tests.wire import CHAT, Conn, StartRaw, error_code, fetch, gateway
 
 READ = 0.5
 FAST = {"connect": READ, "read": READ}
-
-
-@pytest.fixture
-def unanswered_port() -> Iterator[int]:
-    """A loopback port whose listen backlog is full, so a new connection's SYN is
-    dropped and ``connect`` hangs (Linux: the accept queue holds backlog + 1)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    fillers: list[socket.socket] = []
-    try:
-        for _ in range(8):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(listener.getsockname())
-            fillers.append(filler)
-            if not select.select([], [filler], [], 0.2)[1]:
-                yield listener.getsockname()[1]
-                return
-        pytest.skip("this kernel completes connections beyond the listen backlog")
-    finally:
-        for sock in (*fillers, listener):
-            sock.close()
 
 
 async def silent_after_request(conn: Conn) -> None:

@@ -6,53 +6,19 @@ tests/usage_fake.py on loopback, the official SDK or aiohttp as the client."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Callable
 
 import aiohttp
 import openai
 import orjson
 import pytest
 
-from proxy.record import Record, Usage
+from proxy.record import Usage
 from tests.conftest import MakeConfig, StartUpstream
-from tests.test_record import observed, provider, until
-from tests.usage_fake import UsageUpstream
+from tests.observing import until
+from tests.usage_helpers import CHAT, REPORTED, STREAM, get_usage, post_raw, usage_gateway
 
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi there"}]}
-STREAM = {**CHAT, "stream": True}
-REPORTED = Usage(11, 7, 3, 2, "reported")
 SDK = Callable[..., openai.AsyncOpenAI]
-
-
-@asynccontextmanager
-async def usage_gateway(start_upstream: StartUpstream, make_config: MakeConfig,
-                        **raw: Any) -> AsyncIterator[tuple[str, str, UsageUpstream,
-                                                           list[Record]]]:
-    """(gateway URL, upstream URL, upstream, records) with the cache off by default."""
-    fake = UsageUpstream()
-    upstream = await start_upstream(fake.app())
-    raw.setdefault("cache", {"enabled": False})
-    async with observed(make_config([provider("up", upstream)], **raw)) as (url, seen):
-        yield url, upstream, fake, seen
-
-
-async def post_raw(url: str, body: dict[str, Any], headers: dict[str, str] | None = None
-                   ) -> bytes:
-    async with (aiohttp.ClientSession() as session,
-                session.post(f"{url}/v1/chat/completions", data=orjson.dumps(body),
-                             headers={"Content-Type": "application/json", **(headers or {})}
-                             ) as response):
-        assert response.status == 200
-        return await response.read()
-
-
-async def get_usage(url: str, secret: str | None = None) -> tuple[int, dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-    async with (aiohttp.ClientSession() as session,
-                session.get(f"{url}/v1/usage", headers=headers) as response):
-        return response.status, orjson.loads(await response.read())
 
 
 @pytest.mark.parametrize(("split", "null"), [

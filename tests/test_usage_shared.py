@@ -6,32 +6,32 @@ the provider. A real gateway app and the upstream of tests/usage_fake.py on loop
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from proxy.config.keys import hash_secret
 from proxy.config.loader import ConfigError
 from proxy.record import Usage
+from tests import polling
 from tests.conftest import MakeConfig, StartUpstream
-from tests.test_ollama import MODEL, FakeOllama
-from tests.test_record import observed
-from tests.test_usage import REPORTED, STREAM, get_usage, post_raw, until, usage_gateway
+from tests.observing import observed, until
+from tests.ollama_fake import MODEL, FakeOllama
+from tests.usage_helpers import (
+    KEYS,
+    REPORTED,
+    SECRETS,
+    STREAM,
+    get_usage,
+    post_raw,
+    row,
+    usage_gateway,
+)
 
-SECRETS = {"alice": "sk-gw-alice-1", "bob": "sk-gw-bob-1", "ops": "sk-gw-ops-1"}
-KEYS = [{"name": name, "sha256": hash_secret(secret), **({"admin": True} if name == "ops"
-                                                          else {})}
-        for name, secret in SECRETS.items()]
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi there"}]}
 ASKED = {**STREAM, "stream_options": {"include_usage": True}}
-
-
-def row(key: str, requests: int) -> dict[str, Any]:
-    return {"key": key, "model": "m", "requests": requests, "input_tokens": 11 * requests,
-            "output_tokens": 7 * requests, "cached_tokens": 3 * requests,
-            "reasoning_tokens": 2 * requests, "estimated_requests": 0}
 
 
 async def test_a_key_sees_its_own_totals_and_an_admin_key_every_keys(
@@ -83,7 +83,8 @@ async def test_one_shared_upstream_stream_serves_both_kinds_of_client(
         direct_asked = await post_raw(upstream, {**deterministic, **_ask()})
         plain, asked = await asyncio.gather(
             post_raw(url, deterministic, slow),
-            _after(0.1, post_raw(url, {**deterministic, **_ask()}, slow)))
+            _once(lambda: len(fake.bodies) == 3,  # the leader's call is under way
+                  post_raw(url, {**deterministic, **_ask()}, slow)))
         await until(seen, 2)
     assert (plain, asked) == (direct, direct_asked)
     assert len(fake.bodies) == 3  # two direct calls, one shared through the gateway
@@ -95,10 +96,10 @@ def _ask() -> dict[str, Any]:
     return {"stream_options": {"include_usage": True}}
 
 
-async def _after(delay: float, call: Any) -> bytes:
-    await asyncio.sleep(delay)
-    result: bytes = await call
-    return result
+async def _once(ready: Callable[[], bool], call: Awaitable[bytes]) -> bytes:
+    """``call``, sent once ``ready()`` (polled, bounded)."""
+    await polling.until(ready, what="the leader's call at the upstream")
+    return await call
 
 
 async def test_the_usage_route_is_not_proxied(

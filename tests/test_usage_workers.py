@@ -19,11 +19,10 @@ import yaml
 
 from proxy.config.worker import WorkerSpec
 from tests.conftest import StartUpstream
+from tests.procs import free_port, spawn, stop, wait_for_sockets
 from tests.redis_server import RedisServer, gateway_processes
-from tests.test_usage import CHAT, STREAM, get_usage
-from tests.test_usage_shared import KEYS, SECRETS, row
-from tests.test_workers import free_port, spawn, stop, wait_for_sockets
 from tests.usage_fake import UsageUpstream
+from tests.usage_helpers import CHAT, KEYS, SECRETS, STREAM, get_usage, row
 
 
 def config(upstream: str, **raw: Any) -> dict[str, Any]:

@@ -2,28 +2,22 @@
 
 Issue #3, "Workers behind nginx": N worker processes on one port (SO_REUSEPORT) or one
 unix socket each, supervised: a worker that dies is restarted; SIGTERM stops them all.
-The helpers here are shared with ``test_nginx.py``. Every process a test starts is
+The helpers are in tests/procs.py. Every process a test starts is
 stopped through its ``Popen`` object in a ``finally``; its output goes to a file in
 ``tmp_path`` and is shown when the test fails.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import os
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
@@ -35,60 +29,18 @@ from proxy.providers import PROVIDER_TYPES
 from proxy.server.serve import CannotListen, running
 from proxy.server.supervisor import Backoff, Supervisor
 from tests.conftest import MakeConfig, MockUpstream
+from tests.procs import (
+    clean_env,
+    free_port,
+    fresh_connections,
+    poll_healthz,
+    spawn_proxy,
+    stop,
+    unix_healthz,
+    wait_for_sockets,
+)
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
-# Variables that would configure providers or the server behind the test's back.
-_CONFIG_VARIABLES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENROUTER_API_KEY", "OLLAMA_HOST")
-Seen = dict[int, int]  # worker pid -> worker index, as /healthz reported them
-
-
-@dataclasses.dataclass
-class Spawned:
-    """A process this test started, and the file its output goes to."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return f"--- {self.name} output:\n{self.log.read_text(errors='replace')}"
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if k not in _CONFIG_VARIABLES and not k.startswith("PROXY_")}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def spawn(name: str, argv: list[str], tmp_path: Path) -> Spawned:
-    log = tmp_path / f"{name}.log"
-    with log.open("wb") as output:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(argv, env=clean_env(), cwd=tmp_path, stdout=output,
-                                   stderr=subprocess.STDOUT)
-    return Spawned(name, process, log)
-
-
-def spawn_proxy(args: list[str], tmp_path: Path, name: str = "proxy") -> Spawned:
-    return spawn(name, [sys.executable, "-m", "proxy", "serve", *args], tmp_path)
-
-
-async def stop(spawned: Spawned, within: float = 10.0) -> int | None:
-    """SIGTERM and wait (in a thread: the test's loop may be serving the upstream);
-    SIGKILL if it has not exited ``within`` seconds. Returns the exit code."""
-    process = spawned.process
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        return await asyncio.to_thread(process.wait, within)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        await asyncio.to_thread(process.wait, 5)
-        return None
 
 
 def alive(pid: int) -> bool:
@@ -97,69 +49,6 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    """A short directory for unix sockets (their paths are limited to ~107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="proxy-sock-") as path:
-        yield Path(path)
-
-
-async def poll_healthz(session: aiohttp.ClientSession, url: str, done: Callable[[Seen], bool],
-                       watched: list[Spawned], within: float = 10.0) -> Seen:
-    """GET ``url`` until ``done(seen)``, bounded; fails early if a watched process exits."""
-    seen: Seen = {}
-    deadline = time.monotonic() + within
-    while not done(seen):
-        for spawned in watched:
-            if spawned.process.poll() is not None:
-                pytest.fail(f"{spawned.name} exited with {spawned.process.returncode}\n"
-                            + "\n".join(s.output() for s in watched))
-        if time.monotonic() > deadline:
-            pytest.fail(f"{url}: condition not met within {within} s; saw {seen}\n"
-                        + "\n".join(s.output() for s in watched))
-        try:
-            async with session.get(url) as response:
-                body = await response.json()
-                seen[body["pid"]] = body["worker"]
-        except (aiohttp.ClientError, TimeoutError):
-            await asyncio.sleep(0.05)
-    return seen
-
-
-@asynccontextmanager
-async def fresh_connections() -> AsyncIterator[aiohttp.ClientSession]:
-    """A new TCP connection per request: SO_REUSEPORT spreads connections, not requests."""
-    connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=2)) as session:
-        yield session
-
-
-async def unix_healthz(path: Path) -> dict[str, object]:
-    connector = aiohttp.UnixConnector(path=str(path))
-    async with (aiohttp.ClientSession(connector=connector,
-                                      timeout=aiohttp.ClientTimeout(total=2)) as session,
-                session.get("http://worker/healthz") as response):
-        assert response.status == 200
-        body: dict[str, object] = await response.json()
-        return body
-
-
-async def wait_for_sockets(paths: list[Path], watched: list[Spawned],
-                           within: float = 10.0) -> list[dict[str, object]]:
-    """Each unix socket's /healthz answer, once all answer (bounded)."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            return [await unix_healthz(path) for path in paths]
-        except (aiohttp.ClientError, OSError):
-            if time.monotonic() > deadline or any(s.process.poll() is not None
-                                                  for s in watched):
-                pytest.fail("worker sockets not answering\n"
-                            + "\n".join(s.output() for s in watched))
-            await asyncio.sleep(0.05)
 
 
 async def test_two_workers_share_a_port_are_restarted_and_stop_cleanly(

@@ -11,32 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import orjson
-import pytest
 import yaml
-from aiohttp import web
 
 from proxy.config.keys import hash_secret
 from proxy.config.worker import WorkerSpec
 from proxy.server.supervisor import PEER_SECRET_ENV
-from tests.conftest import StartUpstream
-from tests.test_workers import (
-    Spawned,
-    free_port,
-    spawn,
-    stop,
-    unix_healthz,
-    wait_for_sockets,
-)
+from tests.conftest import StartFake
+from tests.fake_upstream import CHAT, EMBEDDINGS, FakeUpstream
+from tests.procs import Spawned, free_port, spawn, stop, unix_healthz, wait_for_sockets
 
 SECRETS = {"team-a": "sk-gw-team-a-0123456789", "team-b": "sk-gw-team-b-0123456789",
            "only-other": "sk-gw-only-other-012345", "limited": "sk-gw-limited-0123456789"}
@@ -48,41 +39,10 @@ KEYS = [{"name": "team-a", "sha256": hash_secret(SECRETS["team-a"])},
 PEER_HEADERS = ("x-gateway-peer", "x-gateway-peer-key")
 
 
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    """A short directory for unix sockets (their paths are limited to ~107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="proxy-sock-") as path:
-        yield Path(path)
-
-
-@dataclass
-class Upstream:
-    """Numbers every call, so that answers of two calls never have equal bodies, and
-    keeps each call's headers."""
-
-    seen: list[dict[str, str]] = field(default_factory=list)
-
-    def app(self) -> web.Application:
-        async def answer(request: web.Request) -> web.Response:
-            await request.read()
-            self.seen.append({k.lower(): v for k, v in request.headers.items()})
-            number = len(self.seen)
-            if request.path.endswith("embeddings"):
-                return web.json_response({"object": "list", "model": "m", "data": [
-                    {"object": "embedding", "index": 0, "embedding": [float(number)]}]})
-            return web.json_response({
-                "id": f"c{number}", "object": "chat.completion", "model": "m", "created": 0,
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": f"answer {number}"}}]})
-
-        async def models(request: web.Request) -> web.Response:
-            return web.json_response({"object": "list", "data": [{"id": "m"}]})
-
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", answer)
-        app.router.add_post("/v1/embeddings", answer)
-        app.router.add_get("/v1/models", models)
-        return app
+def answered(fake: FakeUpstream) -> int:
+    """The chat and embeddings calls ``fake`` answered (each numbered: two calls never
+    have equal bodies)."""
+    return fake.calls[CHAT] + fake.calls[EMBEDDINGS]
 
 
 @dataclass
@@ -138,10 +98,10 @@ def chat(prompt: str, temperature: float = 0) -> dict[str, Any]:
 
 
 async def test_every_deterministic_request_with_a_valid_key_succeeds(
-    start_upstream: StartUpstream, tmp_path: Path, socket_dir: Path
+    start_fake: StartFake, tmp_path: Path, socket_dir: Path
 ) -> None:
-    upstream = Upstream()
-    url = await start_upstream(upstream.app())
+    upstream = await start_fake(pieces=("answer",))
+    url = upstream.url.removesuffix("/v1")
     async with keyed_workers(f"{url}/v1", tmp_path, socket_dir) as gateway:
         statuses = [(await post(socket, chat(f"question {i}"), bearer("team-a")))[0]
                     for i in range(12) for socket in gateway.sockets]
@@ -157,16 +117,16 @@ async def test_every_deterministic_request_with_a_valid_key_succeeds(
                     model="m", temperature=0, seed=i,
                     messages=[{"role": "user", "content": f"sdk {i}"}])
                 assert (answer.choices[0].message.content or "").startswith("answer")
-    for headers in upstream.seen:  # the hop to the owner leaves nothing upstream
+    for headers in upstream.headers(None):  # the hop to the owner leaves nothing upstream
         assert "authorization" not in headers
         assert not [name for name in PEER_HEADERS if name in headers], headers
 
 
 async def test_two_keys_never_share_an_answer_across_workers(
-    start_upstream: StartUpstream, tmp_path: Path, socket_dir: Path
+    start_fake: StartFake, tmp_path: Path, socket_dir: Path
 ) -> None:
-    upstream = Upstream()
-    url = await start_upstream(upstream.app())
+    upstream = await start_fake(pieces=("answer",))
+    url = upstream.url.removesuffix("/v1")
     async with keyed_workers(f"{url}/v1", tmp_path, socket_dir) as gateway:
         for i in range(4):
             answers: dict[str, list[str]] = {"team-a": [], "team-b": []}
@@ -178,14 +138,14 @@ async def test_two_keys_never_share_an_answer_across_workers(
             # One key's two requests share one call (the cache of the owner); the other
             # key's never get that answer, forwarded or not.
             assert a[0] == a[1] and b[0] == b[1] and a[0] != b[0], answers
-    assert len(upstream.seen) == 8
+    assert answered(upstream) == 8
 
 
 async def test_a_forged_peer_header_gains_nothing(
-    start_upstream: StartUpstream, tmp_path: Path, socket_dir: Path
+    start_fake: StartFake, tmp_path: Path, socket_dir: Path
 ) -> None:
-    upstream = Upstream()
-    url = await start_upstream(upstream.app())
+    upstream = await start_fake(pieces=("answer",))
+    url = upstream.url.removesuffix("/v1")
     forged = [{"X-Gateway-Peer": "1", "X-Gateway-Peer-Key": "team-a"},
               {"X-Gateway-Peer": "0" * 64, "X-Gateway-Peer-Key": "team-a"}]
     async with (keyed_workers(f"{url}/v1", tmp_path, socket_dir) as gateway,
@@ -205,7 +165,7 @@ async def test_a_forged_peer_header_gains_nothing(
             int(str((await unix_healthz(path))["pid"])) for path in gateway.sockets]
         secret = peer_secret(pids[0], pids[1:])
     assert secret not in gateway.proxy.output()
-    assert upstream.seen == []
+    assert answered(upstream) == 0
 
 
 def peer_secret(supervisor: int, workers: list[int]) -> str:
@@ -223,13 +183,13 @@ def peer_secret(supervisor: int, workers: list[int]) -> str:
 
 
 async def test_a_forwarded_request_counts_once_against_the_rate_limit(
-    start_upstream: StartUpstream, tmp_path: Path, socket_dir: Path
+    start_fake: StartFake, tmp_path: Path, socket_dir: Path
 ) -> None:
     """``limited`` has 12 requests a minute in each worker (memory backend). 12 distinct
     deterministic requests sent to worker 0 are forwarded when worker 1 owns their key
     (all but 1 in 4096 orders): worker 1 must not count them against its own bucket."""
-    upstream = Upstream()
-    url = await start_upstream(upstream.app())
+    upstream = await start_fake(pieces=("answer",))
+    url = upstream.url.removesuffix("/v1")
     async with keyed_workers(f"{url}/v1", tmp_path, socket_dir) as gateway:
         first, second = gateway.sockets
         replies = await asyncio.gather(*(post(first, chat(f"limited {i}"), bearer("limited"))
