@@ -238,29 +238,8 @@ DEADLINE_ERRORS: dict[str, type[DeadlineExceeded]] = {
     cls.key: cls for cls in (ConnectTimeout, HeadersTimeout, FirstTokenTimeout,
                              StreamStalled, RequestTimeout)}
 
-# Failures an upstream call is tried again after (``resilience/retry.py``): the request never
-# reached the upstream. A timeout after it was sent is not retried: the first try may
-# still be generating (and billing) upstream, and the client's wait would double.
-RETRYABLE_ERRORS = (UpstreamUnreachable, ConnectTimeout)
-
-
-def error_body(
-    message: str, type_: str, code: str | None = None, param: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def error_json(error: GatewayError) -> bytes:
-    return orjson.dumps(error.body())
-
-
-def sse_error_event(error: GatewayError) -> bytes:
-    """An SSE ``error`` event: how a stream that already sent 200 reports a failure.
-
-    The OpenAI SDK raises ``APIError`` on it, and because it is never followed by
-    ``data: [DONE]`` no client can mistake a truncated answer for a complete one.
-    """
-    return b"event: error\ndata: " + error_json(error) + b"\n\n"
+# Raised by a protective mechanism (resilience/, sharing/, observe/usage_api.py) or at the
+# client edge (server/guard.py): the gateway's own refusals, each with its reason.
 
 
 class CircuitOpen(GatewayError):
@@ -414,3 +393,28 @@ class UsageUnavailable(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+# Failures an upstream call is tried again after (``resilience/retry.py``): the request never
+# reached the upstream. A timeout after it was sent is not retried: the first try may
+# still be generating (and billing) upstream, and the client's wait would double.
+RETRYABLE_ERRORS = (UpstreamUnreachable, ConnectTimeout)
+
+
+def error_body(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_json(error: GatewayError) -> bytes:
+    return orjson.dumps(error.body())
+
+
+def sse_error_event(error: GatewayError) -> bytes:
+    """An SSE ``error`` event: how a stream that already sent 200 reports a failure.
+
+    The OpenAI SDK raises ``APIError`` on it, and because it is never followed by
+    ``data: [DONE]`` no client can mistake a truncated answer for a complete one.
+    """
+    return b"event: error\ndata: " + error_json(error) + b"\n\n"
