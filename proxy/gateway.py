@@ -112,8 +112,8 @@ class Live:
             changed.append("auth.limits_backend")
         kept["auth"] = dataclasses.replace(new.auth, limits_backend=backend)
         if changed:
-            log.warning("reload: %s changed but need a restart; keeping the running values",
-                        ", ".join(changed))
+            log.warning("reload: changed, but only a restart applies them: %s; keeping "
+                        "the running values", ", ".join(changed))
         effective = dataclasses.replace(new, **kept)
         gateway = build_gateway(effective, self.shared, self.gateway)  # may raise: no swap
         self.shared.client.use_providers(effective)

@@ -163,7 +163,7 @@ async def test_sections_that_need_a_restart_keep_their_running_values(
                                       timeouts={"read": 1}))
     assert gateway.config.server.port != 9999 and gateway.config.pool.limit != 3
     assert gateway.config.timeouts.read != 1
-    assert "server, pool, timeouts changed but need a restart" in caplog.text
+    assert "only a restart applies them: server, pool, timeouts" in caplog.text
 
 
 async def test_a_reloaded_provider_runs_under_its_own_deadlines(
