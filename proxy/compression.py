@@ -1,5 +1,6 @@
 """gzip for large answers the upstream sent uncompressed (issue 10: Ollama, vLLM, the
-models listing, embeddings), and the ``compression:`` section that sets it up.
+models listing, embeddings), as the ``compression:`` section (``config/compression.py``)
+sets it up.
 
 An answer is compressed when all of these hold, checked cheapest first so that the
 usual small chat answer costs one length comparison and nothing else:

@@ -47,12 +47,8 @@ DECODED_CODINGS = ("gzip", "deflate", *(("br",) if HAS_BROTLI else ()),
                    *(("zstd",) if HAS_ZSTD else ()))
 
 
-def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
-    """Header names listed in ``Connection``: hop-by-hop for this message only."""
-    return _parse_tokens(",".join(headers.getall("Connection", ())))
-
-
 def _parse_tokens(connection: str) -> frozenset[str]:
+    """Header names listed in ``Connection``: hop-by-hop for this message only."""
     return frozenset(t.strip().lower() for t in connection.split(",") if t.strip())
 
 

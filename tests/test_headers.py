@@ -353,7 +353,7 @@ async def test_gateway_control_headers_stay_in_the_gateway(
 
 
 @pytest.mark.parametrize("padding", [0, 60], ids=["cached", "long"])
-def test_connection_tokens_drop_their_headers_whatever_the_value_length(padding: int) -> None:
+def test_connection_named_headers_are_dropped_whatever_the_value_length(padding: int) -> None:
     """Short ``Connection`` values are cached per value, long ones (over 256 chars) are
     parsed each time (``headers._skipped``): both drop every header they name, and a
     cached value does so on every message, not only the first."""

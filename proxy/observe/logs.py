@@ -1,5 +1,5 @@
-"""How the gateway logs: the ``logging`` config section, one handler on stderr, and
-its two formats (issue 10, "Access log").
+"""How the gateway logs: one handler on stderr and its two formats, as the ``logging``
+section (``config/logs.py``) sets them (issue 10, "Access log").
 
 ``json`` (the default when stderr is not a terminal: a container, systemd, a file)
 writes one JSON object per line: ``time`` (ISO 8601, UTC, ms), ``level``, ``logger``,
