@@ -56,9 +56,9 @@ if TYPE_CHECKING:
 # The helper modules' asserts get pytest's detailed messages, as they had in the test
 # files they came from (issue 11); registered before any test module imports them.
 pytest.register_assert_rewrite(
-    "tests.assertions", "tests.cli_helpers", "tests.faulty", "tests.load_client",
-    "tests.nginx_helpers", "tests.procs", "tests.raw_http", "tests.usage_fake",
-    "tests.usage_helpers", "tests.wire")
+    "tests.assertions", "tests.bench_runs", "tests.cli_helpers", "tests.faulty",
+    "tests.load_client", "tests.nginx_helpers", "tests.procs", "tests.raw_http",
+    "tests.usage_fake", "tests.usage_helpers", "tests.wire")
 
 StartUpstream = Callable[[web.Application], Awaitable[str]]
 StartGateway = Callable[[Config], Awaitable[str]]

@@ -12,8 +12,6 @@ and stopped by its own ``Popen`` in a ``finally``; a script that overruns gets S
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +30,7 @@ from bench.memory import socket_inodes, tcp_inodes
 from bench.procs import READY_TIMEOUT, REPO, Process, free_port, nginx_binary, wait_ready
 from bench.static_answer import BODY, PROMPT
 from proxy.mock import payloads
+from tests.bench_runs import bench
 
 MESSAGES: Any = [{"role": "user", "content": PROMPT}]
 
@@ -161,36 +160,14 @@ def test_issue11_verdicts() -> None:
 # --- the benchmark scripts, run as a user runs them --------------------------------------
 
 
-def run_bench(module: str, *args: str, timeout: float) -> Any:
-    """``python -m bench.<module> *args --json``; its report. On overrun: SIGINT (the script
-    stops its children), 15 s, then SIGKILL, and the test fails."""
-    argv = [sys.executable, "-m", f"bench.{module}", *args, "--json"]
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PROXY_", "OPENAI_", "OPENROUTER_", "OLLAMA_"))}
-    with subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)
-            try:
-                out, err = proc.communicate(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, err = proc.communicate()
-            pytest.fail(f"{module} overran {timeout:g} s:\n{err.decode()[-3000:]}")
-    assert proc.returncode == 0, f"{module} exited {proc.returncode}:\n{err.decode()[-3000:]}"
-    return json.loads(out)
-
-
 NEW = ("hello_server", "hello_app", "server_client", "naive")
 
 
 def test_compare_measures_the_chosen_targets() -> None:
     static = ("--upstream", "static") if nginx_binary() is not None else ()
-    report = run_bench("compare", "--scenario", "throughput", "--rounds", "1", "--duration",
-                       "0.5", "--warmup", "0.2", "--targets", ",".join(NEW), *static,
-                       timeout=45)
+    report = bench("compare", "--scenario", "throughput", "--rounds", "1", "--duration",
+                   "0.5", "--warmup", "0.2", "--targets", ",".join(NEW), *static, "--json",
+                   timeout=45)
     # Only those, in the table's order (bench/targets.py), whatever --targets' order.
     assert list(report["targets"]) == ["naive", "hello_server", "hello_app", "server_client"]
     for name in NEW:
@@ -213,8 +190,8 @@ def test_compare_refuses_a_target_the_scenario_cannot_measure() -> None:
 
 
 def test_memory_long_run_samples_until_max_seconds() -> None:
-    report = run_bench("memory", "--long", "--requests", "10000000", "--sample-every", "300",
-                       "--max-seconds", "3", timeout=45)
+    report = bench("memory", "--long", "--requests", "10000000", "--sample-every", "300",
+                   "--max-seconds", "3", "--json", timeout=45)
     samples = report["samples"]
     assert samples, report
     assert [s["requests"] for s in samples] == [300 * n for n in range(1, len(samples) + 1)]
