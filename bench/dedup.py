@@ -53,7 +53,7 @@ import orjson
 from aiohttp import web
 
 from bench.memory import run_until_signal, socket_inodes, tcp_inodes
-from bench.procs import REPO, Process, free_port, nginx_binary
+from bench.procs import REPO, Process, free_port, make_certificate, nginx_binary
 from bench.targets import CHAT
 
 SHIPPED_NGINX = REPO / "deploy" / "nginx.conf"
@@ -146,16 +146,6 @@ async def wait_workers(proc: Process, url: str, count: int,
                         continue
             await asyncio.sleep(0.05)
     return seen
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A throwaway self-signed certificate for 127.0.0.1 (the client does not verify)."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=20)
-    return cert, key
 
 
 def _sub(pattern: str, replacement: str, text: str) -> str:

@@ -120,3 +120,15 @@ def nginx_argv(workdir: Path, name: str, port: int, location: str, extra: str = 
         f"  server {{ listen 127.0.0.1:{port}; client_max_body_size 32m;\n"
         f"    location / {{ {location} }} }} }}\n")
     return [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"]
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate for 127.0.0.1 and localhost (for nginx in
+    front of the gateway, in bench/dedup.py and the nginx tests)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True, timeout=20)
+    return cert, key

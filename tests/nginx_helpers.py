@@ -17,7 +17,6 @@ import re
 import shutil
 import socket
 import ssl
-import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +27,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bench.procs import make_certificate
 from proxy.config.worker import WorkerSpec
 from tests.procs import Spawned, free_port, spawn, spawn_proxy, stop, wait_for_sockets
 
@@ -103,16 +103,6 @@ def render_config(prefix: Path, port: int, cert: Path, key: Path) -> Path:
     path = prefix / "nginx.conf"
     path.write_text(text)
     return path
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=20)
-    return cert, key
 
 
 @asynccontextmanager
