@@ -30,8 +30,8 @@ OVERLOAD_STATUSES = frozenset({429, 503})
 
 @dataclass(frozen=True, slots=True)
 class Upstreams:
-    """Per provider, the state its calls share (public so that a reload can carry it
-    over: ``gateway.py``)."""
+    """Per provider, the state its calls share: the same maps the ``Dispatcher`` shows
+    (and a reload carries over, ``gateway.py``), read here by each call."""
 
     client: UpstreamClient
     limiters: Mapping[str, AdaptiveLimiter]
