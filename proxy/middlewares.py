@@ -14,6 +14,7 @@ import logging
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
 
 from proxy.auth import OPEN_PATHS
 from proxy.errors import (
@@ -34,13 +35,15 @@ from proxy.state import (
     REQUEST_ID,
     WORKER,
 )
+from proxy.whole import WholeResponse
 
 log = logging.getLogger("proxy.errors")
 
 
 def error_response(error: GatewayError) -> web.Response:
-    return web.Response(status=error.status, body=error_json(error),
-                        content_type="application/json", headers=error.headers())
+    headers = CIMultiDict(error.headers())
+    headers["Content-Type"] = "application/json"
+    return WholeResponse(error.status, None, headers, error_json(error))
 
 
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -36,6 +36,7 @@ from proxy.compression import ACCEPT_ENCODING, gzip_for, maybe_gzip
 from proxy.config.compression import CompressionConfig
 from proxy.errors import DeadlineExceeded, GatewayError, sse_error_event
 from proxy.record import TIMEOUT, UPSTREAM_ERROR, Record
+from proxy.whole import WholeResponse
 
 log = logging.getLogger("proxy.streaming")
 
@@ -52,8 +53,7 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
     headers = answer.headers
     if answer.complete:
         body = b"".join(await _all(answer.body))
-        return web.Response(status=answer.status, reason=answer.reason, headers=headers,
-                            body=body)
+        return WholeResponse(answer.status, answer.reason, headers, body)
     event_stream = answer.event_stream
     first = b""
     if buffered and not event_stream:
@@ -65,8 +65,7 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
             if len(first) > compression.min_bytes:
                 first = await maybe_gzip(compression, request.headers.get(ACCEPT_ENCODING),
                                          headers, first)
-            return web.Response(status=answer.status, reason=answer.reason,
-                                headers=headers, body=first)
+            return WholeResponse(answer.status, answer.reason, headers, first)
     gzip = None
     # ``first`` holds bytes only for a non-stream answer larger than SMALL_ANSWER.
     if len(first) > compression.min_bytes:
