@@ -20,7 +20,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config.loader import Config
-from proxy.upstream.client import UpstreamClient, UpstreamRequest
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.protocol import UpstreamRequest
 
 CLIENT = web.AppKey("client", UpstreamClient)
 UPSTREAM = web.AppKey("upstream", str)

@@ -21,7 +21,8 @@ from multidict import CIMultiDict
 
 from proxy.call import Call
 from proxy.providers import PROVIDER_TYPES, Provider
-from proxy.upstream.client import UpstreamClient, UpstreamRequest
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.protocol import UpstreamRequest
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 
 Client = Callable[..., openai.AsyncOpenAI]
@@ -34,8 +35,8 @@ class DummyProvider(Provider):
         messages = (call.payload or {}).get("messages", [])
         text = " ".join(str(m.get("content", "")) for m in messages)
         body = orjson.dumps({"name": call.upstream_model, "text": text})
-        headers = self.credential_headers(CIMultiDict({"Content-Type": "application/json"}))
-        return UpstreamRequest("POST", self.url("complete"), headers, body, self.tls)
+        headers = CIMultiDict({"Content-Type": "application/json"})
+        return self.upstream_request("POST", self.url("complete"), headers, body)
 
     def translate_headers(self, call: Call, headers: CIMultiDict[str]) -> CIMultiDict[str]:
         for name in ("Content-Type", "Content-Length"):

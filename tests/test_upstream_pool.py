@@ -20,7 +20,8 @@ from yarl import URL
 
 from proxy.cli import main as cli
 from proxy.upstream import protocol as http1
-from proxy.upstream.client import UpstreamClient, UpstreamRequest
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.protocol import UpstreamRequest
 from tests.conftest import MakeConfig, StartGateway
 from tests.wire import ANSWER, CHAT, Conn, RawUpstream, StartRaw, answer_each, fetch
 

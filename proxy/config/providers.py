@@ -108,11 +108,28 @@ def _provider(
     ca_file = v.check(v.readable_file, item, "ca_file", path, None, problems)
     timeouts = parse_overrides(item.get("timeouts"), f"{path}.timeouts", problems)
     stream_usage = v.check(v.boolean, item, "stream_usage", path, True, problems)
+    api_key = _api_key(env, key_env, path, problems) if key_env else None
     if len(problems) > before:
         return None
     return ProviderConfig(
         name=name, type=type_, base_url=base_url.rstrip("/"), api_key_env=key_env,
-        api_key=env.get(key_env) if key_env else None, headers=MappingProxyType(dict(headers)),
+        api_key=api_key, headers=MappingProxyType(dict(headers)),
         models=tuple(models), catch_all=catch_all, forward_client_auth=forward,
         ca_file=ca_file, timeouts=timeouts, stream_usage=stream_usage,
     )
+
+
+def _api_key(env: Mapping[str, str], key_env: str, path: str, problems: list[str]
+             ) -> str | None:
+    """The key in ``key_env``, without the surrounding whitespace a key file's last
+    newline leaves; a key with a line break or control character inside would break
+    (or add to) the upstream request's head, so it is refused, never shown."""
+    key = env.get(key_env)
+    if key is None:
+        return None
+    key = key.strip()
+    if not key.isprintable() or not key.isascii():
+        problems.append(f"{path}.api_key_env: the value of {key_env} is not one line of "
+                        "printable ASCII (the key is not shown)")
+        return None
+    return key or None

@@ -30,7 +30,8 @@ from proxy.call import Call
 from proxy.config.providers import ProviderConfig
 from proxy.errors import UpstreamError
 from proxy.headers import AUTHORIZATION
-from proxy.upstream.client import UpstreamClient, UpstreamRequest
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.protocol import UpstreamRequest
 
 _URL_MEMO_SIZE = 256
 
@@ -67,6 +68,7 @@ class Provider(ABC):
         # origin's connections and cap).
         self.tls = tls_context(config.ca_file) if config.ca_file else None
         self._urls: dict[tuple[str, str], URL] = {}
+        self.replaced, self.credentials = credential_block(config)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} base_url={self.config.base_url!r}>"
@@ -108,23 +110,37 @@ class Provider(ABC):
                 self._urls[key] = url
         return url
 
-    def credential_headers(self, headers: CIMultiDict[str]) -> CIMultiDict[str]:
-        """Configured extra headers and the upstream key, replacing the client's.
-
-        The configured key always wins; without one, the client's own Authorization is
-        forwarded only when ``forward_client_auth`` allows it (the ``--upstream`` drop-in).
-        """
-        for name, value in self.config.headers.items():
-            headers[name] = value
-        if self.config.api_key:
-            headers[AUTHORIZATION] = f"Bearer {self.config.api_key}"
-        elif not self.config.forward_client_auth:
-            headers.popall(AUTHORIZATION, None)
-        return headers
+    def upstream_request(self, method: str, url: URL, headers: CIMultiDict[str],
+                         body: bytes) -> UpstreamRequest:
+        """The request to send: the client's ``headers`` (never changed: a failover leg
+        to another provider reads them again) without the names this provider's own
+        credentials replace, which follow as its pre-serialised block."""
+        return UpstreamRequest(method, url, headers, body, self.tls, self.replaced,
+                               self.credentials)
 
     def control_headers(self) -> CIMultiDict[str]:
         """Headers for discovery and health requests (no client involved)."""
-        return self.credential_headers(CIMultiDict({"Accept": "application/json"}))
+        headers = CIMultiDict({"Accept": "application/json"})
+        headers.extend(self.config.headers)
+        if self.config.api_key:
+            headers[AUTHORIZATION] = f"Bearer {self.config.api_key}"
+        return headers
+
+
+def credential_block(config: ProviderConfig) -> tuple[frozenset[str], bytes]:
+    """The provider's own headers as upstream head lines, serialised once (issue 11's
+    pre-serialised blocks), and the lower-cased names of the client's headers they
+    replace or drop. The configured key always wins; without one, the client's own
+    Authorization is forwarded only when ``forward_client_auth`` allows it (the
+    ``--upstream`` drop-in). Values are validated single lines (``config/``)."""
+    lines = dict(config.headers)
+    replaced = {name.lower() for name in lines}
+    if config.api_key:
+        lines[AUTHORIZATION] = f"Bearer {config.api_key}"
+    if config.api_key or not config.forward_client_auth:
+        replaced.add(AUTHORIZATION.lower())
+    block = "".join(f"{name}: {value}\r\n" for name, value in lines.items())
+    return frozenset(replaced), block.encode()
 
 
 def models_error(provider: Provider, status: int, body: Any) -> UpstreamError:

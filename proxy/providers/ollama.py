@@ -24,7 +24,8 @@ from proxy.call import Call
 from proxy.errors import InvalidRequest
 from proxy.providers import ollama_stream
 from proxy.providers.base import Provider, models_error
-from proxy.upstream.client import UpstreamClient, UpstreamRequest
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.protocol import UpstreamRequest
 
 # OpenAI sampling parameter -> Ollama ``options`` key.
 _OPTIONS = {
@@ -49,8 +50,8 @@ class OllamaProvider(Provider):
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
         path, build = route
         body = build(call.payload, call.upstream_model or call.model or "")
-        headers = self.credential_headers(_ollama_headers(call.headers))
-        return UpstreamRequest("POST", self.url(path), headers, orjson.dumps(body), self.tls)
+        return self.upstream_request("POST", self.url(path), _ollama_headers(call.headers),
+                                     orjson.dumps(body))
 
     def translate_headers(self, call: Call, headers: CIMultiDict[str]) -> CIMultiDict[str]:
         for name in ("Content-Type", "Content-Encoding", "Content-Length"):

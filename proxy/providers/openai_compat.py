@@ -17,7 +17,8 @@ from multidict import CIMultiDict
 from proxy.call import Call
 from proxy.headers import AUTHORIZATION
 from proxy.providers.base import Provider, models_error
-from proxy.upstream.client import UpstreamClient, UpstreamRequest
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.protocol import UpstreamRequest
 
 
 class OpenAICompatProvider(Provider):
@@ -26,13 +27,8 @@ class OpenAICompatProvider(Provider):
     honours_stream_usage = True
 
     def prepare(self, call: Call) -> UpstreamRequest:
-        return UpstreamRequest(
-            method=call.method,
-            url=self.url(call.endpoint, call.query),
-            headers=self.credential_headers(call.headers),
-            body=call.body_for_upstream(),
-            tls=self.tls,
-        )
+        return self.upstream_request(call.method, self.url(call.endpoint, call.query),
+                                     call.headers, call.body_for_upstream())
 
     async def list_models(self, client: UpstreamClient) -> list[str]:
         return [entry["id"] for entry in await self._listing(client, self.control_headers())]

@@ -22,8 +22,8 @@ from proxy.record import Origin, Record
 from proxy.resilience.breaker import FAILURE_STATUSES, CircuitBreaker, Pass, fault
 from proxy.resilience.concurrency import AdaptiveLimiter, Outcome, Permit
 from proxy.resilience.retry import RetryPolicy
-from proxy.upstream.client import UpstreamClient, UpstreamRequest
-from proxy.upstream.protocol import UpstreamProtocol
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.protocol import UpstreamProtocol, UpstreamRequest
 
 OVERLOAD_STATUSES = frozenset({429, 503})
 

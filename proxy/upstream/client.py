@@ -22,12 +22,10 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
-from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config.loader import Config
@@ -44,7 +42,7 @@ from proxy.errors import (
 from proxy.upstream import protocol
 from proxy.upstream.deadlines import Deadlines
 from proxy.upstream.pool import ConnectionPool, WaitTimeout
-from proxy.upstream.protocol import UpstreamProtocol
+from proxy.upstream.protocol import UpstreamProtocol, UpstreamRequest
 
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _CONTROL_POOL_LIMIT = 32
@@ -89,17 +87,6 @@ def _os_detail(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
         return f": {os.strerror(exc.os_error.errno).lower()}"
     return ""
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamRequest:
-    """What a provider asks the client to send; built by ``Provider.prepare``."""
-
-    method: str
-    url: URL
-    headers: CIMultiDict[str]
-    body: bytes
-    tls: ssl.SSLContext | None = None  # None: the system's trusted CAs
 
 
 class LimitFollower:
@@ -203,8 +190,7 @@ class UpstreamClient:
         """Send ``request`` and wait for the answer's head; every successful call is
         followed by exactly one :meth:`done`. (The hot path's form of :meth:`open`.)"""
         origin = self._pool.origin(request.url, request.tls)
-        payload = protocol.serialize(request.method, request.url, origin.host_header,
-                                  request.headers, request.body)
+        payload = protocol.serialize(request, origin.host_header)
         deadlines = self._deadlines.get(provider, self._default_deadlines)
         self.in_flight += 1
         try:

@@ -91,21 +91,41 @@ def origin_of(url: URL, tls: ssl.SSLContext | None) -> Origin:
     return Origin(template, host_header)
 
 
-def serialize(method: str, url: URL, host_header: str, headers: CIMultiDict[str],
-              body: bytes) -> bytes:
-    """The request head and body as one buffer, for one write.
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """What a provider asks the client to send; built by ``Provider.prepare``
+    (``Provider.upstream_request``)."""
+
+    method: str
+    url: URL
+    headers: CIMultiDict[str]
+    body: bytes
+    tls: ssl.SSLContext | None = None  # None: the system's trusted CAs
+    # The provider's own headers (its key, configured headers), serialised once, and
+    # the lower-cased names of ``headers`` they replace.
+    replaced: frozenset[str] = frozenset()
+    credentials: bytes = b""
+
+
+def serialize(request: UpstreamRequest, host_header: str) -> bytes:
+    """The request head and body as one buffer, for one write: the client's headers
+    but those the provider replaces, then the provider's own, serialised once.
 
     Header values come from aiohttp's parser (which rejects CR and LF) or from the
     validated config, so no line can be injected; ``surrogateescape`` gives back any
     non-UTF-8 bytes exactly as the client sent them.
     """
-    lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {host_header}"]
-    lines.extend([f"{name}: {value}" for name, value in headers.items()])
+    method, body, replaced = request.method, request.body, request.replaced
+    lines = [f"{method} {request.url.raw_path_qs} HTTP/1.1\r\nHost: {host_header}\r\n"]
+    if replaced:
+        lines.extend([f"{name}: {value}\r\n" for name, value in request.headers.items()
+                      if name.lower() not in replaced])
+    else:
+        lines.extend([f"{name}: {value}\r\n" for name, value in request.headers.items()])
     if body or method in _BODY_METHODS:
-        lines.append(f"Content-Length: {len(body)}")
-    lines.append("\r\n")
-    head = "\r\n".join(lines).encode("utf-8", "surrogateescape")
-    return head + body if body else head
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    head = "".join(lines).encode("utf-8", "surrogateescape")
+    return b"".join((head, request.credentials, b"\r\n", body))
 
 
 class UpstreamProtocol(BaseProtocol):
@@ -365,4 +385,4 @@ class UpstreamProtocol(BaseProtocol):
 
 
 __all__ = ["DeadlineExpired", "HttpProcessingError", "Origin", "UpstreamProtocol",
-           "UpstreamResponse", "origin_of", "serialize"]
+           "UpstreamRequest", "UpstreamResponse", "origin_of", "serialize"]
