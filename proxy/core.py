@@ -190,6 +190,7 @@ class Core:
             response = await route.chain(request)
         except (asyncio.CancelledError, ConnectionError):
             record.ended, record.status = CLIENT_DISCONNECT, 499  # nginx's code for it
+            record.bytes_out = request.writer.output_size  # what went out before the cut
             raise
         except web.HTTPException as exc:  # a redirect, say (errors were answered below)
             record.status = exc.status

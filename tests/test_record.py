@@ -102,6 +102,7 @@ async def test_how_a_stream_ended_is_recorded(
         assert (record.ended, record.status) == ("upstream_error", 200)
     else:
         assert (record.ended, record.status) == ("client_disconnect", 499)
+    assert record.bytes_out > 0  # what reached the client before the cut, head and event
 
 
 async def test_failed_tries_and_their_backoff_are_upstream_time_not_overhead(
