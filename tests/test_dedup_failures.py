@@ -5,8 +5,9 @@ same status, headers and body. An upstream error is delivered to every waiter."
 ``test_dedup.py`` covers error *answers* (a 500 or 429 the upstream sent); here the call
 never gets a head: the upstream is unreachable, silent past ``timeouts.read``, or the
 limiter sheds it. The leader is held back long enough that the followers join its
-exchange before it fails (the live gateway's in-flight map shows they did), and every one of them must get the gateway's
-own error, with the exact status and code, not a hang or a generic 500.
+exchange before it fails (the live gateway's in-flight map shows they did), and every
+one of them must get the gateway's own error, with the exact status and code, not a
+hang or a generic 500.
 """
 
 from __future__ import annotations
