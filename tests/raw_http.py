@@ -1,9 +1,10 @@
 """Raw HTTP/1.1 against the real gateway, for the HTTP safety tests
 (tests/test_http_safety*.py): ``Raw`` is one client connection the test writes bytes to
 and reads one reply or the close from (the ``connect`` fixture closes them after the
-test), ``one_reply`` sends one request on a fresh connection, and ``recording_upstream``
-records every request that got through (the ``safe_gateway`` fixture puts it behind a
-gateway with the cache off).
+test), ``one_reply`` sends one request on a fresh connection, ``read_until`` reads what
+a peer sends (to a marker, N bytes or its close) bounded in time, and
+``recording_upstream`` records every request that got through (the ``safe_gateway``
+fixture puts it behind a gateway with the cache off).
 """
 
 from __future__ import annotations
@@ -67,6 +68,31 @@ def recording_upstream(recorder: Recorder) -> web.Application:
 Safe = Callable[..., Awaitable[tuple[str, Recorder]]]
 
 
+async def read_until(reader: asyncio.StreamReader, marker: bytes | None = None, *,
+                     count: int | None = None, within: float = SLACK) -> bytes:
+    """What the peer sends up to and including ``marker``, or ``count`` bytes, or (neither
+    given) everything until it closes; failing after ``within`` seconds, saying what it
+    waited for and, for a close, what had come. Issue 11: a test waits for the bytes it
+    needs, never a guessed time for them to arrive. A reset propagates (the caller says
+    what a reset means), and so does a close before the marker or the count."""
+    if marker is not None or count is not None:
+        wanted = reader.readuntil(marker) if marker is not None else reader.readexactly(
+            count or 0)
+        try:
+            return await asyncio.wait_for(wanted, within)
+        except TimeoutError:
+            raise AssertionError(f"not within {within} s: {marker or count!r}") from None
+    received = bytearray()
+    try:
+        async with asyncio.timeout(within):
+            while data := await reader.read(65536):
+                received += data
+    except TimeoutError:
+        raise AssertionError(f"not closed within {within} s; came: "
+                             f"{bytes(received)[:300]!r}") from None
+    return bytes(received)
+
+
 def chat_request(extra: bytes = b"", body: bytes = CHAT_BODY) -> bytes:
     return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json"
             b"\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body))
@@ -101,11 +127,12 @@ class Raw:
 
     async def reply(self, within: float = 10) -> Reply:
         """One response with a Content-Length body."""
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), within)
+        head = await read_until(self.reader, b"\r\n\r\n", within=within)
         status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
         headers = {name.strip().lower(): value.strip()
                    for name, _, value in (line.partition(":") for line in lines)}
-        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        body = await read_until(self.reader, count=int(headers.get("content-length", "0")),
+                                within=within)
         return Reply(int(status_line.split()[1]), headers, body)
 
     async def closed(self, within: float = SLACK) -> bool:

@@ -9,12 +9,12 @@ import time
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 import yaml
 from aiohttp import web
 
 from proxy.config.keys import hash_secret
+from tests.fake_upstream import DONE, FakeUpstream, Reply, sse
 from tests.procs import Spawned
 
 CHAT = "/v1/chat/completions"
@@ -24,22 +24,13 @@ OLD_KEY, NEW_KEY = "gk-old-secret-1", "gk-new-secret-2"
 
 
 def named_upstream(name: str) -> web.Application:
-    """Answers naming itself; ``"stream": true`` gets 20 events, 50 ms apart."""
-    async def chat(request: web.Request) -> web.StreamResponse:
-        payload = orjson.loads(await request.read())
-        if not payload.get("stream"):
-            return web.json_response({"choices": [{"message": {"content": name}}]})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for n in range(20):
-            await response.write(b"data: " + orjson.dumps({"n": n, "by": name}) + b"\n\n")
-            await asyncio.sleep(0.05)
-        await response.write(b"data: [DONE]\n\n")
-        return response
-
-    app = web.Application()
-    app.router.add_post(CHAT, chat)
-    return app
+    """The counting fake upstream, answering with its name; ``"stream": true`` gets 20
+    events naming it, 50 ms apart (a stream that outlasts a reload). No model listing:
+    the configs list the models, and which one serves ``m`` is what a reload changes."""
+    fake = FakeUpstream(pieces=(name,), interval=0.05,
+                        events=(*(sse({"n": n, "by": name}) for n in range(20)), DONE))
+    fake.models = Reply(status=404)
+    return fake.app()
 
 
 def config_text(providers: dict[str, str], serving: str, key: str, **extra: Any) -> str:

@@ -30,7 +30,8 @@ class Received:
 
 @dataclass
 class Fake:
-    """One fake provider: its ``/v1/models`` list, and what it was sent."""
+    """One fake provider: its ``/v1/models`` list, and what it was sent. Not FakeUpstream:
+    it answers every method on every ``/v1/`` path and keeps each raw path as it came."""
 
     name: str
     models: list[str] = field(default_factory=list)

@@ -1,14 +1,15 @@
 """Deadlines for every phase of an upstream answer (issue #4): connect, response headers,
 first token, the silence between two reads and the whole answer, set in ``timeouts:``
 and overridden per provider. Each expiry is its own 504 while the client has seen
-nothing, and an SSE ``error`` event once its stream began. Real aiohttp upstreams on
-loopback; the official SDK where a client is natural."""
+nothing, and an SSE ``error`` event once its stream began. The counting fake upstream
+(tests/fake_upstream.py) on loopback, its gate closed so that an answer hangs; the
+official SDK where a client is natural."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import openai
@@ -20,7 +21,8 @@ from proxy.config.loader import ConfigError, Overrides, config_from_dict, load_c
 from proxy.config.timeouts import TimeoutOverrides, Timeouts
 from proxy.providers import PROVIDER_TYPES
 from proxy.upstream.deadlines import Deadlines
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway
+from tests.fake_upstream import FakeUpstream, Reply, Seen
 from tests.wire import CHAT, error_code, fetch, gateway
 
 LIMIT = 0.3  # the deadline a test is about
@@ -29,7 +31,6 @@ LONG = 5.0  # the deadlines a test is not about
 CHAT_PATH = "/v1/chat/completions"
 STREAM = {**CHAT, "stream": True}
 DONE = b"data: [DONE]\n\n"
-Chat = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def event(n: int) -> bytes:
@@ -39,38 +40,27 @@ def event(n: int) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-class Upstreams:
-    """Starts real aiohttp upstreams whose chat handler the test writes; counts their
-    calls. ``hang()`` waits until the test is over, so no server shutdown waits on it."""
-
-    def __init__(self, start_upstream: StartUpstream):
-        self._start = start_upstream
-        self.released = asyncio.Event()
-        self.calls = 0
-
-    async def hang(self) -> None:
-        await self.released.wait()
-
-    async def start(self, chat: Chat) -> str:
-        async def counted(request: web.Request) -> web.StreamResponse:
-            await request.read()
-            self.calls += 1
-            try:
-                return await chat(request)
-            except ConnectionResetError:  # the gateway gave up on this answer
-                return web.Response()
-
-        app = web.Application()
-        app.router.add_post(CHAT_PATH, counted)
-        return f"{await self._start(app)}/v1"
-
-
 @pytest.fixture
-async def upstreams(start_upstream: StartUpstream) -> AsyncIterator[Upstreams]:
-    """Asked for before ``start_gateway`` so the gateway stops first."""
-    made = Upstreams(start_upstream)
+async def fake(start_fake: StartFake) -> AsyncIterator[FakeUpstream]:
+    """The fake upstream, its chat gate closed: a JSON answer hangs before its head, a
+    stream after it, until the test is over (then the gate opens, so no server shutdown
+    waits on it). Asked for before ``start_gateway`` so the gateway stops first."""
+    made = await start_fake()
+    made.chat.gate = closed = asyncio.Event()
     yield made
-    made.released.set()
+    closed.set()
+
+
+async def hang(fake: FakeUpstream) -> None:
+    """What a hook that wrote part of an answer does next: wait on the closed gate."""
+    assert fake.chat.gate is not None
+    await fake.chat.gate.wait()
+
+
+def steady(fake: FakeUpstream, events: tuple[bytes, ...], interval: float) -> str:
+    """``fake`` streams ``events``, ``interval`` before each, without hanging."""
+    fake.chat.gate, fake.chat.events, fake.chat.interval = None, events, interval
+    return fake.url
 
 
 async def sse_head(request: web.Request) -> web.StreamResponse:
@@ -94,12 +84,8 @@ async def timed_fetch(url: str, body: dict[str, Any]) -> tuple[int, bytes, float
 # --- before the client got anything: a 504 per deadline ----------------------------------
 
 async def test_no_response_headers_is_504_upstream_headers_timeout(
-        upstreams: Upstreams, start_gateway: StartGateway, make_config: MakeConfig) -> None:
-    async def chat(request: web.Request) -> web.StreamResponse:
-        await upstreams.hang()
-        return web.Response()
-
-    url = await upstreams.start(chat)
+        fake: FakeUpstream, start_gateway: StartGateway, make_config: MakeConfig) -> None:
+    url = fake.url
     base = await gateway(start_gateway, make_config, url,
                          timeouts={"headers": LIMIT, "read": LONG})
     status, body, elapsed = await timed_fetch(base, CHAT)
@@ -113,17 +99,18 @@ async def test_no_response_headers_is_504_upstream_headers_timeout(
 @pytest.mark.parametrize(("first", "code"), [(b"", "first_token_timeout"),
                                              (b'{"id": "chatcmpl-d",', "stream_stalled")])
 async def test_a_non_stream_body_that_stalls_is_504(
-        first: bytes, code: str, upstreams: Upstreams, start_gateway: StartGateway,
+        first: bytes, code: str, fake: FakeUpstream, start_gateway: StartGateway,
         make_config: MakeConfig) -> None:
-    async def chat(request: web.Request) -> web.StreamResponse:
+    async def stalling(request: web.Request, seen: Seen) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
         if first:
             await response.write(first)
-        await upstreams.hang()
+        await hang(fake)
         return response
 
-    base = await gateway(start_gateway, make_config, await upstreams.start(chat),
+    fake.hook = stalling
+    base = await gateway(start_gateway, make_config, fake.url,
                          timeouts={"first_token": LIMIT, "read": LIMIT, "headers": LONG})
     status, body, elapsed = await timed_fetch(base, CHAT)
     assert (status, error_code(body)) == (504, code)  # a clean status: nothing was sent
@@ -131,12 +118,8 @@ async def test_a_non_stream_body_that_stalls_is_504(
 
 
 async def test_total_bounds_the_wait_for_headers_too(
-        upstreams: Upstreams, start_gateway: StartGateway, make_config: MakeConfig) -> None:
-    async def chat(request: web.Request) -> web.StreamResponse:
-        await upstreams.hang()
-        return web.Response()
-
-    base = await gateway(start_gateway, make_config, await upstreams.start(chat),
+        fake: FakeUpstream, start_gateway: StartGateway, make_config: MakeConfig) -> None:
+    base = await gateway(start_gateway, make_config, fake.url,
                          timeouts={"total": LIMIT, "read": LONG})
     status, body, elapsed = await timed_fetch(base, CHAT)
     assert (status, error_code(body)) == (504, "request_timeout")
@@ -158,12 +141,8 @@ async def test_a_provider_connect_timeout_overrides_the_global_one(
 
 
 async def test_per_provider_timeouts_win_over_the_global_ones(
-        upstreams: Upstreams, start_gateway: StartGateway, make_config: MakeConfig) -> None:
-    async def chat(request: web.Request) -> web.StreamResponse:
-        await upstreams.hang()
-        return web.Response()
-
-    url = await upstreams.start(chat)
+        fake: FakeUpstream, start_gateway: StartGateway, make_config: MakeConfig) -> None:
+    url = fake.url
     base = await start_gateway(make_config([
         {"name": "fast", "type": "openai_compat", "base_url": url, "models": ["f"],
          "timeouts": {"headers": LIMIT}},
@@ -180,14 +159,9 @@ async def test_per_provider_timeouts_win_over_the_global_ones(
 # --- after the stream began: an SSE error event, and the stream ends ---------------------
 
 async def test_headers_then_nothing_keeps_alive_then_ends_with_first_token_timeout(
-        upstreams: Upstreams, start_gateway: StartGateway, make_config: MakeConfig,
+        fake: FakeUpstream, start_gateway: StartGateway, make_config: MakeConfig,
         openai_client: Callable[..., openai.AsyncOpenAI]) -> None:
-    async def chat(request: web.Request) -> web.StreamResponse:
-        response = await sse_head(request)
-        await upstreams.hang()
-        return response
-
-    base = await gateway(start_gateway, make_config, await upstreams.start(chat), timeouts={
+    base = await gateway(start_gateway, make_config, fake.url, timeouts={
         "first_token": 0.8, "read": LONG, "headers": LONG, "sse_keepalive": 0.2})
     status, body, elapsed = await timed_fetch(base, STREAM)
     comments, marker, rest = body.partition(b"event: error\n")
@@ -208,19 +182,22 @@ async def test_headers_then_nothing_keeps_alive_then_ends_with_first_token_timeo
 
 
 async def test_a_stalled_stream_ends_with_stream_stalled_and_the_gateway_serves_on(
-        upstreams: Upstreams, start_gateway: StartGateway, make_config: MakeConfig,
+        fake: FakeUpstream, start_gateway: StartGateway, make_config: MakeConfig,
         openai_client: Callable[..., openai.AsyncOpenAI]) -> None:
-    async def chat(request: web.Request) -> web.StreamResponse:
-        if not (await request.json()).get("stream"):
-            return web.json_response({"id": "c", "object": "chat.completion", "created": 0,
-                                      "model": "m", "choices": []})
+    answered = Reply(body={"id": "c", "object": "chat.completion", "created": 0,
+                           "model": "m", "choices": []})
+
+    async def stalling(request: web.Request, seen: Seen) -> Reply | web.StreamResponse:
+        if not seen.json().get("stream"):
+            return answered
         response = await sse_head(request)
         for n in range(2):
             await response.write(event(n))
-        await upstreams.hang()
+        await hang(fake)
         return response
 
-    base = await gateway(start_gateway, make_config, await upstreams.start(chat), timeouts={
+    fake.hook = stalling
+    base = await gateway(start_gateway, make_config, fake.url, timeouts={
         "read": LIMIT, "first_token": LONG, "headers": LONG})
     status, body, elapsed = await timed_fetch(base, STREAM)
     events = body.partition(b"event: error\n")[0]
@@ -243,18 +220,10 @@ async def test_a_stalled_stream_ends_with_stream_stalled_and_the_gateway_serves_
 
 
 async def test_a_slow_steady_stream_longer_than_every_limit_is_not_cut(
-        upstreams: Upstreams, start_gateway: StartGateway, make_config: MakeConfig) -> None:
-    events = [event(n) for n in range(8)]
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        response = await sse_head(request)
-        for part in [*events, DONE]:
-            await asyncio.sleep(0.15)  # 1.35 s in all, each gap well under the limits
-            await response.write(part)
-        await response.write_eof()
-        return response
-
-    base = await gateway(start_gateway, make_config, await upstreams.start(chat), timeouts={
+        fake: FakeUpstream, start_gateway: StartGateway, make_config: MakeConfig) -> None:
+    events = [event(n) for n in range(9)]  # 1.35 s in all, each gap well under the limits
+    base = await gateway(start_gateway, make_config, steady(fake, (*events, DONE), 0.15),
+                         timeouts={
         "headers": 0.6, "first_token": 0.6, "read": 0.6})
     status, body, elapsed = await timed_fetch(base, STREAM)
     assert (status, body) == (200, b"".join(events) + DONE)
@@ -262,16 +231,9 @@ async def test_a_slow_steady_stream_longer_than_every_limit_is_not_cut(
 
 
 async def test_total_cuts_a_long_steady_stream_with_request_timeout(
-        upstreams: Upstreams, start_gateway: StartGateway, make_config: MakeConfig) -> None:
-    async def chat(request: web.Request) -> web.StreamResponse:
-        response = await sse_head(request)
-        for n in range(100):  # 10 s, were it not cut
-            await response.write(event(n))
-            await asyncio.sleep(0.1)
-        await response.write_eof()
-        return response
-
-    base = await gateway(start_gateway, make_config, await upstreams.start(chat),
+        fake: FakeUpstream, start_gateway: StartGateway, make_config: MakeConfig) -> None:
+    long = tuple(event(n) for n in range(100))  # 10 s, were it not cut
+    base = await gateway(start_gateway, make_config, steady(fake, long, 0.1),
                          timeouts={"total": 1.0, "read": LONG})
     status, body, elapsed = await timed_fetch(base, STREAM)
     events = body.partition(b"event: error\n")[0]
@@ -287,36 +249,33 @@ async def test_total_cuts_a_long_steady_stream_with_request_timeout(
     (True, "first_token_timeout"),  # an answer began
 ])
 async def test_deadlines_after_the_request_was_sent_are_not_retried(
-        sends_head: bool, code: str, upstreams: Upstreams,
+        sends_head: bool, code: str, fake: FakeUpstream,
         start_gateway: StartGateway, make_config: MakeConfig) -> None:
-    async def chat(request: web.Request) -> web.StreamResponse:
-        response = await sse_head(request) if sends_head else web.Response()
-        await upstreams.hang()
+    async def sse_then_nothing(request: web.Request, seen: Seen) -> web.StreamResponse:
+        response = await sse_head(request)  # to a JSON request: a head, then silence
+        await hang(fake)
         return response
 
-    base = await gateway(start_gateway, make_config, await upstreams.start(chat),
+    if sends_head:
+        fake.hook = sse_then_nothing
+    base = await gateway(start_gateway, make_config, fake.url,
                          timeouts={"headers": LIMIT, "first_token": LIMIT},
                          retries={"max_attempts": 2, "base_delay": 0.01})
     _, body, _ = await timed_fetch(base, CHAT)
     assert error_code(body) == code
-    assert upstreams.calls == 1
+    assert fake.chats == 1
 
 
 async def test_first_token_timeouts_do_not_open_the_circuit_breaker(
-        upstreams: Upstreams, start_gateway: StartGateway, make_config: MakeConfig) -> None:
+        fake: FakeUpstream, start_gateway: StartGateway, make_config: MakeConfig) -> None:
     """A long generation is that request's, not the upstream's health (issue #9)."""
-    async def chat(request: web.Request) -> web.StreamResponse:
-        response = await sse_head(request)  # a 200 head: the stream then never starts
-        await upstreams.hang()
-        return response
-
-    base = await gateway(start_gateway, make_config, await upstreams.start(chat),
+    base = await gateway(start_gateway, make_config, fake.url,  # a 200 head, then nothing
                          timeouts={"first_token": LIMIT},
                          breaker={"min_requests": 2, "min_callers": 1, "cooldown": LONG,
                                   "fail_fast": True})
     for _ in range(3):
         assert error_code((await timed_fetch(base, STREAM))[1]) == "first_token_timeout"
-    assert upstreams.calls == 3
+    assert fake.chats == 3
 
 
 # --- configuration ------------------------------------------------------------------------

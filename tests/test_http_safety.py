@@ -28,6 +28,7 @@ from tests.raw_http import (
     Safe,
     chat_request,
     one_reply,
+    read_until,
 )
 from tests.wire import CHAT, post_json
 
@@ -192,7 +193,7 @@ async def test_bytes_after_a_body_never_cut_its_answer(safe_gateway: Safe,
     await client.send(chat_request(body=orjson.dumps({**CHAT, "stream": True})))
     await until(lambda: upstream.requests, what="the stream being answered")
     await client.send(b"\r\n")
-    stream = await asyncio.wait_for(client.reader.readuntil(b"data: [DONE]\n\n"), SLACK)
+    stream = await read_until(client.reader, b"data: [DONE]\n\n")
     assert stream.startswith(b"HTTP/1.1 200 ") and stream.count(b"data: ") == 4
 
 

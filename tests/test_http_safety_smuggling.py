@@ -24,6 +24,7 @@ from tests.raw_http import (
     Safe,
     chat_request,
     one_reply,
+    read_until,
     recording_upstream,
 )
 
@@ -103,7 +104,7 @@ CASES = {
 
 
 async def answer_to(url: str, data: bytes, connect: Connect, then: bytes = b"") -> bytes:
-    """Everything the gateway sends back until it closes (or 5 s pass)."""
+    """Everything the gateway sends back until it closes (failing after 5 s)."""
     client = await connect(url)
     with contextlib.suppress(ConnectionError):
         await client.send(data)
@@ -111,7 +112,7 @@ async def answer_to(url: str, data: bytes, connect: Connect, then: bytes = b"") 
             await asyncio.sleep(0.2)  # the head and the first chunk went through
             await client.send(then)
     try:
-        return await asyncio.wait_for(client.reader.read(), 5)
+        return await read_until(client.reader, within=5)
     except ConnectionError:
         return b""
 
@@ -227,7 +228,7 @@ async def _over_tls(port: int, tls: ssl.SSLContext, data: bytes) -> bytes:
     try:
         writer.write(data)
         await writer.drain()
-        return await asyncio.wait_for(reader.read(), 10)
+        return await read_until(reader, within=10)
     except ConnectionError:
         return b""
     finally:

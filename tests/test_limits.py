@@ -12,6 +12,7 @@ import pytest
 from proxy.config.sections import LimitsConfig
 from proxy.errors import InvalidRequest, Overloaded, UpstreamTimeout
 from proxy.resilience.concurrency import AdaptiveLimiter, Outcome, Permit
+from tests.polling import until
 
 
 class FakeClock:
@@ -30,6 +31,12 @@ def limiter(clock: FakeClock | None = None, changes: list[int] | None = None,
     return AdaptiveLimiter("openai", LimitsConfig(**settings),
                            clock=clock or time.monotonic,
                            on_limit_change=None if changes is None else changes.append)
+
+
+async def queued(lim: AdaptiveLimiter, waiters: int) -> None:
+    """Until the tasks just created have run up to the limiter's queue (bounded): what the
+    test does next needs them waiting there, not merely scheduled."""
+    await until(lambda: lim.queued == waiters, what=lambda: f"{waiters} queued: {lim!r}")
 
 
 async def run_round(lim: AdaptiveLimiter, clock: FakeClock, latency: float,
@@ -63,7 +70,7 @@ async def test_at_limit_waiters_are_granted_in_fifo_order() -> None:
         return permit
 
     tasks = [asyncio.create_task(wait(i)) for i in range(3)]
-    await asyncio.sleep(0)
+    await queued(lim, 3)
     assert (lim.in_flight, lim.queued, order) == (1, 3, [])
     previous = holder
     for i, task in enumerate(tasks):
@@ -79,7 +86,7 @@ async def test_a_newcomer_does_not_barge_past_the_queue() -> None:
     lim = limiter()
     holder = await lim.acquire()
     waiter = asyncio.create_task(lim.acquire())
-    await asyncio.sleep(0)
+    await queued(lim, 1)
     holder.release(Outcome.SUCCESS)  # the slot now belongs to the waiter
     newcomer = asyncio.create_task(lim.acquire())
     (await waiter).release(Outcome.SUCCESS)
@@ -91,7 +98,7 @@ async def test_full_queue_sheds_at_once() -> None:
     lim = limiter(queue_size=1)
     holder = await lim.acquire()
     waiter = asyncio.create_task(lim.acquire())
-    await asyncio.sleep(0)
+    await queued(lim, 1)
     started = time.perf_counter()
     with pytest.raises(Overloaded) as caught:
         await lim.acquire()
@@ -127,7 +134,7 @@ async def test_retry_after_follows_the_observed_hold_time() -> None:
     permit.release(Outcome.IGNORE)  # slots are held about 5 s
     holder = await lim.acquire()
     waiter = asyncio.create_task(lim.acquire())
-    await asyncio.sleep(0)
+    await queued(lim, 1)
     with pytest.raises(Overloaded) as caught:
         await lim.acquire()
     assert caught.value.retry_after == 10.0  # two requests ahead of a retry, 5 s each
@@ -140,7 +147,7 @@ async def test_cancelled_waiter_leaves_no_leak() -> None:
     holder = await lim.acquire()
     cancelled = asyncio.create_task(lim.acquire())
     patient = asyncio.create_task(lim.acquire())
-    await asyncio.sleep(0)
+    await queued(lim, 2)
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cancelled
@@ -155,7 +162,7 @@ async def test_waiter_cancelled_right_after_its_grant_passes_the_slot_on() -> No
     holder = await lim.acquire()
     first = asyncio.create_task(lim.acquire())
     second = asyncio.create_task(lim.acquire())
-    await asyncio.sleep(0)
+    await queued(lim, 2)
     holder.release(Outcome.SUCCESS)  # grants ``first``, which has not run yet
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -170,7 +177,7 @@ async def test_release_is_idempotent() -> None:
     lim = limiter()
     permit = await lim.acquire()
     waiter = asyncio.create_task(lim.acquire())
-    await asyncio.sleep(0)
+    await queued(lim, 1)
     permit.release(Outcome.SUCCESS)
     permit.release(Outcome.SUCCESS)  # must not free the waiter's slot a second time
     assert (lim.in_flight, lim.queued) == (1, 0)
@@ -300,7 +307,7 @@ async def test_queued_requests_raise_the_limit_with_each_success() -> None:
     assert lim.limit == 2
     holders = [await lim.acquire(), await lim.acquire()]
     waiters = [asyncio.create_task(lim.acquire()) for _ in range(4)]
-    await asyncio.sleep(0)
+    await queued(lim, 4)
     for holder in holders:
         holder.release(Outcome.SUCCESS)
     assert lim.limit == 2  # +1/2, then +1/2.5: not yet a whole slot

@@ -5,7 +5,6 @@ and the redacted start-up config. tests/test_access_log.py runs the real process
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 import sys
@@ -30,6 +29,7 @@ from proxy.observe.logs import (
 )
 from proxy.providers import PROVIDER_TYPES
 from proxy.record import Origin, Record, Usage
+from tests.polling import until
 
 
 @pytest.fixture
@@ -181,7 +181,8 @@ async def test_access_lines_are_written_together_and_none_waits_long() -> None:
         for n in range(3):
             access.info("line %d", n)
         assert stream.getvalue() == ""
-        await asyncio.sleep(FLUSH_AFTER + 0.2)
+        await until(stream.getvalue, within=FLUSH_AFTER + 0.2,
+                    what="the access lines' timer to write them")
         assert [orjson.loads(x)["message"] for x in stream.getvalue().splitlines()] == [
             "line 0", "line 1", "line 2"]
         access.info("line 3")

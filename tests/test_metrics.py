@@ -30,6 +30,7 @@ from tests.assertions import Samples, parse, value
 from tests.conftest import MakeConfig, StartFake, StartUpstream
 from tests.fake_upstream import FakeUpstream, Reply, Seen, replaced
 from tests.polling import until
+from tests.running import RunningGateway
 
 ADMIN, TEAM, LIMITED = "sk-gw-admin-0123456789", "sk-gw-team-a-0123456789", "sk-gw-b-987654321"
 KEYS = [{"name": "ops", "sha256": hash_secret(ADMIN), "admin": True},
@@ -46,8 +47,6 @@ def chat(content: str, **extra: Any) -> dict[str, Any]:
 
 async def upstream_chat(request: web.Request) -> web.StreamResponse:
     payload = await request.json()
-    if payload.get("seed") == 7:  # the dedup pair: held so that the second one joins
-        await asyncio.sleep(0.5)
     if not payload.get("stream"):
         return web.json_response(ANSWER)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -60,7 +59,15 @@ async def upstream_chat(request: web.Request) -> web.StreamResponse:
 
 @asynccontextmanager
 async def gateway(config: Config, usage: Usage | None = None) -> AsyncIterator[str]:
-    """The gateway app in-process; ``usage``: what the (parallel) usage helper would
+    """The URL of ``served(config, usage)``."""
+    async with served(config, usage) as (url, _):
+        yield url
+
+
+@asynccontextmanager
+async def served(config: Config, usage: Usage | None = None
+                 ) -> AsyncIterator[tuple[str, web.Application]]:
+    """The gateway app in-process, and its URL; ``usage``: what the (parallel) usage helper would
     have put on each answered chat's record, set by an observer run before metrics."""
     config = dataclasses.replace(
         config, server=dataclasses.replace(config.server, host="127.0.0.1", port=0))
@@ -73,7 +80,7 @@ async def gateway(config: Config, usage: Usage | None = None) -> AsyncIterator[s
 
     app[OBSERVERS].observers.insert(1, fill)  # after the deferred usage is read
     async with running(config, app=app) as url:
-        yield url
+        yield url, app
 
 
 async def scrape(session: aiohttp.ClientSession, url: str, key: str | None = ADMIN
@@ -100,11 +107,12 @@ async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
         return response.status
 
 
-def scripted(fake: FakeUpstream) -> FakeUpstream:
-    """``fake`` answers as ``upstream_chat`` does, and holds the dedup pair's leader."""
+def scripted(fake: FakeUpstream, pair: asyncio.Event) -> FakeUpstream:
+    """``fake`` answers as ``upstream_chat`` does, and holds the dedup pair's leader
+    until ``pair`` is set."""
     fake.chat.body = ANSWER
     fake.chat.events = (b'data: {"choices":[]}\n\n', b"data: [DONE]\n\n")
-    held = replaced(fake.chat, latency=0.5)
+    held = replaced(fake.chat, gate=pair)
 
     async def hook(request: web.Request, seen: Seen) -> Reply | None:
         return held if (seen.json() or {}).get("seed") == 7 else None
@@ -113,8 +121,11 @@ def scripted(fake: FakeUpstream) -> FakeUpstream:
     return fake
 
 
-async def known_traffic(session: aiohttp.ClientSession, url: str,
-                        upstream: FakeUpstream) -> None:
+async def known_traffic(session: aiohttp.ClientSession, live: RunningGateway,
+                        pair: asyncio.Event) -> None:
+    """The traffic the figures are known for; ``pair`` releases the dedup pair's leader
+    once its follower joined."""
+    url, upstream = live.url, live.upstream
     for i in range(3):
         assert await post(session, url, chat(f"plain {i}")) == 200
     assert await post(session, url, chat("a stream", stream=True)) == 200
@@ -125,8 +136,11 @@ async def known_traffic(session: aiohttp.ClientSession, url: str,
     leader = asyncio.ensure_future(post(session, url, chat("pair", seed=7),
                                         **{"Cache-Control": "no-store"}))
     await until(lambda: upstream.inflight == 1, what="the leader held at the upstream")
-    assert await post(session, url, chat("pair", seed=7),
-                      **{"Cache-Control": "no-store"}) == 200
+    follower = asyncio.ensure_future(post(session, url, chat("pair", seed=7),
+                                          **{"Cache-Control": "no-store"}))
+    await live.until(lambda: live.inflight.followed == 1, what="the follower joining")
+    pair.set()
+    assert await follower == 200
     assert await leader == 200
     assert await post(session, url, chat("limited 1"), key=LIMITED) == 200
     assert await post(session, url, chat("limited 2"), key=LIMITED) == 429
@@ -135,11 +149,12 @@ async def known_traffic(session: aiohttp.ClientSession, url: str,
 async def test_known_traffic_gives_exact_figures_and_no_secrets(
     start_fake: StartFake, make_config: MakeConfig,
 ) -> None:
-    upstream = scripted(await start_fake())
+    pair = asyncio.Event()
+    upstream = scripted(await start_fake(), pair)
     config = make_config([provider(upstream.url.removesuffix("/v1"))], auth={"keys": KEYS})
-    async with gateway(config, Usage(input=3, output=5, cached=2)) as gw, \
+    async with served(config, Usage(input=3, output=5, cached=2)) as (gw, app), \
             aiohttp.ClientSession() as session:
-        await known_traffic(session, gw, upstream)
+        await known_traffic(session, RunningGateway(gw, app, upstream), pair)
         text, samples = await scrape(session, gw)
         _, again = await scrape(session, gw)
 

@@ -17,6 +17,7 @@ import pytest
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from proxy.mock.server import STATS_KEY, MockOptions, create_app
+from tests.polling import until
 
 CHAT = "/v1/chat/completions"
 
@@ -181,10 +182,7 @@ async def test_client_gone_mid_latency_counts_as_cancelled(
         )
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(slow, timeout=0.1)
-    for _ in range(100):
-        if stats.cancelled:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: stats.cancelled, what="the mock seeing its client gone")
     assert stats.cancelled == 1
     assert stats.in_flight == 0
     assert stats.requests == stats.max_in_flight == 1

@@ -3,10 +3,9 @@ that one failing observer keeps none of the others from its batch."""
 
 from __future__ import annotations
 
-import asyncio
-
 from proxy.observe.observers import Observers
 from proxy.record import Record
+from tests.polling import until
 
 
 async def test_records_wait_for_a_full_batch_or_the_timer() -> None:
@@ -18,7 +17,8 @@ async def test_records_wait_for_a_full_batch_or_the_timer() -> None:
     observers.ended(Record(0.0))
     assert [len(batch) for batch in seen] == [Observers.BATCH]
     observers.ended(Record(0.0))
-    await asyncio.sleep(Observers.AFTER * 3)
+    await until(lambda: len(seen) == 2, within=Observers.AFTER * 3,
+                what="the timer to hand on the lone record")
     assert [len(batch) for batch in seen] == [Observers.BATCH, 1]
     assert repr(observers) == "<Observers 1 waiting=0>"
 

@@ -27,6 +27,7 @@ from yarl import URL
 from proxy.server.serve import running
 from proxy.upstream.client import UpstreamClient
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.polling import until
 from tests.wire import ANSWER, CHAT, MODELS, Conn, RawUpstream, fetch, raw_servers, read_request
 
 Client = Callable[..., openai.AsyncOpenAI]
@@ -156,14 +157,6 @@ async def _keep_alive(conn: Conn) -> None:
         await conn.send(MODELS if request.target.endswith("/models") else ANSWER)
 
 
-async def _until(condition: Callable[[], bool], seconds: float) -> bool:
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return condition()
-
-
 async def test_upstream_connections_are_closed_at_shutdown(make_config: MakeConfig) -> None:
     async with raw_servers() as start:
         upstream: RawUpstream = await start(_keep_alive)
@@ -171,14 +164,14 @@ async def test_upstream_connections_are_closed_at_shutdown(make_config: MakeConf
                     "models": ["m"]}
         config = make_config([provider], server={"host": "127.0.0.1", "port": 0})
         async with running(config) as gateway:
-            assert await _until(lambda: len(upstream.connections) == 1, 2)  # discovery
+            await until(lambda: len(upstream.connections) == 1, what="discovery's listing")
             status, _, body = await fetch(f"{gateway}/v1/chat/completions", body=CHAT)
             assert (status, body) == (200, ANSWER)
             assert len(upstream.inference) == 1
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # time for a wrongly closed one to show as closed
             assert upstream.open == 2, "the idle control and inference connections"
-        assert await _until(lambda: upstream.open == 0, 1), (
-            f"{upstream.open} upstream connection(s) still open after the app's cleanup")
+        await until(lambda: upstream.open == 0, within=1, what=lambda: (
+            f"{upstream.open} upstream connection(s) still open after the app's cleanup"))
 
 
 async def test_a_closed_pool_refuses_with_a_connection_error_not_a_crash(

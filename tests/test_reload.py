@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from proxy.app import build_app
 from proxy.config.keys import hash_secret
@@ -23,6 +24,7 @@ from proxy.server.serve import running
 from proxy.server.supervisor import Supervisor
 from proxy.state import LIVE
 from tests.conftest import MakeConfig, StartUpstream
+from tests.polling import until
 from tests.procs import Spawned, clean_env, free_port, poll_healthz, spawn_proxy, stop
 from tests.reload_helpers import (
     CHAT,
@@ -45,6 +47,18 @@ async def stream_events(session: aiohttp.ClientSession, base: str, started: asyn
             received += chunk
             started.set()
     return received
+
+
+async def refused(base: str) -> bool:
+    """Whether ``base`` refuses a connection: a stopping gateway closes its listener
+    first, then drains the streams it has for up to ``shutdown_grace``."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", URL(base).port)
+    except OSError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False
 
 
 async def start(start_upstream: StartUpstream, tmp_path: Path, *args: str
@@ -279,8 +293,8 @@ async def test_a_sighup_while_stopping_does_not_cut_the_streams(
         stream = asyncio.create_task(stream_events(session, base, started))
         await asyncio.wait_for(started.wait(), 5)
         proxy.process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.2)  # in the grace period, draining the stream
-        proxy.process.send_signal(signal.SIGHUP)
+        await until(lambda: refused(base), what="the listener closed: stopping")
+        proxy.process.send_signal(signal.SIGHUP)  # in the grace period, draining the stream
         received = await asyncio.wait_for(stream, 10)
     assert received.count(b'"by":"a"') == 20 and received.endswith(b"data: [DONE]\n\n")
     assert await asyncio.to_thread(proxy.process.wait, 10) == 0, proxy.output()

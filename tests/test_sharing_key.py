@@ -23,8 +23,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import StartLive, StartUpstream
 from tests.polling import until
+from tests.running import RunningGateway
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -69,18 +70,19 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
-            make_config: MakeConfig) -> Callable[..., Any]:
-    """``await gateway([upstream, ...], static=..., **raw)`` -> base URL. With ``static``
-    each provider lists its models in the config, else they are discovered."""
-    async def start(upstreams: list[Upstream], static: bool = True, **raw: Any) -> str:
+def gateway(start_upstream: StartUpstream, live_gateway: StartLive) -> Callable[..., Any]:
+    """``await gateway([upstream, ...], static=..., **raw)`` -> the live gateway (its
+    in-flight map in reach). With ``static`` each provider lists its models in the
+    config, else they are discovered."""
+    async def start(upstreams: list[Upstream], static: bool = True,
+                    **raw: Any) -> RunningGateway:
         providers = []
         for upstream in upstreams:
             url = await start_upstream(upstream.app())
             providers.append({"name": upstream.name, "type": "openai_compat",
                               "base_url": f"{url}/v1",
                               **({"models": list(upstream.models)} if static else {})})
-        return await start_gateway(make_config(providers, **raw))
+        return await live_gateway(*providers, **raw)
 
     return start
 
@@ -113,13 +115,13 @@ async def test_requests_routed_to_another_provider_never_join_its_call(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
 ) -> None:
     first, second = Upstream("first", models=(), delay=0), Upstream("second", delay=0.6)
-    base = await gateway([first, second], static=False, health_cache_ttl=0, **DEDUP_ONLY)
-    url = base + CHAT
+    live = await gateway([first, second], static=False, health_cache_ttl=0, **DEDUP_ONLY)
+    base, url = live.url, live.url + CHAT
     in_flight = [asyncio.create_task(post(session, url))]
     try:
         await until(lambda: bool(second.calls))
         in_flight.append(asyncio.create_task(post(session, url)))  # identical: joins
-        await asyncio.sleep(0.05)
+        await live.until(lambda: live.inflight.followed == 1, what="the second one joining")
         await serve_model_from(session, base, first)  # "m" now routes to "first"
         to_first = await post(session, url)
         assert not any(task.done() for task in in_flight), "the call to 'second' ended"
@@ -136,7 +138,7 @@ async def test_a_cached_answer_is_never_replayed_for_another_provider(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
 ) -> None:
     first, second = Upstream("first", models=(), delay=0), Upstream("second", delay=0)
-    base = await gateway([first, second], static=False, health_cache_ttl=0, **CACHE_ONLY)
+    base = (await gateway([first, second], static=False, health_cache_ttl=0, **CACHE_ONLY)).url
     url = base + CHAT
     replies = [await post(session, url), await post(session, url)]
     await serve_model_from(session, base, first)
@@ -158,7 +160,7 @@ async def test_in_flight_requests_differing_in_path_or_query_never_share(
 ) -> None:
     """Every variant twice at once: the identical pair shares one call, no two variants do."""
     upstream = Upstream("up")
-    base = await gateway([upstream], **DEDUP_ONLY)
+    base = (await gateway([upstream], **DEDUP_ONLY)).url
     paths = VARIANTS[differs]
     replies = await asyncio.gather(*(post(session, base + path)
                                      for path in paths for _ in range(2)))
@@ -175,7 +177,7 @@ async def test_cached_answers_are_kept_apart_by_path_and_query(
     gateway: Callable[..., Any], session: aiohttp.ClientSession, differs: str,
 ) -> None:
     upstream = Upstream("up", delay=0)
-    base = await gateway([upstream], **CACHE_ONLY)
+    base = (await gateway([upstream], **CACHE_ONLY)).url
     paths = VARIANTS[differs]
     firsts = [await post(session, base + path) for path in paths]
     again = [await post(session, base + path) for path in paths]

@@ -23,6 +23,7 @@ from proxy.upstream import protocol as http1
 from proxy.upstream.client import UpstreamClient
 from proxy.upstream.protocol import UpstreamRequest
 from tests.conftest import MakeConfig, StartGateway
+from tests.polling import until
 from tests.wire import ANSWER, CHAT, Conn, RawUpstream, StartRaw, answer_each, fetch
 
 HOLD = 0.3
@@ -74,11 +75,8 @@ async def test_kept_connections_follow_the_adaptive_limit(
         await asyncio.wait_for(asyncio.gather(*(post(client, upstream) for _ in range(3))), 5)
         assert upstream.open == 3
         follow(1)
-        for _ in range(100):  # bounded: the closes reach the upstream within 1 s
-            if upstream.open == 1:
-                break
-            await asyncio.sleep(0.01)
-        assert upstream.open == 1
+        await until(lambda: upstream.open == 1, within=1,
+                    what="the connections over the new limit closed")
         assert "open=1 idle=1" in repr(client)
         follow(4)  # grows again: new connections are kept up to the new limit
         await asyncio.wait_for(asyncio.gather(*(post(client, upstream) for _ in range(3))), 5)
@@ -127,10 +125,7 @@ async def test_repr_tells_limit_state_and_in_flight(
     await client.start()
     try:
         task = asyncio.create_task(post(client, upstream))
-        for _ in range(50):  # bounded: at most 0.5 s until the request is on its way
-            if client.in_flight:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: client.in_flight, within=0.5, what="the request on its way")
         assert "open" in repr(client)
         assert "in_flight=1" in repr(client)
         assert await asyncio.wait_for(task, 3) == (200, ANSWER)

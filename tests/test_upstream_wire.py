@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from tests.conftest import MakeConfig, StartGateway
+from tests.polling import until
 from tests.wire import (
     ANSWER,
     CHAT,
@@ -156,7 +157,7 @@ async def test_idle_connection_closed_by_upstream_is_not_reused(
     for _ in range(2):
         status, _, body = await fetch(f"{url}/v1/chat/completions", body=CHAT)
         assert (status, body) == (200, ANSWER)
-        await asyncio.sleep(0.3)
+        await until(lambda: upstream.open == 0, what="the upstream closing its idle connection")
     assert [len(c.requests) for c in upstream.inference] == [1, 1]
 
 
