@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from proxy.config.keys import hash_secret
+from proxy.config.loader import Overrides, load_config
+from proxy.providers import PROVIDER_TYPES
 from tests.procs import clean_env
 
 NAME_RULE = "must be letters, digits, '.', '_' or '-'"
@@ -66,6 +68,20 @@ def test_a_good_name_and_secret_still_print_the_entry() -> None:
     assert "secret:" not in done.stdout  # a given secret is not echoed
     made = cli("keys", "hash")
     assert made.returncode == 0 and made.stdout.startswith("secret: sk-gw-")
+    assert "admin" not in made.stdout
+
+
+def test_an_admin_keys_entry_loads_as_an_admin_key(tmp_path: Path) -> None:
+    """``--admin`` prints the entry with ``admin: true``, and that entry, pasted into a
+    config file as printed, loads as an admin key."""
+    done = cli("keys", "hash", "--name", "prometheus", "--admin", "--secret", "sk-gw-adm")
+    assert done.returncode == 0, done.stderr
+    snippet = done.stdout.split("config:\n", 1)[1]
+    config = tmp_path / "proxy.yaml"
+    config.write_text(snippet)
+    (key,) = load_config(Overrides(config_path=config), {}, PROVIDER_TYPES.keys()).auth.keys
+    assert (key.name, key.admin) == ("prometheus", True)
+    assert key.sha256 == hash_secret("sk-gw-adm")
 
 
 def test_check_with_no_provider_fails_instead_of_checking_the_demo(tmp_path: Path) -> None:

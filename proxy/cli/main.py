@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "hash", help="make a new random gateway key (or hash --secret) and print its sha256")
     hash_cmd.add_argument("--secret", help="hash this secret instead of making a new one")
     hash_cmd.add_argument("--name", default="my-key", help="the key's name in the snippet")
+    hash_cmd.add_argument("--admin", action="store_true",
+                          help="an admin key (reads /metrics, the status page, every key's usage)")
     return parser
 
 
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(words)
     command = args.command
     if command == "keys":
-        sys.exit(_keys_hash(args.secret, args.name))
+        sys.exit(_keys_hash(args.secret, args.name, admin=args.admin))
     if command == "init":
         path = config_file(Overrides(config_path=args.config), os.environ) or Path("proxy.yaml")
         sys.exit(init_wizard.run(path, os.environ, PROVIDER_TYPES.keys(), yes=args.yes,
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(uvloop.run(_check(config, os.environ)))
 
 
-def _keys_hash(secret: str | None, name: str) -> int:
+def _keys_hash(secret: str | None, name: str, *, admin: bool = False) -> int:
     """Print a key's secret (new unless given) once, and the config entry holding only
     its hash: the secret is for the client and is stored nowhere. Exit 2 for what the
     config could not use: a blank secret (``--secret "$UNSET"`` must not hash a random
@@ -152,7 +154,8 @@ def _keys_hash(secret: str | None, name: str) -> int:
     if made:
         print(f"secret: {secret}   (give it to the client; it is shown only now)")
     print(f"sha256: {digest}")
-    print(f"config:\n  auth:\n    keys:\n      - name: {name}\n        sha256: {digest}")
+    print(f"config:\n  auth:\n    keys:\n      - name: {name}\n        sha256: {digest}"
+          + ("\n        admin: true" if admin else ""))
     return 0
 
 
