@@ -190,7 +190,8 @@ class Core:
             response = await route.chain(request)
         except (asyncio.CancelledError, ConnectionError):
             record.ended, record.status = CLIENT_DISCONNECT, 499  # nginx's code for it
-            record.bytes_out = request.writer.output_size  # what went out before the cut
+            record.bytes_out = request.writer.output_size  # written before the cut (some may
+            # still have been in the socket buffers: at most that many reached the client)
             raise
         except web.HTTPException as exc:  # a redirect, say (errors were answered below)
             record.status = exc.status

@@ -9,14 +9,16 @@ gateway had already filtered (``headers.end_to_end``). :class:`WholeResponse` ke
 one copy as its headers (``_real_headers``, aiohttp's own way to skip the copy) and, for
 the common case (HTTP/1.1, a status and method that carry a body), writes the head with
 aiohttp's C serialiser (which refuses CR and LF in any value) and the body in one
-transport write. Everything else (HEAD, 204, 304, HTTP/1.0) takes ``web.Response``'s
-path unchanged, over the same headers.
+transport write. Everything else (HEAD, 204, 304, HTTP/1.0, and a response someone
+asked to compress, chunk or set a cookie on) takes ``web.Response``'s path unchanged,
+over the same headers.
 """
 
 from __future__ import annotations
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.compression_utils import MAX_SYNC_CHUNK_SIZE
 from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from multidict import CIMultiDict
@@ -32,13 +34,18 @@ class WholeResponse(web.Response):
                                     _real_headers=headers)
         self._body = body
         self._compressed_body = None
+        self._zlib_executor_size = MAX_SYNC_CHUNK_SIZE  # as web.Response's own __init__
+        self._zlib_executor = None
         self._whole = body
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self._eof_sent or self._payload_writer is not None:
             return await super().prepare(request)
-        if request.version != HttpVersion11 or must_be_empty_body(request.method, self.status):
-            return await super().prepare(request)
+        if self._headers.get(hdrs.CONNECTION, "").lower() == "close":
+            self._keep_alive = False  # an answer that says close (a malformed request's) does
+        if (request.version != HttpVersion11 or must_be_empty_body(request.method, self.status)
+                or self._compression or self._chunked or self._cookies):
+            return await super().prepare(request)  # what the fast path does not do
         writer = request._payload_writer
         keep_alive = self._keep_alive
         if keep_alive is None:

@@ -7,11 +7,14 @@ for a HEAD or a 204, after which the same connection still serves."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
-from tests.conftest import StartLive
+from proxy.whole import WholeResponse
+from tests.conftest import StartLive, StartUpstream
 from tests.fake_upstream import FakeUpstream, Reply, Seen
 from tests.raw_http import Raw, chat_request
 
@@ -106,3 +109,32 @@ async def test_no_body_after_a_204_or_a_head_and_the_connection_serves_on(
         assert orjson.loads(body)["object"] == "chat.completion"
     finally:
         await raw.close()
+
+
+async def test_what_the_fast_path_does_not_do_takes_aiohttps_own(
+    start_upstream: StartUpstream,
+) -> None:
+    """A WholeResponse someone asks to compress or to set a cookie on, on HTTP/1.1 or
+    1.0, is written by ``web.Response``'s own path (the gateway does neither today: a
+    guard against a silent drop, or a crash on HTTP/1.0)."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = WholeResponse(200, None, CIMultiDict({"Content-Type": "text/plain"}),
+                                 b"x" * 2000)
+        response.set_cookie("seen", "1")
+        response.enable_compression()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    url = await start_upstream(app)
+    for version in (b"HTTP/1.1", b"HTTP/1.0"):
+        raw = await _raw(url)
+        try:
+            await raw.send(b"GET / %s\r\nHost: t\r\nAccept-Encoding: gzip\r\n\r\n" % version)
+            status, headers, body = await _answer(raw)
+            assert status.endswith(" 200 OK"), status
+            assert dict(headers)["set-cookie"].startswith("seen=1")
+            assert dict(headers)["content-encoding"] == "gzip"
+            assert gzip.decompress(body) == b"x" * 2000
+        finally:
+            await raw.close()

@@ -197,13 +197,28 @@ def env_name(value: Any) -> str:
     return text
 
 
+# Headers the gateway writes itself for each request's framing and hop: one configured
+# beside them would send the upstream two (a second Host, a Content-Length of 0).
+_FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection",
+                              "keep-alive", "te", "trailer", "upgrade", "expect"})
+
+
 def header_map(value: Any) -> dict[str, str]:
+    """A provider's ``headers``: valid names, each once whatever its case (HTTP names
+    are case-insensitive: both would go upstream), none the gateway frames itself, and
+    values of one line of printable characters."""
     if not isinstance(value, dict):
         raise ValueError("must map header names to string values")
+    seen: set[str] = set()
     for name, header_value in value.items():
         if not isinstance(name, str) or not _HEADER_NAME.match(name):
             raise ValueError(f"'{name}' is not a valid header name")
-        if not isinstance(header_value, str) or "\n" in header_value or "\r" in header_value:
+        if name.lower() in _FRAMING_HEADERS:
+            raise ValueError(f"'{name}' is set by the gateway itself and cannot be configured")
+        if name.lower() in seen:
+            raise ValueError(f"'{name}' is given twice (header names ignore case)")
+        seen.add(name.lower())
+        if not isinstance(header_value, str) or not header_value.replace("\t", " ").isprintable():
             raise ValueError(f"value of '{name}' must be a single-line string")
     return dict(value)
 

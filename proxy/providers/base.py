@@ -121,7 +121,7 @@ class Provider(ABC):
     def control_headers(self) -> CIMultiDict[str]:
         """Headers for discovery and health requests (no client involved)."""
         headers = CIMultiDict({"Accept": "application/json"})
-        headers.extend(self.config.headers)
+        headers.update(self.config.headers)  # a configured Accept replaces ours
         if self.config.api_key:
             headers[AUTHORIZATION] = f"Bearer {self.config.api_key}"
         return headers
@@ -133,9 +133,9 @@ def credential_block(config: ProviderConfig) -> tuple[frozenset[str], bytes]:
     replace or drop. The configured key always wins; without one, the client's own
     Authorization is forwarded only when ``forward_client_auth`` allows it (the
     ``--upstream`` drop-in). Values are validated single lines (``config/``)."""
-    lines = dict(config.headers)
+    lines: CIMultiDict[str] = CIMultiDict(config.headers)
     replaced = {name.lower() for name in lines}
-    if config.api_key:
+    if config.api_key:  # replaces a configured Authorization, whatever its case
         lines[AUTHORIZATION] = f"Bearer {config.api_key}"
     if config.api_key or not config.forward_client_auth:
         replaced.add(AUTHORIZATION.lower())

@@ -75,10 +75,13 @@ class OllamaProvider(Provider):
         return [name for name in names if isinstance(name, str) and name]
 
 
+_OLLAMA_KEEPS = frozenset({"authorization", "x-request-id", "x-forwarded-for",
+                           "x-forwarded-proto"})  # lower-cased: HTTP/2 clients send them so
+
+
 def _ollama_headers(client: CIMultiDict[str]) -> CIMultiDict[str]:
     """Only the headers that mean something to Ollama: the body is a new one."""
-    keep = ("Authorization", "X-Request-ID", "X-Forwarded-For", "X-Forwarded-Proto")
-    headers = CIMultiDict((k, v) for k, v in client.items() if k in keep)
+    headers = CIMultiDict((k, v) for k, v in client.items() if k.lower() in _OLLAMA_KEEPS)
     headers["Content-Type"] = "application/json"
     headers["Accept"] = "application/x-ndjson, application/json"
     return headers
