@@ -190,8 +190,9 @@ class Core:
             response = await route.chain(request)
         except (asyncio.CancelledError, ConnectionError):
             record.ended, record.status = CLIENT_DISCONNECT, 499  # nginx's code for it
-            record.bytes_out = request.writer.output_size  # written before the cut (some may
-            # still have been in the socket buffers: at most that many reached the client)
+            # Written before the cut (some may still have been in the socket buffers: at
+            # most that many reached the client).
+            record.bytes_out = max(request.writer.output_size - record.head_bytes, 0)
             raise
         except web.HTTPException as exc:  # a redirect, say (errors were answered below)
             record.status = exc.status
@@ -202,7 +203,7 @@ class Core:
                 record.stamp(response.headers)
                 if record.first_byte is None:
                     record.first_byte = time.perf_counter()
-            record.bytes_out = (response.body_length if response.prepared
+            record.bytes_out = (response.body_length - record.head_bytes if response.prepared
                                 else response.content_length or 0)
         finally:
             self._metrics.in_flight -= 1

@@ -74,7 +74,8 @@ class Record:
     first_byte: float | None = None  # perf_counter when the answer's head was sent
     finished: float = 0.0
     bytes_in: int = 0
-    bytes_out: int = 0
+    bytes_out: int = 0  # the answer's body as sent (chunk framing and gzip included)
+    head_bytes: int = 0  # a streamed answer's head, written before its body
     usage: Usage | None = None
     # A whole JSON answer whose usage is still to be read: off the request's path, by
     # the observers' batch (``usage.read_deferred``), which then drops it.

@@ -77,6 +77,7 @@ async def send_answer(request: web.Request, answer: Answer, buffered: bool,
                                   headers=headers)
     await response.prepare(request)
     record.first_byte = time.perf_counter()
+    record.head_bytes = request.writer.output_size  # sent at once: bytes_out is the body's
     try:
         if gzip is not None:
             await _relay_gzip(response, answer.body, first, gzip)
