@@ -10,7 +10,7 @@ needs more sets ``fake.hook``: called with each request, it may return a ``Reply
 that request alone, or write and return a response itself (still counted and recorded).
 
 What it was asked is kept: ``calls`` counts requests per path, ``requests`` the last
-``KEEP`` requests (method, path, headers, body), ``inflight``/``most_inflight`` the
+``KEEP`` requests (method, path, headers, body, arrival time), ``inflight``/``most_inflight`` the
 requests being answered. Answers are numbered by call (``answer-3``, ``chatcmpl-3``,
 ``X-Request-ID: upstream-3``), so a test tells a shared or cached answer from a fresh one.
 The ``fake_upstream`` and ``start_fake`` fixtures (conftest.py) start it on a free port.
@@ -72,6 +72,7 @@ class Seen:
     headers: CIMultiDict[str]
     body: bytes
     call: int  # its number among the calls to its path, from 1
+    at: float = field(default_factory=time.monotonic)  # when it arrived (monotonic)
 
     def json(self) -> Any:
         return orjson.loads(self.body) if self.body else None
