@@ -1,15 +1,16 @@
 """One counting fake upstream for the tests (issue 11, "one shared counting fake upstream"):
 a real aiohttp app on loopback serving OpenAI-shaped ``/v1/chat/completions`` (JSON or
-SSE), ``/v1/embeddings`` and ``/v1/models``.
+SSE), ``/v1/completions``, ``/v1/embeddings`` and ``/v1/models``.
 
 What it answers is scripted per path by a mutable :class:`Reply` (``fake.chat``,
-``fake.embeddings``, ``fake.models``): status, latency before the head, body, headers,
+``fake.completions``, ``fake.embeddings``, ``fake.models``): status, latency before the
+head (and before the body: a slow body), body, headers,
 the streamed pieces and the time between them, a gate the answer waits on. A test that
 needs more sets ``fake.hook``: called with each request, it may return a ``Reply`` for
 that request alone, or write and return a response itself (still counted and recorded).
 
 What it was asked is kept: ``calls`` counts requests per path, ``requests`` the last
-``KEEP`` requests (method, path, headers, body), ``inflight``/``most_inflight`` the
+``KEEP`` requests (method, path, headers, body, arrival time), ``inflight``/``most_inflight`` the
 requests being answered. Answers are numbered by call (``answer-3``, ``chatcmpl-3``,
 ``X-Request-ID: upstream-3``), so a test tells a shared or cached answer from a fresh one.
 The ``fake_upstream`` and ``start_fake`` fixtures (conftest.py) start it on a free port.
@@ -30,6 +31,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
 MODELS = "/v1/models"
 KEEP = 100  # requests kept in ``requests``: enough for any one test, bounded for bursts
@@ -44,7 +46,8 @@ class Reply:
     after the head), ``events`` whole SSE events instead of them; ``usage`` goes in the
     answer, or in a last chunk of a stream; ``gate``, when set, holds the answer (bounded):
     a JSON answer whole, a stream after its head; ``pad`` adds a ``"pad"`` of that many
-    bytes to each answer and chunk."""
+    bytes to each answer and chunk; ``body_latency`` holds a JSON answer's body that long
+    after its head (an upstream slow to send its body)."""
 
     status: int = 200
     latency: float = 0.0
@@ -56,6 +59,7 @@ class Reply:
     usage: dict[str, int] | None = None
     gate: asyncio.Event | None = None
     pad: int = 0
+    body_latency: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class Seen:
     headers: CIMultiDict[str]
     body: bytes
     call: int  # its number among the calls to its path, from 1
+    at: float = field(default_factory=time.monotonic)  # when it arrived (monotonic)
 
     def json(self) -> Any:
         return orjson.loads(self.body) if self.body else None
@@ -83,6 +88,7 @@ class FakeUpstream:
     def __init__(self, models: tuple[str, ...] = ("m",), **chat: Any):
         self.model_ids = list(models)
         self.chat = Reply(**chat)
+        self.completions = Reply()
         self.embeddings = Reply()
         self.models = Reply()
         self.hook: Hook | None = None
@@ -111,14 +117,18 @@ class FakeUpstream:
         """The headers of the kept requests to ``path`` (``None``: every path)."""
         return [seen.headers for seen in self.requests if path in (None, seen.path)]
 
-    def provider(self, name: str = "up", **extra: Any) -> dict[str, Any]:
-        """A config entry for this upstream (its static model list, no discovery)."""
+    def provider(self, name: str = "up", discover: bool = False, **extra: Any
+                 ) -> dict[str, Any]:
+        """A config entry for this upstream: its static model list, or with ``discover``
+        none, so the gateway asks ``/v1/models`` (whose ``model_ids`` a test may change)."""
+        listed = {} if discover else {"models": self.model_ids}
         return {"name": name, "type": "openai_compat", "base_url": self.url,
-                "models": self.model_ids, **extra}
+                **listed, **extra}
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post(CHAT, self._handle)
+        app.router.add_post(COMPLETIONS, self._handle)
         app.router.add_post(EMBEDDINGS, self._handle)
         app.router.add_get(MODELS, self._handle)
         return app
@@ -140,7 +150,8 @@ class FakeUpstream:
             self.inflight -= 1
 
     async def _answer(self, request: web.Request, seen: Seen) -> web.StreamResponse:
-        reply = {CHAT: self.chat, EMBEDDINGS: self.embeddings, MODELS: self.models}[seen.path]
+        reply = {CHAT: self.chat, COMPLETIONS: self.completions, EMBEDDINGS: self.embeddings,
+                 MODELS: self.models}[seen.path]
         if self.hook is not None:
             chosen = await self.hook(request, seen)
             if isinstance(chosen, web.StreamResponse):
@@ -152,8 +163,17 @@ class FakeUpstream:
         if reply.status == 200 and isinstance(asked, dict) and asked.get("stream"):
             return await self._stream(request, reply, seen, headers)
         await _opened(reply.gate)
-        return web.Response(status=reply.status, body=self._body(reply, seen, asked),
-                            headers={"Content-Type": "application/json", **headers})
+        body = self._body(reply, seen, asked)
+        headers = {"Content-Type": "application/json", **headers}
+        if not reply.body_latency:
+            return web.Response(status=reply.status, body=body, headers=headers)
+        response = web.StreamResponse(status=reply.status, headers=headers)
+        response.content_length = len(body)
+        await response.prepare(request)
+        await asyncio.sleep(reply.body_latency)
+        await response.write(body)
+        await response.write_eof()
+        return response
 
     def _body(self, reply: Reply, seen: Seen, asked: Any) -> bytes:
         body = reply.body(seen.call) if callable(reply.body) else reply.body
@@ -170,10 +190,16 @@ class FakeUpstream:
                 {"id": m, "object": "model", "created": 1, "owned_by": "fake"}
                 for m in self.model_ids]}
         model = asked.get("model", "") if isinstance(asked, dict) else ""
-        if seen.path == EMBEDDINGS:
+        answer: dict[str, Any]
+        if seen.path == COMPLETIONS:
+            answer = {"id": f"answer-{seen.call}", "object": "text_completion",
+                      "created": 0, "model": model, "choices": [{
+                          "index": 0, "finish_reason": "stop", "logprobs": None,
+                          "text": "".join(reply.pieces)}]}
+        elif seen.path == EMBEDDINGS:
             inputs = asked.get("input", []) if isinstance(asked, dict) else []
             count = len(inputs) if isinstance(inputs, list) else 1
-            answer: dict[str, Any] = {"object": "list", "model": model, "data": [
+            answer = {"object": "list", "model": model, "data": [
                 {"object": "embedding", "index": i, "embedding": [0.0, 1.0]}
                 for i in range(count)]}
         else:

@@ -16,7 +16,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from tests.conftest import MakeConfig, StartFake, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway
 from tests.fake_upstream import FakeUpstream, Reply, Seen, replaced
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -36,10 +36,6 @@ def flaky(fake: FakeUpstream, status: int = 200, bad_status: int = 200) -> Reply
 
     fake.hook = hook
     return bad
-
-
-def provider(url: str) -> dict[str, Any]:
-    return {"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}
 
 
 async def post(session: aiohttp.ClientSession, base: str, user: str = "good",
@@ -107,7 +103,8 @@ async def test_a_provider_refusing_connections_gets_fast_502s_not_circuit_open(
     """Its breaker opens, but with no other deployment the requests are still sent: the
     client sees the upstream's failure, at once (an open circuit is not retried)."""
     base = await start_gateway(make_config(
-        [provider(f"http://127.0.0.1:{closed_port}")], health_cache_ttl=0,
+        [{"name": "up", "type": "openai_compat", "base_url": f"http://127.0.0.1:{closed_port}/v1",
+          "models": ["m"]}], health_cache_ttl=0,
         retries={"max_attempts": 3, "base_delay": 0.05, "max_delay": 0.1}))
     started = time.perf_counter()
     async with aiohttp.ClientSession() as session:
@@ -165,12 +162,11 @@ async def test_only_upstream_faults_count(
     assert (last == 503 and upstream.chats == 2) is opens
 
 
-def cut_app(calls: list[int], *, json: bool = False) -> web.Application:
-    """A 200 answer that resets the connection after its first bytes: an event stream
-    after one event, or (``json``) a JSON body announced at 1,000 bytes after 10."""
-    async def chat(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        calls.append(1)
+def cutting(fake: FakeUpstream, *, json: bool = False) -> FakeUpstream:
+    """``fake``'s hook writes a 200 answer that resets the connection after its first
+    bytes: an event stream after one event, or (``json``) a JSON body announced at 1,000
+    bytes after 10."""
+    async def cut(request: web.Request, seen: Seen) -> web.StreamResponse:
         kind = "application/json" if json else "text/event-stream"
         response = web.StreamResponse(headers={"Content-Type": kind})
         if json:
@@ -182,20 +178,18 @@ def cut_app(calls: list[int], *, json: bool = False) -> web.Application:
         request.transport.abort()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
+    fake.hook = cut
+    return fake
 
 
 async def test_a_non_stream_answer_the_upstream_cuts_counts_as_a_failure(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    start_fake: StartFake, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
     """Read whole before a byte is relayed, so the client gets a 502, and the breaker
     learns of the cut from the body that broke (``answers.StreamBody.broke``)."""
-    calls: list[int] = []
-    url = await start_upstream(cut_app(calls, json=True))
+    upstream = cutting(await start_fake(), json=True)
     base = await start_gateway(make_config(
-        [provider(url)], breaker={**EAGER, "cooldown": 60, "fail_fast": True},
+        [upstream.provider()], breaker={**EAGER, "cooldown": 60, "fail_fast": True},
         cache={"enabled": False}, retries={"max_attempts": 1}))
     body = {"model": "m", "messages": MESSAGES, "temperature": 1}
     async with aiohttp.ClientSession() as session:
@@ -205,18 +199,17 @@ async def test_a_non_stream_answer_the_upstream_cuts_counts_as_a_failure(
         async with session.post(f"{base}/v1/chat/completions", json=body) as response:
             assert response.status == 503
             assert (await response.json())["error"]["code"] == "circuit_open"
-    assert len(calls) == 2
+    assert upstream.chats == 2
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["direct", "deduplicated"])
 async def test_streams_the_upstream_cuts_count_as_failures(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    start_fake: StartFake, make_config: MakeConfig, start_gateway: StartGateway,
     shared: bool,
 ) -> None:
-    calls: list[int] = []
-    url = await start_upstream(cut_app(calls))
+    upstream = cutting(await start_fake())
     base = await start_gateway(make_config(
-        [provider(url)], breaker={**EAGER, "cooldown": 60, "fail_fast": True},
+        [upstream.provider()], breaker={**EAGER, "cooldown": 60, "fail_fast": True},
         cache={"enabled": False}))
     body = {"model": "m", "messages": MESSAGES, "stream": True,
             "temperature": 0 if shared else 1}
@@ -229,7 +222,7 @@ async def test_streams_the_upstream_cuts_count_as_failures(
             assert response.status == 503
             assert (await response.json())["error"]["code"] == "circuit_open"
         assert (await health(session, base))["state"] == "open"
-    assert len(calls) == 2
+    assert upstream.chats == 2
 
 
 async def test_a_failure_that_opens_the_circuit_is_relayed_not_retried_into_it(

@@ -1,9 +1,10 @@
 """Response compression (issue 10): large non-stream answers the upstream sent
 uncompressed are gzip'ed for a client that accepts gzip, and nothing else is.
 
-Every case runs the real gateway against an upstream defined here, and reads the
-gateway's raw bytes (``auto_decompress=False``): a compressed answer must decode to
-exactly the upstream's bytes, with a Content-Length (or chunked framing) that fits.
+Every case runs the real gateway against the counting fake upstream
+(tests/fake_upstream.py), its answer scripted per test, and reads the gateway's raw
+bytes (``auto_decompress=False``): a compressed answer must decode to exactly the
+upstream's bytes, with a Content-Length (or chunked framing) that fits.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from proxy.compression import accepts_gzip
 from proxy.config.loader import ConfigError
 from proxy.mock.payloads import EmbeddingInput, embeddings
 from proxy.streaming import SMALL_ANSWER
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway, StartLive, StartUpstream
+from tests.fake_upstream import DONE, FakeUpstream, Seen, replaced
 
 GZIP = {"Accept-Encoding": "gzip, deflate"}
 IDENTITY = {"Accept-Encoding": "identity"}
@@ -44,97 +46,25 @@ def sized(size: int) -> bytes:
     return b'{"pad":"' + b"x" * (size - 10) + b'"}'
 
 
-class Upstream:
-    """Answers what each request's JSON asks for: ``inputs`` embeddings, or a chat answer
-    of ``size`` bytes (streamed as SSE when ``stream``) with ``headers`` and ``status``;
-    ``cut`` stops after that many bytes of a larger promised body, ``hold`` waits after
-    that many for ``release``; ``gzipped`` sends it
-    gzip'ed, as an upstream that compresses itself does."""
-
-    def __init__(self, delay: float = 0.0):
-        self.calls = 0
-        self.delay = delay
-        self.sent: list[bytes] = []
-        self.release = asyncio.Event()  # ``hold``: the rest of the body may go
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/embeddings", self.embeddings)
-        app.router.add_post("/v1/chat/completions", self.chat)
-        return app
-
-    async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in MODELS]})
-
-    async def embeddings(self, request: web.Request) -> web.Response:
-        self.calls += 1
-        asked = await request.json()
-        body = embedding_bytes(len(asked["input"]))
-        self.sent.append(body)
-        return web.Response(body=body, content_type="application/json")
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        self.calls += 1
-        asked = await request.json()
-        await asyncio.sleep(self.delay)
-        body = sized(asked.get("size", 2000))
-        self.sent.append(body)
-        headers = {"Content-Type": "application/json", **asked.get("headers", {})}
-        if asked.get("gzipped"):  # as an upstream that compresses itself sends it
-            body = self.sent[-1] = gzip.compress(body)
-            headers["Content-Encoding"] = "gzip"
-        if asked.get("stream"):
-            return await self._events(request, body)
-        if "cut" in asked:
-            return await self._cut(request, body, asked["cut"])
-        if "hold" in asked:
-            return await self._hold(request, body, asked["hold"])
-        return web.Response(status=asked.get("status", 200), body=body, headers=headers)
-
-    async def _events(self, request: web.Request, body: bytes) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for part in (b"data: " + body + b"\n\n", b"data: [DONE]\n\n"):
-            await response.write(part)
-        await response.write_eof()
-        return response
-
-    async def _hold(self, request: web.Request, body: bytes, at: int) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(request)
-        await response.write(body[:at])
-        await asyncio.wait_for(self.release.wait(), 5)
-        await response.write(body[at:])
-        await response.write_eof()
-        return response
-
-    async def _cut(self, request: web.Request, body: bytes, cut: int) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        response.content_length = len(body)
-        await response.prepare(request)
-        await response.write(body[:cut])
-        await asyncio.sleep(0.05)
-        assert request.transport is not None
-        request.transport.abort()
-        return response
-
-
 Gateway = Callable[..., Any]
 
 
 @pytest.fixture
-def gateway(start_upstream: StartUpstream, make_config: MakeConfig,
-            start_gateway: StartGateway) -> Gateway:
-    async def start(upstream: Upstream, **raw: Any) -> str:
-        url = await start_upstream(upstream.app())
+def gateway(start_fake: StartFake, live_gateway: StartLive) -> Gateway:
+    """``await gateway(**raw_config)`` -> (the gateway's base URL, its fake upstream,
+    which lists ``MODELS``); the cache is off unless ``raw_config`` turns it on."""
+    async def start(**raw: Any) -> tuple[str, FakeUpstream]:
+        fake = await start_fake(tuple(MODELS))
         raw.setdefault("cache", {"enabled": False})
-        return await start_gateway(make_config(
-            [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1",
-              "models": MODELS}], **raw))
+        return (await live_gateway(fake, **raw)).url, fake
 
     return start
+
+
+def answering(fake: FakeUpstream, body: bytes, **reply: Any) -> bytes:
+    """``fake`` answers chat with ``body`` (and ``reply``'s other fields); returns it."""
+    fake.chat = replaced(fake.chat, body=body, **reply)
+    return body
 
 
 @pytest.fixture
@@ -176,7 +106,8 @@ def assert_identity(reply: Reply, expected: bytes, status: int = 200) -> None:
 
 async def test_a_300_model_listing_is_gzipped_when_asked(gateway: Gateway,
                                                          raw: aiohttp.ClientSession) -> None:
-    url = f"{await gateway(Upstream())}/v1/models"
+    base, _ = await gateway()
+    url = f"{base}/v1/models"
     plain = await get(raw, url, IDENTITY)
     assert len(orjson.loads(plain[2])["data"]) == 300
     assert "Accept-Encoding" in plain[1].getall("Vary")
@@ -188,7 +119,8 @@ async def test_a_300_model_listing_is_gzipped_when_asked(gateway: Gateway,
 
 async def test_one_model_object_is_small_and_left_alone(gateway: Gateway,
                                                         raw: aiohttp.ClientSession) -> None:
-    reply = await get(raw, f"{await gateway(Upstream())}/v1/models/model-007", GZIP)
+    base, _ = await gateway()
+    reply = await get(raw, f"{base}/v1/models/model-007", GZIP)
     assert reply[0] == 200
     assert "Content-Encoding" not in reply[1]
     assert orjson.loads(reply[2])["id"] == "model-007"
@@ -200,11 +132,12 @@ async def test_embeddings_are_gzipped_and_decode_to_the_upstreams_bytes(
 ) -> None:
     """2 x 1536 floats (~65 KiB) are sent in one piece with a Content-Length; 16 x 1536
     (~510 KiB, over ``SMALL_ANSWER``) continue as a chunked gzip stream."""
-    upstream = Upstream()
-    url = f"{await gateway(upstream)}/v1/embeddings"
-    reply = await post(raw, url, {"model": MODEL, "input": ["t"] * inputs}, GZIP)
-    assert_gzip(reply, upstream.sent[0])
-    if len(upstream.sent[0]) > SMALL_ANSWER:
+    base, upstream = await gateway()
+    sent = upstream.embeddings.body = embedding_bytes(inputs)
+    reply = await post(raw, f"{base}/v1/embeddings", {"model": MODEL, "input": ["t"] * inputs},
+                       GZIP)
+    assert_gzip(reply, sent)
+    if len(sent) > SMALL_ANSWER:
         assert "Content-Length" not in reply[1]
         assert reply[1]["Transfer-Encoding"] == "chunked"
     else:
@@ -215,20 +148,22 @@ async def test_embeddings_are_gzipped_and_decode_to_the_upstreams_bytes(
 async def test_not_gzipped_when_the_client_did_not_ask(
     gateway: Gateway, raw: aiohttp.ClientSession, accept: str,
 ) -> None:
-    upstream = Upstream()
-    url = f"{await gateway(upstream)}/v1/embeddings"
+    base, upstream = await gateway()
+    sent = upstream.embeddings.body = embedding_bytes(16)
     headers = {"Accept-Encoding": accept} if accept else {}
-    reply = await post(raw, url, {"model": MODEL, "input": ["t"] * 16}, headers)
-    assert_identity(reply, upstream.sent[0])
+    reply = await post(raw, f"{base}/v1/embeddings", {"model": MODEL, "input": ["t"] * 16},
+                       headers)
+    assert_identity(reply, sent)
     assert "Accept-Encoding" in reply[1].getall("Vary")  # a cache in front keeps both apart
 
 
 async def test_an_event_stream_is_never_gzipped(gateway: Gateway,
                                                 raw: aiohttp.ClientSession) -> None:
-    upstream = Upstream()
-    url = f"{await gateway(upstream)}/v1/chat/completions"
-    reply = await post(raw, url, {"model": MODEL, "stream": True, "size": 50_000}, GZIP)
-    assert_identity(reply, b"data: " + upstream.sent[0] + b"\n\ndata: [DONE]\n\n")
+    base, upstream = await gateway()
+    upstream.chat.events = (b"data: " + sized(50_000) + b"\n\n", DONE)
+    url = f"{base}/v1/chat/completions"
+    reply = await post(raw, url, {"model": MODEL, "stream": True}, GZIP)
+    assert_identity(reply, b"data: " + sized(50_000) + b"\n\ndata: [DONE]\n\n")
     assert "Vary" not in reply[1]
 
 
@@ -240,23 +175,24 @@ async def test_an_event_stream_is_never_gzipped(gateway: Gateway,
 async def test_answers_the_gateway_must_not_transform_pass_untouched(
     gateway: Gateway, raw: aiohttp.ClientSession, headers: dict[str, str],
 ) -> None:
-    upstream = Upstream()
-    url = f"{await gateway(upstream)}/v1/chat/completions"
-    reply = await post(raw, url, {"model": MODEL, "size": 50_000, "headers": headers}, GZIP)
+    base, upstream = await gateway()
+    sent = answering(upstream, sized(50_000), headers=headers)
+    reply = await post(raw, f"{base}/v1/chat/completions", {"model": MODEL}, GZIP)
     assert reply[0] == 200
     assert reply[1].get("Content-Encoding") == headers.get("Content-Encoding")
-    assert reply[2] == upstream.sent[0]
+    assert reply[2] == sent
     assert "Vary" not in reply[1]
 
 
 async def test_an_upstream_gzip_body_is_not_compressed_twice(
     gateway: Gateway, raw: aiohttp.ClientSession,
 ) -> None:
-    upstream = Upstream()
-    url = f"{await gateway(upstream)}/v1/chat/completions"
-    reply = await post(raw, url, {"model": MODEL, "size": 50_000, "gzipped": True}, GZIP)
+    base, upstream = await gateway()
+    sent = answering(upstream, gzip.compress(sized(50_000)),
+                     headers={"Content-Encoding": "gzip"})  # as it compresses itself
+    reply = await post(raw, f"{base}/v1/chat/completions", {"model": MODEL}, GZIP)
     assert reply[1]["Content-Encoding"] == "gzip"
-    assert reply[2] == upstream.sent[0]  # relayed as it came: one gzip layer
+    assert reply[2] == sent  # relayed as it came: one gzip layer
     assert gzip.decompress(reply[2]) == sized(50_000)
 
 
@@ -264,31 +200,31 @@ async def test_an_upstream_gzip_body_is_not_compressed_twice(
 async def test_answers_up_to_1_kib_are_left_alone(
     gateway: Gateway, raw: aiohttp.ClientSession, size: int, packed: bool,
 ) -> None:
-    upstream = Upstream()
-    url = f"{await gateway(upstream)}/v1/chat/completions"
-    reply = await post(raw, url, {"model": MODEL, "size": size}, GZIP)
+    base, upstream = await gateway()
+    sent = answering(upstream, sized(size))
+    reply = await post(raw, f"{base}/v1/chat/completions", {"model": MODEL}, GZIP)
     if packed:
-        assert_gzip(reply, upstream.sent[0])
+        assert_gzip(reply, sent)
     else:
-        assert_identity(reply, upstream.sent[0])
+        assert_identity(reply, sent)
         assert "Vary" not in reply[1]
 
 
 async def test_error_answers_are_sent_as_the_provider_wrote_them(
     gateway: Gateway, raw: aiohttp.ClientSession,
 ) -> None:
-    upstream = Upstream()
-    url = f"{await gateway(upstream)}/v1/chat/completions"
-    reply = await post(raw, url, {"model": MODEL, "size": 5000, "status": 400}, GZIP)
-    assert_identity(reply, upstream.sent[0], status=400)
+    base, upstream = await gateway()
+    sent = answering(upstream, sized(5000), status=400)
+    reply = await post(raw, f"{base}/v1/chat/completions", {"model": MODEL}, GZIP)
+    assert_identity(reply, sent, status=400)
 
 
 async def test_compression_can_be_turned_off(gateway: Gateway,
                                              raw: aiohttp.ClientSession) -> None:
-    upstream = Upstream()
-    base = await gateway(upstream, compression={"enabled": False})
+    base, upstream = await gateway(compression={"enabled": False})
+    sent = upstream.embeddings.body = embedding_bytes(1)
     reply = await post(raw, f"{base}/v1/embeddings", {"model": MODEL, "input": ["t"]}, GZIP)
-    assert_identity(reply, upstream.sent[0])
+    assert_identity(reply, sent)
     assert "Vary" not in reply[1]
     listing = await get(raw, f"{base}/v1/models", GZIP)
     assert "Content-Encoding" not in listing[1]
@@ -297,29 +233,41 @@ async def test_compression_can_be_turned_off(gateway: Gateway,
 async def test_cache_hits_and_dedup_followers_are_gzipped_too(
     gateway: Gateway, raw: aiohttp.ClientSession,
 ) -> None:
-    upstream = Upstream(delay=0.3)
-    url = f"{await gateway(upstream, cache={'enabled': True})}/v1/chat/completions"
-    payload = {"model": MODEL, "temperature": 0, "size": 20_000, "messages": []}
+    base, upstream = await gateway(cache={"enabled": True})
+    sent = answering(upstream, sized(20_000), latency=0.3)
+    url = f"{base}/v1/chat/completions"
+    payload = {"model": MODEL, "temperature": 0, "messages": []}
     together = await asyncio.gather(*(post(raw, url, payload, GZIP) for _ in range(3)))
     hit = await post(raw, url, payload, GZIP)
-    assert upstream.calls == 1
+    assert upstream.chats == 1
     assert sorted(r[1]["X-Gateway-Dedup"] for r in together) == [
         "follower", "follower", "leader"]
     assert hit[1]["X-Cache"] == "HIT"
     for reply in (*together, hit):
-        assert_gzip(reply, upstream.sent[0])
+        assert_gzip(reply, sent)
 
 
 async def test_a_large_gzipped_answer_is_relayed_as_it_arrives(
     gateway: Gateway, raw: aiohttp.ClientSession,
 ) -> None:
     """Past ``SMALL_ANSWER`` each chunk is compressed and flushed as it comes: the
-    client decodes what the upstream sent so far before the rest exists."""
-    upstream = Upstream()
-    url = f"{await gateway(upstream)}/v1/chat/completions"
-    at = SMALL_ANSWER + 50_000
-    payload = {"model": MODEL, "size": 600_000, "hold": at}
-    async with raw.post(url, json=payload, headers=GZIP) as response:
+    client decodes what the upstream sent so far before the rest exists. The upstream's
+    hook writes the answer itself: its first ``at`` bytes, then the rest once released."""
+    base, upstream = await gateway()
+    at, sent, release = SMALL_ANSWER + 50_000, sized(600_000), asyncio.Event()
+
+    async def hold(request: web.Request, seen: Seen) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(sent[:at])
+        await asyncio.wait_for(release.wait(), 5)
+        await response.write(sent[at:])
+        await response.write_eof()
+        return response
+
+    upstream.hook = hold
+    url = f"{base}/v1/chat/completions"
+    async with raw.post(url, json={"model": MODEL}, headers=GZIP) as response:
         assert response.headers["Content-Encoding"] == "gzip"
         decoder = zlib.decompressobj(31)
         decoded = b""
@@ -328,30 +276,46 @@ async def test_a_large_gzipped_answer_is_relayed_as_it_arrives(
             assert chunk, "the answer ended early"
             decoded += decoder.decompress(chunk)
         assert len(decoded) == at  # all of it, and nothing the upstream has not sent
-        upstream.release.set()
+        release.set()
         decoded += decoder.decompress(await response.read()) + decoder.flush()
-    assert decoded == upstream.sent[0]
+    assert decoded == sent
     assert decoder.eof
 
 
 async def test_an_upstream_cut_mid_answer_never_looks_complete(
     gateway: Gateway, raw: aiohttp.ClientSession,
 ) -> None:
-    url = f"{await gateway(Upstream())}/v1/chat/completions"
+    """The upstream's hook promises 600,000 bytes, sends 400,000 and drops the
+    connection."""
+    base, upstream = await gateway()
+    sent = sized(600_000)
+
+    async def cut(request: web.Request, seen: Seen) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(sent)
+        await response.prepare(request)
+        await response.write(sent[:400_000])
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    upstream.hook = cut
     with pytest.raises(aiohttp.ClientPayloadError):
-        await post(raw, url, {"model": MODEL, "size": 600_000, "cut": 400_000}, GZIP)
+        await post(raw, f"{base}/v1/chat/completions", {"model": MODEL}, GZIP)
 
 
 async def test_the_openai_sdk_decodes_it_transparently(
     gateway: Gateway, openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    upstream = Upstream()
-    client = openai_client(await gateway(upstream))
+    base, upstream = await gateway()
+    sent = upstream.embeddings.body = embedding_bytes(16)
+    client = openai_client(base)
     response = await client.embeddings.with_raw_response.create(
         model=MODEL, input=["a"] * 16, encoding_format="float")
     assert response.headers["Content-Encoding"] == "gzip"
     result = response.parse()
-    expected = orjson.loads(upstream.sent[0])
+    expected = orjson.loads(sent)
     assert [item.embedding for item in result.data] == [
         item["embedding"] for item in expected["data"]]
     models = await client.models.list()
@@ -387,7 +351,8 @@ async def test_ollama_embeddings_translated_by_the_gateway_are_gzipped(
     raw: aiohttp.ClientSession,
 ) -> None:
     """Ollama never compresses; its ``/api/embed`` answer, translated to an OpenAI
-    list by the gateway, is the typical large uncompressed body."""
+    list by the gateway, is the typical large uncompressed body. (Its own tiny upstream:
+    FakeUpstream speaks only OpenAI's API, tests/ollama_fake.py only tiny vectors.)"""
     vectors = [[i / 1536 + j for i in range(1536)] for j in range(16)]
 
     async def tags(request: web.Request) -> web.Response:

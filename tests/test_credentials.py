@@ -15,14 +15,14 @@ named by ``api_key_env`` and injected as ``Authorization: Bearer``"; the client'
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import openai
 import pytest
-from aiohttp import web
 
 from proxy.config.loader import ConfigError, config_from_dict
 from proxy.providers import PROVIDER_TYPES
-from tests.conftest import MakeConfig, StartGateway, StartLive, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway, StartLive, StartUpstream
 from tests.fake_upstream import FakeUpstream
 
 CLIENT_KEY = "sk-client-own-0123"
@@ -31,35 +31,15 @@ UNSET = "CREDENTIALS_TEST_NEVER_SET"
 Client = Callable[..., openai.AsyncOpenAI]
 
 
-def _recording(seen: dict[str, list[list[str]]]) -> web.Application:
-    """Answers every chat; records, per model, every Authorization header it carried."""
-    async def chat(request: web.Request) -> web.Response:
-        model = (await request.json())["model"]
-        seen.setdefault(model, []).append(request.headers.getall("Authorization", []))
-        return web.json_response({
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "ok"}}]})
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": []})
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
-
-
 async def test_whose_authorization_goes_upstream(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    start_fake: StartFake, make_config: MakeConfig, start_gateway: StartGateway,
     openai_client: Client,
 ) -> None:
-    seen: dict[str, list[list[str]]] = {}
-    url = f"{await start_upstream(_recording(seen))}/v1"
+    """Four providers on one upstream, told apart by their model."""
+    upstream = await start_fake(pieces=("ok",))
 
-    def provider(name: str, **extra: object) -> dict[str, object]:
-        return {"name": name, "type": "openai_compat", "base_url": url,
-                "models": [f"m-{name}"], **extra}
+    def provider(name: str, **extra: Any) -> dict[str, Any]:
+        return upstream.provider(name, models=[f"m-{name}"], **extra)
 
     config = make_config([
         provider("keyed", api_key_env="CREDENTIALS_TEST_KEY"),
@@ -72,6 +52,9 @@ async def test_whose_authorization_goes_upstream(
         answer = await client.chat.completions.create(
             model=f"m-{name}", messages=[{"role": "user", "content": "hi"}])
         assert answer.choices[0].message.content == "ok"
+    seen: dict[str, list[list[str]]] = {}
+    for body, headers in zip(upstream.bodies(), upstream.headers(), strict=True):
+        seen.setdefault(body["model"], []).append(headers.getall("Authorization", []))
     assert seen == {
         "m-keyed": [[f"Bearer {UPSTREAM_KEY}"]],  # replaced, not added beside the client's
         "m-no-forward": [[]],

@@ -1,13 +1,15 @@
 """Deployments, least-in-flight balancing, failover and fallbacks (issue #4).
 
-Each deployment is a tiny upstream app defined here: it answers a chat completion
-naming itself, or the statuses it is told to answer first, and can hold requests until
-the test releases them, so a test can pin how many are in flight where.
+Each deployment is a counting fake upstream (tests/fake_upstream.py) whose hook answers a
+chat completion naming the deployment, or the statuses it is told to answer first, and
+can hold requests until the test releases them, so a test can pin how many are in
+flight where.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,9 @@ from proxy.resilience.breaker import CircuitBreaker
 from proxy.resilience.concurrency import AdaptiveLimiter
 from proxy.resilience.failover import Balancer
 from proxy.routing import Route, Target
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests import fake_upstream
+from tests.conftest import MakeConfig, StartFake, StartGateway
+from tests.fake_upstream import CHAT, FakeUpstream, Seen, replaced
 from tests.wire import Reply, post_json
 
 USER = [{"role": "user", "content": "hi"}]
@@ -33,46 +37,52 @@ USER = [{"role": "user", "content": "hi"}]
 
 @dataclass
 class Deployment:
+    """A deployment named ``name``: its counting fake upstream lists ``gpt-4o`` and
+    answers a chat completion naming the deployment, or the ``statuses`` it is told to
+    answer first, one per request; a request whose ``user`` is "hold" waits (bounded)
+    for ``release``; ``arrived`` is set when a chat request comes."""
+
     name: str
-    statuses: list[int] = field(default_factory=list)  # answered first, one per request
-    models: list[str | None] = field(default_factory=list)  # the model of each request
+    fake: FakeUpstream
+    statuses: list[int] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a request came
-    url: str = ""
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/v1/models", self._models)
-        return app
+    def __post_init__(self) -> None:
+        self.fake.chat.pieces = (self.name,)
+        self.fake.hook = self._chat
 
-    async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "gpt-4o"}]})
-
-    async def _chat(self, request: web.Request) -> web.Response:
-        payload = orjson.loads(await request.read())
-        self.models.append(payload.get("model"))
+    async def _chat(self, request: web.Request, seen: Seen) -> fake_upstream.Reply | None:
+        if seen.path != CHAT:
+            return None
         self.arrived.set()
-        if payload.get("user") == "hold":
-            await self.release.wait()
-        if self.statuses:
-            status = self.statuses.pop(0)
-            return web.json_response({"error": {"message": f"{self.name} says {status}",
-                                                "type": "x", "code": None}}, status=status)
-        return web.json_response({
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
-            "model": payload.get("model"),
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": self.name}}],
-        })
+        if (seen.json() or {}).get("user") == "hold":
+            await asyncio.wait_for(self.release.wait(), 20)
+        if not self.statuses:
+            return None
+        status = self.statuses.pop(0)
+        return replaced(self.fake.chat, status=status, body={"error": {
+            "message": f"{self.name} says {status}", "type": "x", "code": None}})
+
+    @property
+    def models(self) -> list[str | None]:
+        """The model of each chat request, in order."""
+        return [body.get("model") for body in self.fake.bodies()]
 
     def provider(self) -> dict[str, Any]:
-        return {"name": self.name, "type": "openai_compat", "base_url": self.url}
+        return self.fake.provider(self.name, discover=True)
 
 
-async def _start(start_upstream: StartUpstream, *deployments: Deployment) -> None:
-    for deployment in deployments:
-        deployment.url = f"{await start_upstream(deployment.app())}/v1"
+Start = Callable[..., Awaitable[Deployment]]
+
+
+@pytest.fixture
+def deployment(start_fake: StartFake) -> Start:
+    """``await deployment(name, **fields)`` -> a ``Deployment`` on its own fake upstream."""
+    async def start(name: str, **fields: Any) -> Deployment:
+        return Deployment(name, await start_fake(("gpt-4o",)), **fields)
+
+    return start
 
 
 async def _gateway(start_gateway: StartGateway, make_config: MakeConfig,
@@ -96,10 +106,9 @@ def _answered_by(reply: Reply) -> str:
 
 
 async def test_idle_gateway_spreads_requests_over_deployments(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    deployment: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    a, b = Deployment("a"), Deployment("b")
-    await _start(start_upstream, a, b)
+    a, b = await deployment("a"), await deployment("b")
     url = await _gateway(start_gateway, make_config, [a.provider(), b.provider()],
                          deployments={"gpt-4o": ["a", "b"]})
     async with aiohttp.ClientSession() as session:
@@ -109,11 +118,10 @@ async def test_idle_gateway_spreads_requests_over_deployments(
 
 
 async def test_least_in_flight_deployment_takes_the_request(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    deployment: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
     arrived = asyncio.Event()
-    a, b = Deployment("a", arrived=arrived), Deployment("b", arrived=arrived)
-    await _start(start_upstream, a, b)
+    a, b = await deployment("a", arrived=arrived), await deployment("b", arrived=arrived)
     url = await _gateway(start_gateway, make_config, [a.provider(), b.provider()],
                          deployments={"gpt-4o": ["a", "b"]})
     async with aiohttp.ClientSession() as session:
@@ -128,13 +136,12 @@ async def test_least_in_flight_deployment_takes_the_request(
 
 @pytest.mark.parametrize("failure", [503, 429, 500, "refused"])
 async def test_failed_deployment_hands_the_request_to_the_next(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    deployment: Start, make_config: MakeConfig, start_gateway: StartGateway,
     closed_port: int, failure: int | str,
 ) -> None:
-    a, b = Deployment("a"), Deployment("b")
-    await _start(start_upstream, a, b)
+    a, b = await deployment("a"), await deployment("b")
     if failure == "refused":
-        a.url = f"http://127.0.0.1:{closed_port}/v1"
+        a.fake.url = f"http://127.0.0.1:{closed_port}/v1"
     else:
         a.statuses = [int(failure)] * 10
     url = await _gateway(start_gateway, make_config, [a.provider(), b.provider()],
@@ -146,10 +153,9 @@ async def test_failed_deployment_hands_the_request_to_the_next(
 
 
 async def test_client_errors_are_relayed_not_failed_over(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    deployment: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    a, b = Deployment("a", statuses=[400, 400]), Deployment("b", statuses=[400, 400])
-    await _start(start_upstream, a, b)
+    a, b = await deployment("a", statuses=[400, 400]), await deployment("b", statuses=[400, 400])
     url = await _gateway(start_gateway, make_config, [a.provider(), b.provider()],
                          deployments={"gpt-4o": ["a", "b"]})
     async with aiohttp.ClientSession() as session:
@@ -160,11 +166,10 @@ async def test_client_errors_are_relayed_not_failed_over(
 
 
 async def test_fallback_model_answers_when_every_deployment_failed(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    deployment: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    a, b, c = (Deployment("a", statuses=[502]), Deployment("b", statuses=[503]),
-               Deployment("c"))
-    await _start(start_upstream, a, b, c)
+    a, b, c = (await deployment("a", statuses=[502]), await deployment("b", statuses=[503]),
+               await deployment("c"))
     url = await _gateway(
         start_gateway, make_config, [a.provider(), b.provider(), c.provider()],
         deployments={"gpt-4o": ["a", "b/gpt-4o-2024"], "gpt-4o-mini": ["c/mini-latest"]},
@@ -177,11 +182,10 @@ async def test_fallback_model_answers_when_every_deployment_failed(
 
 
 async def test_last_failure_is_what_the_client_sees(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    deployment: Start, make_config: MakeConfig, start_gateway: StartGateway,
     closed_port: int,
 ) -> None:
-    a, b = Deployment("a", statuses=[500]), Deployment("b", statuses=[429, 429])
-    await _start(start_upstream, a, b)
+    a, b = await deployment("a", statuses=[500]), await deployment("b", statuses=[429, 429])
     down = {"name": "down", "type": "openai_compat",
             "base_url": f"http://127.0.0.1:{closed_port}/v1"}
     url = await _gateway(start_gateway, make_config, [a.provider(), b.provider(), down],
@@ -197,10 +201,9 @@ async def test_last_failure_is_what_the_client_sees(
 
 
 async def test_fallbacks_apply_to_a_single_provider_model(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    deployment: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    a, b = Deployment("a", statuses=[503]), Deployment("b")
-    await _start(start_upstream, a, b)
+    a, b = await deployment("a", statuses=[503]), await deployment("b")
     providers = [{**a.provider(), "models": ["gpt-4o"]}, {**b.provider(), "models": ["mini"]}]
     url = await _gateway(start_gateway, make_config, providers,
                          fallbacks={"gpt-4o": ["mini"]}, aliases={"best": "gpt-4o"})
@@ -211,10 +214,9 @@ async def test_fallbacks_apply_to_a_single_provider_model(
 
 
 async def test_open_circuit_sends_requests_to_the_other_deployment(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    deployment: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    a, b = Deployment("a", statuses=[503] * 2), Deployment("b")
-    await _start(start_upstream, a, b)
+    a, b = await deployment("a", statuses=[503] * 2), await deployment("b")
     url = await _gateway(start_gateway, make_config, [a.provider(), b.provider()],
                          deployments={"gpt-4o": ["a", "b"]},
                          breaker={"min_requests": 2, "min_callers": 1, "cooldown": 60})
@@ -229,13 +231,12 @@ async def test_open_circuit_sends_requests_to_the_other_deployment(
 
 
 async def test_a_deployment_refusing_connections_is_left_alone_once_its_breaker_opens(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    deployment: Start, make_config: MakeConfig, start_gateway: StartGateway,
     closed_port: int,
 ) -> None:
     """Default breaker settings, two callers: every request fails over to the healthy
     deployment, and once the dead one's breaker opened it is not tried at all."""
-    b = Deployment("b")
-    await _start(start_upstream, b)
+    b = await deployment("b")
     dead = {"name": "a", "type": "openai_compat", "models": ["gpt-4o"],
             "base_url": f"http://127.0.0.1:{closed_port}/v1"}
     url = await _gateway(start_gateway, make_config, [dead, {**b.provider(),
@@ -264,10 +265,9 @@ async def test_a_deployment_refusing_connections_is_left_alone_once_its_breaker_
 
 
 async def test_provider_header_on_single_provider_dedup_and_cache(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    deployment: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    a = Deployment("a")
-    await _start(start_upstream, a)
+    a = await deployment("a")
     gateway = await start_gateway(make_config([{**a.provider(), "models": ["gpt-4o"]}]))
     url = f"{gateway}/v1/chat/completions"
     async with aiohttp.ClientSession() as session:
@@ -279,10 +279,9 @@ async def test_provider_header_on_single_provider_dedup_and_cache(
 
 
 async def test_a_deployment_group_is_listed_as_a_model(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    deployment: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    a, b = Deployment("a"), Deployment("b")
-    await _start(start_upstream, a, b)
+    a, b = await deployment("a"), await deployment("b")
     providers = [{**a.provider(), "models": ["x"]}, {**b.provider(), "models": ["y"]}]
     gateway = await start_gateway(make_config(providers, deployments={"gpt-4o": ["a", "b"]}))
     async with aiohttp.ClientSession() as session, session.get(
@@ -339,11 +338,10 @@ def test_balancer_skips_open_circuits_unless_all_are_open(fail_fast: bool) -> No
 
 
 async def test_a_fallback_that_routes_nowhere_is_warned_about_once(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    deployment: Start, make_config: MakeConfig, start_gateway: StartGateway,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    a = Deployment("a", statuses=[503, 503])
-    await _start(start_upstream, a)
+    a = await deployment("a", statuses=[503, 503])
     url = await _gateway(start_gateway, make_config, [{**a.provider(), "models": ["gpt-4o"]}],
                          fallbacks={"gpt-4o": ["gpt-4o-minni"]})
     async with aiohttp.ClientSession() as session:

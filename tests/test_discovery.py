@@ -1,8 +1,9 @@
 """Parallel model discovery, its cache, health endpoints and the ``models``/``check`` CLI
 (issue #2, "Parallel model discovery").
 
-The fake providers are tiny apps defined here whose ``/v1/models`` handler counts its
-calls and how many of them are in flight at once (shared across providers).
+The fake providers are counting fake upstreams (tests/fake_upstream.py) whose
+``/v1/models`` answer is scripted per test; a hook counts how many listings are in
+flight at once across providers.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,58 +22,32 @@ import yaml
 from aiohttp import web
 
 from tests.cli_helpers import run_cli
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway
+from tests.fake_upstream import MODELS, FakeUpstream, Reply, Seen
 from tests.polling import until
 
 SECRET = "sk-discovery-secret-0123456789"
 
 
-@dataclass
-class InFlight:
-    now: int = 0
-    max: int = 0
+Start = Callable[..., Awaitable[FakeUpstream]]
 
 
-@dataclass
-class Fake:
-    name: str
-    models: list[str]
-    latency: float = 0.0
-    status: int = 200
-    hang: asyncio.Event | None = None  # wait for this instead of answering
-    shared: InFlight = field(default_factory=InFlight)
-    calls: int = 0
-    auth: list[str | None] = field(default_factory=list)
-    url: str = ""
+@pytest.fixture
+def fake(start_fake: StartFake) -> Start:
+    """``await fake(models, latency=0, status=200, hang=None)`` -> a fake upstream whose
+    ``/v1/models`` lists ``models`` after ``latency`` s, or answers ``status``; with
+    ``hang`` it waits for that event first."""
+    async def start(models: list[str], latency: float = 0.0, status: int = 200,
+                    hang: asyncio.Event | None = None) -> FakeUpstream:
+        upstream = await start_fake(tuple(models))
+        upstream.models = Reply(latency=latency, status=status, gate=hang)
+        return upstream
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/models", self._list)
-        return app
-
-    async def _list(self, request: web.Request) -> web.Response:
-        self.calls += 1
-        self.auth.append(request.headers.get("Authorization"))
-        self.shared.now += 1
-        self.shared.max = max(self.shared.max, self.shared.now)
-        try:
-            if self.hang is not None:
-                await self.hang.wait()
-            await asyncio.sleep(self.latency)
-        finally:
-            self.shared.now -= 1
-        if self.status != 200:
-            return web.json_response({"error": {"message": "broken"}}, status=self.status)
-        data = [{"id": m, "object": "model", "created": 1, "owned_by": "x"} for m in self.models]
-        return web.json_response({"object": "list", "data": data})
-
-    def provider(self, **extra: Any) -> dict[str, Any]:
-        return {"name": self.name, "type": "openai_compat", "base_url": self.url, **extra}
+    return start
 
 
-async def _start(start_upstream: StartUpstream, *fakes: Fake) -> None:
-    for fake in fakes:
-        fake.url = f"{await start_upstream(fake.app())}/v1"
+def listings(fake: FakeUpstream) -> int:
+    return fake.calls[MODELS]
 
 
 def _closed_port_url() -> str:
@@ -89,36 +64,42 @@ async def _get(url: str) -> tuple[int, dict[str, Any], bytes]:
 
 
 async def test_all_providers_are_asked_at_once(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    shared = InFlight()
-    fakes = [Fake(f"p{i}", [f"model-{i}"], latency=0.5, shared=shared) for i in range(5)]
-    await _start(start_upstream, *fakes)
+    fakes = [await fake([f"model-{i}"], latency=0.5) for i in range(5)]
+    together: list[int] = []  # listings in flight across providers, as each arrives
+
+    async def count(request: web.Request, seen: Seen) -> None:
+        together.append(sum(f.inflight for f in fakes))
+
+    for upstream in fakes:
+        upstream.hook = count
     started = time.perf_counter()
-    gateway = await start_gateway(make_config([f.provider() for f in fakes]))
+    gateway = await start_gateway(make_config(
+        [f.provider(f"p{i}", discover=True) for i, f in enumerate(fakes)]))
     status, body, _ = await _get(f"{gateway}/v1/models")
     elapsed = time.perf_counter() - started
     assert status == 200
     assert sorted(m["id"] for m in body["data"]) == [f"model-{i}" for i in range(5)]
     assert "errors" not in body
-    assert shared.max == 5
+    assert max(together) == 5
     assert elapsed < 1.2, f"discovery took {elapsed:.2f} s: providers were asked in series"
-    assert [f.calls for f in fakes] == [1] * 5
+    assert [listings(f) for f in fakes] == [1] * 5
 
 
 @pytest.mark.parametrize("failure", ["http_500", "closed_port", "hangs"])
 async def test_one_failing_provider_leaves_the_others_listed(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake: Start, make_config: MakeConfig, start_gateway: StartGateway,
     failure: str,
 ) -> None:
     release = asyncio.Event()
-    good = [Fake(f"good{i}", [f"model-{i}"], latency=0.3) for i in range(3)]
-    bad = Fake("bad", ["never"], status=500 if failure == "http_500" else 200,
-               hang=release if failure == "hangs" else None)
-    await _start(start_upstream, *good, bad)
+    good = [await fake([f"model-{i}"], latency=0.3) for i in range(3)]
+    bad = await fake(["never"], status=500 if failure == "http_500" else 200,
+                     hang=release if failure == "hangs" else None)
     if failure == "closed_port":
         bad.url = _closed_port_url()
-    config = make_config([good[0].provider(), bad.provider(), *(g.provider() for g in good[1:])],
+    named = [g.provider(f"good{i}", discover=True) for i, g in enumerate(good)]
+    config = make_config([named[0], bad.provider("bad", discover=True), *named[1:]],
                          timeouts={"discovery": 1})
     try:
         started = time.perf_counter()
@@ -135,33 +116,32 @@ async def test_one_failing_provider_leaves_the_others_listed(
 
 
 async def test_second_listing_is_served_from_cache(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    fake = Fake("p", ["m1", "m2"])
-    await _start(start_upstream, fake)
-    gateway = await start_gateway(make_config([fake.provider()]))
+    upstream = await fake(["m1", "m2"])
+    gateway = await start_gateway(make_config([upstream.provider("p", discover=True)]))
     first = await _get(f"{gateway}/v1/models")
     second = await _get(f"{gateway}/v1/models")
     assert [m["id"] for m in second[1]["data"]] == ["m1", "m2"]
     assert second[1] == first[1]
-    assert fake.calls == 1
+    assert listings(upstream) == 1
 
 
 async def test_stale_listing_is_served_while_refreshing(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    fake = Fake("p", ["m1"], latency=0.3)
-    await _start(start_upstream, fake)
-    gateway = await start_gateway(make_config([fake.provider()], models_cache_ttl=0.3))
+    upstream = await fake(["m1"], latency=0.3)
+    gateway = await start_gateway(make_config([upstream.provider("p", discover=True)],
+                                              models_cache_ttl=0.3))
     await _get(f"{gateway}/v1/models")
-    assert fake.calls == 1
+    assert listings(upstream) == 1
     await asyncio.sleep(0.35)  # past the TTL
-    fake.models = ["m1", "m2"]
+    upstream.model_ids = ["m1", "m2"]
     started = time.perf_counter()
     _, stale, _ = await _get(f"{gateway}/v1/models")
     assert time.perf_counter() - started < 0.2, "a stale listing waited for the refresh"
     assert [m["id"] for m in stale["data"]] == ["m1"]
-    await until(lambda: fake.calls == 2, within=0.2)
+    await until(lambda: listings(upstream) == 2, within=0.2)
 
     async def refreshed() -> bool:
         _, body, _ = await _get(f"{gateway}/v1/models")
@@ -171,25 +151,25 @@ async def test_stale_listing_is_served_while_refreshing(
 
 
 async def test_healthz_never_touches_upstreams(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    fake = Fake("p", ["m1"])
-    await _start(start_upstream, fake)
-    gateway = await start_gateway(make_config([fake.provider()], health_cache_ttl=0))
-    await until(lambda: fake.calls == 1 and fake.shared.now == 0)  # start-up discovery
+    upstream = await fake(["m1"])
+    gateway = await start_gateway(make_config([upstream.provider("p", discover=True)],
+                                              health_cache_ttl=0))
+    await until(lambda: listings(upstream) == 1 and upstream.inflight == 0)  # start-up
     for _ in range(3):
         status, body, _ = await _get(f"{gateway}/healthz")
         assert status == 200
         assert body["status"] == "ok"
-    assert fake.calls == 1
+    assert listings(upstream) == 1
 
 
 async def test_health_reports_each_provider_without_secrets(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    good, bad = Fake("good", ["m1", "m2"], latency=0.05), Fake("bad", [], status=500)
-    await _start(start_upstream, good, bad)
-    config = make_config([good.provider(api_key_env="GOOD_KEY"), bad.provider()],
+    good, bad = await fake(["m1", "m2"], latency=0.05), await fake([], status=500)
+    config = make_config([good.provider("good", discover=True, api_key_env="GOOD_KEY"),
+                          bad.provider("bad", discover=True)],
                          env={"GOOD_KEY": SECRET}, health_cache_ttl=0.3)
     gateway = await start_gateway(config)
     status, body, raw = await _get(f"{gateway}/health")
@@ -204,22 +184,21 @@ async def test_health_reports_each_provider_without_secrets(
     assert by_name["bad"]["models"] == 0
     assert "500" in by_name["bad"]["error"]
     assert SECRET.encode() not in raw
-    assert good.auth[0] == f"Bearer {SECRET}"
-    calls = good.calls
+    assert good.headers(MODELS)[0].get("Authorization") == f"Bearer {SECRET}"
+    calls = listings(good)
     await _get(f"{gateway}/health")
-    assert good.calls == calls, "/health probed again within health_cache_ttl"
+    assert listings(good) == calls, "/health probed again within health_cache_ttl"
     await asyncio.sleep(0.35)
     await _get(f"{gateway}/health")
-    assert good.calls == calls + 1, "/health did not probe again after health_cache_ttl"
+    assert listings(good) == calls + 1, "/health did not probe again after health_cache_ttl"
 
 
 async def test_health_is_503_when_every_provider_fails(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake: Start, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    bad = Fake("bad", [], status=500)
-    await _start(start_upstream, bad)
+    bad = await fake([], status=500)
     gone = {"name": "gone", "type": "openai_compat", "base_url": _closed_port_url()}
-    gateway = await start_gateway(make_config([bad.provider(), gone]))
+    gateway = await start_gateway(make_config([bad.provider("bad", discover=True), gone]))
     status, body, _ = await _get(f"{gateway}/health")
     assert status == 503
     assert [(p["name"], p["status"]) for p in body["providers"]] == [
@@ -232,11 +211,11 @@ def _write_config(path: Path, providers: list[dict[str, Any]]) -> str:
     return str(path)
 
 
-async def test_cli_models_and_check(start_upstream: StartUpstream, tmp_path: Path) -> None:
-    good, bad = Fake("good", ["alpha", "org/beta"]), Fake("bad", [], status=500)
-    await _start(start_upstream, good, bad)
-    mixed = _write_config(tmp_path / "mixed.yaml", [good.provider(), bad.provider()])
-    healthy = _write_config(tmp_path / "healthy.yaml", [good.provider()])
+async def test_cli_models_and_check(fake: Start, tmp_path: Path) -> None:
+    good, bad = await fake(["alpha", "org/beta"]), await fake([], status=500)
+    good_entry, bad_entry = good.provider("good", discover=True), bad.provider("bad", discover=True)
+    mixed = _write_config(tmp_path / "mixed.yaml", [good_entry, bad_entry])
+    healthy = _write_config(tmp_path / "healthy.yaml", [good_entry])
     as_json, table, check_mixed, check_healthy = await asyncio.gather(
         run_cli("models", "--json", "--config", mixed), run_cli("models", "--config", mixed),
         run_cli("check", "--config", mixed), run_cli("check", "--config", healthy))

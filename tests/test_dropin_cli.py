@@ -22,10 +22,9 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 
 from proxy.mock.payloads import GREETING
-from tests.conftest import MockUpstream, StartFake, StartUpstream
+from tests.conftest import MockUpstream, StartFake
 from tests.keys_helpers import authorizations, keyed
 
 AsyncClientFactory = Callable[..., openai.AsyncOpenAI]
@@ -100,26 +99,6 @@ async def _serving(args: list[str], env: dict[str, str], cwd: Path
             await _stop(process)
 
 
-def _recording_upstream(seen: list[str | None]) -> web.Application:
-    """An upstream that records each chat request's ``Authorization`` header."""
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "rec", "object": "model",
-                                                              "created": 0, "owned_by": "t"}]})
-
-    async def chat(request: web.Request) -> web.Response:
-        seen.append(request.headers.get("Authorization"))
-        await request.read()
-        return web.json_response({
-            "id": "chatcmpl-r", "object": "chat.completion", "created": 0, "model": "rec",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "recorded"}}]})
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
-
-
 async def test_dropin_upstream_serves_the_sdk(
     mock_upstream: MockUpstream, openai_client: AsyncClientFactory, tmp_path: Path,
 ) -> None:
@@ -145,17 +124,16 @@ async def test_dropin_upstream_serves_the_sdk(
     ({"UPKEY": "sk-upstream-secret"}, "Bearer sk-upstream-secret"),
 ])
 async def test_dropin_authorization(
-    key_env: dict[str, str], expected: str, start_upstream: StartUpstream,
+    key_env: dict[str, str], expected: str, start_fake: StartFake,
     openai_client: AsyncClientFactory, tmp_path: Path,
 ) -> None:
-    seen: list[str | None] = []
-    upstream = await start_upstream(_recording_upstream(seen))
-    args = ["--upstream", f"{upstream}/v1", *(["--api-key-env", "UPKEY"] if key_env else [])]
+    upstream = await start_fake(("rec",), pieces=("recorded",))
+    args = ["--upstream", upstream.url, *(["--api-key-env", "UPKEY"] if key_env else [])]
     async with _serving(args, _clean_env(**key_env), tmp_path) as (url, _):
         client = openai_client(url, api_key="sk-client-own")
         answer = await client.chat.completions.create(model="any-model", messages=HELLO)
         assert answer.choices[0].message.content == "recorded"
-    assert seen == [expected]
+    assert [headers.get("Authorization") for headers in upstream.headers()] == [expected]
 
 
 async def test_dropin_lists_models_with_each_callers_own_key(

@@ -5,7 +5,6 @@ answers pass through untouched; secrets never leak into errors, ``/health`` or l
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import time
@@ -16,13 +15,11 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.assertions import assert_error
-from tests.conftest import MakeConfig, MockUpstream, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, MockUpstream, StartFake, StartGateway
 
 SECRET = "sk-upstream-secret"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
@@ -44,33 +41,11 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def upstream_app(models: list[str], chat: Callable[[web.Request], Any] | None = None,
-                 seen: list[str] | None = None) -> web.Application:
-    """A tiny upstream: lists ``models``, answers chat with ``chat`` (and records the
-    Authorization header of every request in ``seen``)."""
-
-    @web.middleware
-    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if seen is not None:
-            seen.append(request.headers.get("Authorization", ""))
-        return await handler(request)
-
-    async def list_models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "x"} for m in models]})
-
-    async def default_chat(request: web.Request) -> web.Response:
-        return web.json_response({"id": "c1", "object": "chat.completion", "choices": []})
-
-    app = web.Application(middlewares=[record])
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_post("/v1/chat/completions", chat or default_chat)
-    return app
-
-
-async def sleep_3s(request: web.Request) -> web.Response:
-    await asyncio.sleep(3)
-    return web.json_response({})
+def failing(status: int, body: bytes, content_type: str) -> dict[str, Any]:
+    """The ``Reply`` fields of an upstream error answer sent as it is, with headers the
+    client must get too."""
+    return {"status": status, "body": body, "headers": {
+        "Content-Type": content_type, "X-Custom-Err": "abc", "Retry-After": "3"}}
 
 
 @pytest.fixture
@@ -104,15 +79,12 @@ async def test_missing_or_invalid_model_is_400(mock_gateway: str, payload: Any) 
 
 
 async def test_unknown_model_is_404_and_names_nothing_secret(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    start_fake: StartFake, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    url_a = await start_upstream(upstream_app(["alpha-1"]))
-    url_b = await start_upstream(upstream_app(["beta-1"]))
-    config = make_config([
-        {"name": "a", "type": "openai_compat", "base_url": f"{url_a}/v1",
-         "api_key_env": "UP_KEY"},
-        {"name": "b", "type": "openai_compat", "base_url": f"{url_b}/v1"},
-    ], env={"UP_KEY": SECRET})
+    a, b = await start_fake(("alpha-1",)), await start_fake(("beta-1",))
+    url_a, url_b = a.url.removesuffix("/v1"), b.url.removesuffix("/v1")
+    config = make_config([a.provider("a", discover=True, api_key_env="UP_KEY"),
+                          b.provider("b", discover=True)], env={"UP_KEY": SECRET})
     gateway = await start_gateway(config)
     status, _, body = await call(f"{gateway}/v1/chat/completions",
                                  json={"model": "no-such-model", "messages": MESSAGES})
@@ -175,11 +147,10 @@ async def test_unreachable_upstream_is_502_at_once(
 
 
 async def test_upstream_timeout_is_504_after_read_timeout(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    start_fake: StartFake, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    url = await start_upstream(upstream_app(["m1"], chat=sleep_3s))
-    config = make_config([{"name": "slow", "type": "openai_compat", "models": ["m1"],
-                           "base_url": f"{url}/v1"}], timeouts={"read": 0.5})
+    slow = await start_fake(("m1",), latency=3)
+    config = make_config([slow.provider("slow")], timeouts={"read": 0.5})
     gateway = await start_gateway(config)
     started = time.perf_counter()
     status, _, body = await call(f"{gateway}/v1/chat/completions", json=CHAT)
@@ -189,26 +160,15 @@ async def test_upstream_timeout_is_504_after_read_timeout(
     assert 0.4 <= elapsed < 2.0
 
 
-def error_answer(status: int, body: bytes, content_type: str
-                 ) -> Callable[[web.Request], Any]:
-    async def chat(request: web.Request) -> web.Response:
-        return web.Response(status=status, body=body, content_type=content_type,
-                            headers={"X-Custom-Err": "abc", "Retry-After": "3"})
-
-    return chat
-
-
 @pytest.mark.parametrize("status", [400, 429, 500, 503])
 async def test_upstream_error_passes_through_unchanged(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    start_fake: StartFake, make_config: MakeConfig, start_gateway: StartGateway,
     status: int,
 ) -> None:
     sent = orjson.dumps({"error": {"message": f"upstream says {status}", "type": "x_error",
                                    "param": "messages", "code": f"up_{status}"}})
-    app = upstream_app(["m1"], chat=error_answer(status, sent, "application/json"))
-    url = await start_upstream(app)
-    gateway = await start_gateway(make_config([
-        {"name": "up", "type": "openai_compat", "models": ["m1"], "base_url": f"{url}/v1"}]))
+    upstream = await start_fake(("m1",), **failing(status, sent, "application/json"))
+    gateway = await start_gateway(make_config([upstream.provider()]))
     got_status, headers, body = await call(f"{gateway}/v1/chat/completions", json=CHAT)
     assert (got_status, body) == (status, sent)
     assert headers["Content-Type"].startswith("application/json")
@@ -217,13 +177,11 @@ async def test_upstream_error_passes_through_unchanged(
 
 
 async def test_non_json_upstream_error_passes_through_unchanged(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    start_fake: StartFake, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
     sent = b"Service Unavailable: back in a minute\n"
-    url = await start_upstream(upstream_app(["m1"], chat=error_answer(503, sent,
-                                                                      "text/plain")))
-    gateway = await start_gateway(make_config([
-        {"name": "up", "type": "openai_compat", "models": ["m1"], "base_url": f"{url}/v1"}]))
+    upstream = await start_fake(("m1",), **failing(503, sent, "text/plain"))
+    gateway = await start_gateway(make_config([upstream.provider()]))
     status, headers, body = await call(f"{gateway}/v1/chat/completions", json=CHAT)
     assert (status, body) == (503, sent)
     assert headers["Content-Type"].startswith("text/plain")
@@ -236,16 +194,14 @@ async def test_unknown_route_is_404_openai_shaped(mock_gateway: str) -> None:
 
 
 async def test_upstream_401_is_authentication_error_in_the_sdk(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    start_fake: StartFake, make_config: MakeConfig, start_gateway: StartGateway,
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
     sent = orjson.dumps({"error": {"message": "Incorrect API key provided",
                                    "type": "invalid_request_error", "param": None,
                                    "code": "invalid_api_key"}})
-    url = await start_upstream(upstream_app(["m1"], chat=error_answer(401, sent,
-                                                                      "application/json")))
-    gateway = await start_gateway(make_config([
-        {"name": "up", "type": "openai_compat", "models": ["m1"], "base_url": f"{url}/v1"}]))
+    upstream = await start_fake(("m1",), **failing(401, sent, "application/json"))
+    gateway = await start_gateway(make_config([upstream.provider()]))
     client = openai_client(gateway)
     with pytest.raises(openai.AuthenticationError) as caught:
         await client.chat.completions.create(model="m1", messages=MESSAGES)
@@ -255,17 +211,15 @@ async def test_upstream_401_is_authentication_error_in_the_sdk(
 
 
 async def test_secrets_stay_out_of_errors_health_and_logs(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    start_fake: StartFake, make_config: MakeConfig, start_gateway: StartGateway,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    seen: list[str] = []
-    url = await start_upstream(upstream_app(["m-slow"], chat=sleep_3s, seen=seen))
+    slow = await start_fake(("m-slow",), latency=3)
     config = make_config([
         {"name": "dead", "type": "openai_compat", "models": ["m-dead"],
          "base_url": f"http://127.0.0.1:{closed_port()}/v1", "api_key_env": "UP_KEY"},
-        {"name": "slow", "type": "openai_compat", "models": ["m-slow"],
-         "base_url": f"{url}/v1", "api_key_env": "UP_KEY"},
+        slow.provider("slow", api_key_env="UP_KEY"),
     ], env={"UP_KEY": SECRET}, timeouts={"read": 0.5})
     gateway = await start_gateway(config)
     bodies: dict[int, bytes] = {}
@@ -277,6 +231,7 @@ async def test_secrets_stay_out_of_errors_health_and_logs(
     assert sorted(bodies) == [404, 502, 504]
     assert status == 200
     assert orjson.loads(health)["status"] == "degraded"
+    seen = [headers.get("Authorization") for headers in slow.headers(None)]
     assert f"Bearer {SECRET}" in seen  # the key is in use, so leaking it was possible
     for text in (*bodies.values(), health):
         assert SECRET.encode() not in text
@@ -285,22 +240,14 @@ async def test_secrets_stay_out_of_errors_health_and_logs(
 
 
 async def test_a_body_that_does_not_decode_is_400_and_never_forwarded(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    start_fake: StartFake, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    posts: list[bytes] = []
-
-    async def chat(request: web.Request) -> web.Response:
-        posts.append(await request.read())
-        return web.json_response({})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    url = await start_upstream(app)
-    gateway = await start_gateway(make_config([
-        {"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "catch_all": True}]))
+    upstream = await start_fake()
+    gateway = await start_gateway(make_config([upstream.provider(discover=True,
+                                                                 catch_all=True)]))
     status, _, body = await call(
         f"{gateway}/v1/chat/completions", data=b"this is not gzip at all",
         headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
     assert status == 400
     assert_error(body, "invalid_body")
-    assert posts == []
+    assert upstream.chats == 0

@@ -23,38 +23,34 @@ from openai.types.chat import ChatCompletionMessageParam
 from yarl import URL
 
 from proxy.headers import end_to_end
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway, StartLive
+from tests.fake_upstream import FakeUpstream, Reply, Seen, replaced
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "m1", "messages": MESSAGES}
 ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "choices": []}
 SECRET = "sk-upstream-secret"
-Seen = list[CIMultiDictProxy[str]]
 
 
-def recording_app(seen: Seen, answer_headers: dict[str, str] | None = None) -> web.Application:
-    """An upstream that records the headers of every request and answers ``ANSWER``."""
+Gateway = Callable[..., Awaitable[tuple[str, FakeUpstream]]]
 
-    async def chat(request: web.Request) -> web.Response:
-        seen.append(request.headers)
-        await request.read()
-        return web.json_response(ANSWER, headers=answer_headers)
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
+@pytest.fixture
+def fake_gateway(start_fake: StartFake, live_gateway: StartLive) -> Gateway:
+    """``await gateway(env=None, **provider_extra)`` -> (the gateway's base URL, its
+    counting fake upstream, which keeps the headers of each request and answers
+    ``ANSWER``)."""
+    async def start(env: dict[str, str] | None = None, **extra: Any
+                    ) -> tuple[str, FakeUpstream]:
+        fake = await start_fake(("m1",), body=ANSWER)
+        return (await live_gateway(fake.provider(**extra), env=env or {})).url, fake
+
+    return start
 
 
 def provider(url: str, **extra: Any) -> dict[str, Any]:
     return {"name": "up", "type": "openai_compat", "base_url": f"{url}/v1",
             "models": ["m1"], **extra}
-
-
-async def gateway_for(app: web.Application, start_upstream: StartUpstream,
-                      make_config: MakeConfig, start_gateway: StartGateway,
-                      env: dict[str, str] | None = None, **extra: Any) -> str:
-    url = await start_upstream(app)
-    return await start_gateway(make_config([provider(url, **extra)], env=env))
 
 
 async def raw_exchange(base_url: str, head: str, body: bytes = b""
@@ -97,11 +93,9 @@ async def post_chat(url: str, session_options: dict[str, Any] | None = None, **k
 
 
 async def test_end_to_end_request_headers_pass_and_hop_by_hop_are_stripped(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake_gateway: Gateway,
 ) -> None:
-    seen: Seen = []
-    gateway = await gateway_for(recording_app(seen), start_upstream, make_config,
-                                start_gateway)
+    gateway, upstream = await fake_gateway()
     body = orjson.dumps(CHAT)
     head = request_head("/v1/chat/completions", [
         "X-Custom: 1", "OpenAI-Organization: org-123", "User-Agent: my-agent/1.0",
@@ -112,6 +106,7 @@ async def test_end_to_end_request_headers_pass_and_hop_by_hop_are_stripped(
     status, _, answer = await raw_exchange(gateway, head, body)
     assert status == 200, answer
     assert orjson.loads(answer) == ANSWER
+    seen = upstream.headers()
     assert len(seen) == 1
     got = seen[0]
     assert got["X-Custom"] == "1"
@@ -125,27 +120,30 @@ async def test_end_to_end_request_headers_pass_and_hop_by_hop_are_stripped(
 
 
 async def test_forwarded_headers_are_set(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake_gateway: Gateway,
 ) -> None:
-    seen: Seen = []
-    gateway = await gateway_for(recording_app(seen), start_upstream, make_config,
-                                start_gateway)
+    gateway, upstream = await fake_gateway()
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{gateway}/v1/chat/completions", json=CHAT) as resp:
             assert resp.status == 200
         async with session.post(f"{gateway}/v1/chat/completions", json=CHAT,
                                 headers={"X-Forwarded-For": "10.0.0.1"}) as resp:
             assert resp.status == 200
+    seen = upstream.headers()
     assert [h["X-Forwarded-For"] for h in seen] == ["127.0.0.1", "10.0.0.1, 127.0.0.1"]
     assert [h["X-Forwarded-Proto"] for h in seen] == ["http", "http"]
 
 
 async def test_request_id_from_client_is_sent_upstream_and_returned(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake_gateway: Gateway,
 ) -> None:
-    seen: Seen = []
-    gateway = await gateway_for(recording_app(seen), start_upstream, make_config,
-                                start_gateway)
+    gateway, upstream = await fake_gateway()
+
+    async def no_request_id(request: web.Request, seen: Seen) -> web.StreamResponse:
+        """An upstream that sends no request id of its own (the fake numbers its own)."""
+        return web.json_response(ANSWER)
+
+    upstream.hook = no_request_id
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{gateway}/v1/chat/completions", json=CHAT,
                                 headers={"X-Request-ID": "req-abc-123"}) as resp:
@@ -155,6 +153,7 @@ async def test_request_id_from_client_is_sent_upstream_and_returned(
         async with session.post(f"{gateway}/v1/chat/completions", json=CHAT) as resp:
             assert resp.status == 200
             generated = resp.headers["X-Request-ID"]
+    seen = upstream.headers()
     assert seen[0]["X-Request-ID"] == "req-abc-123"
     assert len(generated) >= 16
     assert generated != "req-abc-123"
@@ -162,11 +161,10 @@ async def test_request_id_from_client_is_sent_upstream_and_returned(
 
 
 async def test_upstream_request_id_is_returned_as_upstream_request_id(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake_gateway: Gateway,
 ) -> None:
-    seen: Seen = []
-    app = recording_app(seen, answer_headers={"X-Request-ID": "upstream-xyz"})
-    gateway = await gateway_for(app, start_upstream, make_config, start_gateway)
+    gateway, upstream = await fake_gateway()
+    upstream.chat.headers = {"X-Request-ID": "upstream-xyz"}
     status, headers, _ = await post_chat(f"{gateway}/v1/chat/completions",
                                          headers={"X-Request-ID": "req-client-1"})
     assert status == 200
@@ -253,53 +251,44 @@ async def test_response_headers_pass_and_hop_by_hop_are_stripped_on_upstream_err
 
 
 async def test_configured_key_replaces_client_authorization(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
-    openai_client: Callable[..., openai.AsyncOpenAI],
+    fake_gateway: Gateway, openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    seen: Seen = []
-    gateway = await gateway_for(recording_app(seen), start_upstream, make_config,
-                                start_gateway, env={"UP_KEY": SECRET},
-                                api_key_env="UP_KEY", headers={"X-Title": "my-app"})
+    gateway, upstream = await fake_gateway(env={"UP_KEY": SECRET}, api_key_env="UP_KEY",
+                                           headers={"X-Title": "my-app"})
     client = openai_client(gateway, api_key="sk-client-test")
     await client.chat.completions.create(model="m1", messages=MESSAGES)
+    seen = upstream.headers()
     assert seen[0].getall("Authorization") == [f"Bearer {SECRET}"]
     assert seen[0]["X-Title"] == "my-app"
 
 
 async def test_client_authorization_is_forwarded_without_configured_key(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
-    openai_client: Callable[..., openai.AsyncOpenAI],
+    fake_gateway: Gateway, openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    seen: Seen = []
-    gateway = await gateway_for(recording_app(seen), start_upstream, make_config,
-                                start_gateway)
+    gateway, upstream = await fake_gateway()
     client = openai_client(gateway, api_key="sk-client-test")
     await client.chat.completions.create(model="m1", messages=MESSAGES)
+    seen = upstream.headers()
     assert seen[0].getall("Authorization") == ["Bearer sk-client-test"]
 
 
-def gzip_app(seen: Seen, compressed: bytes) -> web.Application:
-    """Answers gzip-compressed only when the request accepts gzip."""
+def gzipping(fake: FakeUpstream, compressed: bytes) -> FakeUpstream:
+    """``fake`` answers ``compressed`` (gzip) only when the request accepts gzip."""
+    gzipped = replaced(fake.chat, body=compressed, headers={"Content-Encoding": "gzip"})
 
-    async def chat(request: web.Request) -> web.Response:
-        seen.append(request.headers)
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
-            return web.Response(body=compressed, content_type="application/json",
-                                headers={"Content-Encoding": "gzip"})
-        return web.json_response(ANSWER)
+    async def hook(request: web.Request, seen: Seen) -> Reply | None:
+        return gzipped if "gzip" in seen.headers.get("Accept-Encoding", "") else None
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
+    fake.hook = hook
+    return fake
 
 
 async def test_gzip_answer_passes_through_compressed(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake_gateway: Gateway,
 ) -> None:
-    seen: Seen = []
     compressed = gzip.compress(orjson.dumps(ANSWER))
-    gateway = await gateway_for(gzip_app(seen, compressed), start_upstream, make_config,
-                                start_gateway)
+    gateway, upstream = await fake_gateway()
+    gzipping(upstream, compressed)
     url = f"{gateway}/v1/chat/completions"
     gz = {"Accept-Encoding": "gzip"}
     status, headers, body = await post_chat(url, {"auto_decompress": False}, headers=gz)
@@ -309,20 +298,20 @@ async def test_gzip_answer_passes_through_compressed(
     status, _, body = await post_chat(url, headers=gz)  # aiohttp's client decodes it
     assert status == 200
     assert orjson.loads(body) == ANSWER
-    assert [h["Accept-Encoding"] for h in seen] == ["gzip", "gzip"]
+    assert [h["Accept-Encoding"] for h in upstream.headers()] == ["gzip", "gzip"]
 
 
 async def test_no_accept_encoding_from_client_means_none_upstream(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake_gateway: Gateway,
 ) -> None:
-    seen: Seen = []
-    gateway = await gateway_for(gzip_app(seen, b""), start_upstream, make_config,
-                                start_gateway)
+    gateway, upstream = await fake_gateway()
+    gzipping(upstream, b"")
     status, headers, body = await post_chat(f"{gateway}/v1/chat/completions",
                                             {"skip_auto_headers": ("Accept-Encoding",)})
     assert status == 200
     assert "Content-Encoding" not in headers
     assert orjson.loads(body) == ANSWER
+    seen = upstream.headers()
     assert len(seen) == 1
     assert "Accept-Encoding" not in seen[0]
 
@@ -337,15 +326,14 @@ def test_hop_by_hop_names_match_in_any_case() -> None:
 
 
 async def test_gateway_control_headers_stay_in_the_gateway(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    fake_gateway: Gateway,
 ) -> None:
-    seen: Seen = []
-    gateway = await gateway_for(recording_app(seen), start_upstream, make_config,
-                                start_gateway)
+    gateway, upstream = await fake_gateway()
     status, _, _ = await post_chat(f"{gateway}/v1/chat/completions", headers={
         "X-Gateway-Dedup": "off", "X-Gateway-Cache": "off", "X-Gateway-Peer": "1",
         "Cache-Control": "no-cache"})
     assert status == 200
+    seen = upstream.headers()
     names = {name.lower() for name in seen[0]}
     assert not {n for n in names if n.startswith("x-gateway-")}, names
     assert seen[0]["Cache-Control"] == "no-cache"  # end-to-end: the provider may use it

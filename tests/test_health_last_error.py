@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway
 
 
 async def _health(gateway: str) -> tuple[int, dict[str, Any]]:
@@ -20,29 +19,11 @@ async def _health(gateway: str) -> tuple[int, dict[str, Any]]:
 
 
 async def test_recovered_provider_is_healthy_and_keeps_its_last_error(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    start_fake: StartFake, make_config: MakeConfig, start_gateway: StartGateway,
 ) -> None:
-    state = {"status": 503}
-
-    async def list_models(request: web.Request) -> web.Response:
-        if state["status"] != 200:
-            return web.json_response({"error": {"message": "warming up"}},
-                                     status=state["status"])
-        return web.json_response({"object": "list", "data": [
-            {"id": "m1", "object": "model", "created": 1, "owned_by": "x"}]})
-
-    app = web.Application()
-    app.router.add_get("/v1/models", list_models)
-    async def steady_models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "s"}]})
-
-    steady = web.Application()
-    steady.router.add_get("/v1/models", steady_models)
-    providers = [
-        {"name": "flaky", "type": "openai_compat", "base_url": f"{await start_upstream(app)}/v1"},
-        {"name": "steady", "type": "openai_compat",
-         "base_url": f"{await start_upstream(steady)}/v1"},
-    ]
+    flaky, steady = await start_fake(("m1",)), await start_fake(("s",))
+    flaky.models.status = 503  # warming up
+    providers = [flaky.provider("flaky", discover=True), steady.provider("steady", discover=True)]
     gateway = await start_gateway(make_config(providers, health_cache_ttl=0))
 
     status, before = await _health(gateway)
@@ -52,7 +33,7 @@ async def test_recovered_provider_is_healthy_and_keeps_its_last_error(
     assert before["flaky"]["last_error"] == before["flaky"]["error"]
     assert (before["steady"]["error"], before["steady"]["last_error"]) == (None, None)
 
-    state["status"] = 200
+    flaky.models.status = 200
     status, after = await _health(gateway)
     assert status == 200
     assert (after["flaky"]["status"], after["flaky"]["models"]) == ("healthy", 1)

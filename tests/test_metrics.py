@@ -27,7 +27,7 @@ from proxy.observe.observers import OBSERVERS
 from proxy.record import Origin, Record, Usage
 from proxy.server.serve import running
 from tests.assertions import Samples, parse, value
-from tests.conftest import MakeConfig, StartFake, StartUpstream
+from tests.conftest import MakeConfig, StartFake
 from tests.fake_upstream import FakeUpstream, Reply, Seen, replaced
 from tests.polling import until
 from tests.running import RunningGateway
@@ -45,16 +45,11 @@ def chat(content: str, **extra: Any) -> dict[str, Any]:
     return {"model": "m", "messages": [{"role": "user", "content": content}], **extra}
 
 
-async def upstream_chat(request: web.Request) -> web.StreamResponse:
-    payload = await request.json()
-    if not payload.get("stream"):
-        return web.json_response(ANSWER)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    for part in (b'data: {"choices":[]}\n\n', b"data: [DONE]\n\n"):
-        await response.write(part)
-    await response.write_eof()
-    return response
+def answering(fake: FakeUpstream) -> FakeUpstream:
+    """``fake`` answers ``ANSWER`` (with its usage), a stream as one empty chunk."""
+    fake.chat.body = ANSWER
+    fake.chat.events = (b'data: {"choices":[]}\n\n', b"data: [DONE]\n\n")
+    return fake
 
 
 @asynccontextmanager
@@ -93,11 +88,6 @@ async def scrape(session: aiohttp.ClientSession, url: str, key: str | None = ADM
     return text, parse(text)
 
 
-def provider(url: str, **extra: Any) -> dict[str, Any]:
-    return {"name": "up", "type": "openai_compat", "base_url": f"{url}/v1",
-            "models": ["m"], **extra}
-
-
 async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
                key: str | None = TEAM, **headers: str) -> int:
     if key:
@@ -108,10 +98,9 @@ async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
 
 
 def scripted(fake: FakeUpstream, pair: asyncio.Event) -> FakeUpstream:
-    """``fake`` answers as ``upstream_chat`` does, and holds the dedup pair's leader
-    until ``pair`` is set."""
-    fake.chat.body = ANSWER
-    fake.chat.events = (b'data: {"choices":[]}\n\n', b"data: [DONE]\n\n")
+    """``fake`` is ``answering``, and holds the dedup pair's leader until ``pair`` is
+    set."""
+    answering(fake)
     held = replaced(fake.chat, gate=pair)
 
     async def hook(request: web.Request, seen: Seen) -> Reply | None:
@@ -151,7 +140,7 @@ async def test_known_traffic_gives_exact_figures_and_no_secrets(
 ) -> None:
     pair = asyncio.Event()
     upstream = scripted(await start_fake(), pair)
-    config = make_config([provider(upstream.url.removesuffix("/v1"))], auth={"keys": KEYS})
+    config = make_config([upstream.provider()], auth={"keys": KEYS})
     async with served(config, Usage(input=3, output=5, cached=2)) as (gw, app), \
             aiohttp.ClientSession() as session:
         await known_traffic(session, RunningGateway(gw, app, upstream), pair)
@@ -205,26 +194,25 @@ async def test_known_traffic_gives_exact_figures_and_no_secrets(
 
 
 async def test_attempts_by_outcome_and_an_open_breaker(
-    start_upstream: StartUpstream, make_config: MakeConfig, closed_port: int,
+    start_fake: StartFake, make_config: MakeConfig, closed_port: int,
 ) -> None:
     """A retry, a failover, a fallback and failures, each counted once; the failing
     provider's breaker shows open."""
+    upstream = answering(await start_fake())
+    busy = replaced(upstream.chat, status=503, body={"error": {"message": "busy"}})
     failed_once: set[str] = set()
 
-    async def flaky(request: web.Request) -> web.StreamResponse:
-        payload = await request.json()
-        if payload["model"] == "f" and "f" not in failed_once:
+    async def flaky(request: web.Request, seen: Seen) -> Reply | None:
+        if (seen.json() or {}).get("model") == "f" and "f" not in failed_once:
             failed_once.add("f")
-            return web.json_response({"error": {"message": "busy"}}, status=503)
-        return await upstream_chat(request)
+            return busy
+        return None
 
-    app = web.Application()
-    app.router.add_post(CHAT, flaky)
-    url = await start_upstream(app)
+    upstream.hook = flaky
     dead = {"name": "dead", "type": "openai_compat",
             "base_url": f"http://127.0.0.1:{closed_port}/v1", "models": ["d", "fb"]}
     config = make_config(
-        [provider(url), {**provider(url), "name": "flaky", "models": ["f"]}, dead],
+        [upstream.provider(), upstream.provider("flaky", models=["f"]), dead],
         deployments={"pair": ["dead", "up"]}, fallbacks={"fb": ["m"]},
         dedup={"mode": "off"}, cache={"enabled": False},
         retries={"max_attempts": 2, "base_delay": 0.01, "budget": 1.0},
@@ -248,10 +236,9 @@ async def test_attempts_by_outcome_and_an_open_breaker(
 
 
 async def test_metrics_need_an_admin_key_once_keys_are_configured(
-    start_upstream: StartUpstream, make_config: MakeConfig,
+    fake_upstream: FakeUpstream, make_config: MakeConfig,
 ) -> None:
-    url = await start_upstream(web.Application())
-    async with gateway(make_config([provider(url)], auth={"keys": KEYS})) as gw, \
+    async with gateway(make_config([fake_upstream.provider()], auth={"keys": KEYS})) as gw, \
             aiohttp.ClientSession() as session:
         async with session.get(f"{gw}/metrics") as response:
             assert response.status == 401
@@ -260,25 +247,19 @@ async def test_metrics_need_an_admin_key_once_keys_are_configured(
             assert response.status == 403
             assert (await response.json())["error"]["code"] == "admin_key_required"
         await scrape(session, gw, ADMIN)
-    async with gateway(make_config([provider(url)])) as gw, \
+    async with gateway(make_config([fake_upstream.provider()])) as gw, \
             aiohttp.ClientSession() as session:
         await scrape(session, gw, key=None)  # no keys: open, like every other path
 
 
 async def test_fifty_unknown_model_names_are_all_other(
-    start_upstream: StartUpstream, make_config: MakeConfig,
+    start_fake: StartFake, make_config: MakeConfig,
 ) -> None:
     """A catch-all provider answers any name; the labels still take only known ones:
     the config's and the discovered ones."""
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "found"}]})
-
-    app = web.Application()
-    app.router.add_post(CHAT, upstream_chat)
-    app.router.add_get("/v1/models", models)
-    url = await start_upstream(app)
-    discovering = {"name": "disc", "type": "openai_compat", "base_url": f"{url}/v1"}
-    config = make_config([discovering, provider(url, catch_all=True)])
+    upstream = answering(await start_fake(("found",)))
+    config = make_config([upstream.provider("disc", discover=True),
+                          upstream.provider(models=["m"], catch_all=True)])
     rng = random.Random(10)
     names = ["".join(rng.choices(string.ascii_lowercase, k=12)) for _ in range(50)]
     async with gateway(config) as gw, aiohttp.ClientSession() as session:
@@ -297,12 +278,11 @@ async def test_fifty_unknown_model_names_are_all_other(
 
 
 async def test_the_observer_costs_microseconds(
-    start_upstream: StartUpstream, make_config: MakeConfig,
+    fake_upstream: FakeUpstream, make_config: MakeConfig,
 ) -> None:
     """The figure for the report: one realistic record, observed again and again (the
     children are cached after the first, records counted in batches); none is lost."""
-    url = await start_upstream(web.Application())
-    config = make_config([provider(url)])
+    config = make_config([fake_upstream.provider()])
     config = dataclasses.replace(
         config, server=dataclasses.replace(config.server, host="127.0.0.1", port=0))
     app = build_app(config)

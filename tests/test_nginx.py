@@ -64,7 +64,8 @@ def test_shipped_config_keeps_its_promises() -> None:
 def gated_upstream(release: asyncio.Event, finished: asyncio.Event,
                    seen: list[CIMultiDict[str]]) -> web.Application:
     """Answers chat; a streamed answer sends its first event, then waits for ``release``
-    (set by the test only once that event has reached the client through nginx)."""
+    (set by the test only once that event has reached the client through nginx). (Its
+    own app: a pause between two events; FakeUpstream's gate holds only the first.)"""
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         seen.append(request.headers.copy())

@@ -26,7 +26,9 @@ from yarl import URL
 
 from proxy.server.serve import running
 from proxy.upstream.client import UpstreamClient
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway, StartUpstream
+from tests.fake_upstream import CHAT as FAKE_CHAT
+from tests.fake_upstream import Seen
 from tests.polling import until
 from tests.wire import ANSWER, CHAT, MODELS, Conn, RawUpstream, fetch, raw_servers, read_request
 
@@ -49,28 +51,18 @@ def _chat_answer(model: str) -> dict[str, Any]:
 
 
 async def test_discovery_and_health_do_not_queue_behind_inference(
-    start_upstream: StartUpstream, make_config: MakeConfig, start_gateway: StartGateway,
+    start_fake: StartFake, make_config: MakeConfig, start_gateway: StartGateway,
     openai_client: Client,
 ) -> None:
-    models = ["m1"]
-    chats: list[str] = []
     entered, release = asyncio.Event(), asyncio.Event()
+    upstream = await start_fake(("m1",), pieces=("done",), gate=release)
 
-    async def list_models(request: web.Request) -> web.Response:
-        data = [{"id": m, "object": "model", "created": 1, "owned_by": "x"} for m in models]
-        return web.json_response({"object": "list", "data": data})
+    async def arrived(request: web.Request, seen: Seen) -> None:
+        if seen.path == FAKE_CHAT:
+            entered.set()
 
-    async def chat(request: web.Request) -> web.Response:
-        chats.append((await request.json())["model"])
-        entered.set()
-        await asyncio.wait_for(release.wait(), 10)
-        return web.json_response(_chat_answer("m1"))
-
-    app = web.Application()
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_post("/v1/chat/completions", chat)
-    provider = {"name": "p", "type": "openai_compat",
-                "base_url": f"{await start_upstream(app)}/v1"}
+    upstream.hook = arrived
+    provider = upstream.provider("p", discover=True)
     config = make_config([provider], pool={"limit": 1}, models_cache_ttl=0.2,
                          health_cache_ttl=0, dedup={"mode": "off"}, cache={"enabled": False})
     gateway = await start_gateway(config)
@@ -82,7 +74,7 @@ async def test_discovery_and_health_do_not_queue_behind_inference(
             for _ in range(2)]
     try:
         await asyncio.wait_for(entered.wait(), 2)
-        models.append("m2")
+        upstream.model_ids.append("m2")
         await asyncio.sleep(0.3)  # past models_cache_ttl: the next listing refreshes
         deadline = time.perf_counter() + 1
         while True:  # stale-while-revalidate: the refreshed listing must show up soon
@@ -96,12 +88,12 @@ async def test_discovery_and_health_do_not_queue_behind_inference(
         assert status == 200
         assert elapsed < 1, f"/health took {elapsed:.2f} s behind a saturated pool"
         assert [(p["status"], p["models"]) for p in health["providers"]] == [("healthy", 2)]
-        assert chats == ["m1"], "the pool was not saturated: the second chat went upstream"
+        assert upstream.chats == 1, "the pool was not saturated: the second chat went upstream"
     finally:
         release.set()
         answers = await asyncio.wait_for(asyncio.gather(*held, return_exceptions=True), 5)
     assert [a.choices[0].message.content for a in answers] == ["done", "done"]
-    assert chats == ["m1", "m1"]
+    assert [body["model"] for body in upstream.bodies()] == ["m1", "m1"]
 
 
 class _RecordingResolver(aiohttp.AsyncResolver):
@@ -125,6 +117,8 @@ async def test_inference_pool_resolves_with_aiodns_and_caches(
         return web.json_response({"object": "list", "data": []})
 
     async def chat(request: web.Request) -> web.Response:
+        """Keeps the client port and closes each connection (connection-level: its own
+        app, not FakeUpstream)."""
         peers.append(request.transport.get_extra_info("peername")[1])
         response = web.json_response(_chat_answer("m"))
         response.force_close()  # the next request needs a new connection

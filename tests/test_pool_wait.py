@@ -19,7 +19,9 @@ from proxy.server.serve import running
 from proxy.state import LIVE
 from proxy.upstream.pool import ConnectionPool, WaitTimeout
 from proxy.upstream.protocol import UpstreamProtocol
-from tests.conftest import MakeConfig, StartUpstream
+from tests.conftest import MakeConfig, StartFake
+from tests.fake_upstream import CHAT as CHAT_PATH
+from tests.fake_upstream import Reply, Seen, replaced
 from tests.polling import until
 from tests.wire import CHAT, StartRaw, answer_each, error_code, fetch
 
@@ -27,23 +29,19 @@ CONNECT = 0.3
 
 
 async def test_a_full_pool_answers_connect_timeout_then_serves_again(
-        start_upstream: StartUpstream, make_config: MakeConfig) -> None:
+        start_fake: StartFake, make_config: MakeConfig) -> None:
     entered, release = asyncio.Event(), asyncio.Event()
-    chats = 0
+    upstream = await start_fake()
+    held = replaced(upstream.chat, gate=release)
 
-    async def chat(request: web.Request) -> web.Response:
-        nonlocal chats
-        chats += 1
-        if chats == 1:  # the first request holds the pool's only connection
-            entered.set()
-            await asyncio.wait_for(release.wait(), 10)
-        return web.json_response({"id": "chatcmpl-1", "object": "chat.completion",
-                                  "choices": []})
+    async def hook(request: web.Request, seen: Seen) -> Reply | None:
+        if seen.path != CHAT_PATH or seen.call != 1:
+            return None
+        entered.set()  # the first request holds the pool's only connection
+        return held
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    provider = {"name": "prov", "type": "openai_compat", "models": ["m"],
-                "base_url": f"{await start_upstream(app)}/v1"}
+    upstream.hook = hook
+    provider = upstream.provider("prov")
     config = make_config([provider], server={"port": 0}, pool={"limit": 1},
                          timeouts={"connect": CONNECT}, dedup={"mode": "off"},
                          cache={"enabled": False})
@@ -71,7 +69,7 @@ async def test_a_full_pool_answers_connect_timeout_then_serves_again(
         assert status == 200
         assert "in_flight=0" in repr(client)
         assert "open=1 idle=1 waiting=0 limit=1" in repr(client)
-    assert chats == 2, "the timed-out request must never reach the upstream"
+    assert upstream.chats == 2, "the timed-out request must never reach the upstream"
 
 
 @pytest.mark.parametrize("handed", ["connection", "slot"])

@@ -149,6 +149,7 @@ async def test_an_answer_a_deadline_cut_keeps_its_token_estimate(
 ) -> None:
     """The upstream worked (and billed) before its body stalled: the key is charged."""
     async def stalling(request: web.Request) -> web.StreamResponse:
+        """Part of a promised body, then nothing (wire bytes: not FakeUpstream's)."""
         await request.read()
         response = web.StreamResponse(headers={"Content-Type": "application/json",
                                                "Content-Length": "100"})

@@ -74,6 +74,7 @@ async def test_how_a_stream_ended_is_recorded(
     start_upstream: StartUpstream, make_config: MakeConfig, cut: str,
 ) -> None:
     async def chat(request: web.Request) -> web.StreamResponse:
+        """One event, then a reset or a stall (wire behaviour: not FakeUpstream's)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b'data: {"n": 1}\n\n')

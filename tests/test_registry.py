@@ -61,6 +61,8 @@ class DummyProvider(Provider):
 
 
 def _dummy_upstream(received: list[dict[str, Any]]) -> web.Application:
+    """The registered type's own API (``/names``, ``/complete``): not OpenAI's, so not
+    FakeUpstream's."""
     async def names(request: web.Request) -> web.Response:
         return web.json_response({"names": ["tiny-1"]})
 

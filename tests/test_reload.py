@@ -23,7 +23,8 @@ from proxy.config.loader import ConfigError
 from proxy.server.serve import running
 from proxy.server.supervisor import Supervisor
 from proxy.state import LIVE
-from tests.conftest import MakeConfig, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartUpstream
+from tests.fake_upstream import MODELS, Reply, Seen, replaced
 from tests.polling import until
 from tests.procs import Spawned, clean_env, free_port, poll_healthz, spawn_proxy, stop
 from tests.reload_helpers import (
@@ -181,18 +182,11 @@ async def test_sections_that_need_a_restart_keep_their_running_values(
 
 
 async def test_a_reloaded_provider_runs_under_its_own_deadlines(
-    make_config: MakeConfig, start_upstream: StartUpstream,
+    make_config: MakeConfig, start_fake: StartFake,
 ) -> None:
     """Per-provider ``timeouts`` are part of the provider entry, so a reload applies
     them (only the global ``timeouts`` section needs a restart)."""
-    async def hang(request: web.Request) -> web.Response:
-        await asyncio.sleep(30)
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_post(CHAT, hang)
-    url = f"{await start_upstream(app)}/v1"
-    entry = {"name": "slow", "type": "openai_compat", "base_url": url, "models": ["m"]}
+    entry = (await start_fake(latency=30)).provider("slow")  # hangs
     config = make_config([entry], server={"port": 0}, cache={"enabled": False})
     gateway_app = build_app(config)
     async with running(config, app=gateway_app) as base:
@@ -208,18 +202,16 @@ async def test_a_reloaded_provider_runs_under_its_own_deadlines(
 
 
 async def test_a_reloaded_alias_does_not_replay_the_old_targets_cached_answer(
-    make_config: MakeConfig, start_upstream: StartUpstream,
+    make_config: MakeConfig, start_fake: StartFake,
 ) -> None:
-    models: list[str] = []
+    upstream = await start_fake()
 
-    async def chat(request: web.Request) -> web.Response:
-        model = (await request.json())["model"]
-        models.append(model)
-        return web.json_response({"choices": [{"message": {"content": model}}]})
+    async def naming(request: web.Request, seen: Seen) -> Reply | None:
+        """Its answer says the model it was asked for."""
+        return replaced(upstream.chat, pieces=((seen.json() or {}).get("model", ""),))
 
-    app = web.Application()
-    app.router.add_post(CHAT, chat)
-    entry = {"name": "up", "type": "openai_compat", "base_url": f"{await start_upstream(app)}/v1"}
+    upstream.hook = naming
+    entry = upstream.provider(discover=True)
     config = make_config([entry], server={"port": 0}, aliases={"fast": "up/gpt-a"})
     gateway_app = build_app(config)
     body = {"model": "fast", "temperature": 0, "messages": []}
@@ -230,7 +222,7 @@ async def test_a_reloaded_alias_does_not_replay_the_old_targets_cached_answer(
         async with session.post(base + CHAT, json=body) as second:
             answer = await second.json()
     assert answer["choices"][0]["message"]["content"] == "gpt-b"
-    assert models == ["gpt-a", "gpt-b"]
+    assert [body["model"] for body in upstream.bodies()] == ["gpt-a", "gpt-b"]
 
 
 def spawn_as_the_supervisor_does(argv: list[str], log: Path) -> Spawned:
@@ -301,21 +293,10 @@ async def test_a_sighup_while_stopping_does_not_cut_the_streams(
 
 
 async def test_a_reload_that_leaves_providers_alone_keeps_their_discovered_models(
-    make_config: MakeConfig, start_upstream: StartUpstream,
+    make_config: MakeConfig, start_fake: StartFake,
 ) -> None:
-    listed: list[int] = []
-
-    async def models(request: web.Request) -> web.Response:
-        listed.append(1)
-        return web.json_response({"object": "list", "data": [{"id": "found"}]})
-
-    async def chat(request: web.Request) -> web.Response:
-        return web.json_response({"choices": [{"message": {"content": "ok"}}]})
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_post(CHAT, chat)
-    entry = {"name": "up", "type": "openai_compat", "base_url": f"{await start_upstream(app)}/v1"}
+    upstream = await start_fake(("found",))
+    entry = upstream.provider(discover=True)
     config = make_config([entry], server={"port": 0})
     gateway_app = build_app(config)
     body = {"model": "found", "messages": []}
@@ -327,7 +308,7 @@ async def test_a_reload_that_leaves_providers_alone_keeps_their_discovered_model
             assert response.status == 200
         async with session.get(base + "/health") as response:
             assert response.status == 200
-    assert len(listed) == 1  # the new gateway kept the catalog: no wait, no second probe
+    assert upstream.calls[MODELS] == 1  # the new gateway kept the catalog: no wait, no second probe
 
 
 async def test_a_reload_drops_every_key_only_when_the_file_says_so(

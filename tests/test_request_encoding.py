@@ -34,6 +34,8 @@ class Seen:
 
 
 def recording_upstream(seen: Seen) -> web.Application:
+    """Keeps each inference request's headers and raw body. (Its own app: the body as
+    it came on the wire, encoded; FakeUpstream reads it decoded.)"""
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
 

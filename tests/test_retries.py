@@ -15,39 +15,33 @@ from aiohttp import web
 
 from proxy.config.sections import RetryConfig
 from proxy.resilience.retry import RetryPolicy, retry_after
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway, StartLive
+from tests.fake_upstream import CHAT, FakeUpstream, Reply, Seen, replaced
 from tests.wire import Conn, raw_servers
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
 FAST = {"max_attempts": 3, "base_delay": 0.01, "max_delay": 0.05}
 
 
-def scripted(statuses: list[int], calls: list[float],
-             headers: dict[str, str] | None = None) -> web.Application:
-    """Answers the statuses in turn (200 once they run out), recording call times."""
-    async def chat(request: web.Request) -> web.Response:
-        await request.read()
-        calls.append(time.monotonic())
-        status = statuses[len(calls) - 1] if len(calls) <= len(statuses) else 200
-        if status != 200:
-            return web.json_response({"error": {"message": f"failure {len(calls)}",
-                                                "type": "x", "code": None}},
-                                     status=status, headers=headers)
-        return web.json_response({"id": f"ok-{len(calls)}", "object": "chat.completion",
-                                  "created": 0, "model": "m", "choices": []})
+def scripted(fake: FakeUpstream, statuses: list[int],
+             headers: dict[str, str] | None = None) -> FakeUpstream:
+    """``fake`` answers the statuses in turn (with ``headers``), 200 once they run out;
+    its kept requests say when each call came (``Seen.at``)."""
+    async def hook(request: web.Request, seen: Seen) -> Reply | None:
+        if seen.call > len(statuses) or statuses[seen.call - 1] == 200:
+            return None
+        return replaced(fake.chat, status=statuses[seen.call - 1], headers=headers or {})
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    return app
+    fake.hook = hook
+    return fake
 
 
-async def gateway(app: web.Application, start_upstream: StartUpstream,
-                  start_gateway: StartGateway, make_config: MakeConfig,
-                  **retries: Any) -> str:
-    url = await start_upstream(app)
-    return await start_gateway(make_config(
-        [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1", "models": ["m"]}],
-        retries={**FAST, **retries}))
+def arrivals(fake: FakeUpstream) -> list[float]:
+    return [seen.at for seen in fake.requests if seen.path == CHAT]
+
+
+async def gateway(fake: FakeUpstream, live_gateway: StartLive, **retries: Any) -> str:
+    return (await live_gateway(fake, retries={**FAST, **retries})).url
 
 
 async def chat(base: str, **headers: str) -> tuple[int, dict[str, str], Any]:
@@ -59,64 +53,57 @@ async def chat(base: str, **headers: str) -> tuple[int, dict[str, str], Any]:
 
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
 async def test_retryable_statuses_are_retried_until_success(
-    status: int, start_upstream: StartUpstream, start_gateway: StartGateway,
-    make_config: MakeConfig, openai_client: Callable[..., openai.AsyncOpenAI],
+    status: int, start_fake: StartFake, live_gateway: StartLive,
+    openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    calls: list[float] = []
-    base = await gateway(scripted([status, status], calls), start_upstream, start_gateway,
-                         make_config)
+    upstream = scripted(await start_fake(), [status, status])
+    base = await gateway(upstream, live_gateway)
     answer = await openai_client(base).chat.completions.create(model="m", messages=MESSAGES)
-    assert answer.id == "ok-3"
-    assert len(calls) == 3
+    assert answer.id == "answer-3"
+    assert upstream.chats == 3
 
 
 async def test_the_last_failure_is_relayed_after_max_attempts(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, live_gateway: StartLive,
 ) -> None:
-    calls: list[float] = []
-    base = await gateway(scripted([503] * 5, calls), start_upstream, start_gateway,
-                         make_config)
-    status, _, body = await chat(base)
+    upstream = scripted(await start_fake(), [503] * 5)
+    status, _, body = await chat(await gateway(upstream, live_gateway))
     assert status == 503
     assert body["error"]["message"] == "failure 3"  # the upstream's own, third answer
-    assert len(calls) == 3
+    assert upstream.chats == 3
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 422])
 async def test_other_statuses_are_not_retried(
-    status: int, start_upstream: StartUpstream, start_gateway: StartGateway,
-    make_config: MakeConfig,
+    status: int, start_fake: StartFake, live_gateway: StartLive,
 ) -> None:
-    calls: list[float] = []
-    base = await gateway(scripted([status], calls), start_upstream, start_gateway,
-                         make_config)
-    assert (await chat(base))[0] == status
-    assert len(calls) == 1
+    upstream = scripted(await start_fake(), [status])
+    assert (await chat(await gateway(upstream, live_gateway)))[0] == status
+    assert upstream.chats == 1
 
 
 async def test_retry_after_is_honoured(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, live_gateway: StartLive,
     openai_client: Callable[..., openai.AsyncOpenAI],
 ) -> None:
-    calls: list[float] = []
-    app = scripted([429], calls, headers={"Retry-After": "1"})
-    base = await gateway(app, start_upstream, start_gateway, make_config)
+    upstream = scripted(await start_fake(), [429], headers={"Retry-After": "1"})
+    base = await gateway(upstream, live_gateway)
     started = time.monotonic()
     answer = await openai_client(base).chat.completions.create(model="m", messages=MESSAGES)
-    assert answer.id == "ok-2"
+    assert answer.id == "answer-2"
+    calls = arrivals(upstream)
     assert calls[1] - calls[0] >= 0.95, "the wait must honour Retry-After: 1"
     assert time.monotonic() - started < 3
 
 
 async def test_a_retry_after_over_the_cap_goes_to_the_client(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, live_gateway: StartLive,
 ) -> None:
-    calls: list[float] = []
-    app = scripted([429], calls, headers={"Retry-After": "120"})
-    base = await gateway(app, start_upstream, start_gateway, make_config, max_retry_after=5)
+    upstream = scripted(await start_fake(), [429], headers={"Retry-After": "120"})
+    base = await gateway(upstream, live_gateway, max_retry_after=5)
     status, headers, _ = await chat(base)
     assert (status, headers["Retry-After"]) == (429, "120")
-    assert len(calls) == 1
+    assert upstream.chats == 1
 
 
 async def test_an_upstream_that_drops_connections_is_retried_then_502(

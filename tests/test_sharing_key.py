@@ -23,44 +23,45 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import StartLive, StartUpstream
+from tests.conftest import StartFake, StartLive
+from tests.fake_upstream import CHAT, COMPLETIONS, MODELS, FakeUpstream, Reply, Seen, replaced
 from tests.polling import until
 from tests.running import RunningGateway
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi",
         "temperature": 0}
-Reply = tuple[int, "dict[str, str]", bytes]
+Answer = tuple[int, "dict[str, str]", bytes]
 # Only one way of sharing at a time, so each test shows that one's key.
 DEDUP_ONLY = {"cache": {"enabled": False}}
 CACHE_ONLY = {"dedup": {"mode": "off"}}
+Upstream = tuple[str, FakeUpstream]  # a provider's name and its fake upstream
 
 
-class Upstream:
-    """Lists ``models``; answers chat and completions after ``delay`` s, naming itself."""
+@pytest.fixture
+def upstream(start_fake: StartFake) -> Callable[..., Any]:
+    """``await upstream(name, models=("m",), delay=0.2)`` -> a fake upstream whose chat
+    and completions answers come after ``delay`` s and name it (``{name}-{call}``) and the
+    path and query it was asked."""
+    async def start(name: str, models: tuple[str, ...] = ("m",), delay: float = 0.2
+                    ) -> Upstream:
+        fake = await start_fake(models, latency=delay)
+        fake.completions.latency = delay
 
-    def __init__(self, name: str, models: tuple[str, ...] = ("m",), delay: float = 0.2):
-        self.name, self.models, self.delay = name, models, delay
-        self.calls: list[str] = []  # path and query of each inference call
+        async def naming(request: web.Request, seen: Seen) -> Reply | None:
+            if seen.path == MODELS:
+                return None
+            reply = fake.chat if seen.path == CHAT else fake.completions
+            return replaced(reply, body={"id": f"{name}-{seen.call}", "asked": seen.path_qs})
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/models", self.list_models)
-        app.router.add_post(CHAT, self.answer)
-        app.router.add_post(COMPLETIONS, self.answer)
-        return app
+        fake.hook = naming
+        return name, fake
 
-    async def list_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list",
-                                  "data": [{"id": m, "object": "model"} for m in self.models]})
+    return start
 
-    async def answer(self, request: web.Request) -> web.Response:
-        await request.read()
-        self.calls.append(request.path_qs)
-        answer_id = f"{self.name}-{len(self.calls)}"
-        await asyncio.sleep(self.delay)
-        return web.json_response({"id": answer_id, "asked": request.path_qs})
+
+def asked(fake: FakeUpstream) -> list[str]:
+    """The path and query of each inference call, in order."""
+    return [seen.path_qs for seen in fake.requests if seen.path != MODELS]
 
 
 @pytest.fixture
@@ -70,31 +71,26 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def gateway(start_upstream: StartUpstream, live_gateway: StartLive) -> Callable[..., Any]:
+def gateway(live_gateway: StartLive) -> Callable[..., Any]:
     """``await gateway([upstream, ...], static=..., **raw)`` -> the live gateway (its
     in-flight map in reach). With ``static`` each provider lists its models in the
     config, else they are discovered."""
     async def start(upstreams: list[Upstream], static: bool = True,
                     **raw: Any) -> RunningGateway:
-        providers = []
-        for upstream in upstreams:
-            url = await start_upstream(upstream.app())
-            providers.append({"name": upstream.name, "type": "openai_compat",
-                              "base_url": f"{url}/v1",
-                              **({"models": list(upstream.models)} if static else {})})
-        return await live_gateway(*providers, **raw)
+        return await live_gateway(*(fake.provider(name, discover=not static)
+                                    for name, fake in upstreams), **raw)
 
     return start
 
 
 async def post(session: aiohttp.ClientSession, url: str,
-               body: dict[str, Any] = BODY) -> Reply:
+               body: dict[str, Any] = BODY) -> Answer:
     async with session.post(url, data=orjson.dumps(body),
                             headers={"Content-Type": "application/json"}) as response:
         return response.status, dict(response.headers), await response.read()
 
 
-def answer(reply: Reply) -> tuple[str, str]:
+def answer(reply: Answer) -> tuple[str, str]:
     """(answer id, the path and query the upstream was asked), of a 200 reply."""
     assert reply[0] == 200, reply
     body = orjson.loads(reply[2])
@@ -104,22 +100,25 @@ def answer(reply: Reply) -> tuple[str, str]:
 async def serve_model_from(session: aiohttp.ClientSession, base: str, upstream: Upstream
                            ) -> None:
     """``upstream`` starts serving ``m``; refresh the gateway's catalog now."""
-    upstream.models = ("m",)
+    name, fake = upstream
+    fake.model_ids = ["m"]
     async with session.get(base + "/health") as response:
         assert response.status == 200
         body = await response.json()
-    assert {p["name"]: p["models"] for p in body["providers"]}[upstream.name] == 1
+    assert {p["name"]: p["models"] for p in body["providers"]}[name] == 1
 
 
 async def test_requests_routed_to_another_provider_never_join_its_call(
-    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    gateway: Callable[..., Any], upstream: Callable[..., Any],
+    session: aiohttp.ClientSession,
 ) -> None:
-    first, second = Upstream("first", models=(), delay=0), Upstream("second", delay=0.6)
+    first = await upstream("first", models=(), delay=0)
+    second = await upstream("second", delay=0.6)
     live = await gateway([first, second], static=False, health_cache_ttl=0, **DEDUP_ONLY)
     base, url = live.url, live.url + CHAT
     in_flight = [asyncio.create_task(post(session, url))]
     try:
-        await until(lambda: bool(second.calls))
+        await until(lambda: bool(second[1].chats))
         in_flight.append(asyncio.create_task(post(session, url)))  # identical: joins
         await live.until(lambda: live.inflight.followed == 1, what="the second one joining")
         await serve_model_from(session, base, first)  # "m" now routes to "first"
@@ -131,13 +130,15 @@ async def test_requests_routed_to_another_provider_never_join_its_call(
             task.cancel()
     assert [answer(r)[0] for r in replies] == ["second-1", "second-1", "first-1"]
     assert [r[1]["X-Gateway-Dedup"] for r in replies] == ["leader", "follower", "leader"]
-    assert (len(first.calls), len(second.calls)) == (1, 1)
+    assert (first[1].chats, second[1].chats) == (1, 1)
 
 
 async def test_a_cached_answer_is_never_replayed_for_another_provider(
-    gateway: Callable[..., Any], session: aiohttp.ClientSession,
+    gateway: Callable[..., Any], upstream: Callable[..., Any],
+    session: aiohttp.ClientSession,
 ) -> None:
-    first, second = Upstream("first", models=(), delay=0), Upstream("second", delay=0)
+    first = await upstream("first", models=(), delay=0)
+    second = await upstream("second", delay=0)
     base = (await gateway([first, second], static=False, health_cache_ttl=0, **CACHE_ONLY)).url
     url = base + CHAT
     replies = [await post(session, url), await post(session, url)]
@@ -145,7 +146,7 @@ async def test_a_cached_answer_is_never_replayed_for_another_provider(
     replies += [await post(session, url), await post(session, url)]
     assert [answer(r)[0] for r in replies] == ["second-1", "second-1", "first-1", "first-1"]
     assert [r[1]["X-Cache"] for r in replies] == ["MISS", "HIT", "MISS", "HIT"]
-    assert (len(first.calls), len(second.calls)) == (1, 1)
+    assert (first[1].chats, second[1].chats) == (1, 1)
 
 
 VARIANTS = {
@@ -156,15 +157,16 @@ VARIANTS = {
 
 @pytest.mark.parametrize("differs", VARIANTS)
 async def test_in_flight_requests_differing_in_path_or_query_never_share(
-    gateway: Callable[..., Any], session: aiohttp.ClientSession, differs: str,
+    gateway: Callable[..., Any], upstream: Callable[..., Any],
+    session: aiohttp.ClientSession, differs: str,
 ) -> None:
     """Every variant twice at once: the identical pair shares one call, no two variants do."""
-    upstream = Upstream("up")
-    base = (await gateway([upstream], **DEDUP_ONLY)).url
+    up = await upstream("up")
+    base = (await gateway([up], **DEDUP_ONLY)).url
     paths = VARIANTS[differs]
     replies = await asyncio.gather(*(post(session, base + path)
                                      for path in paths for _ in range(2)))
-    assert sorted(upstream.calls) == sorted(paths)
+    assert sorted(asked(up[1])) == sorted(paths)
     for index, path in enumerate(paths):
         pair = replies[2 * index:2 * index + 2]
         assert [answer(r)[1] for r in pair] == [path, path]
@@ -174,10 +176,11 @@ async def test_in_flight_requests_differing_in_path_or_query_never_share(
 
 @pytest.mark.parametrize("differs", VARIANTS)
 async def test_cached_answers_are_kept_apart_by_path_and_query(
-    gateway: Callable[..., Any], session: aiohttp.ClientSession, differs: str,
+    gateway: Callable[..., Any], upstream: Callable[..., Any],
+    session: aiohttp.ClientSession, differs: str,
 ) -> None:
-    upstream = Upstream("up", delay=0)
-    base = (await gateway([upstream], **CACHE_ONLY)).url
+    up = await upstream("up", delay=0)
+    base = (await gateway([up], **CACHE_ONLY)).url
     paths = VARIANTS[differs]
     firsts = [await post(session, base + path) for path in paths]
     again = [await post(session, base + path) for path in paths]
@@ -185,4 +188,4 @@ async def test_cached_answers_are_kept_apart_by_path_and_query(
     assert [r[1]["X-Cache"] for r in firsts] == ["MISS"] * len(paths)
     assert [answer(r) for r in again] == [answer(r) for r in firsts]
     assert [r[1]["X-Cache"] for r in again] == ["HIT"] * len(paths)
-    assert upstream.calls == paths
+    assert asked(up[1]) == paths

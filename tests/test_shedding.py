@@ -18,58 +18,13 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import StartFake, StartLive
+from tests.fake_upstream import CHAT, FakeUpstream
 
-CHAT = "/v1/chat/completions"
 OVERHEAD = "X-Gateway-Overhead-Ms"
 # Two slots, two places in the queue, a queue deadline shorter than one upstream answer.
 TINY_LIMITS = {"initial": 2, "min": 2, "max": 2, "queue_size": 2, "queue_timeout": 0.3}
-
-
-class Upstream:
-    """Counts calls and the most at once; answers after ``delay`` s. ``body_delay`` s
-    more pass between its headers and its body; a stream sends two events ``delay`` s
-    after its headers."""
-
-    def __init__(self, delay: float = 0.5, status: int = 200, body_delay: float = 0.0):
-        self.delay, self.status, self.body_delay = delay, status, body_delay
-        self.calls = self.in_flight = self.max_in_flight = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post(CHAT, self.handle)
-        return app
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        payload = await request.json()
-        self.calls += 1
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            if payload.get("stream"):
-                return await self._stream(request)
-            await asyncio.sleep(self.delay)
-            body = orjson.dumps({"id": f"answer-{self.calls}", "object": "chat.completion"})
-            response = web.StreamResponse(status=self.status, headers={
-                "Content-Type": "application/json", "Content-Length": str(len(body))})
-            await response.prepare(request)
-            await asyncio.sleep(self.body_delay)
-            await response.write(body)
-            await response.write_eof()
-            return response
-        finally:
-            self.in_flight -= 1
-
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await asyncio.sleep(self.delay)
-        await response.write(b'data: {"n": 1}\n\n')
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
 
 
 def chat(**fields: Any) -> dict[str, Any]:
@@ -84,14 +39,14 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-def gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
-            make_config: MakeConfig) -> Callable[..., Any]:
-    """``await gateway(upstream, **raw_config)`` -> the gateway's base URL."""
-    async def start(upstream: Upstream, **raw: Any) -> str:
-        url = await start_upstream(upstream.app())
-        return await start_gateway(make_config(
-            [{"name": "up", "type": "openai_compat", "base_url": f"{url}/v1",
-              "models": ["m"]}], **raw))
+def gateway(start_fake: StartFake, live_gateway: StartLive) -> Callable[..., Any]:
+    """``await gateway(delay=0.5, status=200, body_delay=0, **raw_config)`` -> (the
+    gateway's base URL, its fake upstream). The upstream answers after ``delay`` s (a
+    stream: its head), ``body_delay`` s more pass between its head and its body."""
+    async def start(delay: float = 0.5, status: int = 200, body_delay: float = 0.0,
+                    **raw: Any) -> tuple[str, FakeUpstream]:
+        fake = await start_fake(latency=delay, status=status, body_latency=body_delay)
+        return (await live_gateway(fake, **raw)).url, fake
 
     return start
 
@@ -112,8 +67,8 @@ async def timed_post(session: aiohttp.ClientSession, url: str,
 async def test_excess_load_is_shed_at_once_with_503_and_retry_after(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
 ) -> None:
-    upstream = Upstream(delay=0.5)
-    url = await gateway(upstream, limits=TINY_LIMITS) + CHAT
+    base, upstream = await gateway(delay=0.5, limits=TINY_LIMITS)
+    url = base + CHAT
     gc.collect()  # else a full collection of what earlier tests left may pause the burst
     # Sampled requests (temperature 0.7) are never shared: each needs its own slot.
     replies = await asyncio.gather(*(
@@ -121,8 +76,8 @@ async def test_excess_load_is_shed_at_once_with_503_and_retry_after(
     served = [r for r in replies if r[0] == 200]
     shed = sorted((r for r in replies if r[0] == 503), key=lambda r: r[3])
     assert (len(served), len(shed)) == (2, 6)
-    assert upstream.calls == 2
-    assert upstream.max_in_flight == 2
+    assert upstream.chats == 2
+    assert upstream.most_inflight == 2
     assert all(0.45 <= r[3] < 1.0 for r in served)
     # Queue full: four answered at once; the two queued ones when their deadline passed
     # (no slot frees before the upstream's 0.5 s).
@@ -143,27 +98,27 @@ async def test_excess_load_is_shed_at_once_with_503_and_retry_after(
 async def test_queued_requests_are_served_when_a_slot_frees_in_time(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
 ) -> None:
-    upstream = Upstream(delay=0.2)
     limits = {**TINY_LIMITS, "queue_timeout": 1.0}
-    url = await gateway(upstream, limits=limits) + CHAT
+    base, upstream = await gateway(delay=0.2, limits=limits)
+    url = base + CHAT
     replies = await asyncio.gather(*(
         timed_post(session, url, chat(temperature=0.7, n=i)) for i in range(6)))
     statuses = sorted(r[0] for r in replies)
     assert statuses == [200] * 4 + [503] * 2
     waited = sorted(r[3] for r in replies if r[0] == 200)
     assert waited[1] < 0.35 <= waited[2] < 0.7, waited  # two at once, two after a wait
-    assert upstream.max_in_flight == 2
+    assert upstream.most_inflight == 2
 
 
 async def test_identical_requests_take_one_slot(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
 ) -> None:
-    upstream = Upstream(delay=0.2)
-    url = await gateway(upstream, limits=TINY_LIMITS) + CHAT
+    base, upstream = await gateway(delay=0.2, limits=TINY_LIMITS)
+    url = base + CHAT
     replies = await asyncio.gather(*(timed_post(session, url, chat(temperature=0))
                                      for _ in range(8)))
     assert [r[0] for r in replies] == [200] * 8
-    assert upstream.calls == 1
+    assert upstream.chats == 1
 
 
 def overhead(headers: dict[str, str]) -> float:
@@ -179,8 +134,8 @@ def overhead(headers: dict[str, str]) -> float:
 async def test_overhead_excludes_the_upstream_wait(
     gateway: Callable[..., Any], session: aiohttp.ClientSession, body: dict[str, Any],
 ) -> None:
-    upstream = Upstream(delay=0.3)
-    url = await gateway(upstream) + CHAT
+    base, _ = await gateway(delay=0.3)
+    url = base + CHAT
     replies = await asyncio.gather(timed_post(session, url, body),
                                    timed_post(session, url, body))
     for status, headers, _, took in replies:
@@ -198,8 +153,8 @@ async def test_overhead_excludes_an_upstream_slow_to_send_its_body(
     """An upstream that sends its headers at once and its body 0.3 s later: the gateway
     waits for the body before answering a non-stream request, and that wait is the
     upstream's time, not the gateway's."""
-    upstream = Upstream(delay=0, status=status, body_delay=0.3)
-    url = await gateway(upstream) + CHAT
+    base, _ = await gateway(delay=0, status=status, body_delay=0.3)
+    url = base + CHAT
     got, headers, _, took = await timed_post(session, url, chat(temperature=temperature))
     assert (got, took >= 0.3) == (status, True)
     assert overhead(headers) < 100, headers[OVERHEAD]
@@ -208,8 +163,7 @@ async def test_overhead_excludes_an_upstream_slow_to_send_its_body(
 async def test_every_kind_of_answer_carries_the_overhead(
     gateway: Callable[..., Any], session: aiohttp.ClientSession,
 ) -> None:
-    upstream = Upstream(delay=0.05)
-    base = await gateway(upstream, limits={**TINY_LIMITS, "queue_size": 0})
+    base, upstream = await gateway(delay=0.05, limits={**TINY_LIMITS, "queue_size": 0})
     url = base + CHAT
     answers = {"miss": await timed_post(session, url, chat(temperature=0)),
                "hit": await timed_post(session, url, chat(temperature=0)),
@@ -221,7 +175,7 @@ async def test_every_kind_of_answer_carries_the_overhead(
                                    for i in range(3)))
     answers.update(zip(("shed", "burst1", "burst2"), sorted(burst, key=lambda r: -r[0]),
                        strict=True))
-    upstream.status = 500
+    upstream.chat.status = 500
     answers["upstream_500"] = await timed_post(session, url, chat(temperature=0.7))
     assert {name: reply[0] for name, reply in answers.items()} == {
         "miss": 200, "hit": 200, "stream": 200, "unknown_model": 404, "bad_json": 400,

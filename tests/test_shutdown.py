@@ -10,33 +10,22 @@ import time
 from pathlib import Path
 
 import aiohttp
-import orjson
 import pytest
-from aiohttp import web
 
-from tests.conftest import StartUpstream
+from tests.conftest import StartFake
+from tests.fake_upstream import DONE, FakeUpstream, sse
 from tests.procs import free_port, poll_healthz, spawn_proxy, stop
 
 CHAT = "/v1/chat/completions"
 STREAMS = 50
 
 
-def slow_stream(events: int, interval: float, started: list[int]) -> web.Application:
-    async def chat(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        started.append(1)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for n in range(events):
-            await response.write(b"data: " + orjson.dumps({"n": n}) + b"\n\n")
-            await asyncio.sleep(interval)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_post(CHAT, chat)
-    return app
+def slow_stream(fake: FakeUpstream, events: int, interval: float) -> FakeUpstream:
+    """``fake`` streams ``events`` chunks ``{"n": 0}``, ``{"n": 1}``, ... ``interval`` s
+    apart, then ``[DONE]``."""
+    fake.chat.events = (*(sse({"n": n}) for n in range(events)), DONE)
+    fake.chat.interval = interval
+    return fake
 
 
 async def read_stream(session: aiohttp.ClientSession, url: str,
@@ -53,15 +42,14 @@ async def read_stream(session: aiohttp.ClientSession, url: str,
     return received
 
 
-async def streams_under_sigterm(start_upstream: StartUpstream, tmp_path: Path, *,
+async def streams_under_sigterm(start_fake: StartFake, tmp_path: Path, *,
                                 events: int, grace: float) -> tuple[list[bytes], int | None,
                                                                     float]:
-    started: list[int] = []
-    upstream = await start_upstream(slow_stream(events, 0.1, started))
+    upstream = slow_stream(await start_fake(), events, 0.1)
     port = free_port()
     (tmp_path / "proxy.yaml").write_text(f"server: {{shutdown_grace: {grace}}}\n")
     proxy = spawn_proxy(["--config", str(tmp_path / "proxy.yaml"), "--port", str(port),
-                         "--upstream", f"{upstream}/v1"], tmp_path)
+                         "--upstream", upstream.url], tmp_path)
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession(
@@ -72,7 +60,7 @@ async def streams_under_sigterm(start_upstream: StartUpstream, tmp_path: Path, *
             readers = [asyncio.create_task(read_stream(session, base + CHAT, e))
                        for e in firsts]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in firsts)), 10)
-            assert len(started) == STREAMS
+            assert upstream.chats == STREAMS
             sent = time.monotonic()
             proxy.process.send_signal(signal.SIGTERM)
             bodies = await asyncio.wait_for(asyncio.gather(*readers), 20)
@@ -84,9 +72,9 @@ async def streams_under_sigterm(start_upstream: StartUpstream, tmp_path: Path, *
 
 
 @pytest.mark.timeout(60)
-async def test_sigterm_lets_open_streams_finish(start_upstream: StartUpstream,
+async def test_sigterm_lets_open_streams_finish(start_fake: StartFake,
                                                 tmp_path: Path) -> None:
-    bodies, code, _ = await streams_under_sigterm(start_upstream, tmp_path,
+    bodies, code, _ = await streams_under_sigterm(start_fake, tmp_path,
                                                   events=10, grace=10)
     assert code == 0
     complete = [b for b in bodies if b.endswith(b"data: [DONE]\n\n") and b'"n":9' in b]
@@ -95,8 +83,8 @@ async def test_sigterm_lets_open_streams_finish(start_upstream: StartUpstream,
 
 @pytest.mark.timeout(60)
 async def test_streams_longer_than_the_grace_are_cut_and_the_worker_exits(
-        start_upstream: StartUpstream, tmp_path: Path) -> None:
-    bodies, code, elapsed = await streams_under_sigterm(start_upstream, tmp_path,
+        start_fake: StartFake, tmp_path: Path) -> None:
+    bodies, code, elapsed = await streams_under_sigterm(start_fake, tmp_path,
                                                         events=100, grace=0.5)
     assert code == 0
     assert elapsed < 6, f"exit took {elapsed:.1f} s with a 0.5 s grace"

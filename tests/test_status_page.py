@@ -9,17 +9,15 @@ without ever running the page)."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from bench.cdp import Page, chromium, find_chromium
 from proxy.config.keys import hash_secret
-from tests.conftest import MakeConfig, StartGateway, StartUpstream
+from tests.conftest import MakeConfig, StartFake, StartGateway
 
 ADMIN, APP = "sk-gw-admin-secret-1", "sk-gw-app-secret-2"
 KEYS = {"keys": [{"name": "ops", "sha256": hash_secret(ADMIN), "admin": True},
@@ -35,32 +33,11 @@ def browser_binary() -> str:
     return binary
 
 
-async def upstream(start_upstream: StartUpstream) -> str:
-    counter = itertools.count()
-
-    async def chat(request: web.Request) -> web.Response:
-        body = await request.json()
-        return web.json_response({
-            "id": f"c{next(counter)}", "object": "chat.completion", "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "hello"}}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", models)
-    return await start_upstream(app)
-
-
-async def gateway(start_upstream: StartUpstream, start_gateway: StartGateway,
+async def gateway(start_fake: StartFake, start_gateway: StartGateway,
                   make_config: MakeConfig, **raw: Any) -> str:
-    url = await upstream(start_upstream)
-    provider = {"name": "local-up", "type": "openai_compat", "base_url": f"{url}/v1",
-                "models": ["m"]}
-    return await start_gateway(make_config([provider], **raw))
+    upstream = await start_fake(pieces=("hello",), usage={
+        "prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4})
+    return await start_gateway(make_config([upstream.provider("local-up")], **raw))
 
 
 async def send_known_traffic(url: str, key: str | None = None) -> None:
@@ -91,11 +68,11 @@ async def provider_cells(page: Page, name: str) -> list[str]:
 
 
 async def test_the_page_shows_the_traffic_it_was_sent(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     tmp_path: Path,
 ) -> None:
     binary = browser_binary()
-    url = await gateway(start_upstream, start_gateway, make_config)
+    url = await gateway(start_fake, start_gateway, make_config)
     await send_known_traffic(url)
     async with chromium(tmp_path / "profile", binary) as page:
         await page.goto(f"{url}/ui")
@@ -118,11 +95,11 @@ async def test_the_page_shows_the_traffic_it_was_sent(
 
 
 async def test_with_keys_the_page_needs_an_admin_key(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
     tmp_path: Path,
 ) -> None:
     binary = browser_binary()
-    url = await gateway(start_upstream, start_gateway, make_config, auth=KEYS)
+    url = await gateway(start_fake, start_gateway, make_config, auth=KEYS)
     await send_known_traffic(url, APP)
     async with chromium(tmp_path / "profile", binary) as page:
         await page.goto(f"{url}/ui")
@@ -145,9 +122,9 @@ async def test_with_keys_the_page_needs_an_admin_key(
 
 
 async def test_stats_need_an_admin_key_and_the_page_carries_a_strict_policy(
-    start_upstream: StartUpstream, start_gateway: StartGateway, make_config: MakeConfig,
+    start_fake: StartFake, start_gateway: StartGateway, make_config: MakeConfig,
 ) -> None:
-    url = await gateway(start_upstream, start_gateway, make_config, auth=KEYS)
+    url = await gateway(start_fake, start_gateway, make_config, auth=KEYS)
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{url}/ui") as response:
             assert response.status == 200

@@ -40,7 +40,9 @@ SLOW_EVENTS = [*(_chunk_event(w) for w in WORDS), b"data: [DONE]\n\n"]
 
 
 def _slow_sse_app(written: list[bytes]) -> web.Application:
-    """An upstream that writes ``SLOW_EVENTS`` one ``write`` each, ``PAUSE`` s apart."""
+    """An upstream that writes ``SLOW_EVENTS`` one ``write`` each, ``PAUSE`` s apart.
+    (Its own app: the first event goes with the head at once, where FakeUpstream's
+    ``interval`` also precedes the first, and the tests time the arrivals against it.)"""
     async def chat(request: web.Request) -> web.StreamResponse:
         await request.read()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -63,7 +65,8 @@ def _endless_sse_app(started: asyncio.Event, cancelled: asyncio.Event,
     """An upstream that streams forever (or first waits ``headers_delay`` s before its
     headers) and records being cancelled. Its events are 3 s apart: longer than the 1 s
     the tests allow, so a gateway that only noticed the client gone on its next write
-    (no cancellation) would be too late."""
+    (no cancellation) would be too late. (Its own app: the first tick goes at once, then
+    3 s pauses, a timing FakeUpstream's ``interval`` does not give.)"""
     async def chat(request: web.Request) -> web.StreamResponse:
         await request.read()
         started.set()

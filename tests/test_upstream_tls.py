@@ -62,7 +62,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tls_app(peers: list[int]) -> web.Application:
-    """A tiny OpenAI upstream; records the client port of every chat request."""
+    """A tiny OpenAI upstream; records the client port of every chat request. (Its own
+    app: the client port is a fact of the connection, which FakeUpstream does not keep.)"""
     async def chat(request: web.Request) -> web.StreamResponse:
         peers.append(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
         body = await request.json()
