@@ -83,11 +83,11 @@ def read_keys_file(name: str, problems: list[str]) -> Any:
         problems.append(f"auth.keys_file: cannot read {name} ({exc.strerror})")
         return None
     try:
-        keys = yaml.safe_load(text)
+        keys, duplicates = v.load_yaml(text, f"auth.keys_file ({name})")
     except yaml.YAMLError as exc:
         problems.append(f"auth.keys_file: {name} is not valid YAML: {exc}")
         return None
-    problems.extend(v.duplicate_keys(text, f"auth.keys_file ({name})"))
+    problems.extend(duplicates)
     return keys
 
 

@@ -200,14 +200,14 @@ def _read_file(path: Path | None) -> tuple[dict[str, Any], str, list[str]]:
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config file ({exc.strerror})"]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw, duplicates = v.load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
     if raw is None:
         return {}, str(path), []
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of keys"])
-    return raw, str(path), v.duplicate_keys(text)
+    return raw, str(path), duplicates
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:

@@ -237,17 +237,22 @@ def string_list(value: Any) -> list[str]:
     return list(value)
 
 
-def duplicate_keys(text: str, path: str = "") -> list[str]:
-    """Keys given twice in one mapping, at any depth, with their key path: YAML keeps
-    the last one silently, so a second ``providers:`` would drop the first list unseen.
-    Text that is not valid YAML gives none (the loader reports it)."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return []
+def load_yaml(text: str, path: str = "") -> tuple[Any, list[str]]:
+    """The document in ``text`` and the keys given twice in one of its mappings, at any
+    depth, with their key path: YAML keeps the last one silently, so a second
+    ``providers:`` would drop the first list unseen. One parse serves both (the node
+    tree, then the values built from it). Raises ``yaml.YAMLError`` for invalid YAML."""
+    loader = yaml.SafeLoader(text)
     problems: list[str] = []
-    _duplicates_in(node, path, problems, set())
-    return problems
+    try:
+        node = loader.get_single_node()
+        # Walked before the values are built: building flattens merge keys (``<<``) into
+        # the node's own mapping, where they would read as duplicates.
+        _duplicates_in(node, path, problems, set())
+        document = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return document, problems
 
 
 def _duplicates_in(node: yaml.Node | None, path: str, problems: list[str],
