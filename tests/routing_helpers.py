@@ -10,10 +10,11 @@ from typing import Any
 import openai
 import orjson
 from aiohttp import web
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import StartUpstream
 
-USER = [{"role": "user", "content": "hi"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 @dataclass

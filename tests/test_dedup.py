@@ -14,7 +14,7 @@ import contextlib
 import gc
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -90,7 +90,7 @@ async def burst(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
     return await asyncio.gather(*(post(session, url, body, headers) for _ in range(n)))
 
 
-def roles(replies: list[Reply]) -> list[str | None]:
+def roles(replies: Sequence[Reply]) -> list[str | None]:
     return sorted((r[1].get("X-Gateway-Dedup") for r in replies), key=str)
 
 

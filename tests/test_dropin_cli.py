@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from proxy.mock.payloads import GREETING
 from tests.conftest import MockUpstream, StartFake
@@ -30,7 +31,7 @@ from tests.keys_helpers import authorizations, keyed
 AsyncClientFactory = Callable[..., openai.AsyncOpenAI]
 # Variables that would configure providers or the server behind the test's back.
 _CONFIG_VARIABLES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENROUTER_API_KEY", "OLLAMA_HOST")
-HELLO = [{"role": "user", "content": "hello"}]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:

@@ -31,8 +31,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.config.loader import Timeouts
 from proxy.config.sections import ServerConfig
+from proxy.config.timeouts import Timeouts
 from tests.conftest import StartUpstream
 from tests.nginx_helpers import SHIPPED, behind_nginx, directives, needs_nginx
 from tests.procs import poll_healthz

@@ -14,6 +14,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import MakeConfig, StartGateway, StartUpstream
 from tests.ollama_fake import MODEL, VECTORS, FakeOllama
@@ -32,7 +33,7 @@ async def ollama(start_upstream: StartUpstream, make_config: MakeConfig,
     return fake, await start_gateway(config)
 
 
-USER = [{"role": "user", "content": "hi"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 async def test_chat_is_translated_both_ways(

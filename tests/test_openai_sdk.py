@@ -13,12 +13,13 @@ from collections.abc import Callable
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from proxy.mock.payloads import GREETING, embedding_vector
 from tests.conftest import MakeConfig, MockUpstream, StartGateway
 
 AsyncClientFactory = Callable[..., openai.AsyncOpenAI]
-HELLO = [{"role": "user", "content": "hello"}]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture

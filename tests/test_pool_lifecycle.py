@@ -22,6 +22,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from openai.types.chat import ChatCompletionMessageParam
 from yarl import URL
 
 from proxy.server.serve import running
@@ -33,7 +34,7 @@ from tests.polling import until
 from tests.wire import ANSWER, CHAT, MODELS, Conn, RawUpstream, fetch, raw_servers, read_request
 
 Client = Callable[..., openai.AsyncOpenAI]
-USER = [{"role": "user", "content": "hi"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 async def _get(url: str) -> tuple[int, dict[str, Any], float]:
@@ -92,7 +93,9 @@ async def test_discovery_and_health_do_not_queue_behind_inference(
     finally:
         release.set()
         answers = await asyncio.wait_for(asyncio.gather(*held, return_exceptions=True), 5)
-    assert [a.choices[0].message.content for a in answers] == ["done", "done"]
+    # An exception stays in the list as itself, so the assertion shows what failed.
+    assert [a if isinstance(a, BaseException) else a.choices[0].message.content
+            for a in answers] == ["done", "done"]
     assert [body["model"] for body in upstream.bodies()] == ["m1", "m1"]
 
 
@@ -119,6 +122,7 @@ async def test_inference_pool_resolves_with_aiodns_and_caches(
     async def chat(request: web.Request) -> web.Response:
         """Keeps the client port and closes each connection (connection-level: its own
         app, not FakeUpstream)."""
+        assert request.transport is not None  # None only once the connection is gone
         peers.append(request.transport.get_extra_info("peername")[1])
         response = web.json_response(_chat_answer("m"))
         response.force_close()  # the next request needs a new connection

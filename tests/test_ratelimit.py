@@ -13,6 +13,7 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
+from openai.types.chat import ChatCompletionMessageParam
 
 from proxy.config.keys import hash_secret
 from proxy.resilience.ratelimit import MemoryBuckets, _duration, estimate
@@ -20,7 +21,7 @@ from tests.conftest import MakeConfig, StartFake, StartGateway, StartUpstream
 from tests.fake_upstream import FakeUpstream
 from tests.keys_helpers import SECRET, USAGE, USED, limited_post
 
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 async def gateway(start_fake: StartFake, start_gateway: StartGateway,

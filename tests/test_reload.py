@@ -317,7 +317,8 @@ async def test_a_reload_drops_every_key_only_when_the_file_says_so(
     a = {"name": "a", "type": "openai_compat", "base_url": "http://127.0.0.1:9/v1"}
     keyed = make_config([a], auth={"keys": [{"name": "k", "sha256": hash_secret(OLD_KEY)}]})
     live = build_app(keyed)[LIVE]
-    for unsaid in ({}, {"auth": {}}, {"auth": {"keys": None}}):
+    unsaids: tuple[dict[str, object], ...] = ({}, {"auth": {}}, {"auth": {"keys": None}})
+    for unsaid in unsaids:
         with pytest.raises(ConfigError, match="write `keys: \\[\\]` under `auth`"):
             live.reload(make_config([a], **unsaid))
         assert live.gateway.config is keyed and live.reloads == 0

@@ -35,7 +35,8 @@ def without_auth(upstreams: dict[str, str], keys: object = "absent") -> str:
     return yaml.safe_dump(raw)
 
 
-CHANGES: dict[str, Callable[[Path, dict[str, str]], None]] = {
+# Each change returns whatever ``unlink``/``write_text`` does: the value is not used.
+CHANGES: dict[str, Callable[[Path, dict[str, str]], object]] = {
     "deleted": lambda path, _: path.unlink(),
     "emptied": lambda path, _: path.write_text(""),
     "blank": lambda path, _: path.write_text("# being rewritten\n\n"),

@@ -16,7 +16,7 @@ import pytest
 from proxy.record import Usage
 from tests.conftest import MakeConfig, StartUpstream
 from tests.observing import until
-from tests.usage_helpers import CHAT, REPORTED, STREAM, get_usage, post_raw, usage_gateway
+from tests.usage_helpers import MESSAGES, REPORTED, STREAM, get_usage, post_raw, usage_gateway
 
 SDK = Callable[..., openai.AsyncOpenAI]
 
@@ -42,7 +42,7 @@ async def test_a_stream_with_include_usage_keeps_its_usage_chunk(
 ) -> None:
     async with usage_gateway(start_upstream, make_config) as (url, upstream, _fake, seen):
         stream = await openai_client(url).chat.completions.create(
-            model="m", messages=CHAT["messages"], stream=True,
+            model="m", messages=MESSAGES, stream=True,
             stream_options={"include_usage": True})
         chunks = [chunk async for chunk in stream]
         asked = {**STREAM, "stream_options": {"include_usage": True}}
@@ -59,7 +59,7 @@ async def test_answers_of_every_shape_are_read(
     """Chat, Responses (JSON and its stream's response.completed) and embeddings."""
     async with usage_gateway(start_upstream, make_config) as (url, _, _fake, seen):
         client = openai_client(url)
-        chat = await client.chat.completions.create(model="m", messages=CHAT["messages"])
+        chat = await client.chat.completions.create(model="m", messages=MESSAGES)
         assert chat.usage is not None and chat.usage.total_tokens == 18
         await client.responses.create(model="m", input="hi")
         async with await client.responses.create(model="m", input="hi", stream=True) as s:
@@ -102,7 +102,7 @@ async def test_usage_totals_after_known_requests(
 ) -> None:
     async with usage_gateway(start_upstream, make_config) as (url, _, _fake, seen):
         client = openai_client(url)
-        await client.chat.completions.create(model="m", messages=CHAT["messages"])
+        await client.chat.completions.create(model="m", messages=MESSAGES)
         await post_raw(url, STREAM)  # the gateway asks for the usage
         await post_raw(url, {**STREAM, "stream_options": {"include_usage": True}})
         await client.responses.create(model="m", input="hi")

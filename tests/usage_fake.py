@@ -85,9 +85,9 @@ class UsageUpstream:
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
-        response = {"id": "resp_u", "object": "response", "status": "completed",
-                    "model": "m", "output": [], "usage": RESPONSES_USAGE, "user": None,
-                    "metadata": {}}
+        response: dict[str, object] = {
+            "id": "resp_u", "object": "response", "status": "completed", "model": "m",
+            "output": [], "usage": RESPONSES_USAGE, "user": None, "metadata": {}}
         if body.get("stream") is not True:
             return web.json_response(response)
         created = {**response, "status": "in_progress", "usage": None}

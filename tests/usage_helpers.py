@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from openai.types.chat import ChatCompletionMessageParam
 
 from proxy.config.keys import hash_secret
 from proxy.record import Record, Usage
@@ -18,7 +19,8 @@ from tests.conftest import MakeConfig, StartUpstream
 from tests.observing import observed, provider
 from tests.usage_fake import UsageUpstream
 
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi there"}]}
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi there"}]
+CHAT = {"model": "m", "messages": MESSAGES}
 
 
 STREAM = {**CHAT, "stream": True}
