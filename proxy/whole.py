@@ -42,7 +42,7 @@ class WholeResponse(web.Response):
         if self._eof_sent or self._payload_writer is not None:
             return await super().prepare(request)
         if self._headers.get(hdrs.CONNECTION, "").lower() == "close":
-            self._keep_alive = False  # an answer that says close (a malformed request's) does
+            self._keep_alive = False  # an answer that says close, closes (a malformed request)
         if (request.version != HttpVersion11 or must_be_empty_body(request.method, self.status)
                 or self._compression or self._chunked or self._cookies):
             return await super().prepare(request)  # what the fast path does not do
