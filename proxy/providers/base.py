@@ -68,7 +68,9 @@ class Provider(ABC):
         # origin's connections and cap).
         self.tls = tls_context(config.ca_file) if config.ca_file else None
         self._urls: dict[tuple[str, str], URL] = {}
-        self.replaced, self.credentials = credential_block(config)
+        self._own = own_headers(config)
+        self.replaced, self.credentials = credential_block(self._own,
+                                                           config.forward_client_auth)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} base_url={self.config.base_url!r}>"
@@ -121,25 +123,30 @@ class Provider(ABC):
     def control_headers(self) -> CIMultiDict[str]:
         """Headers for discovery and health requests (no client involved)."""
         headers = CIMultiDict({"Accept": "application/json"})
-        headers.update(self.config.headers)  # a configured Accept replaces ours
-        if self.config.api_key:
-            headers[AUTHORIZATION] = f"Bearer {self.config.api_key}"
+        headers.update(self._own)  # a configured Accept replaces ours
         return headers
 
 
-def credential_block(config: ProviderConfig) -> tuple[frozenset[str], bytes]:
-    """The provider's own headers as upstream head lines, serialised once (issue 11's
-    pre-serialised blocks), and the lower-cased names of the client's headers they
-    replace or drop. The configured key always wins; without one, the client's own
-    Authorization is forwarded only when ``forward_client_auth`` allows it (the
-    ``--upstream`` drop-in). Values are validated single lines (``config/``)."""
-    lines: CIMultiDict[str] = CIMultiDict(config.headers)
-    replaced = {name.lower() for name in lines}
-    if config.api_key:  # replaces a configured Authorization, whatever its case
-        lines[AUTHORIZATION] = f"Bearer {config.api_key}"
-    if config.api_key or not config.forward_client_auth:
+def own_headers(config: ProviderConfig) -> CIMultiDict[str]:
+    """The provider's own headers: the configured ones and its key, which always wins
+    (over a configured Authorization too, whatever its case)."""
+    own: CIMultiDict[str] = CIMultiDict(config.headers)
+    if config.api_key:
+        own[AUTHORIZATION] = f"Bearer {config.api_key}"
+    return own
+
+
+def credential_block(own: CIMultiDict[str], forward_client_auth: bool
+                     ) -> tuple[frozenset[str], bytes]:
+    """The provider's ``own`` headers as upstream head lines, serialised once (issue
+    11's pre-serialised blocks), and the lower-cased names of the client's headers they
+    replace or drop: without a key of its own, the client's Authorization is forwarded
+    only when ``forward_client_auth`` allows it (the ``--upstream`` drop-in). Values are
+    validated single lines (``config/``)."""
+    replaced = {name.lower() for name in own}
+    if not forward_client_auth:
         replaced.add(AUTHORIZATION.lower())
-    block = "".join(f"{name}: {value}\r\n" for name, value in lines.items())
+    block = "".join(f"{name}: {value}\r\n" for name, value in own.items())
     return frozenset(replaced), block.encode()
 
 
