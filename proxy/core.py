@@ -192,7 +192,7 @@ class Core:
             record.ended, record.status = CLIENT_DISCONNECT, 499  # nginx's code for it
             # Written before the cut (some may still have been in the socket buffers: at
             # most that many reached the client).
-            record.bytes_out = max(request.writer.output_size - record.head_bytes, 0)
+            record.bytes_out = request.writer.output_size - record.head_bytes
             raise
         except web.HTTPException as exc:  # a redirect, say (errors were answered below)
             record.status = exc.status
